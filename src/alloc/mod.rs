@@ -1,0 +1,1 @@
+//! Block allocator (being written).

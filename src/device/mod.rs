@@ -1,0 +1,167 @@
+//! The device layer: the only code that touches the persistent-memory mapping.
+//!
+//! Everything above this module sees the device through the [`Media`] trait: copy in, copy out,
+//! flush a range, fence, 8-byte atomics, and a borrowed view of a range that lives only for the
+//! length of one call. No caller ever holds a `&[u8]` into the mapping beyond that call,
+//! because other parties (direct-mapping clients, see docs/ARCHITECTURE.md) may store into the
+//! same bytes at any time.
+//!
+//! Two implementations:
+//! - [`Device`] (`mmap.rs`): a regular file, a `/dev/pmemN` block device or a `/dev/daxN.M`
+//!   character device, mapped `MAP_SHARED` at a 2 MiB-aligned address. All `unsafe` of the
+//!   crate lives in that file.
+//! - [`RecordingDevice`] (`recording.rs`): an in-memory image that logs every store, flush and
+//!   fence, and rebuilds the images a power failure could leave. Tests and the crash harness
+//!   run the same code on it.
+//!
+//! Persistence ladder (the contract every caller follows): **store** (`write`, `store_u64`,
+//! `fetch_or_u64`, ...) makes bytes visible to other threads and processes at once; **flush**
+//! (`flush`) starts writing the touched cache lines back to the persistence domain; **fence**
+//! (`fence`) waits until every earlier flush and non-temporal store is durable. Only after a
+//! fence is a store guaranteed to survive a power failure. Stores of 8 aligned bytes are atomic
+//! with respect to power failure; nothing larger is.
+
+mod mmap;
+mod recording;
+
+pub use mmap::{Device, OpenOptions, create_image};
+pub use recording::{CrashImages, RecordingDevice};
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// Size of a CPU cache line: the granularity of `flush` and of power-failure tearing.
+pub const CACHE_LINE: u64 = 64;
+
+/// Errors of the device layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}: device is busy: already mounted or in use")]
+    Busy(PathBuf),
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    /// An access outside the device. Callers validate on-media values before use, so this is
+    /// a second line of defence: it means a corrupted value slipped through, never UB.
+    #[error("access out of bounds: offset {offset} length {len} on a device of {size} bytes")]
+    OutOfBounds { offset: u64, len: u64, size: u64 },
+    /// An 8-byte atomic access at an offset that is not 8-byte aligned.
+    #[error("misaligned atomic access at offset {0}")]
+    Misaligned(u64),
+    /// A store to a device opened read-only.
+    #[error("device is read-only")]
+    ReadOnly,
+}
+
+/// How stores are made durable on this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PersistenceMode {
+    /// CPU cache write-back: CLWB + SFENCE (real pmem with MAP_SYNC or devdax, and
+    /// memory-backed emulation such as tmpfs).
+    Clwb,
+    /// As `Clwb`, with CLFLUSHOPT on CPUs without CLWB.
+    ClflushOpt,
+    /// Plain CLFLUSH (serialising; oldest CPUs).
+    Clflush,
+    /// `msync(MS_SYNC)` of the dirty range: files on disk-backed file systems and `/dev/pmemN`
+    /// without DAX, where the mapping goes through the page cache.
+    Msync,
+    /// The in-memory recording device of the tests.
+    Recorded,
+}
+
+impl fmt::Display for PersistenceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Clwb => "cpu-flush (clwb+sfence)",
+            Self::ClflushOpt => "cpu-flush (clflushopt+sfence)",
+            Self::Clflush => "cpu-flush (clflush)",
+            Self::Msync => "msync",
+            Self::Recorded => "recorded (test device)",
+        })
+    }
+}
+
+/// Byte-addressable persistent media.
+///
+/// Offsets are byte offsets from the start of the device. Every method checks its range and
+/// returns [`DeviceError::OutOfBounds`] rather than touching memory outside the device.
+pub trait Media: Send + Sync + fmt::Debug {
+    /// Size of the device in bytes.
+    fn size(&self) -> u64;
+
+    /// How this device makes stores durable.
+    fn persistence(&self) -> PersistenceMode;
+
+    /// Copies `buf.len()` bytes at `offset` out of the device.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
+
+    /// Stores `data` at `offset` through the cache. Durable only after `flush` and `fence`.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+
+    /// Stores `data` at `offset` with non-temporal stores (large copies of file data); durable
+    /// after the next `fence`, without a `flush`.
+    fn write_nt(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+
+    /// Sets `len` bytes at `offset` to zero with non-temporal stores; durable after the next
+    /// `fence`.
+    fn zero_nt(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
+
+    /// Starts write-back of every cache line that overlaps `offset..offset + len`.
+    fn flush(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
+
+    /// Waits until every earlier flush and non-temporal store is durable.
+    fn fence(&self);
+
+    /// Atomic 8-byte load; `offset` must be 8-aligned.
+    fn load_u64(&self, offset: u64) -> Result<u64, DeviceError>;
+
+    /// Atomic 8-byte store (power-fail atomic); `offset` must be 8-aligned.
+    fn store_u64(&self, offset: u64, value: u64) -> Result<(), DeviceError>;
+
+    /// Atomic OR of an 8-byte word, returning the previous value.
+    fn fetch_or_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError>;
+
+    /// Atomic AND of an 8-byte word, returning the previous value.
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError>;
+
+    /// Calls `f` with a view of `offset..offset + len` that is valid only during the call.
+    ///
+    /// This is how reads are answered straight from the mapping: the view is handed to the
+    /// kernel (a `writev` to /dev/fuse) and never outlives the call. Other processes with a
+    /// direct mapping may store into these bytes meanwhile; the caller must treat the
+    /// contents as a snapshot that can be torn, exactly as `read(2)` racing a `write(2)`.
+    fn with_slice(
+        &self,
+        offset: u64,
+        len: u64,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), DeviceError>;
+
+    /// Makes everything written so far durable (used at unmount and by `fsync` in msync
+    /// mode, where the page cache sits between us and the media).
+    fn sync_all(&self) -> Result<(), DeviceError>;
+}
+
+/// Checks that `offset..offset + len` lies inside a device of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DeviceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(DeviceError::OutOfBounds { offset, len, size }),
+    }
+}
+
+/// Checks an 8-byte atomic access.
+pub(crate) fn check_word(offset: u64, size: u64) -> Result<(), DeviceError> {
+    if offset % 8 != 0 {
+        return Err(DeviceError::Misaligned(offset));
+    }
+    check_range(offset, 8, size)
+}

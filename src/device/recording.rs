@@ -1,0 +1,365 @@
+//! A device in memory that records every store, flush and fence, for crash testing.
+//!
+//! The model of a power failure (the one a CPU with ADR gives): a cache line that was stored
+//! to and then flushed and fenced is durable; a line stored to since its last fenced flush may
+//! or may not have reached the media, independently of every other such line, and if it did,
+//! it holds its latest value. Non-temporal stores count as flushed. [`CrashImages`] is the set
+//! of images a failure just before a given fence could leave.
+
+use super::{CACHE_LINE, DeviceError, Media, PersistenceMode, check_range, check_word};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+enum Event {
+    Store { offset: u64, data: Vec<u8> },
+    NtStore { offset: u64, data: Vec<u8> },
+    Flush { offset: u64, len: u64 },
+    Fence,
+}
+
+#[derive(Debug)]
+struct Inner {
+    image: Vec<u8>,
+    /// The image when recording started: the durable state before the first event.
+    base: Vec<u8>,
+    events: Vec<Event>,
+    recording: bool,
+    fences: usize,
+}
+
+/// An in-memory [`Media`] that logs stores, flushes and fences.
+#[derive(Debug)]
+pub struct RecordingDevice {
+    inner: Mutex<Inner>,
+    size: u64,
+}
+
+impl RecordingDevice {
+    /// A zeroed device of `size` bytes, not recording.
+    pub fn new(size: u64) -> Self {
+        Self::from_image(vec![0; usize::try_from(size).unwrap_or(usize::MAX)])
+    }
+
+    /// A device holding `image`, not recording.
+    pub fn from_image(image: Vec<u8>) -> Self {
+        let size = image.len() as u64;
+        Self {
+            inner: Mutex::new(Inner {
+                base: Vec::new(),
+                image,
+                events: Vec::new(),
+                recording: false,
+                fences: 0,
+            }),
+            size,
+        }
+    }
+
+    /// Starts recording: the current image becomes the durable base, the log is emptied.
+    pub fn start_recording(&self) {
+        let mut g = self.inner.lock();
+        g.base = g.image.clone();
+        g.events.clear();
+        g.fences = 0;
+        g.recording = true;
+    }
+
+    /// Stops recording (the log is kept until the next `start_recording`).
+    pub fn stop_recording(&self) {
+        self.inner.lock().recording = false;
+    }
+
+    /// Fences recorded since `start_recording`.
+    pub fn fence_count(&self) -> usize {
+        self.inner.lock().fences
+    }
+
+    /// A copy of the current (volatile, as every thread sees it) image.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.inner.lock().image.clone()
+    }
+
+    /// The crash states of a power failure just before fence number `fence` (0-based) ran;
+    /// `fence == fence_count()` means a failure after the last recorded event.
+    pub fn crash_images(&self, fence: usize) -> CrashImages {
+        let g = self.inner.lock();
+        let mut durable = g.base.clone();
+        let mut current = g.base.clone();
+        // Dirty lines: line offset -> flushed since its last store.
+        let mut dirty: BTreeMap<u64, bool> = BTreeMap::new();
+        let mut seen = 0usize;
+        let apply = |cur: &mut Vec<u8>, offset: u64, data: &[u8]| {
+            let o = offset as usize;
+            cur[o..o + data.len()].copy_from_slice(data);
+        };
+        let lines = |offset: u64, len: u64| {
+            let first = offset / CACHE_LINE * CACHE_LINE;
+            (first..offset + len.max(1)).step_by(CACHE_LINE as usize)
+        };
+        for ev in &g.events {
+            match ev {
+                Event::Store { offset, data } => {
+                    apply(&mut current, *offset, data);
+                    for l in lines(*offset, data.len() as u64) {
+                        dirty.insert(l, false);
+                    }
+                }
+                Event::NtStore { offset, data } => {
+                    apply(&mut current, *offset, data);
+                    for l in lines(*offset, data.len() as u64) {
+                        dirty.insert(l, true);
+                    }
+                }
+                Event::Flush { offset, len } => {
+                    for l in lines(*offset, *len) {
+                        if let Some(f) = dirty.get_mut(&l) {
+                            *f = true;
+                        }
+                    }
+                }
+                Event::Fence => {
+                    if seen == fence {
+                        break;
+                    }
+                    seen += 1;
+                    dirty.retain(|&l, flushed| {
+                        if *flushed {
+                            let (s, e) = (l as usize, (l + CACHE_LINE) as usize);
+                            let e = e.min(durable.len());
+                            durable[s..e].copy_from_slice(&current[s..e]);
+                        }
+                        !*flushed
+                    });
+                }
+            }
+        }
+        let pending = dirty
+            .keys()
+            .map(|&l| {
+                let (s, e) = (l as usize, ((l + CACHE_LINE) as usize).min(current.len()));
+                (l, current[s..e].to_vec())
+            })
+            .collect();
+        CrashImages { durable, pending }
+    }
+
+    fn record(&self, g: &mut Inner, ev: Event) {
+        if g.recording {
+            if matches!(ev, Event::Fence) {
+                g.fences += 1;
+            }
+            g.events.push(ev);
+        }
+    }
+
+    fn store(&self, offset: u64, data: &[u8], nt: bool) -> Result<(), DeviceError> {
+        check_range(offset, data.len() as u64, self.size)?;
+        let mut g = self.inner.lock();
+        let o = offset as usize;
+        g.image[o..o + data.len()].copy_from_slice(data);
+        let ev = if nt {
+            Event::NtStore {
+                offset,
+                data: data.to_vec(),
+            }
+        } else {
+            Event::Store {
+                offset,
+                data: data.to_vec(),
+            }
+        };
+        self.record(&mut g, ev);
+        Ok(())
+    }
+
+    fn rmw(&self, offset: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, DeviceError> {
+        check_word(offset, self.size)?;
+        let mut g = self.inner.lock();
+        let o = offset as usize;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&g.image[o..o + 8]);
+        let old = u64::from_le_bytes(w);
+        let new = f(old).to_le_bytes();
+        g.image[o..o + 8].copy_from_slice(&new);
+        self.record(
+            &mut g,
+            Event::Store {
+                offset,
+                data: new.to_vec(),
+            },
+        );
+        Ok(old)
+    }
+}
+
+/// The images a power failure could leave: `durable` plus any subset of `pending` lines.
+#[derive(Debug, Clone)]
+pub struct CrashImages {
+    pub durable: Vec<u8>,
+    /// Cache lines stored to but not durable, with their latest contents.
+    pub pending: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashImages {
+    /// The image with the pending lines chosen by `take(i)` applied.
+    pub fn image_with(&self, mut take: impl FnMut(usize) -> bool) -> Vec<u8> {
+        let mut img = self.durable.clone();
+        for (i, (off, data)) in self.pending.iter().enumerate() {
+            if take(i) {
+                let o = *off as usize;
+                img[o..o + data.len()].copy_from_slice(data);
+            }
+        }
+        img
+    }
+
+    /// Every crash image when there are at most `exhaustive_limit` pending lines (2^n
+    /// images); otherwise `samples` images from a deterministic pseudo-random choice, plus
+    /// the two extremes (nothing pending persisted, everything persisted).
+    pub fn enumerate(&self, exhaustive_limit: usize, samples: usize, seed: u64) -> Vec<Vec<u8>> {
+        let n = self.pending.len();
+        if n <= exhaustive_limit && n < 20 {
+            return (0u64..1 << n)
+                .map(|mask| self.image_with(|i| mask & (1 << i) != 0))
+                .collect();
+        }
+        let mut out = vec![self.image_with(|_| false), self.image_with(|_| true)];
+        let mut state = seed | 1;
+        for _ in 0..samples {
+            out.push(self.image_with(|_| {
+                // xorshift64: small, deterministic, good enough to pick subsets.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state & 1 == 1
+            }));
+        }
+        out
+    }
+}
+
+impl Media for RecordingDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn persistence(&self) -> PersistenceMode {
+        PersistenceMode::Recorded
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let g = self.inner.lock();
+        let o = offset as usize;
+        buf.copy_from_slice(&g.image[o..o + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.store(offset, data, false)
+    }
+
+    fn write_nt(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.store(offset, data, true)
+    }
+
+    fn zero_nt(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size)?;
+        self.store(offset, &vec![0; len as usize], true)
+    }
+
+    fn flush(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size)?;
+        let mut g = self.inner.lock();
+        self.record(&mut g, Event::Flush { offset, len });
+        Ok(())
+    }
+
+    fn fence(&self) {
+        let mut g = self.inner.lock();
+        self.record(&mut g, Event::Fence);
+    }
+
+    fn load_u64(&self, offset: u64) -> Result<u64, DeviceError> {
+        check_word(offset, self.size)?;
+        let mut w = [0u8; 8];
+        self.read(offset, &mut w)?;
+        Ok(u64::from_le_bytes(w))
+    }
+
+    fn store_u64(&self, offset: u64, value: u64) -> Result<(), DeviceError> {
+        check_word(offset, self.size)?;
+        self.store(offset, &value.to_le_bytes(), false)
+    }
+
+    fn fetch_or_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
+        self.rmw(offset, |v| v | mask)
+    }
+
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
+        self.rmw(offset, |v| v & mask)
+    }
+
+    fn with_slice(
+        &self,
+        offset: u64,
+        len: u64,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size)?;
+        let g = self.inner.lock();
+        let o = offset as usize;
+        f(&g.image[o..o + len as usize]);
+        Ok(())
+    }
+
+    fn sync_all(&self) -> Result<(), DeviceError> {
+        let mut g = self.inner.lock();
+        // Everything becomes durable: model it as flushing the whole device and fencing.
+        let size = self.size;
+        self.record(&mut g, Event::Flush { offset: 0, len: size });
+        self.record(&mut g, Event::Fence);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unflushed_store_is_optional_flushed_store_is_durable() {
+        let d = RecordingDevice::new(4096);
+        d.start_recording();
+        d.write(0, &[1; 8]).unwrap();
+        d.flush(0, 8).unwrap();
+        d.fence();
+        d.write(128, &[2; 8]).unwrap();
+        d.fence();
+        assert_eq!(d.fence_count(), 2);
+        // Before fence 0: the first store is pending.
+        let c0 = d.crash_images(0);
+        assert_eq!(c0.pending.len(), 1);
+        assert_eq!(c0.durable[0], 0);
+        // Before fence 1: the first store is durable; the second (never flushed) pending.
+        let c1 = d.crash_images(1);
+        assert_eq!(c1.durable[0], 1);
+        assert_eq!(c1.pending.len(), 1);
+        assert_eq!(c1.pending[0].0, 128);
+        let all = c1.enumerate(8, 0, 1);
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().any(|i| i[128] == 2) && all.iter().any(|i| i[128] == 0));
+        // After everything: the never-flushed store is still only pending.
+        let c2 = d.crash_images(2);
+        assert_eq!(c2.pending.len(), 1);
+    }
+
+    #[test]
+    fn out_of_bounds_is_an_error() {
+        let d = RecordingDevice::new(64);
+        assert!(d.write(60, &[0; 8]).is_err());
+        assert!(d.load_u64(4).is_err());
+        assert!(d.read(u64::MAX, &mut [0; 2]).is_err());
+    }
+}

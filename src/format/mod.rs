@@ -1,0 +1,152 @@
+//! The on-media format: every structure pmfs stores, byte for byte.
+//!
+//! docs/FORMAT.md is the prose version of this module, and `tests/format_doc.rs` checks that
+//! its byte maps agree with the offsets computed here. All structures are `#[repr(C)]`,
+//! little-endian, with explicit padding, and are read with `zerocopy` (no `unsafe`). Nothing
+//! read from the device is trusted: every decoder here validates before returning.
+
+mod geometry;
+mod structs;
+
+pub use geometry::Geometry;
+pub use structs::*;
+
+use bitflags::bitflags;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("pmfs stores its structures in native byte order and supports little-endian CPUs only");
+
+/// Size of a block, the unit of allocation.
+pub const BLOCK_SIZE: u64 = 4096;
+/// log2 of [`BLOCK_SIZE`].
+pub const BLOCK_SHIFT: u32 = 12;
+/// Size of a huge chunk: the unit a PMD (2 MiB) page maps.
+pub const CHUNK_SIZE: u64 = 2 << 20;
+/// Blocks per huge chunk.
+pub const CHUNK_BLOCKS: u64 = CHUNK_SIZE / BLOCK_SIZE;
+
+/// Smallest device pmfs formats: the fixed metadata plus one inode-table chunk and room for
+/// data must fit.
+pub const MIN_DEVICE_SIZE: u64 = 16 << 20;
+
+/// Superblock magic: "PMFS" + 0x00 + "SB" + 0x1a (the byte PNG uses to stop `type`).
+pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PMFS\0SB\x1a");
+/// Magic of the mutable state record that follows the static superblock.
+pub const STATE_MAGIC: u64 = u64::from_le_bytes(*b"PMFSSTAT");
+/// Magic of a journal slot header.
+pub const SLOT_MAGIC: u64 = u64::from_le_bytes(*b"PMFSJSLT");
+/// Magic of a B+tree node.
+pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"PMBT");
+/// Magic of an xattr area.
+pub const XATTR_MAGIC: u32 = u32::from_le_bytes(*b"PMXA");
+
+/// Current format version. Bump together with docs/FORMAT.md's version table.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Format versions, oldest first: (version, what changed, when).
+pub const FORMAT_VERSIONS: &[(u32, &str, &str)] = &[(1, "initial format", "2026-11")];
+
+bitflags! {
+    /// Features an implementation must understand to mount at all.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct IncompatFeatures: u64 {
+        /// Directories are B+trees keyed by name hash (always set in version 1).
+        const HASHED_DIRS = 1 << 0;
+    }
+    /// Features an implementation must understand to mount read-write.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RoCompatFeatures: u64 {
+        /// Large files are kept in 2 MiB-aligned extents.
+        const HUGE_EXTENTS = 1 << 0;
+    }
+    /// Features an older implementation may ignore.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct CompatFeatures: u64 {
+        /// Reserved inode [`DEFERRED_FREE_INO`] holds blocks whose free waits for a lease.
+        const DEFERRED_FREE = 1 << 0;
+    }
+}
+
+/// Features this implementation writes at mkfs.
+pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS;
+pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
+pub const COMPAT_SUPPORTED: CompatFeatures = CompatFeatures::DEFERRED_FREE;
+
+/// Inode number 0 is never valid.
+pub const NULL_INO: u64 = 0;
+/// The root directory (FUSE's root id is 1 too, so numbers need no translation).
+pub const ROOT_INO: u64 = 1;
+/// A hidden regular file that owns blocks whose free is deferred (direct-mapping leases).
+pub const DEFERRED_FREE_INO: u64 = 2;
+/// First inode number handed to users.
+pub const FIRST_USER_INO: u64 = 3;
+
+/// Size of an inode slot.
+pub const INODE_SIZE: u64 = 256;
+/// Inode slots per inode-table chunk (one 2 MiB chunk).
+pub const INODES_PER_CHUNK: u64 = CHUNK_SIZE / INODE_SIZE;
+/// The last slots of every inode-table chunk hold that chunk's inode bitmap
+/// (1 bit per slot): 8192 bits = 1 KiB = 4 slots.
+pub const INODE_BITMAP_SLOTS: u64 = INODES_PER_CHUNK / 8 / INODE_SIZE;
+/// Slots of a chunk that hold inodes.
+pub const USABLE_INODES_PER_CHUNK: u64 = INODES_PER_CHUNK - INODE_BITMAP_SLOTS;
+/// Byte offset of the inode bitmap inside an inode-table chunk.
+pub const INODE_BITMAP_OFFSET: u64 = USABLE_INODES_PER_CHUNK * INODE_SIZE;
+/// Entries of the inode-table directory block (one block of little-endian u64 chunk
+/// addresses, in blocks; 0 = not yet allocated).
+pub const ITABLE_DIR_ENTRIES: u64 = BLOCK_SIZE / 8;
+/// Largest inode number the format can address.
+pub const MAX_INODES: u64 = ITABLE_DIR_ENTRIES * INODES_PER_CHUNK;
+
+/// Longest file name, in bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, in bytes (a symlink stores its target inline or in one block).
+pub const SYMLINK_MAX: usize = BLOCK_SIZE as usize - 1;
+/// Largest xattr value.
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Largest xattr area (all names and values of one inode), in blocks.
+pub const XATTR_AREA_MAX_BLOCKS: u32 = 20;
+/// Largest file size: block numbers of files are 32-bit-safe in extents' lengths but 64-bit
+/// in offsets; cap at 2^44 (16 TiB) to keep every byte offset far from overflow.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
+/// Converts blocks to bytes.
+pub const fn blocks_to_bytes(blocks: u64) -> u64 {
+    blocks << BLOCK_SHIFT
+}
+
+/// CRC32C (Castagnoli) of `bytes`: the checksum of every structure read at mount.
+pub fn checksum(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
+/// Errors found while decoding or validating on-media structures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    #[error("not a pmfs file system (bad magic)")]
+    BadMagic,
+    #[error("unsupported format version {0} (this pmfs reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("unknown incompatible features {0:#x}: this pmfs cannot mount it")]
+    UnknownIncompat(u64),
+    #[error("checksum mismatch in {what}: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        what: &'static str,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("corrupted {what}: {detail}")]
+    Corrupted { what: &'static str, detail: String },
+    #[error("device of {size} bytes is too small: pmfs needs at least {min} bytes")]
+    TooSmall { size: u64, min: u64 },
+}
+
+impl FormatError {
+    pub fn corrupted(what: &'static str, detail: impl Into<String>) -> Self {
+        Self::Corrupted {
+            what,
+            detail: detail.into(),
+        }
+    }
+}

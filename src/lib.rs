@@ -1,0 +1,15 @@
+//! pmfs: a file system for persistent memory, served through FUSE.
+//!
+//! The modules are the layers, bottom up (docs/ARCHITECTURE.md draws them):
+//! - [`device`]: the mapped device and the only `unsafe` code; a recording twin for tests.
+//! - [`format`]: the on-media structures, validated on every read.
+//! - [`journal`]: undo-logged transactions ([`journal::Tx`] is the only way to change
+//!   metadata).
+//! - [`alloc`]: the block allocator with its 2 MiB-aware policy.
+//! - [`mkfs`]: formatting a device.
+
+pub mod alloc;
+pub mod device;
+pub mod format;
+pub mod journal;
+pub mod mkfs;

@@ -1,0 +1,1 @@
+//! mkfs (being written).
