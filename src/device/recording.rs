@@ -318,7 +318,13 @@ impl Media for RecordingDevice {
         let mut g = self.inner.lock();
         // Everything becomes durable: model it as flushing the whole device and fencing.
         let size = self.size;
-        self.record(&mut g, Event::Flush { offset: 0, len: size });
+        self.record(
+            &mut g,
+            Event::Flush {
+                offset: 0,
+                len: size,
+            },
+        );
         self.record(&mut g, Event::Fence);
         Ok(())
     }

@@ -1,8 +1,6 @@
 //! Where the fixed regions sit on a device of a given size.
 
-use super::{
-    BLOCK_SIZE, CHUNK_BLOCKS, FormatError, MIN_DEVICE_SIZE, Superblock, blocks_to_bytes,
-};
+use super::{BLOCK_SIZE, CHUNK_BLOCKS, FormatError, MIN_DEVICE_SIZE, Superblock, blocks_to_bytes};
 
 /// First journal block: after the primary (block 0) and backup (block 1) superblocks.
 pub const JOURNAL_START_BLOCK: u64 = 2;
@@ -65,7 +63,10 @@ impl Geometry {
         if u64::from(sb.block_size) != BLOCK_SIZE || u64::from(sb.chunk_blocks) != CHUNK_BLOCKS {
             return Err(FormatError::corrupted(
                 "superblock",
-                format!("block size {} / chunk {} not supported", sb.block_size, sb.chunk_blocks),
+                format!(
+                    "block size {} / chunk {} not supported",
+                    sb.block_size, sb.chunk_blocks
+                ),
             ));
         }
         let g = Self {
@@ -102,8 +103,8 @@ impl Geometry {
         {
             return bad("journal region".into());
         }
-        let journal_end =
-            self.journal_start + u64::from(self.journal_slots) * u64::from(self.journal_slot_blocks);
+        let journal_end = self.journal_start
+            + u64::from(self.journal_slots) * u64::from(self.journal_slot_blocks);
         if self.bitmap_start != journal_end
             || self.bitmap_blocks != self.block_count.div_ceil(8 * BLOCK_SIZE)
         {
@@ -146,6 +147,9 @@ impl Geometry {
 
     /// True when `first..first + len` is a block range the allocator may own.
     pub fn is_data_range(&self, first: u64, len: u64) -> bool {
-        first >= self.meta_end && first.checked_add(len).is_some_and(|end| end <= self.block_count)
+        first >= self.meta_end
+            && first
+                .checked_add(len)
+                .is_some_and(|end| end <= self.block_count)
     }
 }

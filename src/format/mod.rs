@@ -14,7 +14,9 @@ pub use structs::*;
 use bitflags::bitflags;
 
 #[cfg(not(target_endian = "little"))]
-compile_error!("pmfs stores its structures in native byte order and supports little-endian CPUs only");
+compile_error!(
+    "pmfs stores its structures in native byte order and supports little-endian CPUs only"
+);
 
 /// Size of a block, the unit of allocation.
 pub const BLOCK_SIZE: u64 = 4096;

@@ -104,7 +104,14 @@ impl Superblock {
 /// Formats a UUID in its canonical 8-4-4-4-12 form.
 pub fn format_uuid(u: &[u8; 16]) -> String {
     let h = |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
-    format!("{}-{}-{}-{}-{}", h(0..4), h(4..6), h(6..8), h(8..10), h(10..16))
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
 }
 
 /// Parses a canonical UUID string.
@@ -328,13 +335,22 @@ impl Inode {
             });
         }
         if ino.mode != 0 && !file_type::is_valid(ino.mode) {
-            return Err(FormatError::corrupted("inode", format!("invalid mode {:o}", ino.mode)));
+            return Err(FormatError::corrupted(
+                "inode",
+                format!("invalid mode {:o}", ino.mode),
+            ));
         }
         if ino.flags & !inode_flags::ALL != 0 {
-            return Err(FormatError::corrupted("inode", format!("unknown flags {:#x}", ino.flags)));
+            return Err(FormatError::corrupted(
+                "inode",
+                format!("unknown flags {:#x}", ino.flags),
+            ));
         }
         if ino.size > super::MAX_FILE_SIZE {
-            return Err(FormatError::corrupted("inode", format!("size {} too large", ino.size)));
+            return Err(FormatError::corrupted(
+                "inode",
+                format!("size {} too large", ino.size),
+            ));
         }
         if ino.inline_count as usize > INODE_INLINE_LEN {
             return Err(FormatError::corrupted("inode", "inline count too large"));
@@ -462,7 +478,10 @@ pub fn check_node(
         return Err(FormatError::corrupted("tree node", "bad magic"));
     }
     if h.kind != kind as u16 {
-        return Err(FormatError::corrupted("tree node", format!("kind {} in a {kind:?} tree", h.kind)));
+        return Err(FormatError::corrupted(
+            "tree node",
+            format!("kind {} in a {kind:?} tree", h.kind),
+        ));
     }
     if h.owner != owner {
         return Err(FormatError::corrupted(
@@ -471,10 +490,16 @@ pub fn check_node(
         ));
     }
     if h.level > MAX_TREE_LEVEL || expect_level.is_some_and(|l| l != h.level) {
-        return Err(FormatError::corrupted("tree node", format!("unexpected level {}", h.level)));
+        return Err(FormatError::corrupted(
+            "tree node",
+            format!("unexpected level {}", h.level),
+        ));
     }
     if h.used as u64 > BLOCK_SIZE - size_of::<NodeHeader>() as u64 {
-        return Err(FormatError::corrupted("tree node", "used bytes exceed the node"));
+        return Err(FormatError::corrupted(
+            "tree node",
+            "used bytes exceed the node",
+        ));
     }
     Ok(())
 }

@@ -1,1 +1,643 @@
-//! Journal (being written).
+//! Undo-logged metadata transactions.
+//!
+//! [`Tx`] is the only way to change metadata. Before a transaction stores into a byte range
+//! for the first time, it appends the range's old contents to its journal slot as an undo
+//! record and makes the record durable; only then does the new value go in place. Bitmaps are
+//! changed with logical records ("these bits were set", "these bits were cleared") and atomic
+//! read-modify-write of their words, so transactions that share a bitmap word commute.
+//!
+//! Commit: flush every range the transaction stored into, fence, store the slot's generation
+//! + 1 (an 8-byte store: the commit point), flush, fence. A crash before the commit point
+//! leaves an odd generation in the slot, and recovery (at open) rolls the records back in
+//! reverse order. Recovery is idempotent, so a crash during recovery is harmless.
+//!
+//! The isolation rule that makes byte-range undo safe under concurrency: a range a
+//! transaction has logged stays its own until it commits. The layers above hold the lock of
+//! every object they change (inode, directory, the state record) from before the first store
+//! until after `commit` returns; bits are owned by whoever allocated or is freeing them.
+//!
+//! Slots are per transaction, not per thread: `Journal::begin` takes a free slot (waiting if
+//! all are busy), so threads never serialise on one log.
+
+use crate::device::{DeviceError, Media};
+use crate::format::{
+    FormatError, Geometry, SLOT_MAGIC, STATE_OFFSET, SlotHeader, UndoHeader, UndoKind, checksum,
+};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// Offset of the generation word inside a slot.
+const GENERATION_OFFSET: u64 = std::mem::offset_of!(SlotHeader, generation) as u64;
+/// Offset of the first record inside a slot.
+const RECORDS_OFFSET: u64 = size_of::<SlotHeader>() as u64;
+const RECORD_HEADER: u64 = size_of::<UndoHeader>() as u64;
+
+/// Errors of the journal layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The transaction's undo records do not fit its slot. The transaction is rolled back.
+    #[error("transaction too large for a journal slot")]
+    TooLarge,
+}
+
+/// What recovery found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Slots that held an uncommitted transaction.
+    pub rolled_back: usize,
+    /// Undo records applied.
+    pub records_undone: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    index: u32,
+    offset: u64,
+    /// The generation stored in the slot header (even: idle).
+    generation: u64,
+}
+
+/// The journal: a set of slots, each holding at most one open transaction.
+#[derive(Debug)]
+pub struct Journal {
+    media: Arc<dyn Media>,
+    geometry: Geometry,
+    free: Mutex<Vec<Slot>>,
+    available: Condvar,
+}
+
+impl Journal {
+    /// Opens the journal, rolling back every transaction a crash left open.
+    pub fn open(
+        media: Arc<dyn Media>,
+        geometry: Geometry,
+    ) -> Result<(Self, RecoveryReport), JournalError> {
+        let report = recover(media.as_ref(), &geometry)?;
+        let mut free = Vec::with_capacity(geometry.journal_slots as usize);
+        for i in (0..geometry.journal_slots).rev() {
+            let offset = geometry.slot_offset(i);
+            let header = read_slot_header(media.as_ref(), &geometry, i)?;
+            free.push(Slot {
+                index: i,
+                offset,
+                generation: header.generation,
+            });
+        }
+        Ok((
+            Self {
+                media,
+                geometry,
+                free: Mutex::new(free),
+                available: Condvar::new(),
+            },
+            report,
+        ))
+    }
+
+    pub fn media(&self) -> &Arc<dyn Media> {
+        &self.media
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Starts a transaction. Nothing is written until its first store.
+    pub fn begin(&self) -> Tx<'_> {
+        let mut free = self.free.lock();
+        let slot = loop {
+            if let Some(s) = free.pop() {
+                break s;
+            }
+            self.available.wait(&mut free);
+        };
+        Tx {
+            journal: self,
+            slot: Some(slot),
+            cursor: RECORDS_OFFSET,
+            open: false,
+            logged: Vec::new(),
+            dirty: Vec::new(),
+            data_written: false,
+            on_commit: Vec::new(),
+            on_abort: Vec::new(),
+        }
+    }
+
+    fn release(&self, slot: Slot) {
+        self.free.lock().push(slot);
+        self.available.notify_one();
+    }
+}
+
+type Hook<'j> = Box<dyn FnOnce() + Send + 'j>;
+
+/// A metadata transaction: all of its stores survive a crash, or none does.
+///
+/// Dropping a `Tx` without calling [`Tx::commit`] rolls it back.
+pub struct Tx<'j> {
+    journal: &'j Journal,
+    slot: Option<Slot>,
+    /// Offset of the next record inside the slot.
+    cursor: u64,
+    /// The slot's generation is odd on the media (a record has been written).
+    open: bool,
+    /// Byte ranges already undo-logged in this transaction.
+    logged: Vec<(u64, u64)>,
+    /// Byte ranges stored into, to flush at commit.
+    dirty: Vec<(u64, u64)>,
+    /// File data was written outside the journal and must be fenced by commit.
+    data_written: bool,
+    on_commit: Vec<Hook<'j>>,
+    on_abort: Vec<Hook<'j>>,
+}
+
+impl std::fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("slot", &self.slot.as_ref().map(|s| s.index))
+            .field("cursor", &self.cursor)
+            .field("open", &self.open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'j> Tx<'j> {
+    pub fn media(&self) -> &'j Arc<dyn Media> {
+        &self.journal.media
+    }
+
+    /// Stores `data` at `offset`, undo-logging the old contents first.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), JournalError> {
+        self.log_bytes(offset, data.len() as u64)?;
+        self.journal.media.write(offset, data)?;
+        self.dirty.push((offset, data.len() as u64));
+        Ok(())
+    }
+
+    /// Stores the bytes of a format structure at `offset`.
+    pub fn write_struct<T: IntoBytes + Immutable>(
+        &mut self,
+        offset: u64,
+        value: &T,
+    ) -> Result<(), JournalError> {
+        self.write(offset, value.as_bytes())
+    }
+
+    /// Zeroes `len` bytes at `offset`, undo-logged.
+    pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), JournalError> {
+        let zeros = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+        self.write(offset, &zeros)
+    }
+
+    /// Sets bits `first..first + count` of the bitmap at byte offset `base`. The caller owns
+    /// those bits (they were clear, and nobody else may change them until this commits).
+    pub fn set_bits(&mut self, base: u64, first: u64, count: u64) -> Result<(), JournalError> {
+        self.bit_record(UndoKind::SetBits, base, first, count)?;
+        for_each_word(base, first, count, |word, mask| {
+            self.journal.media.fetch_or_u64(word, mask).map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Clears bits `first..first + count` of the bitmap at byte offset `base`.
+    pub fn clear_bits(&mut self, base: u64, first: u64, count: u64) -> Result<(), JournalError> {
+        self.bit_record(UndoKind::ClearBits, base, first, count)?;
+        for_each_word(base, first, count, |word, mask| {
+            self.journal.media.fetch_and_u64(word, !mask).map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Records that file data was written with `write_nt` (or written and flushed) outside
+    /// the journal: commit's fence makes it durable before the metadata that exposes it.
+    pub fn note_data_written(&mut self) {
+        self.data_written = true;
+    }
+
+    /// Runs `f` after the transaction has committed (e.g. returning freed blocks to the
+    /// allocator: they must not be reused before the free is durable).
+    pub fn on_commit(&mut self, f: impl FnOnce() + Send + 'j) {
+        self.on_commit.push(Box::new(f));
+    }
+
+    /// Runs `f` if the transaction is rolled back (e.g. returning blocks it allocated).
+    pub fn on_abort(&mut self, f: impl FnOnce() + Send + 'j) {
+        self.on_abort.push(Box::new(f));
+    }
+
+    /// True when the transaction has stored nothing yet.
+    pub fn is_empty(&self) -> bool {
+        !self.open
+    }
+
+    /// Makes the transaction durable. On error the transaction is rolled back.
+    pub fn commit(mut self) -> Result<(), JournalError> {
+        match self.commit_inner() {
+            Ok(()) => {
+                if let Some(slot) = self.slot.take() {
+                    self.journal.release(slot);
+                }
+                for f in std::mem::take(&mut self.on_commit) {
+                    f();
+                }
+                self.on_abort.clear();
+                Ok(())
+            }
+            Err(e) => Err(e), // Drop rolls back.
+        }
+    }
+
+    fn commit_inner(&mut self) -> Result<(), JournalError> {
+        let media = &self.journal.media;
+        if !self.open {
+            if self.data_written {
+                media.fence();
+            }
+            return Ok(());
+        }
+        for &(off, len) in &self.dirty {
+            media.flush(off, len)?;
+        }
+        media.fence();
+        let slot = self
+            .slot
+            .as_mut()
+            .ok_or_else(|| FormatError::corrupted("journal", "transaction without a slot"))?;
+        let next = slot.generation + 1;
+        media.store_u64(slot.offset + GENERATION_OFFSET, next)?;
+        media.flush(slot.offset + GENERATION_OFFSET, 8)?;
+        media.fence();
+        slot.generation = next;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Makes sure the slot is open (odd generation) before the first record.
+    fn ensure_open(&mut self) -> Result<&mut Slot, JournalError> {
+        let media = &self.journal.media;
+        let slot = self
+            .slot
+            .as_mut()
+            .ok_or_else(|| FormatError::corrupted("journal", "transaction without a slot"))?;
+        if !self.open {
+            slot.generation += 1;
+            // No fence here: the first record's fence makes this store durable before any
+            // in-place store of the transaction.
+            media.store_u64(slot.offset + GENERATION_OFFSET, slot.generation)?;
+            media.flush(slot.offset + GENERATION_OFFSET, 8)?;
+            self.open = true;
+        }
+        Ok(slot)
+    }
+
+    fn log_bytes(&mut self, offset: u64, len: u64) -> Result<(), JournalError> {
+        if len == 0
+            || self
+                .logged
+                .iter()
+                .any(|&(o, l)| o <= offset && offset + len <= o + l)
+        {
+            return Ok(());
+        }
+        let mut old = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+        self.journal.media.read(offset, &mut old)?;
+        self.append(UndoKind::Bytes, offset, 0, len, &old)?;
+        self.logged.push((offset, len));
+        Ok(())
+    }
+
+    fn bit_record(
+        &mut self,
+        kind: UndoKind,
+        base: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<(), JournalError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.append(kind, base, first, count, &[])?;
+        let (start, bytes) = bit_span(base, first, count);
+        self.dirty.push((start, bytes));
+        Ok(())
+    }
+
+    /// Appends one record and makes it durable.
+    fn append(
+        &mut self,
+        kind: UndoKind,
+        target: u64,
+        first: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> Result<(), JournalError> {
+        let slot_size = self.journal.geometry.slot_size();
+        let total = (RECORD_HEADER + payload.len() as u64).next_multiple_of(8);
+        let len32 = u32::try_from(len).map_err(|_| JournalError::TooLarge)?;
+        if self.cursor + total > slot_size {
+            return Err(JournalError::TooLarge);
+        }
+        let cursor = self.cursor;
+        let slot = self.ensure_open()?;
+        let (generation, slot_offset) = (slot.generation, slot.offset);
+        let mut header = UndoHeader {
+            generation,
+            target,
+            first,
+            len: len32,
+            kind: kind as u16,
+            pad: 0,
+            crc: 0,
+            pad2: 0,
+        };
+        header.crc = record_crc(&header, payload);
+        let mut buf = Vec::with_capacity(total as usize);
+        buf.extend_from_slice(header.as_bytes());
+        buf.extend_from_slice(payload);
+        buf.resize(total as usize, 0);
+        let media = &self.journal.media;
+        let at = slot_offset + cursor;
+        media.write(at, &buf)?;
+        media.flush(at, total)?;
+        media.fence();
+        self.cursor += total;
+        Ok(())
+    }
+
+    fn rollback(&mut self) -> Result<(), JournalError> {
+        let Some(slot) = self.slot.as_mut() else {
+            return Ok(());
+        };
+        if self.open {
+            let media = self.journal.media.as_ref();
+            let records =
+                scan_records(media, &self.journal.geometry, slot.offset, slot.generation)?;
+            undo_records(media, &records)?;
+            let next = slot.generation + 1;
+            media.store_u64(slot.offset + GENERATION_OFFSET, next)?;
+            media.flush(slot.offset + GENERATION_OFFSET, 8)?;
+            media.fence();
+            slot.generation = next;
+            self.open = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.slot.is_none() {
+            return;
+        }
+        if let Err(e) = self.rollback() {
+            // The media refused the undo (it was validated when logged, so this means the
+            // device itself failed). Leave the slot open: the next mount's recovery retries.
+            log::error!("journal: rollback failed, recovery will finish it at next mount: {e}");
+        }
+        if let Some(slot) = self.slot.take() {
+            self.journal.release(slot);
+        }
+        for f in std::mem::take(&mut self.on_abort) {
+            f();
+        }
+    }
+}
+
+fn record_crc(header: &UndoHeader, payload: &[u8]) -> u32 {
+    let mut h = *header;
+    h.crc = 0;
+    crc32c::crc32c_append(checksum(h.as_bytes()), payload)
+}
+
+/// Byte span touched by bits `first..first + count` of the bitmap at `base`, whole words.
+fn bit_span(base: u64, first: u64, count: u64) -> (u64, u64) {
+    let first_word = first / 64;
+    let last_word = (first + count - 1) / 64;
+    (base + first_word * 8, (last_word - first_word + 1) * 8)
+}
+
+/// Calls `f(word_offset, mask)` for each 64-bit word covering bits `first..first + count`.
+fn for_each_word(
+    base: u64,
+    first: u64,
+    count: u64,
+    mut f: impl FnMut(u64, u64) -> Result<(), DeviceError>,
+) -> Result<(), DeviceError> {
+    let end = first + count;
+    let mut bit = first;
+    while bit < end {
+        let word = bit / 64;
+        let lo = bit % 64;
+        let hi = (end - word * 64).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        f(base + word * 8, mask)?;
+        bit = (word + 1) * 64;
+    }
+    Ok(())
+}
+
+/// A validated undo record.
+#[derive(Debug)]
+struct Record {
+    kind: UndoKind,
+    target: u64,
+    first: u64,
+    len: u64,
+    payload: Vec<u8>,
+}
+
+fn read_slot_header(
+    media: &dyn Media,
+    geometry: &Geometry,
+    index: u32,
+) -> Result<SlotHeader, JournalError> {
+    let mut buf = [0u8; size_of::<SlotHeader>()];
+    media.read(geometry.slot_offset(index), &mut buf)?;
+    let header = SlotHeader::read_from_bytes(&buf)
+        .map_err(|_| FormatError::corrupted("journal slot", "short header"))?;
+    if header.magic != SLOT_MAGIC || header.slot_index != index {
+        return Err(FormatError::corrupted(
+            "journal slot",
+            format!("slot {index}: bad magic or index"),
+        )
+        .into());
+    }
+    Ok(header)
+}
+
+/// True when an undo target lies where transactions may store: the state record, or the
+/// bitmap and everything after it.
+fn target_allowed(geometry: &Geometry, target: u64, len: u64) -> bool {
+    let Some(end) = target.checked_add(len) else {
+        return false;
+    };
+    let state = STATE_OFFSET..STATE_OFFSET + size_of::<crate::format::FsState>() as u64;
+    (state.contains(&target) && end <= state.end)
+        || (target >= geometry.bitmap_offset() && end <= geometry.size_bytes())
+}
+
+/// Reads the valid records of an open slot, in the order they were written.
+fn scan_records(
+    media: &dyn Media,
+    geometry: &Geometry,
+    slot_offset: u64,
+    generation: u64,
+) -> Result<Vec<Record>, JournalError> {
+    let slot_size = geometry.slot_size();
+    let mut cursor = RECORDS_OFFSET;
+    let mut out = Vec::new();
+    while cursor + RECORD_HEADER <= slot_size {
+        let mut hb = [0u8; size_of::<UndoHeader>()];
+        media.read(slot_offset + cursor, &mut hb)?;
+        let Ok(h) = UndoHeader::read_from_bytes(&hb) else {
+            break;
+        };
+        if h.generation != generation {
+            break;
+        }
+        let Some(kind) = UndoKind::from_u16(h.kind) else {
+            break;
+        };
+        let payload_len = if kind == UndoKind::Bytes {
+            u64::from(h.len)
+        } else {
+            0
+        };
+        let total = (RECORD_HEADER + payload_len).next_multiple_of(8);
+        if cursor + total > slot_size {
+            break;
+        }
+        let mut payload = vec![0u8; payload_len as usize];
+        media.read(slot_offset + cursor + RECORD_HEADER, &mut payload)?;
+        if record_crc(&h, &payload) != h.crc {
+            // A torn record: it was being written when the crash came, so its in-place store
+            // never happened. Everything before it is valid.
+            break;
+        }
+        let span = match kind {
+            UndoKind::Bytes => (h.target, u64::from(h.len)),
+            _ if h.len == 0 || h.first.checked_add(u64::from(h.len)).is_none() => {
+                return Err(FormatError::corrupted("journal record", "empty bit range").into());
+            }
+            _ => bit_span(h.target, h.first, u64::from(h.len)),
+        };
+        if h.target % 8 != 0 && kind != UndoKind::Bytes || !target_allowed(geometry, span.0, span.1)
+        {
+            return Err(FormatError::corrupted(
+                "journal record",
+                format!(
+                    "target {:#x}+{} outside the metadata the journal covers",
+                    span.0, span.1
+                ),
+            )
+            .into());
+        }
+        out.push(Record {
+            kind,
+            target: h.target,
+            first: h.first,
+            len: u64::from(h.len),
+            payload,
+        });
+        cursor += total;
+    }
+    Ok(out)
+}
+
+/// Applies undo records in reverse order and flushes what they touched (no fence).
+fn undo_records(media: &dyn Media, records: &[Record]) -> Result<(), JournalError> {
+    for r in records.iter().rev() {
+        match r.kind {
+            UndoKind::Bytes => {
+                media.write(r.target, &r.payload)?;
+                media.flush(r.target, r.len)?;
+            }
+            UndoKind::SetBits => {
+                for_each_word(r.target, r.first, r.len, |w, m| {
+                    media.fetch_and_u64(w, !m).map(drop)
+                })?;
+            }
+            UndoKind::ClearBits => {
+                for_each_word(r.target, r.first, r.len, |w, m| {
+                    media.fetch_or_u64(w, m).map(drop)
+                })?;
+            }
+        }
+        if r.kind != UndoKind::Bytes {
+            let (s, l) = bit_span(r.target, r.first, r.len);
+            media.flush(s, l)?;
+        }
+    }
+    media.fence();
+    Ok(())
+}
+
+/// Rolls back every open transaction. Idempotent: a crash in the middle is repaired by
+/// running it again.
+pub fn recover(media: &dyn Media, geometry: &Geometry) -> Result<RecoveryReport, JournalError> {
+    let mut report = RecoveryReport::default();
+    for i in 0..geometry.journal_slots {
+        let header = read_slot_header(media, geometry, i)?;
+        if header.generation % 2 == 0 {
+            continue;
+        }
+        let offset = geometry.slot_offset(i);
+        let records = scan_records(media, geometry, offset, header.generation)?;
+        undo_records(media, &records)?;
+        media.store_u64(offset + GENERATION_OFFSET, header.generation + 1)?;
+        media.flush(offset + GENERATION_OFFSET, 8)?;
+        media.fence();
+        report.rolled_back += 1;
+        report.records_undone += records.len();
+    }
+    Ok(report)
+}
+
+/// Writes empty slot headers (generation 0) and clears the first record of every slot: the
+/// journal of a fresh file system. Flushed, not fenced (mkfs fences once for everything).
+pub fn format_slots(media: &dyn Media, geometry: &Geometry) -> Result<(), JournalError> {
+    for i in 0..geometry.journal_slots {
+        let offset = geometry.slot_offset(i);
+        let mut block = vec![0u8; crate::format::BLOCK_SIZE as usize];
+        let header = SlotHeader {
+            magic: SLOT_MAGIC,
+            generation: 0,
+            slot_index: i,
+            pad: 0,
+            reserved: [0; 40],
+        };
+        block[..size_of::<SlotHeader>()].copy_from_slice(header.as_bytes());
+        media.write(offset, &block)?;
+        media.flush(offset, block.len() as u64)?;
+    }
+    Ok(())
+}
+
+/// Open transactions a crash left behind, without changing anything (for `fsck -n`):
+/// (slot, number of valid records).
+pub fn pending(media: &dyn Media, geometry: &Geometry) -> Result<Vec<(u32, usize)>, JournalError> {
+    let mut out = Vec::new();
+    for i in 0..geometry.journal_slots {
+        let header = read_slot_header(media, geometry, i)?;
+        if header.generation % 2 == 1 {
+            let n =
+                scan_records(media, geometry, geometry.slot_offset(i), header.generation)?.len();
+            out.push((i, n));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
