@@ -9,7 +9,9 @@
 //! - [`mkfs`]: formatting a device.
 
 pub mod alloc;
+pub mod btree;
 pub mod device;
+pub mod error;
 pub mod format;
 pub mod journal;
 pub mod mkfs;

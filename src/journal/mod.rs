@@ -181,6 +181,15 @@ impl<'j> Tx<'j> {
         Ok(())
     }
 
+    /// Stores `data` at `offset` without an undo record. Only for blocks this transaction
+    /// allocated: if it rolls back they return to the free pool, so their old contents do not
+    /// matter. The range is still flushed at commit.
+    pub fn write_new(&mut self, offset: u64, data: &[u8]) -> Result<(), JournalError> {
+        self.journal.media.write(offset, data)?;
+        self.dirty.push((offset, data.len() as u64));
+        Ok(())
+    }
+
     /// Stores the bytes of a format structure at `offset`.
     pub fn write_struct<T: IntoBytes + Immutable>(
         &mut self,

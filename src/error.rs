@@ -1,0 +1,104 @@
+//! The error type of the object and file-system layers (B+trees, inodes, directories,
+//! extents, xattrs, the fs core), and its one mapping to errno.
+
+use crate::alloc::AllocError;
+use crate::device::DeviceError;
+use crate::format::FormatError;
+use crate::journal::JournalError;
+
+/// Errors of the file-system layers. [`Error::errno`] is the only place that turns them into
+/// errno values for the kernel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// A damaged on-media object; the rest of the file system stays usable.
+    #[error("corrupted {what} (inode {ino}): {detail}")]
+    Corrupted {
+        what: &'static str,
+        ino: u64,
+        detail: String,
+    },
+    #[error("no space left on device")]
+    NoSpace,
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("permission denied")]
+    Access,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("file too large")]
+    FileTooBig,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("result does not fit the buffer")]
+    Range,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("argument list too long")]
+    TooBig,
+    #[error("no more inodes")]
+    NoInodes,
+}
+
+impl Error {
+    pub fn corrupted(what: &'static str, ino: u64, detail: impl Into<String>) -> Self {
+        Self::Corrupted {
+            what,
+            ino,
+            detail: detail.into(),
+        }
+    }
+
+    /// The errno the kernel gets for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Device(_) | Self::Format(_) | Self::Corrupted { .. } => libc::EIO,
+            Self::Journal(JournalError::TooLarge) => libc::EFBIG,
+            Self::Journal(_) => libc::EIO,
+            Self::Alloc(AllocError::NoSpace) | Self::NoSpace | Self::NoInodes => libc::ENOSPC,
+            Self::Alloc(_) => libc::EIO,
+            Self::NotFound => libc::ENOENT,
+            Self::Exists => libc::EEXIST,
+            Self::NotDir => libc::ENOTDIR,
+            Self::IsDir => libc::EISDIR,
+            Self::NotEmpty => libc::ENOTEMPTY,
+            Self::NameTooLong => libc::ENAMETOOLONG,
+            Self::Invalid => libc::EINVAL,
+            Self::NotPermitted => libc::EPERM,
+            Self::Access => libc::EACCES,
+            Self::TooManyLinks => libc::EMLINK,
+            Self::FileTooBig => libc::EFBIG,
+            Self::NoAttr => libc::ENODATA,
+            Self::Range => libc::ERANGE,
+            Self::ReadOnly => libc::EROFS,
+            Self::NotSupported => libc::EOPNOTSUPP,
+            Self::TooBig => libc::E2BIG,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
