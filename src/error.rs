@@ -62,6 +62,9 @@ pub enum Error {
     TooBig,
     #[error("no more inodes")]
     NoInodes,
+    /// SEEK_DATA/SEEK_HOLE past the end, or no data after the offset.
+    #[error("no such device or address")]
+    NoSuchPosition,
 }
 
 impl Error {
@@ -97,6 +100,7 @@ impl Error {
             Self::ReadOnly => libc::EROFS,
             Self::NotSupported => libc::EOPNOTSUPP,
             Self::TooBig => libc::E2BIG,
+            Self::NoSuchPosition => libc::ENXIO,
         }
     }
 }

@@ -10,8 +10,10 @@
 
 pub mod alloc;
 pub mod btree;
+pub mod check;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod fs;
 pub mod journal;
 pub mod mkfs;

@@ -1,0 +1,469 @@
+//! The read-only consistency checker: every invariant the format states, checked on an
+//! unmounted (or quiescent) device. fsck.pmfs reports and repairs from its findings; the
+//! test suites run it after every scenario.
+//!
+//! Invariants checked:
+//! - superblock, backup and state record decode; the journal has no open transaction;
+//! - every allocated inode decodes (checksum, type, flags) and, unless it is an orphan or a
+//!   reserved inode, is reachable from the root;
+//! - extents lie in the data area, do not overlap each other or any other object, and their
+//!   block count matches the inode's;
+//! - directory entries point to allocated inodes of the type they claim, `..` (the parent
+//!   field) matches the directory holding a subdirectory, directory sizes and link counts
+//!   are right, and there is no directory cycle;
+//! - every non-directory's link count equals the entries naming it; nlink 0 only on orphans;
+//! - the block bitmap equals the set of blocks referenced (no leak, no double use).
+
+use crate::btree::{Tree, TreeReader};
+use crate::device::Media;
+use crate::error::{Error, Result};
+use crate::format::{
+    CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
+};
+use crate::fs::{InodeTable, read_state, read_superblock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Kinds of damage, so fsck can pick a repair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProblemKind {
+    Backup,
+    JournalOpen,
+    BadInode(u64),
+    BadTree(u64),
+    Unreachable(u64),
+    LinkCount { ino: u64, stored: u32, counted: u32 },
+    DirSize { ino: u64, stored: u64, counted: u64 },
+    BlockCount { ino: u64, stored: u64, counted: u64 },
+    BadEntry { dir: u64, name: Vec<u8> },
+    DoubleUse { block: u64 },
+    Leaked { first: u64, count: u64 },
+    Unmarked { first: u64, count: u64 },
+    BadParent { ino: u64 },
+    Orphan(u64),
+}
+
+/// One finding, with a one-line description naming the object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+/// What the check found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub problems: Vec<Problem>,
+    pub inodes: u64,
+    pub directories: u64,
+    pub used_blocks: u64,
+    /// Path (best known) of each inode reached from the root; for messages.
+    pub paths: HashMap<u64, String>,
+}
+
+struct Checker<'a> {
+    media: &'a dyn Media,
+    geometry: Geometry,
+    /// Referenced blocks (the bitmap the device should have).
+    refs: Vec<u64>,
+    report: Report,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, kind: ProblemKind, message: String) {
+        self.report.problems.push(Problem { kind, message });
+    }
+
+    /// Marks blocks as referenced by `owner`.
+    fn mark(&mut self, first: u64, count: u64, owner: &str) {
+        for b in first..first + count {
+            let (w, bit) = ((b / 64) as usize, b % 64);
+            if w >= self.refs.len() {
+                self.problem(
+                    ProblemKind::DoubleUse { block: b },
+                    format!("block {b} of {owner} is outside the device"),
+                );
+                return;
+            }
+            if self.refs[w] & (1 << bit) != 0 {
+                self.problem(
+                    ProblemKind::DoubleUse { block: b },
+                    format!("block {b} of {owner} is also used by another object"),
+                );
+                return;
+            }
+            self.refs[w] |= 1 << bit;
+        }
+    }
+
+    fn reader(&self) -> TreeReader<'_> {
+        TreeReader::new(self.media, &self.geometry)
+    }
+
+    fn mark_tree(&mut self, tree: &Tree, owner: &str) -> bool {
+        let mut nodes = Vec::new();
+        let res = self.reader().for_each_node(tree, &mut |b, _| {
+            nodes.push(b);
+            if nodes.len() > 100_000_000 {
+                return Err(Error::corrupted("tree", tree.owner, "too many nodes"));
+            }
+            Ok(())
+        });
+        for b in nodes {
+            self.mark(b, 1, owner);
+        }
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                self.problem(ProblemKind::BadTree(tree.owner), format!("{owner}: {e}"));
+                false
+            }
+        }
+    }
+}
+
+/// Checks the file system on `media`. Returns an error only when the superblock or inode
+/// table is too damaged to look further.
+pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
+    let media = shared.as_ref();
+    let (sb, geometry) = read_superblock(media)?;
+    let state = read_state(media)?;
+    let words = geometry.block_count.div_ceil(64) as usize;
+    let mut c = Checker {
+        media,
+        geometry,
+        refs: vec![0; words],
+        report: Report::default(),
+    };
+    match crate::fs::read_backup_superblock(media) {
+        Ok((b, _)) if b.uuid == sb.uuid && b.block_count == sb.block_count => {}
+        _ => c.problem(
+            ProblemKind::Backup,
+            "backup superblock is damaged or differs from the primary".into(),
+        ),
+    }
+    if !crate::journal::pending(media, &geometry)?.is_empty() {
+        c.problem(
+            ProblemKind::JournalOpen,
+            "journal holds an interrupted transaction (not yet recovered)".into(),
+        );
+    }
+    // Fixed metadata, inode-table chunks, bits past the end of the device.
+    c.mark(0, geometry.meta_end, "fixed metadata");
+    let table = InodeTable::open(Arc::clone(shared), geometry)?;
+    for chunk in table.chunk_blocks() {
+        c.mark(chunk, CHUNK_BLOCKS, "inode table");
+    }
+    for b in geometry.block_count..(words as u64 * 64) {
+        c.refs[(b / 64) as usize] |= 1 << (b % 64);
+    }
+
+    // Every allocated inode.
+    let mut inodes: HashMap<u64, Inode> = HashMap::new();
+    for ino in table.allocated() {
+        match table.read(ino) {
+            Ok(i) => {
+                inodes.insert(ino, i);
+            }
+            Err(e) => c.problem(ProblemKind::BadInode(ino), format!("inode {ino}: {e}")),
+        }
+    }
+    c.report.inodes = inodes.len() as u64;
+
+    // Orphans.
+    let orphan_tree = Tree {
+        kind: TreeKind::Directory,
+        owner: NULL_INO,
+        root: state.orphan_head,
+    };
+    let mut orphans = Vec::new();
+    if c.mark_tree(&orphan_tree, "orphan list") {
+        let _ = c.reader().scan(&orphan_tree, 0, &mut |k, _| {
+            orphans.push(k);
+            true
+        });
+    }
+    for &o in &orphans {
+        match inodes.get(&o) {
+            Some(i) if i.nlink == 0 && i.flags & inode_flags::ORPHAN != 0 => {}
+            _ => c.problem(
+                ProblemKind::Orphan(o),
+                format!("orphan list names inode {o}, which is not an orphan"),
+            ),
+        }
+    }
+
+    // Per-inode contents: extents, trees, xattrs, symlink blocks.
+    let mut sorted: Vec<u64> = inodes.keys().copied().collect();
+    sorted.sort_unstable();
+    for &ino in &sorted {
+        let i = inodes[&ino];
+        let owner = format!("inode {ino}");
+        if i.is_reg() {
+            let mut counted = 0u64;
+            let exts = if i.flags & inode_flags::TREE != 0 {
+                let t = Tree {
+                    kind: TreeKind::Extents,
+                    owner: ino,
+                    root: i.tree_root,
+                };
+                c.mark_tree(&t, &owner);
+                crate::fs::file_extents(media, &geometry, ino, &i)
+            } else {
+                crate::fs::file_extents(media, &geometry, ino, &i)
+            };
+            match exts {
+                Ok(exts) => {
+                    let mut prev_end = 0;
+                    for e in exts {
+                        if e.file_block < prev_end {
+                            c.problem(
+                                ProblemKind::BadTree(ino),
+                                format!(
+                                    "inode {ino}: extents overlap at file block {}",
+                                    e.file_block
+                                ),
+                            );
+                        }
+                        prev_end = e.file_block + u64::from(e.len);
+                        c.mark(e.dev_block, u64::from(e.len), &owner);
+                        counted += u64::from(e.len);
+                    }
+                }
+                Err(e) => c.problem(ProblemKind::BadTree(ino), format!("inode {ino}: {e}")),
+            }
+            if counted != i.blocks {
+                c.problem(
+                    ProblemKind::BlockCount {
+                        ino,
+                        stored: i.blocks,
+                        counted,
+                    },
+                    format!(
+                        "inode {ino}: block count {} but extents hold {counted}",
+                        i.blocks
+                    ),
+                );
+            }
+        } else if i.is_dir() {
+            c.report.directories += 1;
+            let t = Tree {
+                kind: TreeKind::Directory,
+                owner: ino,
+                root: i.tree_root,
+            };
+            c.mark_tree(&t, &owner);
+        } else if i.is_symlink() && i.flags & inode_flags::INLINE_DATA == 0 {
+            if geometry.is_data_range(i.tree_root, 1) {
+                c.mark(i.tree_root, 1, &owner);
+            } else {
+                c.problem(
+                    ProblemKind::BadInode(ino),
+                    format!(
+                        "inode {ino}: symlink block {} outside the data area",
+                        i.tree_root
+                    ),
+                );
+            }
+        }
+        if i.xattr_block != 0 {
+            match crate::fs::load_xattrs(media, &geometry, ino, &i) {
+                Ok(_) => c.mark(
+                    i.xattr_block,
+                    u64::from(i.xattr_blocks),
+                    &format!("xattrs of inode {ino}"),
+                ),
+                Err(e) => c.problem(ProblemKind::BadInode(ino), format!("inode {ino}: {e}")),
+            }
+        }
+        if i.nlink == 0 && !orphans.contains(&ino) {
+            c.problem(
+                ProblemKind::Orphan(ino),
+                format!("inode {ino} has no links and is not on the orphan list"),
+            );
+        }
+    }
+
+    // The tree from the root: entries, link counts, parents, reachability.
+    let mut links: HashMap<u64, u32> = HashMap::new();
+    let mut reached: HashMap<u64, ()> = HashMap::new();
+    let mut queue = VecDeque::from([(ROOT_INO, String::new())]);
+    reached.insert(ROOT_INO, ());
+    c.report.paths.insert(ROOT_INO, "/".into());
+    while let Some((dir, path)) = queue.pop_front() {
+        let Some(d) = inodes.get(&dir).copied() else {
+            c.problem(
+                ProblemKind::BadInode(dir),
+                format!("directory inode {dir} ({path}/) is not allocated"),
+            );
+            continue;
+        };
+        let t = Tree {
+            kind: TreeKind::Directory,
+            owner: dir,
+            root: d.tree_root,
+        };
+        let mut entries = Vec::new();
+        if let Err(e) = crate::fs::list_dir(&c.reader(), &t, &mut entries) {
+            c.problem(
+                ProblemKind::BadTree(dir),
+                format!("directory {path}/ (inode {dir}): {e}"),
+            );
+        }
+        let mut subdirs = 0u32;
+        for (name, child, kind) in entries.iter().cloned() {
+            let child_path = format!("{path}/{}", String::from_utf8_lossy(&name));
+            let Some(ci) = inodes.get(&child).copied() else {
+                c.problem(
+                    ProblemKind::BadEntry {
+                        dir,
+                        name: name.clone(),
+                    },
+                    format!("{child_path}: entry points to free or damaged inode {child}"),
+                );
+                continue;
+            };
+            if u16::from(kind) << 12 != ci.file_type() {
+                c.problem(
+                    ProblemKind::BadEntry {
+                        dir,
+                        name: name.clone(),
+                    },
+                    format!("{child_path}: entry type does not match inode {child}"),
+                );
+            }
+            *links.entry(child).or_default() += 1;
+            if ci.is_dir() {
+                subdirs += 1;
+                if ci.parent != dir {
+                    c.problem(
+                        ProblemKind::BadParent { ino: child },
+                        format!(
+                            "{child_path}/: '..' is inode {} instead of {dir}",
+                            ci.parent
+                        ),
+                    );
+                }
+                if reached.insert(child, ()).is_some() {
+                    c.problem(
+                        ProblemKind::BadEntry {
+                            dir,
+                            name: name.clone(),
+                        },
+                        format!("{child_path}/: directory reached twice (hard link or cycle)"),
+                    );
+                    continue;
+                }
+                c.report.paths.insert(child, child_path.clone());
+                queue.push_back((child, child_path));
+            } else if reached.insert(child, ()).is_none() {
+                c.report.paths.insert(child, child_path);
+            }
+        }
+        if d.size != entries.len() as u64 {
+            c.problem(
+                ProblemKind::DirSize {
+                    ino: dir,
+                    stored: d.size,
+                    counted: entries.len() as u64,
+                },
+                format!(
+                    "directory {path}/ (inode {dir}): size {} but {} entries",
+                    d.size,
+                    entries.len()
+                ),
+            );
+        }
+        if d.nlink != 2 + subdirs {
+            c.problem(
+                ProblemKind::LinkCount {
+                    ino: dir,
+                    stored: d.nlink,
+                    counted: 2 + subdirs,
+                },
+                format!(
+                    "directory {path}/ (inode {dir}): link count {} should be {}",
+                    d.nlink,
+                    2 + subdirs
+                ),
+            );
+        }
+    }
+    for &ino in &sorted {
+        let i = inodes[&ino];
+        if ino == ROOT_INO || ino == DEFERRED_FREE_INO || orphans.contains(&ino) {
+            continue;
+        }
+        if !reached.contains_key(&ino) {
+            c.problem(
+                ProblemKind::Unreachable(ino),
+                format!("inode {ino} is allocated but not reachable from the root"),
+            );
+            continue;
+        }
+        if !i.is_dir() {
+            let counted = links.get(&ino).copied().unwrap_or(0);
+            if counted != i.nlink {
+                let path = c.report.paths.get(&ino).cloned().unwrap_or_default();
+                c.problem(
+                    ProblemKind::LinkCount {
+                        ino,
+                        stored: i.nlink,
+                        counted,
+                    },
+                    format!(
+                        "{path} (inode {ino}): link count {} but {counted} entries",
+                        i.nlink
+                    ),
+                );
+            }
+        }
+    }
+
+    // The bitmap must equal the referenced blocks.
+    let mut bitmap = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
+    media.read(geometry.bitmap_offset(), &mut bitmap)?;
+    let mut run: Option<(bool, u64, u64)> = None; // (leaked?, first, count)
+    let mut flush = |c: &mut Checker<'_>, run: Option<(bool, u64, u64)>| {
+        if let Some((leaked, first, count)) = run {
+            if leaked {
+                c.problem(
+                    ProblemKind::Leaked { first, count },
+                    format!(
+                        "blocks {first}..{} are marked used but belong to nothing",
+                        first + count
+                    ),
+                );
+            } else {
+                c.problem(
+                    ProblemKind::Unmarked { first, count },
+                    format!(
+                        "blocks {first}..{} are in use but marked free",
+                        first + count
+                    ),
+                );
+            }
+        }
+    };
+    for (w, chunk) in bitmap.chunks_exact(8).enumerate().take(words) {
+        let on_disk = u64::from_le_bytes(chunk.try_into().map_err(|_| Error::Invalid)?);
+        let want = c.refs[w];
+        c.report.used_blocks += u64::from(want.count_ones());
+        let mut diff = on_disk ^ want;
+        while diff != 0 {
+            let bit = u64::from(diff.trailing_zeros());
+            diff &= diff - 1;
+            let b = w as u64 * 64 + bit;
+            let leaked = on_disk & (1 << bit) != 0;
+            match run {
+                Some((l, f, n)) if l == leaked && f + n == b => run = Some((l, f, n + 1)),
+                other => {
+                    flush(&mut c, other);
+                    run = Some((leaked, b, 1));
+                }
+            }
+        }
+    }
+    flush(&mut c, run);
+    Ok(c.report)
+}

@@ -1,0 +1,723 @@
+//! File data: reads served from the mapping, writes with the 2 MiB-aware allocation
+//! policy, truncate, fallocate, SEEK_DATA/SEEK_HOLE, copy_file_range.
+//!
+//! Ordered-data rule: data goes into newly allocated blocks (non-temporal stores) before the
+//! extent that exposes them is stored, and commit's fence makes both durable in that order.
+//! Blocks past the end of file may hold stale bytes; whatever makes them visible (a write
+//! past EOF, truncate up, fallocate that grows the size) zeroes them first ("zero on
+//! expose"), so a file never shows another file's old data.
+
+use super::extent;
+use super::{AtimeMode, Ctx, Fs, now_ns};
+use crate::alloc::{AllocError, AllocRequest, BlockRange};
+use crate::error::{Error, Result};
+use crate::format::{
+    BLOCK_SIZE, CHUNK_BLOCKS, ExtentRecord, Inode, MAX_FILE_SIZE, blocks_to_bytes, extent_flags,
+};
+use crate::journal::Tx;
+
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+const SEEK_DATA: i32 = 3;
+const SEEK_HOLE: i32 = 4;
+/// Writes of at least this many bytes use non-temporal stores.
+const NT_THRESHOLD: usize = 256;
+
+/// A run of file blocks backed by device blocks.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    fblock: u64,
+    dev_block: u64,
+    len: u64,
+    /// Newly allocated (or converted from unwritten) by this write: bytes the write does not
+    /// cover must be zeroed if they end up inside the file.
+    fresh: bool,
+}
+
+fn end(e: &ExtentRecord) -> u64 {
+    e.file_block + u64::from(e.len)
+}
+
+impl Fs {
+    /// READ: calls `reply` once with the bytes (a view of the mapping when the range is
+    /// contiguous on the device, so nothing is copied in the daemon).
+    pub fn read(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        reply: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        let atime_due = {
+            let _g = self.read_lock(ino);
+            let i = self.inodes.read(ino)?;
+            if i.is_dir() {
+                return Err(Error::IsDir);
+            }
+            let end_off = offset.saturating_add(u64::from(size)).min(i.size);
+            if offset >= end_off {
+                reply(&[]);
+            } else {
+                self.read_range(ino, &i, offset, end_off - offset, reply)?;
+            }
+            self.atime_due(&i)
+        };
+        if atime_due && !self.options.read_only {
+            let _g = self.lock_all(&[ino]);
+            let mut i = self.inodes.read(ino)?;
+            if self.atime_due(&i) {
+                i.atime_ns = now_ns();
+                let mut tx = self.journal.begin();
+                self.inodes.write(&mut tx, ino, &mut i)?;
+                tx.commit()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn atime_due(&self, i: &Inode) -> bool {
+        match self.options.atime {
+            AtimeMode::Noatime => false,
+            AtimeMode::Strictatime => true,
+            AtimeMode::Relatime => {
+                i.atime_ns <= i.mtime_ns
+                    || i.atime_ns <= i.ctime_ns
+                    || now_ns().saturating_sub(i.atime_ns) > 24 * 3600 * 1_000_000_000
+            }
+        }
+    }
+
+    fn read_range(
+        &self,
+        ino: u64,
+        i: &Inode,
+        offset: u64,
+        len: u64,
+        reply: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        let r = self.reader();
+        let fb = offset / BLOCK_SIZE;
+        // Fast path: one written extent covers the whole range.
+        if let Some(e) = extent::covering(&r, ino, i, fb)? {
+            let ext_end = blocks_to_bytes(end(&e));
+            if e.flags & extent_flags::UNWRITTEN == 0 && offset + len <= ext_end {
+                let dev = blocks_to_bytes(e.dev_block) + (offset - blocks_to_bytes(e.file_block));
+                self.media.with_slice(dev, len, reply)?;
+                return Ok(());
+            }
+        }
+        let mut buf = vec![0u8; len as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let b = pos / BLOCK_SIZE;
+            let seg_end;
+            match extent::covering(&r, ino, i, b)? {
+                Some(e) => {
+                    seg_end = blocks_to_bytes(end(&e)).min(offset + len);
+                    if e.flags & extent_flags::UNWRITTEN == 0 {
+                        let dev =
+                            blocks_to_bytes(e.dev_block) + (pos - blocks_to_bytes(e.file_block));
+                        let at = (pos - offset) as usize;
+                        self.media
+                            .read(dev, &mut buf[at..at + (seg_end - pos) as usize])?;
+                    }
+                }
+                None => {
+                    let next = extent::next_from(&r, ino, i, b)?
+                        .map_or(u64::MAX, |e| blocks_to_bytes(e.file_block));
+                    seg_end = next.min(offset + len);
+                }
+            }
+            pos = seg_end;
+        }
+        reply(&buf);
+        Ok(())
+    }
+
+    /// WRITE.
+    pub fn write(&self, ctx: &Ctx, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.check_writable()?;
+        let len = data.len() as u64;
+        let end_off = offset.checked_add(len).ok_or(Error::FileTooBig)?;
+        if end_off > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let _g = self.lock_all(&[ino]);
+        let mut i = self.inodes.read(ino)?;
+        if !i.is_reg() {
+            return Err(if i.is_dir() {
+                Error::IsDir
+            } else {
+                Error::Invalid
+            });
+        }
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut tx = self.journal.begin();
+        let old_size = i.size;
+        let new_size = old_size.max(end_off);
+        if offset > old_size {
+            self.zero_allocated(ino, &i, old_size, offset)?;
+        }
+        let pieces = self.map_for_write(
+            &mut tx,
+            ino,
+            &mut i,
+            offset / BLOCK_SIZE,
+            end_off.div_ceil(BLOCK_SIZE),
+        )?;
+        for p in &pieces {
+            let p_start = blocks_to_bytes(p.fblock);
+            let p_end = blocks_to_bytes(p.fblock + p.len);
+            let dev = blocks_to_bytes(p.dev_block);
+            let w_start = offset.max(p_start);
+            let w_end = end_off.min(p_end);
+            if w_start < w_end {
+                let src = &data[(w_start - offset) as usize..(w_end - offset) as usize];
+                self.store_data(dev + (w_start - p_start), src)?;
+            }
+            if p.fresh {
+                // Zero what the write does not cover, up to the new end of file.
+                let limit = new_size.min(p_end);
+                if p_start < w_start.min(limit) {
+                    self.media.zero_nt(dev, w_start.min(limit) - p_start)?;
+                }
+                if w_end.max(p_start) < limit {
+                    let from = w_end.max(p_start);
+                    self.media.zero_nt(dev + (from - p_start), limit - from)?;
+                }
+            }
+        }
+        tx.note_data_written();
+        let now = now_ns();
+        i.size = new_size;
+        i.mtime_ns = now;
+        i.ctime_ns = now;
+        if ctx.uid != 0 && i.mode & 0o6000 != 0 {
+            i.mode &= !0o4000;
+            if i.mode & 0o010 != 0 {
+                i.mode &= !0o2000;
+            }
+        }
+        self.inodes.write(&mut tx, ino, &mut i)?;
+        tx.commit()?;
+        Ok(data.len() as u32)
+    }
+
+    fn store_data(&self, dev: u64, src: &[u8]) -> Result<()> {
+        if src.len() >= NT_THRESHOLD {
+            self.media.write_nt(dev, src)?;
+        } else {
+            self.media.write(dev, src)?;
+            self.media.flush(dev, src.len() as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes bytes `from..to` of the file that sit in written extents (they may hold stale
+    /// bytes past the old end of file).
+    fn zero_allocated(&self, ino: u64, i: &Inode, from: u64, to: u64) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        let r = self.reader();
+        let fb = from / BLOCK_SIZE;
+        let mut exts = Vec::new();
+        if let Some(e) = extent::covering(&r, ino, i, fb)? {
+            exts.push(e);
+        }
+        extent::scan(&r, ino, i, fb + 1, &mut |e| {
+            if blocks_to_bytes(e.file_block) >= to {
+                return false;
+            }
+            exts.push(e);
+            true
+        })?;
+        for e in exts {
+            if e.flags & extent_flags::UNWRITTEN != 0 {
+                continue;
+            }
+            let s = from.max(blocks_to_bytes(e.file_block));
+            let t = to.min(blocks_to_bytes(end(&e)));
+            if s < t {
+                let dev = blocks_to_bytes(e.dev_block) + (s - blocks_to_bytes(e.file_block));
+                self.media.zero_nt(dev, t - s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes file blocks `fb..fe` writable: returns the pieces that back them, allocating
+    /// holes and converting unwritten extents.
+    fn map_for_write(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        fb: u64,
+        fe: u64,
+    ) -> Result<Vec<Piece>> {
+        let mut pieces = Vec::new();
+        let mut b = fb;
+        while b < fe {
+            let r = self.reader();
+            match extent::covering(&r, ino, i, b)? {
+                Some(e) if e.flags & extent_flags::UNWRITTEN == 0 => {
+                    let len = fe.min(end(&e)) - b;
+                    pieces.push(Piece {
+                        fblock: b,
+                        dev_block: e.dev_block + (b - e.file_block),
+                        len,
+                        fresh: false,
+                    });
+                    b += len;
+                }
+                Some(e) => {
+                    let mid_end = fe.min(end(&e));
+                    self.split_unwritten(tx, ino, i, e, b, mid_end)?;
+                    pieces.push(Piece {
+                        fblock: b,
+                        dev_block: e.dev_block + (b - e.file_block),
+                        len: mid_end - b,
+                        fresh: true,
+                    });
+                    b = mid_end;
+                }
+                None => {
+                    let next = extent::next_from(&r, ino, i, b)?.map_or(u64::MAX, |e| e.file_block);
+                    let hole_end = fe.min(next);
+                    let p = self.allocate_hole(tx, ino, i, b, hole_end, next, 0)?;
+                    b = p.fblock + p.len;
+                    pieces.push(p);
+                }
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// Marks `from..to` of the unwritten extent `e` written (splitting it).
+    fn split_unwritten(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        e: ExtentRecord,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let r = self.reader();
+        let nodes = self.nodes();
+        extent::del(tx, &r, &nodes, ino, i, e.file_block)?;
+        let piece = |fb: u64, fe: u64, flags: u32| ExtentRecord {
+            file_block: fb,
+            dev_block: e.dev_block + (fb - e.file_block),
+            len: (fe - fb) as u32,
+            flags,
+        };
+        if e.file_block < from {
+            extent::put(
+                tx,
+                &r,
+                &nodes,
+                ino,
+                i,
+                piece(e.file_block, from, extent_flags::UNWRITTEN),
+            )?;
+        }
+        extent::put(tx, &r, &nodes, ino, i, piece(from, to, 0))?;
+        if to < end(&e) {
+            extent::put(
+                tx,
+                &r,
+                &nodes,
+                ino,
+                i,
+                piece(to, end(&e), extent_flags::UNWRITTEN),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Allocates blocks for the hole starting at `b` (the write needs up to `want_end`; the
+    /// hole itself ends at `next`). Returns the piece it mapped (it may start before `b`
+    /// when a whole aligned chunk was taken, and may be shorter than asked).
+    #[expect(clippy::too_many_arguments, reason = "hole geometry and extent flags")]
+    fn allocate_hole(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        b: u64,
+        want_end: u64,
+        next: u64,
+        flags: u32,
+    ) -> Result<Piece> {
+        let r = self.reader();
+        let nodes = self.nodes();
+        let prev = if b > 0 {
+            extent::floor(&r, ino, i, b - 1)?
+        } else {
+            None
+        };
+        let chunk_start = b / CHUNK_BLOCKS * CHUNK_BLOCKS;
+        let prev_end = prev.as_ref().map_or(0, end);
+        // Huge policy: the file reaches past its first 2 MiB (or this request alone is that
+        // big) and the whole aligned file chunk is a hole.
+        let big = b >= CHUNK_BLOCKS || want_end - b >= CHUNK_BLOCKS;
+        if big && prev_end <= chunk_start && next >= chunk_start + CHUNK_BLOCKS {
+            let chunks = (want_end - chunk_start).div_ceil(CHUNK_BLOCKS);
+            let max_chunks = (next.min(MAX_FILE_SIZE / BLOCK_SIZE) - chunk_start) / CHUNK_BLOCKS;
+            let chunks = chunks.min(max_chunks).max(1);
+            let req = AllocRequest {
+                blocks: chunks * CHUNK_BLOCKS,
+                min_blocks: CHUNK_BLOCKS,
+                aligned: true,
+                goal: None,
+            };
+            match self.alloc.allocate(tx, req) {
+                Ok(got) if got.start % CHUNK_BLOCKS == 0 && got.len % CHUNK_BLOCKS == 0 => {
+                    return self.map_new(
+                        tx,
+                        ino,
+                        i,
+                        chunk_start,
+                        got,
+                        flags,
+                        prev.filter(|_| false),
+                    );
+                }
+                Ok(got) => {
+                    // Not aligned after all (the pool ran out): keep what lies in the hole.
+                    self.alloc.free(tx, got)?;
+                }
+                Err(AllocError::NoSpace) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let goal = prev
+            .filter(|p| end(p) == b)
+            .map(|p| p.dev_block + u64::from(p.len) - 1);
+        let req = AllocRequest {
+            blocks: want_end - b,
+            min_blocks: 1,
+            aligned: false,
+            goal,
+        };
+        let got = self.alloc.allocate(tx, req).map_err(|e| match e {
+            AllocError::NoSpace => Error::NoSpace,
+            e => e.into(),
+        })?;
+        let _ = &nodes;
+        self.map_new(tx, ino, i, b, got, flags, prev)
+    }
+
+    /// Maps newly allocated `got` at file block `fb`, merging with `prev` when contiguous.
+    #[expect(clippy::too_many_arguments, reason = "extent fields")]
+    fn map_new(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        fb: u64,
+        got: BlockRange,
+        flags: u32,
+        prev: Option<ExtentRecord>,
+    ) -> Result<Piece> {
+        let r = self.reader();
+        let nodes = self.nodes();
+        i.blocks += got.len;
+        let merge = prev.filter(|p| {
+            end(p) == fb
+                && p.dev_block + u64::from(p.len) == got.start
+                && p.flags == flags
+                && u64::from(p.len) + got.len <= u64::from(u32::MAX)
+        });
+        let rec = match merge {
+            Some(p) => ExtentRecord {
+                len: p.len + got.len as u32,
+                ..p
+            },
+            None => ExtentRecord {
+                file_block: fb,
+                dev_block: got.start,
+                len: got.len as u32,
+                flags,
+            },
+        };
+        extent::put(tx, &r, &nodes, ino, i, rec)?;
+        Ok(Piece {
+            fblock: fb,
+            dev_block: got.start,
+            len: got.len,
+            fresh: true,
+        })
+    }
+
+    /// Changes the size of a regular file (truncate), freeing blocks past the new end.
+    pub(super) fn set_size(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        size: u64,
+    ) -> Result<()> {
+        if size > i.size {
+            self.zero_allocated(ino, i, i.size, size)?;
+            tx.note_data_written();
+        } else if size < i.size {
+            self.truncate_blocks(tx, ino, i, size)?;
+        }
+        i.size = size;
+        Ok(())
+    }
+
+    /// Frees every block past byte `size`.
+    pub(super) fn truncate_blocks(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        size: u64,
+    ) -> Result<()> {
+        let keep = size.div_ceil(BLOCK_SIZE);
+        self.punch_blocks(tx, ino, i, keep, u64::MAX)?;
+        if keep == 0 {
+            extent::destroy_map(tx, &self.reader(), &self.nodes(), ino, i)?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps and frees file blocks `fb..fe`.
+    fn punch_blocks(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        fb: u64,
+        fe: u64,
+    ) -> Result<()> {
+        if fb >= fe {
+            return Ok(());
+        }
+        let r = self.reader();
+        let nodes = self.nodes();
+        let mut hit = Vec::new();
+        if fb > 0 {
+            if let Some(e) = extent::covering(&r, ino, i, fb - 1)? {
+                if end(&e) > fb {
+                    hit.push(e);
+                }
+            }
+        }
+        extent::scan(&r, ino, i, fb, &mut |e| {
+            if e.file_block >= fe {
+                return false;
+            }
+            hit.push(e);
+            true
+        })?;
+        for e in hit {
+            let (s, t) = (fb.max(e.file_block), fe.min(end(&e)));
+            extent::del(tx, &r, &nodes, ino, i, e.file_block)?;
+            if e.file_block < s {
+                extent::put(
+                    tx,
+                    &r,
+                    &nodes,
+                    ino,
+                    i,
+                    ExtentRecord {
+                        len: (s - e.file_block) as u32,
+                        ..e
+                    },
+                )?;
+            }
+            if t < end(&e) {
+                let rec = ExtentRecord {
+                    file_block: t,
+                    dev_block: e.dev_block + (t - e.file_block),
+                    len: (end(&e) - t) as u32,
+                    flags: e.flags,
+                };
+                extent::put(tx, &r, &nodes, ino, i, rec)?;
+            }
+            let freed = BlockRange {
+                start: e.dev_block + (s - e.file_block),
+                len: t - s,
+            };
+            self.alloc.free(tx, freed)?;
+            i.blocks = i.blocks.saturating_sub(freed.len);
+        }
+        Ok(())
+    }
+
+    /// FALLOCATE: modes 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE].
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        self.check_writable()?;
+        let end_off = offset.checked_add(len).ok_or(Error::FileTooBig)?;
+        if len == 0 {
+            return Err(Error::Invalid);
+        }
+        if end_off > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0
+            || (mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0)
+        {
+            return Err(Error::NotSupported);
+        }
+        let _g = self.lock_all(&[ino]);
+        let mut i = self.inodes.read(ino)?;
+        if !i.is_reg() {
+            return Err(if i.is_dir() {
+                Error::IsDir
+            } else {
+                Error::NotSupported
+            });
+        }
+        let mut tx = self.journal.begin();
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+            // Zero the partial blocks at the edges, free the whole blocks inside.
+            let first_full = offset.div_ceil(BLOCK_SIZE);
+            let last_full = end_off / BLOCK_SIZE;
+            if first_full > last_full {
+                self.zero_allocated(ino, &i, offset, end_off.min(i.size.max(end_off)))?;
+            } else {
+                self.zero_allocated(ino, &i, offset, blocks_to_bytes(first_full))?;
+                self.zero_allocated(ino, &i, blocks_to_bytes(last_full), end_off)?;
+                self.punch_blocks(&mut tx, ino, &mut i, first_full, last_full)?;
+            }
+            tx.note_data_written();
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE == 0 {
+            // Preallocate the holes as unwritten extents.
+            let (fb, fe) = (offset / BLOCK_SIZE, end_off.div_ceil(BLOCK_SIZE));
+            let mut b = fb;
+            while b < fe {
+                let r = self.reader();
+                match extent::covering(&r, ino, &i, b)? {
+                    Some(e) => b = end(&e),
+                    None => {
+                        let next =
+                            extent::next_from(&r, ino, &i, b)?.map_or(u64::MAX, |e| e.file_block);
+                        let p = self.allocate_hole(
+                            &mut tx,
+                            ino,
+                            &mut i,
+                            b,
+                            fe.min(next),
+                            next,
+                            extent_flags::UNWRITTEN,
+                        )?;
+                        b = p.fblock + p.len;
+                    }
+                }
+            }
+            if mode & FALLOC_FL_KEEP_SIZE == 0 && end_off > i.size {
+                self.zero_allocated(ino, &i, i.size, end_off)?;
+                tx.note_data_written();
+                i.size = end_off;
+            }
+        }
+        let now = now_ns();
+        i.ctime_ns = now;
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+            i.mtime_ns = now;
+        }
+        self.inodes.write(&mut tx, ino, &mut i)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// LSEEK with SEEK_DATA / SEEK_HOLE (others are answered by the kernel).
+    pub fn lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<i64> {
+        let _g = self.read_lock(ino);
+        let i = self.inodes.read(ino)?;
+        let off = u64::try_from(offset).map_err(|_| Error::Invalid)?;
+        if off >= i.size {
+            return Err(Error::NoSuchPosition);
+        }
+        let r = self.reader();
+        let written = |e: &ExtentRecord| e.flags & extent_flags::UNWRITTEN == 0;
+        match whence {
+            SEEK_DATA => {
+                let mut pos = None;
+                if let Some(e) = extent::covering(&r, ino, &i, off / BLOCK_SIZE)? {
+                    if written(&e) {
+                        pos = Some(off);
+                    }
+                }
+                if pos.is_none() {
+                    extent::scan(&r, ino, &i, off / BLOCK_SIZE + 1, &mut |e| {
+                        if written(&e) {
+                            pos = Some(blocks_to_bytes(e.file_block));
+                            return false;
+                        }
+                        true
+                    })?;
+                }
+                match pos {
+                    Some(p) if p < i.size => Ok(p as i64),
+                    _ => Err(Error::NoSuchPosition),
+                }
+            }
+            SEEK_HOLE => {
+                let mut pos = off;
+                loop {
+                    match extent::covering(&r, ino, &i, pos / BLOCK_SIZE)? {
+                        Some(e) if written(&e) => pos = blocks_to_bytes(end(&e)),
+                        _ => break,
+                    }
+                    if pos >= i.size {
+                        break;
+                    }
+                }
+                Ok(pos.min(i.size) as i64)
+            }
+            _ => Err(Error::Invalid),
+        }
+    }
+
+    /// FSYNC: every reply is already durable; in msync mode make the page cache of the
+    /// mapping reach the media.
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        let _ = self.getattr(ino)?;
+        if self.media.persistence() == crate::device::PersistenceMode::Msync {
+            self.media.sync_all()?;
+        } else {
+            self.media.fence();
+        }
+        Ok(())
+    }
+
+    /// COPY_FILE_RANGE: copies through a buffer, 1 MiB at a time.
+    pub fn copy_file_range(
+        &self,
+        ctx: &Ctx,
+        ino_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let len = len.min(u64::from(u32::MAX) & !(BLOCK_SIZE - 1));
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(1 << 20) as u32;
+            let mut buf = Vec::new();
+            self.read(ino_in, off_in + done, n, &mut |d| buf.extend_from_slice(d))?;
+            if buf.is_empty() {
+                break;
+            }
+            let w = self.write(ctx, ino_out, off_out + done, &buf)?;
+            done += u64::from(w);
+            if (w as usize) < buf.len() {
+                break;
+            }
+        }
+        Ok(done as u32)
+    }
+}

@@ -1,0 +1,633 @@
+//! The file-system core: POSIX operations on inode numbers, with no FUSE types.
+//!
+//! Every mutating operation is one journal transaction, committed before it returns
+//! (synchronous durability). Concurrency: inode numbers hash onto lock stripes; an operation
+//! takes the stripes of every inode it changes, in ascending stripe order, before its first
+//! store and holds them until after commit (the journal's isolation rule). Directory
+//! operations that discover a child under the parent's lock re-check it after locking both.
+
+mod data;
+mod dir;
+mod extent;
+mod inode;
+mod ops;
+mod xattr;
+
+pub use dir::{check_name, name_hash};
+pub use inode::InodeTable;
+pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
+
+#[cfg(test)]
+mod tests;
+
+use crate::alloc::{AllocRequest, BlockAllocator, BlockRange};
+use crate::btree::{self, NodeAllocator, Tree, TreeReader};
+use crate::device::Media;
+use crate::error::{Error, Result};
+use crate::format::{
+    BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, FsState, Geometry, Inode, NULL_INO, ROOT_INO,
+    STATE_OFFSET, SUPERBLOCK_OFFSET, Superblock, TreeKind, file_type, inode_flags,
+};
+use crate::journal::{Journal, RecoveryReport, Tx};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Lock stripes for inodes.
+const STRIPES: usize = 1024;
+
+/// When reads update atime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AtimeMode {
+    /// Only when atime is older than mtime/ctime or a day old (the Linux default).
+    #[default]
+    Relatime,
+    Noatime,
+    Strictatime,
+}
+
+/// How to mount.
+#[derive(Clone, Debug, Default)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub atime: AtimeMode,
+}
+
+/// Who is asking: the caller's credentials.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Ctx {
+    pub const ROOT: Ctx = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
+}
+
+/// File attributes, as getattr reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub generation: u64,
+    pub size: u64,
+    /// 512-byte units allocated.
+    pub blocks: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub btime_ns: i64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+impl Attr {
+    fn from_inode(ino: u64, i: &Inode) -> Self {
+        Self {
+            ino,
+            generation: i.generation,
+            size: i.size,
+            blocks: i.blocks * (BLOCK_SIZE / 512),
+            atime_ns: i.atime_ns,
+            mtime_ns: i.mtime_ns,
+            ctime_ns: i.ctime_ns,
+            btime_ns: i.btime_ns,
+            mode: u32::from(i.mode),
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev as u32,
+        }
+    }
+
+    pub fn file_type(&self) -> u16 {
+        (self.mode as u16) & file_type::S_IFMT
+    }
+}
+
+/// A time to set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(i64),
+}
+
+/// Attribute changes (setattr); `None` leaves a field alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<i64>,
+}
+
+/// statfs figures.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// In-memory references the kernel holds on an inode.
+#[derive(Clone, Copy, Debug, Default)]
+struct Refs {
+    lookups: u64,
+    opens: u64,
+}
+
+/// Nanoseconds since the epoch, now.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A mounted pmfs.
+#[derive(Debug)]
+pub struct Fs {
+    media: Arc<dyn Media>,
+    geometry: Geometry,
+    superblock: Superblock,
+    journal: Journal,
+    alloc: Arc<BlockAllocator>,
+    inodes: InodeTable,
+    stripes: Vec<RwLock<()>>,
+    refs: Mutex<HashMap<u64, Refs>>,
+    /// Guards the state record (orphan tree root, clean flag); held across commit.
+    state: Mutex<()>,
+    /// Serialises directory moves between parents (the ancestry check must not race).
+    rename_lock: Mutex<()>,
+    options: MountOptions,
+    recovery: RecoveryReport,
+}
+
+/// The block allocator seen as a source of B+tree nodes.
+struct Nodes<'a>(&'a Arc<BlockAllocator>);
+
+impl NodeAllocator for Nodes<'_> {
+    fn alloc_node(&self, tx: &mut Tx<'_>, _owner: u64) -> Result<u64> {
+        let r = self.0.allocate(
+            tx,
+            AllocRequest {
+                blocks: 1,
+                min_blocks: 1,
+                aligned: false,
+                goal: None,
+            },
+        )?;
+        Ok(r.start)
+    }
+
+    fn free_node(&self, tx: &mut Tx<'_>, _owner: u64, block: u64) -> Result<()> {
+        self.0.free(
+            tx,
+            BlockRange {
+                start: block,
+                len: 1,
+            },
+        )?;
+        Ok(())
+    }
+}
+
+/// Every extent of a regular file, validated (for the checker and `pmfs layout`).
+pub fn file_extents(
+    media: &dyn Media,
+    geometry: &Geometry,
+    ino: u64,
+    inode: &Inode,
+) -> Result<Vec<crate::format::ExtentRecord>> {
+    extent::all(&TreeReader::new(media, geometry), ino, inode)
+}
+
+/// The xattrs of an inode, validated.
+pub fn load_xattrs(
+    media: &dyn Media,
+    geometry: &Geometry,
+    ino: u64,
+    inode: &Inode,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    xattr::load(media, geometry, ino, inode)
+}
+
+/// Every entry of a directory tree as (name, inode, type byte), validated.
+pub fn list_dir(r: &TreeReader<'_>, tree: &Tree, out: &mut Vec<(Vec<u8>, u64, u8)>) -> Result<()> {
+    dir::list(r, tree, 0, &mut |e| {
+        out.push((e.name, e.ino, e.kind));
+        true
+    })
+}
+
+/// Reads and validates the superblock, geometry and state record of a device.
+pub fn read_superblock(media: &dyn Media) -> Result<(Superblock, Geometry)> {
+    let mut buf = vec![0u8; size_of::<Superblock>()];
+    media.read(SUPERBLOCK_OFFSET, &mut buf)?;
+    let sb = Superblock::decode(&buf)?;
+    let geometry = Geometry::from_superblock(&sb, media.size())?;
+    Ok((sb, geometry))
+}
+
+/// Reads the backup superblock (fsck uses it when the primary is damaged).
+pub fn read_backup_superblock(media: &dyn Media) -> Result<(Superblock, Geometry)> {
+    let mut buf = vec![0u8; size_of::<Superblock>()];
+    media.read(BACKUP_SUPERBLOCK_OFFSET, &mut buf)?;
+    let sb = Superblock::decode(&buf)?;
+    let geometry = Geometry::from_superblock(&sb, media.size())?;
+    Ok((sb, geometry))
+}
+
+pub fn read_state(media: &dyn Media) -> Result<FsState> {
+    let mut buf = vec![0u8; size_of::<FsState>()];
+    media.read(STATE_OFFSET, &mut buf)?;
+    Ok(FsState::decode(&buf)?)
+}
+
+impl Fs {
+    /// Mounts the file system on `media`: validates the superblock, rolls back interrupted
+    /// transactions, loads the allocator and inode table, and frees orphans.
+    pub fn mount(media: Arc<dyn Media>, options: MountOptions) -> Result<Self> {
+        let (superblock, geometry) = read_superblock(media.as_ref())?;
+        let state = read_state(media.as_ref())?;
+        let ro_unknown = superblock.ro_compat & !crate::format::RO_COMPAT_SUPPORTED.bits();
+        if ro_unknown != 0 && !options.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if options.read_only {
+            let pending = crate::journal::pending(media.as_ref(), &geometry)?;
+            if !pending.is_empty() {
+                return Err(Error::corrupted(
+                    "journal",
+                    0,
+                    "the file system was not unmounted cleanly and needs recovery: mount it read-write once, or run fsck.pmfs -y",
+                ));
+            }
+        }
+        let (journal, recovery) = Journal::open(Arc::clone(&media), geometry)?;
+        let alloc = BlockAllocator::open(media.as_ref(), &geometry)?;
+        let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
+        let fs = Self {
+            media,
+            geometry,
+            superblock,
+            journal,
+            alloc,
+            inodes,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            refs: Mutex::new(HashMap::new()),
+            state: Mutex::new(()),
+            rename_lock: Mutex::new(()),
+            options,
+            recovery,
+        };
+        let root = fs.inodes.read(ROOT_INO)?;
+        if !root.is_dir() {
+            return Err(Error::corrupted("root inode", ROOT_INO, "not a directory"));
+        }
+        if !fs.options.read_only {
+            fs.free_all_orphans(&state)?;
+            let _g = fs.state.lock();
+            let mut st = read_state(fs.media.as_ref())?;
+            st.clean = 0;
+            st.mount_count += 1;
+            st.last_mount_ns = now_ns();
+            st.seal();
+            let mut tx = fs.journal.begin();
+            tx.write_struct(STATE_OFFSET, &st)?;
+            tx.commit()?;
+        }
+        Ok(fs)
+    }
+
+    /// Marks the file system clean and makes everything durable (unmount).
+    pub fn shutdown(&self) -> Result<()> {
+        if self.options.read_only {
+            return Ok(());
+        }
+        {
+            let _g = self.state.lock();
+            let mut st = read_state(self.media.as_ref())?;
+            st.clean = 1;
+            st.free_blocks = self.alloc.free_blocks();
+            st.last_unmount_ns = now_ns();
+            st.seal();
+            let mut tx = self.journal.begin();
+            tx.write_struct(STATE_OFFSET, &st)?;
+            tx.commit()?;
+        }
+        self.media.sync_all()?;
+        Ok(())
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn media(&self) -> &Arc<dyn Media> {
+        &self.media
+    }
+
+    pub fn allocator(&self) -> &Arc<BlockAllocator> {
+        &self.alloc
+    }
+
+    pub fn inode_table(&self) -> &InodeTable {
+        &self.inodes
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    pub fn set_read_only(&mut self, ro: bool) {
+        self.options.read_only = ro;
+    }
+
+    fn reader(&self) -> TreeReader<'_> {
+        TreeReader::new(self.media.as_ref(), &self.geometry)
+    }
+
+    fn nodes(&self) -> Nodes<'_> {
+        Nodes(&self.alloc)
+    }
+
+    fn stripe(ino: u64) -> usize {
+        (ino % STRIPES as u64) as usize
+    }
+
+    fn read_lock(&self, ino: u64) -> RwLockReadGuard<'_, ()> {
+        self.stripes[Self::stripe(ino)].read()
+    }
+
+    /// Write-locks the stripes of `inos` in ascending order (duplicates once).
+    fn lock_all(&self, inos: &[u64]) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let mut s: Vec<usize> = inos.iter().map(|&i| Self::stripe(i)).collect();
+        s.sort_unstable();
+        s.dedup();
+        s.into_iter().map(|i| self.stripes[i].write()).collect()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.options.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads an inode in use.
+    pub fn inode(&self, ino: u64) -> Result<Inode> {
+        self.inodes.read(ino)
+    }
+
+    fn dir_inode(&self, ino: u64) -> Result<Inode> {
+        let i = self.inodes.read(ino)?;
+        if !i.is_dir() {
+            return Err(Error::NotDir);
+        }
+        Ok(i)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let _g = self.read_lock(ino);
+        Ok(Attr::from_inode(ino, &self.inodes.read(ino)?))
+    }
+
+    /// Notes one more kernel reference from a lookup/create reply.
+    fn add_lookup(&self, ino: u64) {
+        self.refs.lock().entry(ino).or_default().lookups += 1;
+    }
+
+    /// FORGET: the kernel dropped `n` references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let gone = {
+            let mut refs = self.refs.lock();
+            match refs.get_mut(&ino) {
+                Some(r) => {
+                    r.lookups = r.lookups.saturating_sub(n);
+                    let gone = r.lookups == 0 && r.opens == 0;
+                    if gone {
+                        refs.remove(&ino);
+                    }
+                    gone
+                }
+                None => false,
+            }
+        };
+        if gone && !self.options.read_only {
+            if let Err(e) = self.reap(ino) {
+                log::error!("inode {ino}: freeing unlinked inode failed: {e}");
+            }
+        }
+    }
+
+    /// Opens an inode (counts the open so an unlinked file keeps its data).
+    pub fn open(&self, ino: u64) -> Result<Attr> {
+        let a = self.getattr(ino)?;
+        self.refs.lock().entry(ino).or_default().opens += 1;
+        Ok(a)
+    }
+
+    /// Releases an open.
+    pub fn release(&self, ino: u64) {
+        let last = {
+            let mut refs = self.refs.lock();
+            match refs.get_mut(&ino) {
+                Some(r) => {
+                    r.opens = r.opens.saturating_sub(1);
+                    let no_opens = r.opens == 0;
+                    if no_opens && r.lookups == 0 {
+                        refs.remove(&ino);
+                    }
+                    no_opens
+                }
+                None => true,
+            }
+        };
+        if last && !self.options.read_only {
+            if let Err(e) = self.reap(ino) {
+                log::error!("inode {ino}: freeing unlinked inode failed: {e}");
+            }
+        }
+    }
+
+    fn held(&self, ino: u64) -> Refs {
+        self.refs.lock().get(&ino).copied().unwrap_or_default()
+    }
+
+    /// Frees what an unlinked inode still holds once nobody references it: its data when no
+    /// open remains, the inode itself when the kernel has forgotten it too.
+    fn reap(&self, ino: u64) -> Result<()> {
+        let _g = self.lock_all(&[ino]);
+        let Ok(mut inode) = self.inodes.read(ino) else {
+            return Ok(());
+        };
+        if inode.nlink != 0 || inode.flags & inode_flags::ORPHAN == 0 {
+            return Ok(());
+        }
+        let refs = self.held(ino);
+        if refs.opens > 0 {
+            return Ok(());
+        }
+        let _s = self.state.lock();
+        let mut tx = self.journal.begin();
+        self.release_contents(&mut tx, ino, &mut inode)?;
+        if refs.lookups == 0 {
+            self.orphan_remove(&mut tx, ino)?;
+            self.free_inode(&mut tx, ino, &mut inode)?;
+        } else {
+            self.inodes.write(&mut tx, ino, &mut inode)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Frees data blocks, extent tree, xattrs and symlink block of an inode (in memory
+    /// `inode` is updated; the caller stores or frees it).
+    fn release_contents(&self, tx: &mut Tx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
+        if inode.is_reg() || inode.is_symlink() && inode.flags & inode_flags::INLINE_DATA == 0 {
+            if inode.is_symlink() {
+                if inode.tree_root != 0 {
+                    self.alloc.free(
+                        tx,
+                        BlockRange {
+                            start: inode.tree_root,
+                            len: 1,
+                        },
+                    )?;
+                    inode.tree_root = 0;
+                }
+            } else {
+                self.truncate_blocks(tx, ino, inode, 0)?;
+            }
+        }
+        if inode.xattr_block != 0 {
+            self.alloc.free(
+                tx,
+                BlockRange {
+                    start: inode.xattr_block,
+                    len: u64::from(inode.xattr_blocks),
+                },
+            )?;
+            inode.xattr_block = 0;
+            inode.xattr_blocks = 0;
+        }
+        inode.blocks = 0;
+        Ok(())
+    }
+
+    /// Clears the slot (keeping its generation) and frees the inode number.
+    fn free_inode(&self, tx: &mut Tx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
+        let generation = inode.generation;
+        *inode = Inode::empty();
+        inode.generation = generation;
+        self.inodes.write(tx, ino, inode)?;
+        self.inodes.free(tx, ino)
+    }
+
+    fn orphan_tree(&self) -> Result<Tree> {
+        let st = read_state(self.media.as_ref())?;
+        Ok(Tree {
+            kind: TreeKind::Directory,
+            owner: NULL_INO,
+            root: st.orphan_head,
+        })
+    }
+
+    fn store_orphan_root(&self, tx: &mut Tx<'_>, root: u64) -> Result<()> {
+        let mut st = read_state(self.media.as_ref())?;
+        st.orphan_head = root;
+        st.seal();
+        tx.write_struct(STATE_OFFSET, &st)?;
+        Ok(())
+    }
+
+    /// Adds an inode to the orphan tree (caller holds `self.state`).
+    fn orphan_add(&self, tx: &mut Tx<'_>, ino: u64) -> Result<()> {
+        let mut t = self.orphan_tree()?;
+        btree::insert(tx, &self.reader(), &self.nodes(), &mut t, ino, &[])?;
+        self.store_orphan_root(tx, t.root)
+    }
+
+    /// Removes an inode from the orphan tree (caller holds `self.state`).
+    fn orphan_remove(&self, tx: &mut Tx<'_>, ino: u64) -> Result<()> {
+        let mut t = self.orphan_tree()?;
+        btree::remove(tx, &self.reader(), &self.nodes(), &mut t, ino)?;
+        self.store_orphan_root(tx, t.root)
+    }
+
+    /// At mount: nobody references anything, so every orphan is freed.
+    fn free_all_orphans(&self, state: &FsState) -> Result<()> {
+        let t = Tree {
+            kind: TreeKind::Directory,
+            owner: NULL_INO,
+            root: state.orphan_head,
+        };
+        let mut inos = Vec::new();
+        self.reader().scan(&t, 0, &mut |k, _| {
+            inos.push(k);
+            true
+        })?;
+        for ino in inos {
+            let _s = self.state.lock();
+            let mut tx = self.journal.begin();
+            if let Ok(mut inode) = self.inodes.read(ino) {
+                if inode.nlink == 0 {
+                    self.release_contents(&mut tx, ino, &mut inode)?;
+                    self.free_inode(&mut tx, ino, &mut inode)?;
+                }
+            }
+            self.orphan_remove(&mut tx, ino)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Orphans currently recorded (for fsck and tests).
+    pub fn orphans(&self) -> Result<Vec<u64>> {
+        let t = self.orphan_tree()?;
+        let mut inos = Vec::new();
+        self.reader().scan(&t, 0, &mut |k, _| {
+            inos.push(k);
+            true
+        })?;
+        Ok(inos)
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        let free = self.alloc.free_blocks();
+        let used_inodes = self.inodes.used();
+        let capacity = self.inodes.capacity(free);
+        StatFs {
+            blocks: self.alloc.data_blocks(),
+            bfree: free,
+            files: capacity.max(used_inodes),
+            ffree: capacity.saturating_sub(used_inodes.min(capacity)),
+            bsize: BLOCK_SIZE as u32,
+            namelen: crate::format::NAME_MAX as u32,
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The core on an in-memory device, without FUSE.
+
+use super::*;
+use crate::device::RecordingDevice;
+use crate::format::{CHUNK_SIZE, ROOT_INO};
+use crate::mkfs::{MkfsOptions, format};
+
+const MIB: u64 = 1 << 20;
+
+fn new_media(size: u64) -> Arc<dyn Media> {
+    let dev = Arc::new(RecordingDevice::new(size));
+    format(dev.as_ref(), &MkfsOptions::default()).unwrap();
+    dev
+}
+
+fn mount(media: &Arc<dyn Media>) -> Fs {
+    Fs::mount(Arc::clone(media), MountOptions::default()).unwrap()
+}
+
+fn check(fs: &Fs) {
+    let report = crate::check::check(fs.media()).unwrap();
+    assert!(
+        report.problems.is_empty(),
+        "consistency check: {:#?}",
+        report.problems
+    );
+}
+
+const C: Ctx = Ctx::ROOT;
+
+fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
+    let size = fs.getattr(ino).unwrap().size;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        fs.read(ino, off, 1 << 20, &mut |d| out.extend_from_slice(d))
+            .unwrap();
+        off = out.len() as u64;
+    }
+    out
+}
+
+#[test]
+fn create_write_read_unlink_and_remount() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"hello", 0o100644, 0).unwrap();
+    assert_eq!(fs.write(&C, f.ino, 0, b"hello, pmem").unwrap(), 11);
+    assert_eq!(read_all(&fs, f.ino), b"hello, pmem");
+    let d = fs.mkdir(&C, ROOT_INO, b"dir", 0o755).unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    let s = fs.symlink(&C, d.ino, b"link", b"../hello").unwrap();
+    assert_eq!(fs.readlink(s.ino).unwrap(), b"../hello");
+    let long = vec![b'x'; 3000];
+    let s2 = fs.symlink(&C, d.ino, b"long", &long).unwrap();
+    assert_eq!(fs.readlink(s2.ino).unwrap(), long);
+    assert!(matches!(
+        fs.mknod(&C, ROOT_INO, b"hello", 0o100644, 0),
+        Err(Error::Exists)
+    ));
+    check(&fs);
+    fs.shutdown().unwrap();
+    drop(fs);
+    let fs = mount(&media);
+    let a = fs.lookup(ROOT_INO, b"hello").unwrap();
+    assert_eq!(read_all(&fs, a.ino), b"hello, pmem");
+    assert_eq!(fs.lookup(d.ino, b"link").unwrap().ino, s.ino);
+    fs.unlink(ROOT_INO, b"hello").unwrap();
+    assert!(matches!(
+        fs.lookup(ROOT_INO, b"hello"),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(fs.rmdir(ROOT_INO, b"dir"), Err(Error::NotEmpty)));
+    fs.unlink(d.ino, b"link").unwrap();
+    fs.unlink(d.ino, b"long").unwrap();
+    fs.rmdir(ROOT_INO, b"dir").unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 2);
+    check(&fs);
+}
+
+#[test]
+fn big_files_get_aligned_chunks_and_read_back() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"big", 0o100644, 0).unwrap();
+    let data: Vec<u8> = (0..9 * MIB + 123).map(|i| (i % 251) as u8).collect();
+    for (n, chunk) in data.chunks(128 * 1024).enumerate() {
+        fs.write(&C, f.ino, n as u64 * 128 * 1024, chunk).unwrap();
+    }
+    assert_eq!(read_all(&fs, f.ino), data);
+    let i = fs.inode(f.ino).unwrap();
+    let exts = extent::all(&fs.reader(), f.ino, &i).unwrap();
+    let aligned: u64 = exts
+        .iter()
+        .filter(|e| e.file_block % 512 == 0 && e.dev_block % 512 == 0 && e.len % 512 == 0)
+        .map(|e| u64::from(e.len) * 4096)
+        .sum();
+    assert!(
+        aligned >= 4 * CHUNK_SIZE,
+        "only {aligned} bytes aligned: {exts:?}"
+    );
+    check(&fs);
+    // Truncate down and up: the tail reads as zeros.
+    let mut sa = SetAttr {
+        size: Some(3 * MIB + 5),
+        ..Default::default()
+    };
+    fs.setattr(&C, f.ino, &sa).unwrap();
+    sa.size = Some(4 * MIB);
+    fs.setattr(&C, f.ino, &sa).unwrap();
+    let back = read_all(&fs, f.ino);
+    assert_eq!(
+        &back[..(3 * MIB + 5) as usize],
+        &data[..(3 * MIB + 5) as usize]
+    );
+    assert!(back[(3 * MIB + 5) as usize..].iter().all(|&b| b == 0));
+    check(&fs);
+}
+
+#[test]
+fn sparse_files_holes_fallocate_and_seek() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"sparse", 0o100644, 0).unwrap();
+    let far = 5u64 << 30;
+    fs.write(&C, f.ino, far, b"end").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, far + 3);
+    let mut buf = Vec::new();
+    fs.read(f.ino, far - 10, 13, &mut |d| buf.extend_from_slice(d))
+        .unwrap();
+    assert_eq!(&buf[..10], &[0; 10]);
+    assert_eq!(&buf[10..], b"end");
+    assert_eq!(fs.lseek(f.ino, 0, 3).unwrap(), (far / 4096 * 4096) as i64);
+    assert_eq!(fs.lseek(f.ino, 0, 4).unwrap(), 0);
+    // Preallocate, punch, zero range.
+    let g = fs.mknod(&C, ROOT_INO, b"prealloc", 0o100644, 0).unwrap();
+    fs.fallocate(g.ino, 0, 8 * MIB, 0).unwrap();
+    assert_eq!(fs.getattr(g.ino).unwrap().size, 8 * MIB);
+    assert!(fs.getattr(g.ino).unwrap().blocks >= 8 * MIB / 512);
+    assert!(read_all(&fs, g.ino).iter().all(|&b| b == 0));
+    fs.write(&C, g.ino, MIB + 100, &[7; 10000]).unwrap();
+    let back = read_all(&fs, g.ino);
+    assert_eq!(
+        &back[(MIB + 100) as usize..(MIB + 10100) as usize],
+        &[7; 10000][..]
+    );
+    assert!(back[..(MIB + 100) as usize].iter().all(|&b| b == 0));
+    let before = fs.statfs().bfree;
+    fs.fallocate(g.ino, 4 * MIB, 2 * MIB, 0x01 | 0x02).unwrap();
+    assert!(fs.statfs().bfree >= before + 512, "punch freed nothing");
+    fs.fallocate(g.ino, MIB, 8192, 0x10).unwrap();
+    let back = read_all(&fs, g.ino);
+    assert!(
+        back[(MIB) as usize..(MIB + 8192) as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert_eq!(back[(MIB + 8192) as usize], 7);
+    check(&fs);
+}
+
+#[test]
+fn rename_variants() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let a = fs.mkdir(&C, ROOT_INO, b"a", 0o755).unwrap();
+    let b = fs.mkdir(&C, ROOT_INO, b"b", 0o755).unwrap();
+    let x = fs.mknod(&C, a.ino, b"x", 0o100644, 0).unwrap();
+    let y = fs.mknod(&C, b.ino, b"y", 0o100644, 0).unwrap();
+    fs.rename(a.ino, b"x", b.ino, b"x2", 0).unwrap();
+    assert_eq!(fs.lookup(b.ino, b"x2").unwrap().ino, x.ino);
+    assert!(matches!(
+        fs.rename(b.ino, b"x2", b.ino, b"y", RENAME_NOREPLACE),
+        Err(Error::Exists)
+    ));
+    fs.rename(b.ino, b"x2", b.ino, b"y", RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(fs.lookup(b.ino, b"y").unwrap().ino, x.ino);
+    assert_eq!(fs.lookup(b.ino, b"x2").unwrap().ino, y.ino);
+    // Over an existing file: the old target loses its link.
+    fs.rename(b.ino, b"x2", b.ino, b"y", 0).unwrap();
+    assert_eq!(fs.lookup(b.ino, b"y").unwrap().ino, y.ino);
+    // Directory moves keep link counts; cycles are refused.
+    let c = fs.mkdir(&C, a.ino, b"c", 0o755).unwrap();
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"a", c.ino, b"loop", 0),
+        Err(Error::Invalid)
+    ));
+    fs.rename(a.ino, b"c", b.ino, b"c", 0).unwrap();
+    assert_eq!(fs.getattr(a.ino).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(b.ino).unwrap().nlink, 3);
+    assert_eq!(fs.lookup(c.ino, b"..").unwrap().ino, b.ino);
+    // Over an empty directory, not over a full one.
+    let e = fs.mkdir(&C, ROOT_INO, b"empty", 0o755).unwrap();
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"empty", 0).unwrap();
+    assert!(
+        matches!(fs.getattr(e.ino), Err(Error::NotFound)) || fs.getattr(e.ino).unwrap().nlink == 0
+    );
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"empty", ROOT_INO, b"b", 0),
+        Err(Error::NotEmpty)
+    ));
+    check(&fs);
+}
+
+#[test]
+fn xattrs_create_replace_list_remove() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    fs.setxattr(f.ino, b"user.a", b"1", 0).unwrap();
+    assert!(matches!(
+        fs.setxattr(f.ino, b"user.a", b"2", 1),
+        Err(Error::Exists)
+    ));
+    assert!(matches!(
+        fs.setxattr(f.ino, b"user.b", b"2", 2),
+        Err(Error::NoAttr)
+    ));
+    fs.setxattr(f.ino, b"user.a", b"22", 2).unwrap();
+    let big = vec![9u8; 65536];
+    fs.setxattr(f.ino, b"trusted.big", &big, 0).unwrap();
+    assert_eq!(fs.getxattr(f.ino, b"user.a").unwrap(), b"22");
+    assert_eq!(fs.getxattr(f.ino, b"trusted.big").unwrap(), big);
+    assert_eq!(fs.listxattr(f.ino).unwrap(), b"user.a\0trusted.big\0");
+    assert!(matches!(
+        fs.setxattr(f.ino, b"bogus.x", b"", 0),
+        Err(Error::NotSupported)
+    ));
+    fs.removexattr(f.ino, b"user.a").unwrap();
+    assert!(matches!(fs.getxattr(f.ino, b"user.a"), Err(Error::NoAttr)));
+    check(&fs);
+}
+
+#[test]
+fn unlinked_open_file_keeps_data_until_release_and_orphans_are_freed_at_mount() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let free0 = fs.statfs().bfree;
+    let f = fs.mknod(&C, ROOT_INO, b"tmp", 0o100644, 0).unwrap();
+    fs.open(f.ino).unwrap();
+    fs.write(&C, f.ino, 0, &vec![1u8; 3 * MIB as usize])
+        .unwrap();
+    fs.unlink(ROOT_INO, b"tmp").unwrap();
+    assert_eq!(read_all(&fs, f.ino).len(), 3 * MIB as usize);
+    assert_eq!(fs.orphans().unwrap(), vec![f.ino]);
+    fs.release(f.ino);
+    fs.forget(f.ino, 1);
+    assert!(fs.orphans().unwrap().is_empty());
+    assert_eq!(fs.statfs().bfree, free0);
+    check(&fs);
+    // A "crash" while an unlinked file is open: the next mount frees it.
+    let g = fs.mknod(&C, ROOT_INO, b"tmp2", 0o100644, 0).unwrap();
+    fs.open(g.ino).unwrap();
+    fs.write(&C, g.ino, 0, &[2u8; 10000]).unwrap();
+    fs.unlink(ROOT_INO, b"tmp2").unwrap();
+    drop(fs);
+    let fs = mount(&media);
+    assert!(fs.orphans().unwrap().is_empty());
+    assert_eq!(fs.statfs().bfree, free0);
+    check(&fs);
+}
+
+#[test]
+fn enospc_harms_nothing_and_space_comes_back() {
+    let media = new_media(32 * MIB);
+    let fs = mount(&media);
+    let keep = fs.mknod(&C, ROOT_INO, b"keep", 0o100644, 0).unwrap();
+    fs.write(&C, keep.ino, 0, b"precious").unwrap();
+    let mut n = 0;
+    let err = loop {
+        let name = format!("f{n}");
+        let f = fs
+            .mknod(&C, ROOT_INO, name.as_bytes(), 0o100644, 0)
+            .unwrap();
+        match fs.write(&C, f.ino, 0, &vec![3u8; MIB as usize]) {
+            Ok(_) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 100, "never ran out of space");
+    };
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(read_all(&fs, keep.ino), b"precious");
+    check(&fs);
+    for k in 0..=n {
+        fs.unlink(ROOT_INO, format!("f{k}").as_bytes()).unwrap();
+    }
+    let f = fs.mknod(&C, ROOT_INO, b"again", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, &vec![4u8; 4 * MIB as usize])
+        .unwrap();
+    check(&fs);
+}
+
+#[test]
+fn readdir_cookies_survive_concurrent_changes() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let d = fs.mkdir(&C, ROOT_INO, b"d", 0o755).unwrap();
+    for i in 0..2000 {
+        fs.mknod(&C, d.ino, format!("file-{i}").as_bytes(), 0o100644, 0)
+            .unwrap();
+    }
+    // Read in small batches; between batches, delete entries not yet seen and add new ones.
+    let mut seen = std::collections::HashSet::new();
+    let mut offset = 0i64;
+    let mut round = 0;
+    loop {
+        let mut batch = Vec::new();
+        fs.readdir(d.ino, offset, &mut |_, next, _, name| {
+            batch.push((next, name.to_vec()));
+            batch.len() >= 50
+        })
+        .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for (next, name) in &batch {
+            assert!(
+                seen.insert(name.clone()),
+                "{} returned twice",
+                String::from_utf8_lossy(name)
+            );
+            offset = *next;
+        }
+        fs.mknod(&C, d.ino, format!("new-{round}").as_bytes(), 0o100644, 0)
+            .unwrap();
+        round += 1;
+    }
+    for i in 0..2000 {
+        assert!(
+            seen.contains(format!("file-{i}").as_bytes()),
+            "file-{i} skipped"
+        );
+    }
+    assert_eq!(fs.getattr(d.ino).unwrap().size, 2000 + round);
+    check(&fs);
+}
+
+#[test]
+fn concurrent_threads_in_one_directory() {
+    let media = new_media(128 * MIB);
+    let fs = mount(&media);
+    let d = fs.mkdir(&C, ROOT_INO, b"shared", 0o755).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let fs = &fs;
+            s.spawn(move || {
+                for i in 0..150u64 {
+                    let name = format!("t{t}-{i}");
+                    let f = fs.mknod(&C, d.ino, name.as_bytes(), 0o100644, 0).unwrap();
+                    fs.write(&C, f.ino, 0, &vec![t as u8; (i as usize % 7) * 3000 + 1])
+                        .unwrap();
+                    if i % 3 == 0 {
+                        fs.rename(
+                            d.ino,
+                            name.as_bytes(),
+                            d.ino,
+                            format!("r{t}-{i}").as_bytes(),
+                            0,
+                        )
+                        .unwrap();
+                    }
+                    if i % 5 == 0 {
+                        let victim = if i % 3 == 0 {
+                            format!("r{t}-{i}")
+                        } else {
+                            name
+                        };
+                        fs.unlink(d.ino, victim.as_bytes()).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let mut count = 0;
+    fs.readdir(d.ino, 2, &mut |_, _, _, _| {
+        count += 1;
+        false
+    })
+    .unwrap();
+    assert_eq!(count, 4 * (150 - 30));
+    check(&fs);
+}
