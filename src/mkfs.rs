@@ -1,1 +1,656 @@
-//! mkfs (being written).
+//! Formatting a device: writing the state of a fresh, empty file system.
+//!
+//! [`format`] writes exactly what a new file system needs (superblocks, state record, journal,
+//! block bitmap, inode-table directory, the first inode-table chunk with the root and
+//! deferred-free inodes) and never touches data blocks, so formatting takes the same few
+//! milliseconds on a 16 MiB image as on a 64 GiB namespace.
+//!
+//! Crash safety: mkfs first destroys both old superblocks (and fences), then writes and fences
+//! everything else, then the backup superblock, then the primary one. A crash at any point
+//! leaves either no valid superblock at all, or a complete new file system.
+
+use crate::device::{DeviceError, Media};
+use crate::format::{
+    BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, COMPAT_SUPPORTED, DEFERRED_FREE_INO,
+    FORMAT_VERSION, FormatError, FsState, Geometry, INCOMPAT_SUPPORTED, INODE_BITMAP_OFFSET,
+    INODE_SIZE, INODES_PER_CHUNK, ITABLE_DIR_ENTRIES, Inode, LABEL_LEN, MIN_DEVICE_SIZE,
+    RO_COMPAT_SUPPORTED, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_MAGIC,
+    SUPERBLOCK_OFFSET, SlotHeader, Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes, file_type,
+    inode_flags,
+};
+use std::io::Read;
+use zerocopy::{FromZeros, IntoBytes};
+
+/// What to write.
+#[derive(Clone, Debug, Default)]
+pub struct MkfsOptions {
+    /// Volume label: at most [`LABEL_LEN`] bytes of UTF-8, no NUL.
+    pub label: String,
+    /// The file system's UUID; `None` draws a random (version 4) one.
+    pub uuid: Option<[u8; 16]>,
+    /// Creation time, nanoseconds since the Unix epoch (see [`now_ns`]).
+    pub now_ns: i64,
+}
+
+/// What a format produced (or would produce on a device of a given geometry).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MkfsSummary {
+    /// Bytes covered by the file system (the device size rounded down to whole blocks).
+    pub size_bytes: u64,
+    pub block_count: u64,
+    /// Whole 2 MiB chunks on the device.
+    pub chunk_count: u64,
+    /// Inode slots the format can address on this device: one inode-table chunk per
+    /// directory entry, bounded by the 2 MiB chunks the device has room for.
+    pub inode_capacity: u64,
+    /// Inode slots in the first inode-table chunk (the table grows a chunk at a time).
+    pub initial_inodes: u64,
+    /// Blocks free after the format.
+    pub free_blocks: u64,
+    /// Bytes of metadata a fresh file system holds: the fixed regions plus the first
+    /// inode-table chunk.
+    pub metadata_bytes: u64,
+    /// `metadata_bytes` as a percentage of `size_bytes`.
+    pub metadata_percent: f64,
+    pub uuid: [u8; 16],
+    pub label: String,
+}
+
+/// Why a format failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MkfsError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("label too long: at most {LABEL_LEN} bytes")]
+    LabelTooLong,
+    #[error("label contains a NUL byte")]
+    LabelNul,
+}
+
+/// The current time in nanoseconds since the Unix epoch (negative before it).
+pub fn now_ns() -> i64 {
+    let now = std::time::SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// First block of the first inode-table chunk: the first 2 MiB-aligned chunk at or after
+/// `meta_end`.
+pub fn first_itable_chunk(geometry: &Geometry) -> Result<u64, FormatError> {
+    let first = geometry.meta_end.next_multiple_of(CHUNK_BLOCKS);
+    if first + CHUNK_BLOCKS > geometry.block_count {
+        return Err(FormatError::TooSmall {
+            size: geometry.size_bytes(),
+            min: MIN_DEVICE_SIZE,
+        });
+    }
+    Ok(first)
+}
+
+/// Checks a label and returns its on-media (NUL-padded) form.
+pub fn encode_label(label: &str) -> Result<[u8; LABEL_LEN], MkfsError> {
+    let bytes = label.as_bytes();
+    if bytes.len() > LABEL_LEN {
+        return Err(MkfsError::LabelTooLong);
+    }
+    if bytes.contains(&0) {
+        return Err(MkfsError::LabelNul);
+    }
+    let mut out = [0u8; LABEL_LEN];
+    out[..bytes.len()].copy_from_slice(bytes);
+    Ok(out)
+}
+
+/// A random version-4 UUID, from /dev/urandom.
+pub fn random_uuid() -> Result<[u8; 16], MkfsError> {
+    let path = "/dev/urandom";
+    let mut u = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut u))
+        .map_err(|source| DeviceError::Io {
+            path: path.into(),
+            source,
+        })?;
+    u[6] = (u[6] & 0x0f) | 0x40; // version 4
+    u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+    Ok(u)
+}
+
+/// The summary of a format of `geometry`, computed without touching a device (so the figures
+/// of any device size can be shown or tested). [`format`] returns exactly this.
+pub fn summary_for(
+    geometry: &Geometry,
+    uuid: [u8; 16],
+    label: &str,
+) -> Result<MkfsSummary, FormatError> {
+    let chunk0 = first_itable_chunk(geometry)?;
+    let metadata_blocks = geometry.meta_end + CHUNK_BLOCKS;
+    let itable_chunks = ((geometry.block_count - chunk0) / CHUNK_BLOCKS).min(ITABLE_DIR_ENTRIES);
+    let size_bytes = geometry.size_bytes();
+    let metadata_bytes = blocks_to_bytes(metadata_blocks);
+    Ok(MkfsSummary {
+        size_bytes,
+        block_count: geometry.block_count,
+        chunk_count: geometry.chunk_count(),
+        inode_capacity: itable_chunks * USABLE_INODES_PER_CHUNK,
+        initial_inodes: USABLE_INODES_PER_CHUNK,
+        free_blocks: geometry.block_count - metadata_blocks,
+        metadata_bytes,
+        metadata_percent: metadata_bytes as f64 * 100.0 / size_bytes as f64,
+        uuid,
+        label: label.to_owned(),
+    })
+}
+
+/// The superblock mkfs writes (sealed).
+fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64) -> Superblock {
+    let mut sb = Superblock::new_zeroed();
+    sb.magic = SUPERBLOCK_MAGIC;
+    sb.version = FORMAT_VERSION;
+    sb.sb_size = size_of::<Superblock>() as u32;
+    sb.compat = COMPAT_SUPPORTED.bits();
+    sb.ro_compat = RO_COMPAT_SUPPORTED.bits();
+    sb.incompat = INCOMPAT_SUPPORTED.bits();
+    sb.uuid = uuid;
+    sb.label = label;
+    sb.block_size = BLOCK_SIZE as u32;
+    sb.chunk_blocks = CHUNK_BLOCKS as u32;
+    sb.block_count = g.block_count;
+    sb.journal_start = g.journal_start;
+    sb.journal_slots = g.journal_slots;
+    sb.journal_slot_blocks = g.journal_slot_blocks;
+    sb.bitmap_start = g.bitmap_start;
+    sb.bitmap_blocks = g.bitmap_blocks;
+    sb.itable_dir_block = g.itable_dir_block;
+    sb.meta_end = g.meta_end;
+    sb.created_ns = now_ns;
+    sb.seal();
+    sb
+}
+
+/// A fresh inode (sealed).
+fn new_inode(mode: u16, nlink: u32, parent: u64, now_ns: i64) -> Inode {
+    let mut ino = Inode::empty();
+    ino.mode = mode;
+    ino.nlink = nlink;
+    ino.atime_ns = now_ns;
+    ino.mtime_ns = now_ns;
+    ino.ctime_ns = now_ns;
+    ino.btime_ns = now_ns;
+    ino.generation = 1;
+    ino.parent = parent;
+    ino.seal();
+    ino
+}
+
+/// Cached stores whose ranges must be flushed before the next fence.
+struct Writer<'a> {
+    media: &'a dyn Media,
+    dirty: Vec<(u64, u64)>,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.media.write(offset, data)?;
+        self.dirty.push((offset, data.len() as u64));
+        Ok(())
+    }
+
+    /// Non-temporal zeroing: durable at the next fence without a flush.
+    fn zero(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.media.zero_nt(offset, len)
+    }
+
+    /// Sets bits `first..first + count` of the bitmap at byte offset `base` (bit b is bit
+    /// b % 8 of byte b / 8), read-modify-write, in pieces of at most 1 MiB.
+    fn set_bits(&mut self, base: u64, first: u64, count: u64) -> Result<(), DeviceError> {
+        const PIECE_BITS: u64 = 8 << 20;
+        let end = first + count;
+        let mut bit = first;
+        while bit < end {
+            let piece_end = end.min((bit / 8 * 8) + PIECE_BITS);
+            let byte0 = bit / 8;
+            let mut buf = vec![0u8; (piece_end.div_ceil(8) - byte0) as usize];
+            self.media.read(base + byte0, &mut buf)?;
+            for b in bit..piece_end {
+                buf[(b / 8 - byte0) as usize] |= 1 << (b % 8);
+            }
+            self.write(base + byte0, &buf)?;
+            bit = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Flushes every cached store so far and fences.
+    fn persist(&mut self) -> Result<(), DeviceError> {
+        for (offset, len) in self.dirty.drain(..) {
+            self.media.flush(offset, len)?;
+        }
+        self.media.fence();
+        Ok(())
+    }
+}
+
+/// Formats `media`: writes a fresh, empty file system over whatever it held.
+pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, MkfsError> {
+    let label = encode_label(&opts.label)?;
+    let g = Geometry::for_device_size(media.size())?;
+    let chunk0 = first_itable_chunk(&g)?;
+    let uuid = match opts.uuid {
+        Some(u) => u,
+        None => random_uuid()?,
+    };
+    let summary = summary_for(&g, uuid, &opts.label)?;
+    let sb = superblock(&g, uuid, label, opts.now_ns);
+    let sb_len = size_of::<Superblock>() as u64;
+    let mut w = Writer {
+        media,
+        dirty: Vec::new(),
+    };
+
+    // 1. Destroy the old superblocks first, so that a crash below can never leave an old
+    //    superblock describing regions that are half overwritten.
+    let zeros = [0u8; size_of::<Superblock>()];
+    w.write(SUPERBLOCK_OFFSET, &zeros)?;
+    w.write(BACKUP_SUPERBLOCK_OFFSET, &zeros)?;
+    w.persist()?;
+
+    // 2. Everything but the superblocks.
+    // Block 0 after the superblock: zeros and the state record.
+    let mut block0 = vec![0u8; (BLOCK_SIZE - sb_len) as usize];
+    let mut state = FsState::new_zeroed();
+    state.magic = STATE_MAGIC;
+    state.clean = 1;
+    state.free_blocks = summary.free_blocks;
+    state.seal();
+    let at = (STATE_OFFSET - sb_len) as usize;
+    block0[at..at + size_of::<FsState>()].copy_from_slice(state.as_bytes());
+    w.write(SUPERBLOCK_OFFSET + sb_len, &block0)?;
+    // Block 1 after the backup superblock: zeros.
+    w.zero(BACKUP_SUPERBLOCK_OFFSET + sb_len, BLOCK_SIZE - sb_len)?;
+
+    // Journal: every slot zeroed as a whole (at most 4 MiB), not just its first record: a
+    // stale record of an earlier file system whose generation happens to equal a future
+    // transaction's would otherwise look valid behind that transaction's last record.
+    let journal_len = u64::from(g.journal_slots) * g.slot_size();
+    w.zero(g.slot_offset(0), journal_len)?;
+    for i in 0..g.journal_slots {
+        let header = SlotHeader {
+            magic: SLOT_MAGIC,
+            generation: 0,
+            slot_index: i,
+            pad: 0,
+            reserved: [0; 40],
+        };
+        w.write(g.slot_offset(i), header.as_bytes())?;
+    }
+
+    // Block bitmap: the fixed metadata, the first inode-table chunk, and the bits past the
+    // end of the device (so they can never be allocated) are set.
+    let bitmap = g.bitmap_offset();
+    let bitmap_bits = blocks_to_bytes(g.bitmap_blocks) * 8;
+    w.zero(bitmap, blocks_to_bytes(g.bitmap_blocks))?;
+    w.set_bits(bitmap, 0, g.meta_end)?;
+    w.set_bits(bitmap, chunk0, CHUNK_BLOCKS)?;
+    w.set_bits(bitmap, g.block_count, bitmap_bits - g.block_count)?;
+
+    // Inode-table directory: entry 0 is the first chunk.
+    let mut dir = vec![0u8; BLOCK_SIZE as usize];
+    dir[..8].copy_from_slice(&chunk0.to_le_bytes());
+    w.write(g.itable_dir_offset(), &dir)?;
+
+    // First inode-table chunk: zeroed, its inode bitmap, the root and deferred-free inodes.
+    let chunk = blocks_to_bytes(chunk0);
+    w.zero(chunk, blocks_to_bytes(CHUNK_BLOCKS))?;
+    let mut ibitmap = vec![0u8; (INODES_PER_CHUNK / 8) as usize];
+    let reserved = [0, ROOT_INO, DEFERRED_FREE_INO];
+    for slot in reserved
+        .into_iter()
+        .chain(USABLE_INODES_PER_CHUNK..INODES_PER_CHUNK)
+    {
+        ibitmap[(slot / 8) as usize] |= 1 << (slot % 8);
+    }
+    w.write(chunk + INODE_BITMAP_OFFSET, &ibitmap)?;
+    let mut root = new_inode(file_type::S_IFDIR | 0o755, 2, ROOT_INO, opts.now_ns);
+    root.flags = inode_flags::TREE; // as every directory: its entries are in a B+tree
+    root.seal();
+    w.write(chunk + ROOT_INO * INODE_SIZE, root.as_bytes())?;
+    let deferred = new_inode(file_type::S_IFREG, 1, 0, opts.now_ns);
+    w.write(chunk + DEFERRED_FREE_INO * INODE_SIZE, deferred.as_bytes())?;
+    w.persist()?;
+
+    // 3. The backup superblock, then the primary one: the primary is the commit point.
+    w.write(BACKUP_SUPERBLOCK_OFFSET, sb.as_bytes())?;
+    w.persist()?;
+    w.write(SUPERBLOCK_OFFSET, sb.as_bytes())?;
+    w.persist()?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::RecordingDevice;
+    use crate::format::{FIRST_USER_INO, MAX_INODES};
+
+    const MIB: u64 = 1 << 20;
+    const UUID: [u8; 16] = [7; 16];
+
+    fn opts(label: &str) -> MkfsOptions {
+        MkfsOptions {
+            label: label.into(),
+            uuid: Some(UUID),
+            now_ns: 1_700_000_000_123_456_789,
+        }
+    }
+
+    fn read(d: &dyn Media, offset: u64, len: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; len as usize];
+        d.read(offset, &mut buf).unwrap();
+        buf
+    }
+
+    fn superblock_at(d: &dyn Media, offset: u64) -> Result<Superblock, FormatError> {
+        Superblock::decode(&read(d, offset, 256))
+    }
+
+    fn ones(bytes: &[u8]) -> u64 {
+        bytes.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+
+    fn bit(bytes: &[u8], b: u64) -> bool {
+        bytes[(b / 8) as usize] & (1 << (b % 8)) != 0
+    }
+
+    /// Formats a device of `size` bytes and checks every structure mkfs writes.
+    fn check_fresh(size: u64) {
+        let d = RecordingDevice::new(size);
+        // Garbage everywhere, to check that mkfs clears what it must.
+        d.write(0, &vec![0xa5; (8 * MIB) as usize]).unwrap();
+        let s = format(&d, &opts("test")).unwrap();
+        let sb = superblock_at(&d, SUPERBLOCK_OFFSET).unwrap();
+        let g = Geometry::from_superblock(&sb, d.size()).unwrap();
+        assert_eq!(g, Geometry::for_device_size(size).unwrap());
+        assert_eq!(sb.uuid, UUID);
+        assert_eq!(sb.label_str(), "test");
+        assert_eq!(sb.created_ns, opts("").now_ns);
+        assert_eq!(sb.sb_size, 256);
+        assert_eq!(read(&d, 0, 256), read(&d, BACKUP_SUPERBLOCK_OFFSET, 256));
+        assert_eq!(s, summary_for(&g, UUID, "test").unwrap());
+
+        let st = FsState::decode(&read(&d, STATE_OFFSET, 64)).unwrap();
+        assert_eq!((st.clean, st.mount_count, st.orphan_head), (1, 0, 0));
+        assert_eq!(st.free_blocks, s.free_blocks);
+        assert_eq!(ones(&read(&d, 256, STATE_OFFSET - 256)), 0);
+        assert_eq!(
+            ones(&read(&d, BACKUP_SUPERBLOCK_OFFSET + 256, 4096 - 256)),
+            0
+        );
+
+        for i in 0..g.journal_slots {
+            let slot = read(&d, g.slot_offset(i), g.slot_size());
+            let (h, _) = <SlotHeader as zerocopy::FromBytes>::read_from_prefix(&slot).unwrap();
+            assert_eq!((h.magic, h.generation, h.slot_index), (SLOT_MAGIC, 0, i));
+            assert_eq!(ones(&slot[64..]), 0, "slot {i} not zeroed");
+        }
+
+        // Block bitmap.
+        let chunk0 = first_itable_chunk(&g).unwrap();
+        assert_eq!(chunk0 % CHUNK_BLOCKS, 0);
+        assert!(chunk0 >= g.meta_end && chunk0 < g.meta_end + CHUNK_BLOCKS);
+        let bm = read(&d, g.bitmap_offset(), blocks_to_bytes(g.bitmap_blocks));
+        let total_bits = bm.len() as u64 * 8;
+        let padding = total_bits - g.block_count;
+        assert_eq!(ones(&bm), g.meta_end + CHUNK_BLOCKS + padding);
+        assert_eq!(s.free_blocks, g.block_count - g.meta_end - CHUNK_BLOCKS);
+        assert!(bit(&bm, 0) && bit(&bm, g.meta_end - 1));
+        assert_eq!(bit(&bm, g.meta_end), g.meta_end == chunk0);
+        assert!(bit(&bm, chunk0) && bit(&bm, chunk0 + CHUNK_BLOCKS - 1));
+        assert!(!bit(&bm, chunk0 + CHUNK_BLOCKS));
+        assert!(!bit(&bm, g.block_count - 1));
+        assert!((g.block_count..total_bits).all(|b| bit(&bm, b)));
+
+        // Inode-table directory.
+        let dir = read(&d, g.itable_dir_offset(), BLOCK_SIZE);
+        assert_eq!(dir[..8], chunk0.to_le_bytes());
+        assert_eq!(ones(&dir[8..]), 0);
+
+        // The inode chunk.
+        let chunk = read(&d, blocks_to_bytes(chunk0), blocks_to_bytes(CHUNK_BLOCKS));
+        let ibm = &chunk[INODE_BITMAP_OFFSET as usize..];
+        assert_eq!(ibm.len(), 1024);
+        assert_eq!(ones(ibm), 3 + 4);
+        for b in [0, 1, 2, 8188, 8189, 8190, 8191] {
+            assert!(bit(ibm, b), "inode bit {b}");
+        }
+        let slot = |i: u64| &chunk[(i * INODE_SIZE) as usize..((i + 1) * INODE_SIZE) as usize];
+        let root = Inode::decode(slot(ROOT_INO)).unwrap();
+        assert!(root.is_dir());
+        assert_eq!(root.mode, file_type::S_IFDIR | 0o755);
+        assert_eq!(
+            (root.nlink, root.uid, root.gid, root.size, root.blocks),
+            (2, 0, 0, 0, 0)
+        );
+        assert_eq!(
+            (root.generation, root.parent, root.tree_root),
+            (1, ROOT_INO, 0)
+        );
+        assert_eq!(root.mtime_ns, opts("").now_ns);
+        assert_eq!(root.btime_ns, opts("").now_ns);
+        let df = Inode::decode(slot(DEFERRED_FREE_INO)).unwrap();
+        assert!(df.is_reg());
+        assert_eq!(
+            (df.mode, df.nlink, df.generation),
+            (file_type::S_IFREG, 1, 1)
+        );
+        assert_eq!(ones(slot(0)), 0);
+        for i in FIRST_USER_INO..USABLE_INODES_PER_CHUNK {
+            assert_eq!(ones(slot(i)), 0, "inode {i}");
+        }
+    }
+
+    #[test]
+    fn fresh_file_system_16m() {
+        check_fresh(16 * MIB);
+    }
+
+    #[test]
+    fn odd_sized_device() {
+        // Not a multiple of a bitmap word, nor even of a block.
+        check_fresh(16 * MIB + 5 * BLOCK_SIZE + 100);
+        check_fresh(40 * MIB + 3 * BLOCK_SIZE);
+    }
+
+    /// The consistency checker (the invariants fsck enforces) finds nothing to say about a
+    /// fresh file system, and the core mounts it.
+    #[test]
+    fn fresh_file_system_is_consistent_and_mounts() {
+        for size in [16 * MIB, 16 * MIB + 5 * BLOCK_SIZE + 100, 100 * MIB] {
+            let d = std::sync::Arc::new(RecordingDevice::new(size));
+            let s = format(d.as_ref(), &opts("")).unwrap();
+            let media: std::sync::Arc<dyn Media> = d;
+            let report = crate::check::check(&media).unwrap();
+            assert!(report.problems.is_empty(), "{size}: {:#?}", report.problems);
+            let fs = crate::fs::Fs::mount(media, crate::fs::MountOptions::default()).unwrap();
+            assert!(s.free_blocks > 0);
+            drop(fs);
+        }
+    }
+
+    #[test]
+    fn too_small() {
+        let d = RecordingDevice::new(8 * MIB);
+        assert!(matches!(
+            format(&d, &opts("")),
+            Err(MkfsError::Format(FormatError::TooSmall { .. }))
+        ));
+    }
+
+    #[test]
+    fn flipped_bit_fails_the_checksum() {
+        let d = RecordingDevice::new(16 * MIB);
+        format(&d, &opts("flip")).unwrap();
+        let mut sb = read(&d, 0, 256);
+        sb[100] ^= 0x10; // in the label
+        assert!(matches!(
+            Superblock::decode(&sb),
+            Err(FormatError::Checksum {
+                what: "superblock",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_incompat_feature_is_refused() {
+        let d = RecordingDevice::new(16 * MIB);
+        format(&d, &opts("")).unwrap();
+        let mut sb = superblock_at(&d, 0).unwrap();
+        sb.incompat |= 1 << 40;
+        sb.seal();
+        assert!(matches!(
+            Superblock::decode(sb.as_bytes()),
+            Err(FormatError::UnknownIncompat(x)) if x == 1 << 40
+        ));
+    }
+
+    #[test]
+    fn labels() {
+        let d = RecordingDevice::new(16 * MIB);
+        let long = "x".repeat(65);
+        assert!(matches!(
+            format(&d, &opts(&long)),
+            Err(MkfsError::LabelTooLong)
+        ));
+        assert!(matches!(
+            format(&d, &opts("a\0b")),
+            Err(MkfsError::LabelNul)
+        ));
+        // Nothing was written by a refused format.
+        assert_eq!(ones(&d.snapshot()), 0);
+        let max = "é".repeat(32);
+        format(&d, &opts(&max)).unwrap();
+        assert_eq!(superblock_at(&d, 0).unwrap().label_str(), max);
+    }
+
+    #[test]
+    fn random_uuids_are_version_4() {
+        let d = RecordingDevice::new(16 * MIB);
+        let s = format(
+            &d,
+            &MkfsOptions {
+                uuid: None,
+                ..opts("")
+            },
+        )
+        .unwrap();
+        assert_eq!(superblock_at(&d, 0).unwrap().uuid, s.uuid);
+        let other = random_uuid().unwrap();
+        assert_ne!(s.uuid, other);
+        for u in [s.uuid, other] {
+            assert_eq!(u[6] >> 4, 4);
+            assert_eq!(u[8] >> 6, 0b10);
+        }
+    }
+
+    #[test]
+    fn overhead_1g() {
+        let d = RecordingDevice::new(1 << 30);
+        let s = format(&d, &opts("")).unwrap();
+        assert_eq!(s.block_count, 262_144);
+        assert_eq!(s.chunk_count, 512);
+        assert_eq!(s.initial_inodes, 8188);
+        assert!(s.inode_capacity > 500 * 8188 && s.inode_capacity <= 512 * 8188);
+        assert!(s.metadata_percent < 1.0, "{s:?}");
+        assert!(superblock_at(&d, 0).is_ok());
+    }
+
+    #[test]
+    fn overhead_64g() {
+        let g = Geometry::for_device_size(64 << 30).unwrap();
+        let s = summary_for(&g, UUID, "big").unwrap();
+        assert_eq!(s.size_bytes, 64 << 30);
+        assert_eq!(s.chunk_count, 32_768);
+        assert_eq!(
+            s.inode_capacity,
+            ITABLE_DIR_ENTRIES * USABLE_INODES_PER_CHUNK
+        );
+        assert!(s.inode_capacity <= MAX_INODES);
+        assert!(s.metadata_percent < 0.02, "{s:?}");
+        assert_eq!(s.free_blocks, s.block_count - g.meta_end - CHUNK_BLOCKS);
+    }
+
+    #[test]
+    fn inode_capacity_is_bounded_by_the_device() {
+        let g = Geometry::for_device_size(16 * MIB).unwrap();
+        let s = summary_for(&g, UUID, "").unwrap();
+        // 8 chunks; the first whole chunk after the metadata is chunk 1.
+        assert_eq!(s.inode_capacity, 7 * USABLE_INODES_PER_CHUNK);
+    }
+
+    /// Formats over an existing file system while recording, and checks every crash state a
+    /// power failure could leave: either the old file system untouched (but for its
+    /// superblocks), or no valid superblock, or the complete new file system.
+    #[test]
+    fn crash_during_mkfs_never_leaves_a_half_file_system() {
+        let d = RecordingDevice::new(16 * MIB);
+        format(&d, &opts("old")).unwrap();
+        let old = d.snapshot();
+        d.start_recording();
+        let new_uuid = [9; 16];
+        format(
+            &d,
+            &MkfsOptions {
+                uuid: Some(new_uuid),
+                ..opts("new")
+            },
+        )
+        .unwrap();
+        let new = d.snapshot();
+        let fences = d.fence_count();
+        assert_eq!(fences, 4);
+        let beyond_sbs = 2 * BLOCK_SIZE as usize;
+        let (mut seen_none, mut seen_old, mut seen_new) = (false, false, false);
+        for f in 0..=fences {
+            let c = d.crash_images(f);
+            let n = c.pending.len();
+            let trials: u64 = if n <= 8 { 1 << n } else { 18 };
+            let mut state = 0x9e37_79b9_7f4a_7c15u64;
+            for trial in 0..trials {
+                let img = c.image_with(|i| match (n <= 8, trial) {
+                    (true, _) => trial & (1 << i) != 0,
+                    (false, 0) => false,
+                    (false, 1) => true,
+                    (false, _) => {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state & 1 == 1
+                    }
+                });
+                let dev = RecordingDevice::from_image(img.clone());
+                match superblock_at(&dev, 0) {
+                    Err(_) => seen_none = true,
+                    Ok(sb) if sb.uuid == UUID => {
+                        assert_eq!(f, 0, "old superblock valid after fence {f}");
+                        seen_old = true;
+                        // Only the backup superblock may have been cleared.
+                        assert!(img[256..4096] == old[256..4096]);
+                        assert!(img[beyond_sbs..] == old[beyond_sbs..]);
+                    }
+                    Ok(sb) => {
+                        assert_eq!(sb.uuid, new_uuid);
+                        assert!(img == new, "new superblock valid on an incomplete image");
+                        seen_new = true;
+                    }
+                }
+            }
+        }
+        assert!(seen_none && seen_old && seen_new);
+    }
+}
