@@ -65,6 +65,12 @@ impl RecordingDevice {
         g.recording = true;
     }
 
+    /// Resumes recording after `stop_recording`, keeping the base and the log. Stores made
+    /// while stopped are not in the log: use it only around code that stores nothing.
+    pub fn resume_recording(&self) {
+        self.inner.lock().recording = true;
+    }
+
     /// Stops recording (the log is kept until the next `start_recording`).
     pub fn stop_recording(&self) {
         self.inner.lock().recording = false;

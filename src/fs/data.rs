@@ -249,6 +249,30 @@ impl Fs {
         Ok(())
     }
 
+    /// Zeroes bytes `from..to` (less than two blocks: the partial edges of a punched or
+    /// zeroed range) through the journal, so the edges change atomically with the blocks
+    /// the same operation unmaps.
+    fn zero_in_file(&self, tx: &mut Tx<'_>, ino: u64, i: &Inode, from: u64, to: u64) -> Result<()> {
+        let to = to.min(i.size);
+        if from >= to {
+            return Ok(());
+        }
+        let r = self.reader();
+        let mut pos = from;
+        while pos < to {
+            let b = pos / BLOCK_SIZE;
+            let seg_end = to.min(blocks_to_bytes(b + 1));
+            if let Some(e) = extent::covering(&r, ino, i, b)? {
+                if e.flags & extent_flags::UNWRITTEN == 0 {
+                    let dev = blocks_to_bytes(e.dev_block) + (pos - blocks_to_bytes(e.file_block));
+                    tx.zero(dev, seg_end - pos)?;
+                }
+            }
+            pos = seg_end;
+        }
+        Ok(())
+    }
+
     /// Makes file blocks `fb..fe` writable: returns the pieces that back them, allocating
     /// holes and converting unwritten extents.
     fn map_for_write(
@@ -584,13 +608,12 @@ impl Fs {
             let first_full = offset.div_ceil(BLOCK_SIZE);
             let last_full = end_off / BLOCK_SIZE;
             if first_full > last_full {
-                self.zero_allocated(ino, &i, offset, end_off.min(i.size.max(end_off)))?;
+                self.zero_in_file(&mut tx, ino, &i, offset, end_off)?;
             } else {
-                self.zero_allocated(ino, &i, offset, blocks_to_bytes(first_full))?;
-                self.zero_allocated(ino, &i, blocks_to_bytes(last_full), end_off)?;
+                self.zero_in_file(&mut tx, ino, &i, offset, blocks_to_bytes(first_full))?;
+                self.zero_in_file(&mut tx, ino, &i, blocks_to_bytes(last_full), end_off)?;
                 self.punch_blocks(&mut tx, ino, &mut i, first_full, last_full)?;
             }
-            tx.note_data_written();
         }
         if mode & FALLOC_FL_PUNCH_HOLE == 0 {
             // Preallocate the holes as unwritten extents.

@@ -263,7 +263,9 @@ impl Fs {
     /// transactions, loads the allocator and inode table, and frees orphans.
     pub fn mount(media: Arc<dyn Media>, options: MountOptions) -> Result<Self> {
         let (superblock, geometry) = read_superblock(media.as_ref())?;
-        let state = read_state(media.as_ref())?;
+        // Validate the state record early (a clear error before recovery touches anything);
+        // its contents are read again after recovery, which may roll them back.
+        read_state(media.as_ref())?;
         let ro_unknown = superblock.ro_compat & !crate::format::RO_COMPAT_SUPPORTED.bits();
         if ro_unknown != 0 && !options.read_only {
             return Err(Error::ReadOnly);
@@ -279,6 +281,7 @@ impl Fs {
             }
         }
         let (journal, recovery) = Journal::open(Arc::clone(&media), geometry)?;
+        let state = read_state(media.as_ref())?;
         let alloc = BlockAllocator::open(media.as_ref(), &geometry)?;
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
         let fs = Self {
