@@ -24,7 +24,7 @@
 mod mmap;
 mod recording;
 
-pub use mmap::{Device, OpenOptions, create_image};
+pub use mmap::{Device, DeviceKind, OpenOptions, create_image};
 pub use recording::{CrashImages, RecordingDevice};
 
 use std::fmt;
