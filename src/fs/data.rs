@@ -12,7 +12,8 @@ use super::{AtimeMode, Ctx, Fs, now_ns};
 use crate::alloc::{AllocError, AllocRequest, BlockRange};
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_BLOCKS, ExtentRecord, Inode, MAX_FILE_SIZE, blocks_to_bytes, extent_flags,
+    BLOCK_SIZE, CHUNK_BLOCKS, CHUNK_SIZE, ExtentRecord, Inode, MAX_FILE_SIZE, blocks_to_bytes,
+    extent_flags,
 };
 use crate::journal::Tx;
 
@@ -161,6 +162,9 @@ impl Fs {
         if offset > old_size {
             self.zero_allocated(ino, &i, old_size, offset)?;
         }
+        if old_size <= CHUNK_SIZE && end_off > CHUNK_SIZE {
+            self.relocate_first_chunk(&mut tx, ino, &mut i, old_size)?;
+        }
         let pieces = self.map_for_write(
             &mut tx,
             ino,
@@ -249,6 +253,92 @@ impl Fs {
         Ok(())
     }
 
+    /// A file growing past 2 MiB moves its first 2 MiB (written in small blocks while it was
+    /// small) into one aligned chunk, so the whole file can be mapped with huge pages. One
+    /// 2 MiB copy per file, in the transaction of the write that crosses the boundary.
+    /// Skipped (not an error) when no aligned chunk is free or chunk 0 holds preallocated
+    /// space.
+    fn relocate_first_chunk(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        old_size: u64,
+    ) -> Result<()> {
+        let r = self.reader();
+        let mut exts = Vec::new();
+        extent::scan(&r, ino, i, 0, &mut |e| {
+            if e.file_block >= CHUNK_BLOCKS {
+                return false;
+            }
+            exts.push(e);
+            true
+        })?;
+        let already = matches!(exts.as_slice(), [e] if e.file_block == 0 && u64::from(e.len) == CHUNK_BLOCKS && e.dev_block % CHUNK_BLOCKS == 0);
+        if exts.is_empty()
+            || already
+            || exts
+                .iter()
+                .any(|e| e.flags & extent_flags::UNWRITTEN != 0 || end(e) > CHUNK_BLOCKS)
+        {
+            return Ok(());
+        }
+        let req = AllocRequest {
+            blocks: CHUNK_BLOCKS,
+            min_blocks: CHUNK_BLOCKS,
+            aligned: true,
+            goal: None,
+        };
+        let chunk = match self.alloc.allocate(tx, req) {
+            Ok(c) if c.start % CHUNK_BLOCKS == 0 && c.len == CHUNK_BLOCKS => c,
+            Ok(c) => {
+                self.alloc.free(tx, c)?;
+                return Ok(());
+            }
+            Err(AllocError::NoSpace) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        for e in &exts {
+            let at = blocks_to_bytes(e.file_block) as usize;
+            let n = blocks_to_bytes(u64::from(e.len)) as usize;
+            self.media
+                .read(blocks_to_bytes(e.dev_block), &mut buf[at..at + n])?;
+        }
+        // Bytes past the old end of file may be stale: they become visible now.
+        let keep = (old_size as usize).min(buf.len());
+        buf[keep..].fill(0);
+        self.media.write_nt(blocks_to_bytes(chunk.start), &buf)?;
+        tx.note_data_written();
+        let nodes = self.nodes();
+        for e in &exts {
+            extent::del(tx, &r, &nodes, ino, i, e.file_block)?;
+            self.alloc.free(
+                tx,
+                BlockRange {
+                    start: e.dev_block,
+                    len: u64::from(e.len),
+                },
+            )?;
+            i.blocks = i.blocks.saturating_sub(u64::from(e.len));
+        }
+        extent::put(
+            tx,
+            &r,
+            &nodes,
+            ino,
+            i,
+            ExtentRecord {
+                file_block: 0,
+                dev_block: chunk.start,
+                len: CHUNK_BLOCKS as u32,
+                flags: 0,
+            },
+        )?;
+        i.blocks += CHUNK_BLOCKS;
+        Ok(())
+    }
+
     /// Zeroes bytes `from..to` (less than two blocks: the partial edges of a punched or
     /// zeroed range) through the journal, so the edges change atomically with the blocks
     /// the same operation unmaps.
@@ -311,7 +401,10 @@ impl Fs {
                 }
                 None => {
                     let next = extent::next_from(&r, ino, i, b)?.map_or(u64::MAX, |e| e.file_block);
-                    let hole_end = fe.min(next);
+                    // Never let one allocation straddle a 2 MiB boundary of the file: the
+                    // part past it must be free to take an aligned chunk.
+                    let chunk_end = (b / CHUNK_BLOCKS + 1) * CHUNK_BLOCKS;
+                    let hole_end = fe.min(next).min(chunk_end);
                     let p = self.allocate_hole(tx, ino, i, b, hole_end, next, 0)?;
                     b = p.fblock + p.len;
                     pieces.push(p);
