@@ -27,13 +27,13 @@ const NT_THRESHOLD: usize = 256;
 
 /// A run of file blocks backed by device blocks.
 #[derive(Clone, Copy, Debug)]
-struct Piece {
-    fblock: u64,
-    dev_block: u64,
-    len: u64,
+pub(super) struct Piece {
+    pub(super) fblock: u64,
+    pub(super) dev_block: u64,
+    pub(super) len: u64,
     /// Newly allocated (or converted from unwritten) by this write: bytes the write does not
     /// cover must be zeroed if they end up inside the file.
-    fresh: bool,
+    pub(super) fresh: bool,
 }
 
 fn end(e: &ExtentRecord) -> u64 {
@@ -313,8 +313,9 @@ impl Fs {
         let nodes = self.nodes();
         for e in &exts {
             extent::del(tx, &r, &nodes, ino, i, e.file_block)?;
-            self.alloc.free(
+            self.free_data(
                 tx,
+                ino,
                 BlockRange {
                     start: e.dev_block,
                     len: u64::from(e.len),
@@ -365,7 +366,7 @@ impl Fs {
 
     /// Makes file blocks `fb..fe` writable: returns the pieces that back them, allocating
     /// holes and converting unwritten extents.
-    fn map_for_write(
+    pub(super) fn map_for_write(
         &self,
         tx: &mut Tx<'_>,
         ino: u64,
@@ -664,7 +665,7 @@ impl Fs {
                 start: e.dev_block + (s - e.file_block),
                 len: t - s,
             };
-            self.alloc.free(tx, freed)?;
+            self.free_data(tx, ino, freed)?;
             i.blocks = i.blocks.saturating_sub(freed.len);
         }
         Ok(())

@@ -10,11 +10,13 @@ mod data;
 mod dir;
 mod extent;
 mod inode;
+mod lease;
 mod ops;
 mod xattr;
 
 pub use dir::{check_name, name_hash};
 pub use inode::InodeTable;
+pub use lease::MappedExtent;
 pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
 
 #[cfg(test)]
@@ -173,6 +175,10 @@ pub struct Fs {
     state: Mutex<()>,
     /// Serialises directory moves between parents (the ancestry check must not race).
     rename_lock: Mutex<()>,
+    /// Direct-mapping leases and the frees they defer.
+    leases: Arc<Mutex<lease::Leases>>,
+    /// Guards the deferred-free inode (taken after any inode stripes).
+    deferred_lock: Mutex<()>,
     options: MountOptions,
     recovery: RecoveryReport,
 }
@@ -295,6 +301,8 @@ impl Fs {
             refs: Mutex::new(HashMap::new()),
             state: Mutex::new(()),
             rename_lock: Mutex::new(()),
+            leases: Arc::new(Mutex::new(lease::Leases::default())),
+            deferred_lock: Mutex::new(()),
             options,
             recovery,
         };
@@ -304,6 +312,7 @@ impl Fs {
         }
         if !fs.options.read_only {
             fs.free_all_orphans(&state)?;
+            fs.free_deferred_at_mount()?;
             let _g = fs.state.lock();
             let mut st = read_state(fs.media.as_ref())?;
             st.clean = 0;

@@ -381,3 +381,67 @@ fn concurrent_threads_in_one_directory() {
     assert_eq!(count, 4 * (150 - 30));
     check(&fs);
 }
+
+#[test]
+fn leases_defer_frees_until_they_end_and_mount_frees_leftovers() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"mapped", 0o100644, 0).unwrap();
+    fs.setattr(
+        &C,
+        f.ino,
+        &SetAttr {
+            size: Some(6 * MIB),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (lease, exts) = fs.map_direct(f.ino, 0, 6 * MIB).unwrap();
+    // Holes were allocated and zeroed: the whole range is mapped.
+    assert_eq!(exts.iter().map(|e| e.len).sum::<u64>(), 6 * MIB);
+    assert!(exts.iter().all(|e| !e.unwritten));
+    let mapped: Vec<(u64, u64)> = exts
+        .iter()
+        .map(|e| (e.device_offset, e.device_offset + e.len))
+        .collect();
+    let free_before = fs.statfs().bfree;
+    // Truncate while mapped: nothing is freed for reuse.
+    fs.setattr(
+        &C,
+        f.ino,
+        &SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(fs.statfs().bfree, free_before);
+    let g = fs.mknod(&C, ROOT_INO, b"other", 0o100644, 0).unwrap();
+    fs.write(&C, g.ino, 0, &vec![9u8; 8 * MIB as usize])
+        .unwrap();
+    for e in fs.layout(g.ino).unwrap() {
+        for &(s, t) in &mapped {
+            assert!(
+                e.device_offset + e.len <= s || e.device_offset >= t,
+                "mapped blocks reused"
+            );
+        }
+    }
+    check(&fs);
+    fs.end_lease(lease).unwrap();
+    assert_eq!(fs.lease_count(), 0);
+    assert_eq!(
+        fs.statfs().bfree,
+        free_before - 8 * MIB / 4096 + 6 * MIB / 4096
+    );
+    check(&fs);
+    // Deferred frees left by a crash are completed at mount.
+    let (_lease, _) = fs.map_direct(g.ino, 0, 8 * MIB).unwrap();
+    fs.unlink(ROOT_INO, b"other").unwrap();
+    fs.forget(g.ino, 1);
+    drop(fs);
+    let fs = mount(&media);
+    // The truncated file's 6 MiB were freed at lease end, the unlinked 8 MiB at mount.
+    assert_eq!(fs.statfs().bfree, free_before + 6 * MIB / 4096);
+    check(&fs);
+}
