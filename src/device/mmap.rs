@@ -623,12 +623,12 @@ fn fs_magic(file: &File) -> Option<u64> {
 }
 
 /// Whether `file` lives on a memory-backed file system (tmpfs, hugetlbfs).
-fn is_memory_backed(file: &File) -> bool {
+pub(super) fn is_memory_backed(file: &File) -> bool {
     matches!(fs_magic(file), Some(TMPFS_MAGIC | HUGETLBFS_MAGIC))
 }
 
 /// The CPU-flush mode this CPU supports, or `None` where there is none (non-x86).
-fn cpu_flush_mode() -> Option<PersistenceMode> {
+pub(super) fn cpu_flush_mode() -> Option<PersistenceMode> {
     arch::detect()
 }
 
@@ -796,7 +796,7 @@ fn allocate_image(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod arch {
+pub(super) mod arch {
     //! x86-64 cache-line write-back, store fence and non-temporal stores.
 
     use super::PersistenceMode;
@@ -836,7 +836,7 @@ mod arch {
     /// # Safety
     /// `p` must point into a live mapping of ours, and `mode` must have come from
     /// [`detect`] (the instruction exists on this CPU).
-    pub(super) unsafe fn flush_line(mode: PersistenceMode, p: *const u8) {
+    pub(in crate::device) unsafe fn flush_line(mode: PersistenceMode, p: *const u8) {
         match mode {
             // SAFETY: the caller guarantees CLWB exists and `p` is mapped; CLWB writes a line
             // back without changing memory contents.
@@ -857,7 +857,7 @@ mod arch {
 
     /// Waits until earlier flushes and non-temporal stores are globally visible (durable on
     /// pmem with ADR).
-    pub(super) fn sfence() {
+    pub(in crate::device) fn sfence() {
         // SAFETY: SFENCE (SSE) exists on every x86-64 CPU and has no memory effects beyond
         // ordering.
         unsafe { _mm_sfence() };
@@ -896,7 +896,7 @@ mod arch {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-mod arch {
+pub(super) mod arch {
     //! No CPU-flush path off x86-64: `detect` returns `None`, so every device runs in msync
     //! mode and the other functions are never reached with a CPU-flush mode.
 
@@ -908,9 +908,9 @@ mod arch {
 
     /// # Safety
     /// Never unsafe here (does nothing); kept `unsafe` to match the x86-64 version.
-    pub(super) unsafe fn flush_line(_mode: PersistenceMode, _p: *const u8) {}
+    pub(in crate::device) unsafe fn flush_line(_mode: PersistenceMode, _p: *const u8) {}
 
-    pub(super) fn sfence() {
+    pub(in crate::device) fn sfence() {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 

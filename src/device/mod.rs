@@ -21,6 +21,7 @@
 //! fence is a store guaranteed to survive a power failure. Stores of 8 aligned bytes are atomic
 //! with respect to power failure; nothing larger is.
 
+pub mod dax;
 mod mmap;
 mod recording;
 
