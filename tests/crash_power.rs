@@ -343,7 +343,8 @@ fn allocating_writes_and_unlink_of_open_file() {
         // Past the end, into a new chunk: new blocks and the size, exposed atomically.
         // (Overwrites in place are not atomic by contract, so not checked here; after the
         // first chunk moved into an aligned chunk, its holes are zeroed blocks.)
-        fs.write(&C, big, 6 << 20, &pattern(5000, 9)).expect("extend");
+        fs.write(&C, big, 6 << 20, &pattern(5000, 9))
+            .expect("extend");
     });
     s.verify("allocating writes+unlink open");
 }
