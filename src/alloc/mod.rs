@@ -1,102 +1,400 @@
-//! PLACEHOLDER block allocator (naive first fit) so dependants compile while the real
-//! allocator is being written; the allocator's author replaces this whole file.
+//! The block allocator: which 4 KiB blocks are free, and a 2 MiB-aware policy for handing
+//! them out.
+//!
+//! **Persistent truth** is the block bitmap at [`Geometry::bitmap_offset`]: one bit per block,
+//! bit `b` is bit `b % 64` of the little-endian `u64` word `b / 64`, set = allocated. Blocks
+//! `0..meta_end` and every bit at or past `block_count` are always set. The bitmap changes only
+//! through journal transactions ([`Tx::set_bits`], [`Tx::clear_bits`]).
+//!
+//! **The in-memory index** is built from the bitmap once, at [`BlockAllocator::open`], and
+//! then kept in step with it. Invariants:
+//! - A block is free in the index only if its bit is clear and the clear is committed. So
+//!   [`BlockAllocator::free`] clears the bits at once but returns the blocks to the index only
+//!   from a [`Tx::on_commit`] hook: a block freed by a transaction that may still roll back is
+//!   never handed out.
+//! - A block leaves the index before its bit is set: [`BlockAllocator::allocate`] takes it,
+//!   then sets the bit in its transaction, and an [`Tx::on_abort`] hook returns it if the
+//!   transaction rolls back (the rollback clears the bit first).
+//! - Hence no block is ever handed out twice, and while no transaction is in flight the index
+//!   equals the bitmap ([`BlockAllocator::check_against_bitmap`]).
+//!
+//! **Policies** ([`AllocPolicy`]): `HugeAware` (default, WineFS-like, see `huge.rs`) keeps free
+//! space in whole 2 MiB chunks for large requests and packs small requests into chunks set
+//! aside for them, sharded into per-thread arenas; `FirstFit` is a naive first fit over the
+//! whole bitmap for comparison.
+
+mod bits;
+mod first_fit;
+mod huge;
+#[cfg(test)]
+mod tests;
+
 use crate::device::{DeviceError, Media};
-use crate::format::Geometry;
+use crate::format::{BLOCK_SIZE, CHUNK_BLOCKS, Geometry};
 use crate::journal::{JournalError, Tx};
-use parking_lot::Mutex;
+use first_fit::FirstFitIndex;
+use huge::HugeIndex;
+use std::fmt;
 use std::sync::Arc;
 
+/// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AllocError {
+    /// No free run of at least the requested minimum length.
     #[error("no space left on device")]
     NoSpace,
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A request the allocator refuses: a free of blocks that are not allocated or lie outside
+    /// the data area, an empty request. Nothing was changed.
     #[error("corrupted: {0}")]
     Corrupted(String),
 }
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+
+/// A run of blocks `start..start + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockRange {
     pub start: u64,
     pub len: u64,
 }
-#[derive(Clone, Copy, Debug)]
+
+impl BlockRange {
+    /// One past the last block.
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+}
+
+/// What to allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocRequest {
+    /// Blocks wanted (at most this many are returned).
     pub blocks: u64,
+    /// Accept a shorter run down to this many (clamped to `1..=blocks`).
     pub min_blocks: u64,
+    /// Want whole 2 MiB-aligned chunks (meaningful for multiples of `CHUNK_BLOCKS`): the
+    /// result is aligned while whole free chunks remain; after that, the largest small runs.
     pub aligned: bool,
+    /// Prefer the blocks right after this one (extending a file in place).
     pub goal: Option<u64>,
 }
-#[derive(Debug)]
-pub struct BlockAllocator {
-    free: Arc<Mutex<Vec<bool>>>,
-    base: u64,
-    g: Geometry,
-}
-impl BlockAllocator {
-    pub fn open(media: &dyn Media, g: &Geometry) -> Result<Arc<Self>, AllocError> {
-        let mut free = vec![false; g.block_count as usize];
-        for b in 0..g.block_count {
-            let w = media.load_u64(g.bitmap_offset() + b / 64 * 8)?;
-            free[b as usize] = w & (1 << (b % 64)) == 0;
+
+impl AllocRequest {
+    /// Exactly `blocks` contiguous blocks, anywhere.
+    pub fn exact(blocks: u64) -> Self {
+        Self {
+            blocks,
+            min_blocks: blocks,
+            aligned: false,
+            goal: None,
         }
+    }
+}
+
+/// How the allocator chooses blocks, fixed at open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AllocPolicy {
+    /// WineFS-like: whole aligned chunks for 2 MiB multiples, small requests packed into
+    /// chunks set aside for them, per-thread arenas.
+    #[default]
+    HugeAware,
+    /// First fit over the whole bitmap, ignoring alignment, one lock (for comparison).
+    FirstFit,
+}
+
+enum Index {
+    Huge(HugeIndex),
+    FirstFit(FirstFitIndex),
+}
+
+impl Index {
+    fn release(&self, r: BlockRange) {
+        match self {
+            Self::Huge(h) => h.release(r),
+            Self::FirstFit(f) => f.release(r),
+        }
+    }
+}
+
+/// The block allocator of one mounted file system. Shared as an `Arc`; every method takes
+/// `&self` and may be called from any number of threads.
+pub struct BlockAllocator {
+    /// Shared with the transactions' commit and abort hooks.
+    index: Arc<Index>,
+    geometry: Geometry,
+    policy: AllocPolicy,
+}
+
+impl fmt::Debug for BlockAllocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockAllocator")
+            .field("policy", &self.policy)
+            .field("block_count", &self.geometry.block_count)
+            .field("meta_end", &self.geometry.meta_end)
+            .field("free_blocks", &self.free_blocks())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Arenas of the huge-aware policy: two per CPU, so threads rarely share one.
+fn default_arenas() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() * 2)
+}
+
+/// Reads `words` words of the bitmap, in large pieces.
+fn read_bitmap(media: &dyn Media, g: &Geometry, words: u64) -> Result<Vec<u64>, DeviceError> {
+    const PIECE: u64 = 256 << 10;
+    let total = words * 8;
+    let mut out = Vec::with_capacity(words as usize);
+    let mut buf = vec![0u8; PIECE.min(total) as usize];
+    let mut done = 0u64;
+    while done < total {
+        let n = PIECE.min(total - done) as usize;
+        let piece = buf.get_mut(..n).unwrap_or_default();
+        media.read(g.bitmap_offset() + done, piece)?;
+        out.extend(
+            piece
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0xff; 8]))),
+        );
+        done += n as u64;
+    }
+    Ok(out)
+}
+
+impl BlockAllocator {
+    /// Opens the allocator with the default (huge-aware) policy: reads the bitmap once and
+    /// builds the in-memory index.
+    pub fn open(media: &dyn Media, geometry: &Geometry) -> Result<Arc<Self>, AllocError> {
+        Self::open_with_policy(media, geometry, AllocPolicy::default())
+    }
+
+    /// Opens the allocator with `policy`.
+    pub fn open_with_policy(
+        media: &dyn Media,
+        geometry: &Geometry,
+        policy: AllocPolicy,
+    ) -> Result<Arc<Self>, AllocError> {
+        Self::open_with_arenas(media, geometry, policy, default_arenas())
+    }
+
+    /// Opens the allocator with `policy` and, for the huge-aware policy, `arenas` small-block
+    /// arenas (clamped to at least 1).
+    pub fn open_with_arenas(
+        media: &dyn Media,
+        geometry: &Geometry,
+        policy: AllocPolicy,
+        arenas: usize,
+    ) -> Result<Arc<Self>, AllocError> {
+        let g = *geometry;
+        if !g.is_data_range(g.meta_end, 0) || g.bitmap_blocks * BLOCK_SIZE * 8 < g.block_count {
+            return Err(AllocError::Corrupted(
+                "geometry: bitmap smaller than the device".into(),
+            ));
+        }
+        let words = read_bitmap(media, &g, g.block_count.div_ceil(64))?;
+        let index = match policy {
+            AllocPolicy::HugeAware => {
+                Index::Huge(HugeIndex::build(&words, g.block_count, g.meta_end, arenas))
+            }
+            AllocPolicy::FirstFit => {
+                Index::FirstFit(FirstFitIndex::build(&words, g.block_count, g.meta_end))
+            }
+        };
         Ok(Arc::new(Self {
-            free: Arc::new(Mutex::new(free)),
-            base: g.bitmap_offset(),
-            g: *g,
+            index: Arc::new(index),
+            geometry: g,
+            policy,
         }))
     }
-    pub fn allocate(&self, tx: &mut Tx<'_>, r: AllocRequest) -> Result<BlockRange, AllocError> {
-        let got = {
-            let mut f = self.free.lock();
-            let step = if r.aligned { 512 } else { 1 };
-            let mut s = self.g.meta_end.next_multiple_of(step);
-            let mut found = None;
-            while s < self.g.block_count {
-                let mut n = 0;
-                while n < r.blocks && s + n < self.g.block_count && f[(s + n) as usize] {
-                    n += 1;
-                }
-                if n >= r.min_blocks.max(1) && (!r.aligned || n % 512 == 0 || n >= r.blocks) {
-                    found = Some(BlockRange { start: s, len: n });
-                    break;
-                }
-                s += step;
-            }
-            let got = found.ok_or(AllocError::NoSpace)?;
-            for b in got.start..got.start + got.len {
-                f[b as usize] = false;
-            }
-            got
-        };
-        let fr = Arc::clone(&self.free);
-        tx.on_abort(move || {
-            let mut f = fr.lock();
-            for b in got.start..got.start + got.len {
-                f[b as usize] = true;
-            }
-        });
-        tx.set_bits(self.base, got.start, got.len)?;
+
+    pub fn policy(&self) -> AllocPolicy {
+        self.policy
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Small-block arenas (1 for the first-fit policy).
+    pub fn arena_count(&self) -> usize {
+        match self.index.as_ref() {
+            Index::Huge(h) => h.arena_count(),
+            Index::FirstFit(_) => 1,
+        }
+    }
+
+    /// Allocates a run of `min_blocks..=blocks` blocks in `tx`: takes it out of the index at
+    /// once, sets its bits in the bitmap through `tx`, and gives it back to the index if `tx`
+    /// rolls back. Returns [`AllocError::NoSpace`] when no run of `min_blocks` is free.
+    pub fn allocate(&self, tx: &mut Tx<'_>, req: AllocRequest) -> Result<BlockRange, AllocError> {
+        if req.blocks == 0 {
+            return Err(AllocError::Corrupted("allocation of zero blocks".into()));
+        }
+        let n = req.blocks.min(self.data_blocks());
+        let min = req.min_blocks.clamp(1, n);
+        if req.min_blocks > n {
+            return Err(AllocError::NoSpace);
+        }
+        let got = match self.index.as_ref() {
+            Index::Huge(h) => h.take(n, min, req.aligned, req.goal),
+            Index::FirstFit(f) => f.take(n, min, req.goal),
+        }
+        .ok_or(AllocError::NoSpace)?;
+        debug_assert!(got.len >= min && got.len <= n);
+        // Register the give-back before touching the bitmap: whatever happens from here,
+        // a rollback returns the blocks (the rollback undoes the bits first).
+        let index = Arc::clone(&self.index);
+        tx.on_abort(move || index.release(got));
+        tx.set_bits(self.geometry.bitmap_offset(), got.start, got.len)?;
         Ok(got)
     }
-    pub fn free(&self, tx: &mut Tx<'_>, r: BlockRange) -> Result<(), AllocError> {
-        tx.clear_bits(self.base, r.start, r.len)?;
-        let fr = Arc::clone(&self.free);
-        tx.on_commit(move || {
-            let mut f = fr.lock();
-            for b in r.start..r.start + r.len {
-                f[b as usize] = true;
+
+    /// Frees `range` in `tx`: clears its bits at once; the blocks become allocatable again
+    /// only when `tx` commits. Refuses ([`AllocError::Corrupted`]) a range outside the data
+    /// area or with a block that is not allocated in the bitmap.
+    pub fn free(&self, tx: &mut Tx<'_>, range: BlockRange) -> Result<(), AllocError> {
+        let g = &self.geometry;
+        if range.len == 0 || !g.is_data_range(range.start, range.len) {
+            return Err(AllocError::Corrupted(format!(
+                "free of blocks {}+{} outside the data area {}..{}",
+                range.start, range.len, g.meta_end, g.block_count
+            )));
+        }
+        let media = tx.media();
+        let base = g.bitmap_offset();
+        let mut bad = None;
+        let mut err = None;
+        bits::for_each_word(range.start, range.len, |w, mask| {
+            if bad.is_some() || err.is_some() {
+                return;
+            }
+            match media.load_u64(base + w as u64 * 8) {
+                Ok(word) if word & mask != mask => {
+                    bad = Some(w as u64 * 64 + u64::from((!word & mask).trailing_zeros()));
+                }
+                Ok(_) => {}
+                Err(e) => err = Some(e),
             }
         });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        if let Some(b) = bad {
+            return Err(AllocError::Corrupted(format!(
+                "free of blocks {}+{}: block {b} is not allocated",
+                range.start, range.len
+            )));
+        }
+        tx.clear_bits(base, range.start, range.len)?;
+        let index = Arc::clone(&self.index);
+        tx.on_commit(move || index.release(range));
         Ok(())
     }
+
+    /// Free blocks in the index (what statfs reports): whole free chunks and the free blocks
+    /// of small chunks. Frees of uncommitted transactions are not counted.
     pub fn free_blocks(&self) -> u64 {
-        self.free.lock().iter().filter(|&&x| x).count() as u64
+        match self.index.as_ref() {
+            Index::Huge(h) => h.free_blocks(),
+            Index::FirstFit(f) => f.free_blocks(),
+        }
     }
+
+    /// Blocks the allocator manages: `block_count - meta_end`.
     pub fn data_blocks(&self) -> u64 {
-        self.g.block_count - self.g.meta_end
+        self.geometry.block_count - self.geometry.meta_end
+    }
+
+    /// Whole, 2 MiB-aligned chunks whose blocks are all free.
+    pub fn free_chunks(&self) -> u64 {
+        match self.index.as_ref() {
+            Index::Huge(h) => h.free_chunks(),
+            Index::FirstFit(f) => f.free_chunks(),
+        }
+    }
+
+    /// Checks that the index equals the persistent bitmap (and the index's own invariants).
+    /// Valid only while no transaction that allocates or frees is in flight.
+    pub fn check_against_bitmap(&self, media: &dyn Media) -> Result<(), String> {
+        let g = &self.geometry;
+        let free = match self.index.as_ref() {
+            Index::Huge(h) => h.snapshot()?,
+            Index::FirstFit(f) => f.snapshot()?,
+        };
+        let words = g.bitmap_blocks * BLOCK_SIZE / 8;
+        let disk = read_bitmap(media, g, words).map_err(|e| format!("reading the bitmap: {e}"))?;
+        for (wi, &d) in disk.iter().enumerate() {
+            let expect = !free.get(wi).copied().unwrap_or(0);
+            if d != expect {
+                let diff = d ^ expect;
+                let b = wi as u64 * 64 + u64::from(diff.trailing_zeros());
+                let on_disk = if d & (diff & diff.wrapping_neg()) != 0 {
+                    "allocated"
+                } else {
+                    "free"
+                };
+                return Err(format!(
+                    "block {b}: {on_disk} in the bitmap, the opposite in the index \
+                     (meta_end {}, block_count {}, chunk {})",
+                    g.meta_end,
+                    g.block_count,
+                    b / CHUNK_BLOCKS
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Helpers for tests (also the integration tests under `tests/`): a fresh file system image
+/// on a [`RecordingDevice`](crate::device::RecordingDevice) with only what the allocator
+/// needs (journal slots and bitmap).
+#[doc(hidden)]
+pub mod test_support {
+    use super::*;
+    use crate::device::RecordingDevice;
+    use crate::journal::{Journal, format_slots};
+
+    /// A device with formatted journal slots and a fresh bitmap, and its journal.
+    #[derive(Debug)]
+    pub struct TestFs {
+        pub dev: Arc<RecordingDevice>,
+        pub geometry: Geometry,
+        pub journal: Journal,
+    }
+
+    /// Writes the bitmap of an empty file system: everything free but `0..meta_end` and the
+    /// bits past `block_count`.
+    pub fn write_fresh_bitmap(media: &dyn Media, g: &Geometry) -> Result<(), DeviceError> {
+        let words = g.bitmap_blocks * BLOCK_SIZE / 8;
+        let mut bytes = Vec::with_capacity((words * 8) as usize);
+        for wi in 0..words {
+            let w = !huge::valid_mask(wi, g.meta_end, g.block_count);
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        media.write(g.bitmap_offset(), &bytes)?;
+        media.flush(g.bitmap_offset(), bytes.len() as u64)?;
+        media.fence();
+        Ok(())
+    }
+
+    /// A fresh test file system of `size` bytes (64 MiB is the usual).
+    pub fn fresh(size: u64) -> Result<TestFs, AllocError> {
+        let g =
+            Geometry::for_device_size(size).map_err(|e| AllocError::Corrupted(e.to_string()))?;
+        let dev = Arc::new(RecordingDevice::new(size));
+        format_slots(dev.as_ref(), &g)?;
+        write_fresh_bitmap(dev.as_ref(), &g)?;
+        let media: Arc<dyn Media> = dev.clone();
+        let (journal, _) = Journal::open(media, g)?;
+        Ok(TestFs {
+            dev,
+            geometry: g,
+            journal,
+        })
     }
 }

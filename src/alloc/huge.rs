@@ -1,0 +1,754 @@
+//! The huge-page-aware index (WineFS-like), the default policy.
+//!
+//! Free space is kept in two kinds of places:
+//! - the **pool**: a bit set over 2 MiB chunks, one bit per chunk whose 512 blocks are all
+//!   free. Large requests take contiguous runs of pool chunks (first fit from low addresses);
+//!   small requests split one pool chunk at a time, taken from the high end, so that runs of
+//!   whole chunks stay long.
+//! - **arenas**: the small chunks. A chunk becomes small when it is first split (or at open,
+//!   when it is partly used); each small chunk is owned by exactly one arena, which keeps its
+//!   512-bit free map. Threads pick their arena by a thread-local number, so small
+//!   allocations from different threads take different locks. A small chunk whose blocks are
+//!   all free again goes back to the pool.
+//!
+//! Which structure holds a chunk is recorded in `owner[chunk]`: [`POOL`], [`NONE`] (every
+//! block allocated, no structure holds it: it was taken whole, or was full at open) or an
+//! arena number. Invariants (checked by [`HugeIndex::snapshot`]):
+//! - `owner[c] == POOL` ⇔ bit `c` of the pool is set ⇔ the chunk is whole, inside the data
+//!   area, and all its blocks are free.
+//! - `owner[c] == k` ⇔ arena `k` holds `c`; its map has a set bit exactly for each free
+//!   block, never for a block below `meta_end` or at/after `block_count`; it has 0..512
+//!   free blocks (512 only transiently, under the arena lock).
+//! - `owner[c] == NONE` ⇔ no structure holds `c` and all its blocks are allocated.
+//! - `free_blocks` = pool chunks × 512 + free blocks of every arena whenever no operation
+//!   is running; while one runs it may be higher, never lower (blocks are counted before
+//!   they become visible and uncounted after they are taken), so it never wraps.
+//!
+//! Locking: `owner[c]` changes away from `POOL` only under the pool lock, away from arena
+//! `k` only under arena `k`'s lock (and the pool lock, when it goes to the pool), and away
+//! from `NONE` by a compare-exchange made while holding the lock of the destination. A reader
+//! loads `owner[c]`, locks what it names, and re-checks. Lock order: at most one arena, then
+//! the pool; the consistency snapshot takes every arena in ascending order, then the pool.
+
+use super::BlockRange;
+use super::bits;
+use crate::format::CHUNK_BLOCKS;
+use parking_lot::{Mutex, MutexGuard};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// `owner` value: the chunk is whole and free, in the pool.
+const POOL: u32 = u32::MAX;
+/// `owner` value: the chunk is fully allocated and held by no structure.
+const NONE: u32 = u32::MAX - 1;
+/// Words of a chunk's free map.
+const CHUNK_WORDS: usize = (CHUNK_BLOCKS / 64) as usize;
+
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// A number per thread, handed out in order of first use: the thread's arena is this
+    /// number modulo the arena count, so up to that many threads never share an arena.
+    static THREAD_NO: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A chunk set aside for small allocations.
+#[derive(Clone, Debug)]
+struct SmallChunk {
+    /// Set bit = free block.
+    map: [u64; CHUNK_WORDS],
+    /// Number of set bits of `map`.
+    free: u32,
+    /// Longest run of set bits of `map` (lets searches skip chunks cheaply).
+    max_run: u32,
+}
+
+impl SmallChunk {
+    fn from_map(map: [u64; CHUNK_WORDS]) -> Self {
+        let mut c = Self {
+            map,
+            free: 0,
+            max_run: 0,
+        };
+        c.refresh();
+        c
+    }
+
+    fn refresh(&mut self) {
+        self.free = self.map.iter().map(|w| w.count_ones()).sum();
+        self.max_run = bits::longest_run(&self.map, 0, CHUNK_BLOCKS) as u32;
+    }
+
+    fn take(&mut self, off: u64, len: u64) {
+        debug_assert!(bits::all_set(&self.map, off, len));
+        bits::clear_range(&mut self.map, off, len);
+        self.refresh();
+    }
+
+    fn give(&mut self, off: u64, len: u64) {
+        bits::set_range(&mut self.map, off, len);
+        self.refresh();
+    }
+}
+
+/// One shard of the small-block space.
+#[derive(Debug, Default)]
+struct Arena {
+    chunks: HashMap<u64, SmallChunk>,
+    /// Chunks of `chunks` with at least one free block, in address order.
+    avail: BTreeSet<u64>,
+}
+
+impl Arena {
+    fn insert(&mut self, c: u64, chunk: SmallChunk) {
+        if chunk.free > 0 {
+            self.avail.insert(c);
+        }
+        self.chunks.insert(c, chunk);
+    }
+
+    fn sync_avail(&mut self, c: u64) {
+        match self.chunks.get(&c) {
+            Some(ch) if ch.free > 0 => {
+                self.avail.insert(c);
+            }
+            _ => {
+                self.avail.remove(&c);
+            }
+        }
+    }
+
+    /// Takes `len` blocks at offset `off` of chunk `c` (they must be free).
+    fn take_in(&mut self, c: u64, off: u64, len: u64) {
+        if let Some(ch) = self.chunks.get_mut(&c) {
+            ch.take(off, len);
+        }
+        self.sync_avail(c);
+    }
+
+    /// Takes the first run of `n` free blocks (lowest chunk first); returns its first block.
+    fn take_fit(&mut self, n: u64) -> Option<u64> {
+        let (c, off) = self.avail.iter().find_map(|&c| {
+            let ch = self.chunks.get(&c)?;
+            if u64::from(ch.max_run) < n {
+                return None;
+            }
+            let (off, _) = bits::find_run(&ch.map, 0, CHUNK_BLOCKS, n, n)?;
+            Some((c, off))
+        })?;
+        self.take_in(c, off, n);
+        Some(c * CHUNK_BLOCKS + off)
+    }
+
+    /// The longest free run of the arena: (chunk, offset, length).
+    fn best(&self) -> Option<(u64, u64, u64)> {
+        let (c, ch) = self
+            .avail
+            .iter()
+            .filter_map(|c| self.chunks.get(c).map(|ch| (*c, ch)))
+            .max_by_key(|(c, ch)| (ch.max_run, std::cmp::Reverse(*c)))?;
+        let run = u64::from(ch.max_run);
+        let (off, len) = bits::find_run(&ch.map, 0, CHUNK_BLOCKS, run, run)?;
+        Some((c, off, len))
+    }
+}
+
+/// The whole free chunks.
+#[derive(Debug)]
+struct Pool {
+    /// Set bit = chunk in the pool.
+    map: Vec<u64>,
+    /// Number of set bits.
+    count: u64,
+    /// Whole chunks on the device (a trailing partial chunk is never in the pool).
+    chunks: u64,
+    /// No chunk below `low` is in the pool.
+    low: u64,
+    /// No chunk at or above `high` is in the pool.
+    high: u64,
+}
+
+impl Pool {
+    fn new(chunks: u64) -> Self {
+        Self {
+            map: vec![0; chunks.div_ceil(64) as usize],
+            count: 0,
+            chunks,
+            low: chunks,
+            high: 0,
+        }
+    }
+
+    fn contains(&self, c: u64) -> bool {
+        bits::get(&self.map, c)
+    }
+
+    fn insert(&mut self, c: u64) {
+        if c < self.chunks && !self.contains(c) {
+            bits::set_range(&mut self.map, c, 1);
+            self.count += 1;
+            self.low = self.low.min(c);
+            self.high = self.high.max(c + 1);
+        }
+    }
+
+    fn remove(&mut self, c: u64) -> bool {
+        if !self.contains(c) {
+            return false;
+        }
+        bits::clear_range(&mut self.map, c, 1);
+        self.count -= 1;
+        true
+    }
+
+    /// First run of `want` chunks, else the longest run of at least `min`: (first, length
+    /// taken). Removes them.
+    fn take_run(&mut self, want: u64, min: u64) -> Option<(u64, u64)> {
+        self.low = bits::next_set(&self.map, self.low, self.chunks).unwrap_or(self.chunks);
+        let (c, len) = bits::find_run(&self.map, self.low, self.chunks, want, min)?;
+        let len = len.min(want);
+        bits::clear_range(&mut self.map, c, len);
+        self.count -= len;
+        Some((c, len))
+    }
+
+    /// The highest chunk of the pool, removed.
+    fn take_last(&mut self) -> Option<u64> {
+        let c = bits::prev_set(&self.map, self.high.min(self.chunks));
+        self.high = c.map_or(0, |c| c + 1);
+        let c = c?;
+        self.remove(c);
+        Some(c)
+    }
+}
+
+/// Cache-line padding, so that arenas' locks do not share a line.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// The huge-page-aware in-memory index of free blocks.
+#[derive(Debug)]
+pub(super) struct HugeIndex {
+    block_count: u64,
+    meta_end: u64,
+    /// Who holds each chunk (including a trailing partial one); see the module doc.
+    owner: Box<[AtomicU32]>,
+    pool: Mutex<Pool>,
+    arenas: Box<[Padded<Mutex<Arena>>]>,
+    free_blocks: AtomicU64,
+}
+
+impl HugeIndex {
+    /// Builds the index from the persistent bitmap (`persistent`: set bit = allocated; words
+    /// past its end count as allocated). Blocks below `meta_end` and at or past
+    /// `block_count` are allocated whatever the bitmap says.
+    pub(super) fn build(
+        persistent: &[u64],
+        block_count: u64,
+        meta_end: u64,
+        arenas: usize,
+    ) -> Self {
+        let n_chunks = block_count.div_ceil(CHUNK_BLOCKS);
+        let arenas = arenas.clamp(1, NONE as usize - 1);
+        let mut pool = Pool::new(block_count / CHUNK_BLOCKS);
+        let mut arena_vec: Vec<Arena> = (0..arenas).map(|_| Arena::default()).collect();
+        let mut owner = Vec::with_capacity(n_chunks as usize);
+        let mut free = 0u64;
+        let mut next_arena = 0usize;
+        for c in 0..n_chunks {
+            let mut map = [0u64; CHUNK_WORDS];
+            let base = c as usize * CHUNK_WORDS;
+            for (i, m) in map.iter_mut().enumerate() {
+                let wi = (base + i) as u64;
+                let p = persistent.get(base + i).copied().unwrap_or(u64::MAX);
+                *m = !p & valid_mask(wi, meta_end, block_count);
+            }
+            if map.iter().all(|&w| w == u64::MAX) {
+                pool.insert(c);
+                owner.push(AtomicU32::new(POOL));
+                free += CHUNK_BLOCKS;
+            } else if map.iter().all(|&w| w == 0) {
+                owner.push(AtomicU32::new(NONE));
+            } else {
+                let chunk = SmallChunk::from_map(map);
+                free += u64::from(chunk.free);
+                let k = next_arena % arenas;
+                next_arena += 1;
+                if let Some(a) = arena_vec.get_mut(k) {
+                    a.insert(c, chunk);
+                }
+                owner.push(AtomicU32::new(k as u32));
+            }
+        }
+        Self {
+            block_count,
+            meta_end,
+            owner: owner.into_boxed_slice(),
+            pool: Mutex::new(pool),
+            arenas: arena_vec
+                .into_iter()
+                .map(|a| Padded(Mutex::new(a)))
+                .collect(),
+            free_blocks: AtomicU64::new(free),
+        }
+    }
+
+    pub(super) fn free_blocks(&self) -> u64 {
+        self.free_blocks.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn free_chunks(&self) -> u64 {
+        self.pool.lock().count
+    }
+
+    pub(super) fn arena_count(&self) -> usize {
+        self.arenas.len()
+    }
+
+    fn my_arena(&self) -> usize {
+        THREAD_NO.with(|n| *n) % self.arenas.len()
+    }
+
+    fn arena(&self, k: usize) -> Option<MutexGuard<'_, Arena>> {
+        self.arenas.get(k).map(|a| a.0.lock())
+    }
+
+    fn taken(&self, n: u64) {
+        self.free_blocks.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn returned(&self, n: u64) {
+        self.free_blocks.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes free blocks out of the index for a request (`1 <= min <= n <= block_count`).
+    pub(super) fn take(
+        &self,
+        n: u64,
+        min: u64,
+        aligned: bool,
+        goal: Option<u64>,
+    ) -> Option<BlockRange> {
+        let large = n >= CHUNK_BLOCKS;
+        if let Some(start) = goal.and_then(|g| g.checked_add(1)) {
+            let whole_only = aligned && large;
+            if !whole_only || start % CHUNK_BLOCKS == 0 {
+                let max = if whole_only {
+                    n / CHUNK_BLOCKS * CHUNK_BLOCKS
+                } else {
+                    n
+                };
+                let got = self.take_at(start, max, whole_only);
+                let r = BlockRange { start, len: got };
+                if got >= min {
+                    return Some(r);
+                }
+                if got > 0 {
+                    self.release(r);
+                }
+            }
+        }
+        if large {
+            self.take_large(n, min)
+        } else {
+            self.take_small(n, min)
+        }
+    }
+
+    /// Takes the free blocks starting exactly at `start`, up to `max` of them; a whole pool
+    /// chunk is taken only entirely (never split here), and with `whole_only` nothing else
+    /// is. Returns how many it took (a contiguous run from `start`).
+    fn take_at(&self, start: u64, max: u64, whole_only: bool) -> u64 {
+        if start < self.meta_end || start >= self.block_count {
+            return 0;
+        }
+        let end = start.saturating_add(max).min(self.block_count);
+        let mut pos = start;
+        while pos < end {
+            let c = pos / CHUNK_BLOCKS;
+            let cs = c * CHUNK_BLOCKS;
+            let ce = (cs + CHUNK_BLOCKS).min(end);
+            let Some(owner) = self.owner.get(c as usize) else {
+                break;
+            };
+            let got = loop {
+                let o = owner.load(Ordering::Acquire);
+                match o {
+                    NONE => break 0,
+                    POOL => {
+                        if pos != cs || end - pos < CHUNK_BLOCKS {
+                            break 0;
+                        }
+                        let mut pool = self.pool.lock();
+                        if owner.load(Ordering::Acquire) != POOL {
+                            continue;
+                        }
+                        if !pool.remove(c) {
+                            log::error!("allocator: chunk {c} marked free but not in the pool");
+                            break 0;
+                        }
+                        owner.store(NONE, Ordering::Release);
+                        break CHUNK_BLOCKS;
+                    }
+                    k => {
+                        if whole_only {
+                            break 0;
+                        }
+                        let Some(mut a) = self.arena(k as usize) else {
+                            break 0;
+                        };
+                        if owner.load(Ordering::Acquire) != k {
+                            continue;
+                        }
+                        let Some(ch) = a.chunks.get(&c) else {
+                            break 0;
+                        };
+                        let run = bits::next_clear(&ch.map, pos - cs, ce - cs) - (pos - cs);
+                        if run > 0 {
+                            a.take_in(c, pos - cs, run);
+                        }
+                        break run;
+                    }
+                }
+            };
+            self.taken(got);
+            pos += got;
+            if got == 0 || pos < ce {
+                break;
+            }
+        }
+        pos - start
+    }
+
+    /// Requests of 2 MiB and more: whole chunks from the pool, else the largest small runs.
+    fn take_large(&self, n: u64, min: u64) -> Option<BlockRange> {
+        let whole = n / CHUNK_BLOCKS;
+        if min <= whole * CHUNK_BLOCKS {
+            if let Some(r) = self.take_pool_run(whole, min.div_ceil(CHUNK_BLOCKS).max(1)) {
+                return Some(r);
+            }
+        } else if let Some(r) =
+            self.take_pool_run(n.div_ceil(CHUNK_BLOCKS), min.div_ceil(CHUNK_BLOCKS))
+        {
+            // The caller needs more than the whole chunks of its request in one piece: give
+            // back the tail of the last chunk (it becomes a small chunk).
+            let len = r.len.min(n);
+            if r.len > len {
+                self.release(BlockRange {
+                    start: r.start + len,
+                    len: r.len - len,
+                });
+            }
+            return Some(BlockRange {
+                start: r.start,
+                len,
+            });
+        }
+        self.take_best_small(n, min)
+    }
+
+    fn take_pool_run(&self, want: u64, min: u64) -> Option<BlockRange> {
+        let mut pool = self.pool.lock();
+        let (c, len) = pool.take_run(want, min)?;
+        for i in c..c + len {
+            if let Some(o) = self.owner.get(i as usize) {
+                o.store(NONE, Ordering::Release);
+            }
+        }
+        drop(pool);
+        self.taken(len * CHUNK_BLOCKS);
+        Some(BlockRange {
+            start: c * CHUNK_BLOCKS,
+            len: len * CHUNK_BLOCKS,
+        })
+    }
+
+    /// Requests below 2 MiB: a run of `n` in the thread's arena (its lock only: the common
+    /// case), else in another arena, else a fresh chunk split off the pool into the thread's
+    /// arena, else the longest run anywhere (at least `min`).
+    fn take_small(&self, n: u64, min: u64) -> Option<BlockRange> {
+        let k = self.my_arena();
+        let fit = |start| Some(BlockRange { start, len: n });
+        if let Some(start) = self.arena(k).and_then(|mut a| a.take_fit(n)) {
+            self.taken(n);
+            return fit(start);
+        }
+        // Other arenas: first those that are not busy, then (before splitting a chunk,
+        // which costs a whole free chunk for good) the busy ones too.
+        let count = self.arenas.len();
+        let mut busy = Vec::new();
+        for i in 1..count {
+            let j = (k + i) % count;
+            let Some(slot) = self.arenas.get(j) else {
+                continue;
+            };
+            match slot.0.try_lock() {
+                Some(mut a) => {
+                    if let Some(start) = a.take_fit(n) {
+                        drop(a);
+                        self.taken(n);
+                        return fit(start);
+                    }
+                }
+                None => busy.push(j),
+            }
+        }
+        for j in busy {
+            if let Some(start) = self.arena(j).and_then(|mut a| a.take_fit(n)) {
+                self.taken(n);
+                return fit(start);
+            }
+        }
+        if let Some(mut a) = self.arena(k) {
+            if let Some(start) = a.take_fit(n) {
+                self.taken(n);
+                return fit(start);
+            }
+            let split = {
+                let mut pool = self.pool.lock();
+                let c = pool.take_last();
+                if let Some(o) = c.and_then(|c| self.owner.get(c as usize)) {
+                    o.store(k as u32, Ordering::Release);
+                }
+                c
+            };
+            if let Some(c) = split {
+                a.insert(c, SmallChunk::from_map([u64::MAX; CHUNK_WORDS]));
+                a.take_in(c, 0, n);
+                self.taken(n);
+                return fit(c * CHUNK_BLOCKS);
+            }
+        }
+        self.take_best_small(n, min)
+    }
+
+    /// The longest free run of the small chunks, if at least `min` (capped at `n`).
+    fn take_best_small(&self, n: u64, min: u64) -> Option<BlockRange> {
+        for _attempt in 0..4 {
+            let mut best: Option<(usize, u64)> = None;
+            for (j, slot) in self.arenas.iter().enumerate() {
+                let mut a = slot.0.lock();
+                let Some((c, off, len)) = a.best() else {
+                    continue;
+                };
+                if len >= n {
+                    a.take_in(c, off, n);
+                    drop(a);
+                    self.taken(n);
+                    return Some(BlockRange {
+                        start: c * CHUNK_BLOCKS + off,
+                        len: n,
+                    });
+                }
+                if len >= min && best.is_none_or(|(_, l)| len > l) {
+                    best = Some((j, len));
+                }
+            }
+            let (j, _) = best?;
+            let mut a = self.arena(j)?;
+            if let Some((c, off, len)) = a.best().filter(|&(_, _, len)| len >= min) {
+                let len = len.min(n);
+                a.take_in(c, off, len);
+                drop(a);
+                self.taken(len);
+                return Some(BlockRange {
+                    start: c * CHUNK_BLOCKS + off,
+                    len,
+                });
+            }
+            // Someone took it meanwhile: look again.
+        }
+        None
+    }
+
+    /// Returns a range to the index (a committed free, or a rolled-back allocation). The
+    /// range must be allocated in the index; blocks that are not are left alone and logged.
+    pub(super) fn release(&self, r: BlockRange) {
+        let end = r.start.saturating_add(r.len).min(self.block_count);
+        let mut pos = r.start.max(self.meta_end);
+        while pos < end {
+            let c = pos / CHUNK_BLOCKS;
+            let ce = ((c + 1) * CHUNK_BLOCKS).min(end);
+            self.release_segment(c, pos - c * CHUNK_BLOCKS, ce - pos);
+            pos = ce;
+        }
+    }
+
+    fn release_segment(&self, c: u64, off: u64, len: u64) {
+        let Some(owner) = self.owner.get(c as usize) else {
+            return;
+        };
+        let whole = off == 0 && len == CHUNK_BLOCKS;
+        loop {
+            match owner.load(Ordering::Acquire) {
+                POOL => {
+                    log::error!(
+                        "allocator: release of free blocks {}..{} (chunk already free)",
+                        c * CHUNK_BLOCKS + off,
+                        c * CHUNK_BLOCKS + off + len
+                    );
+                    return;
+                }
+                NONE if whole => {
+                    let mut pool = self.pool.lock();
+                    if owner
+                        .compare_exchange(NONE, POOL, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    // Count before the blocks can be taken again: the counter never
+                    // drops below what the index holds, so it never wraps.
+                    self.returned(CHUNK_BLOCKS);
+                    pool.insert(c);
+                    return;
+                }
+                NONE => {
+                    let k = self.my_arena();
+                    let Some(mut a) = self.arena(k) else {
+                        return;
+                    };
+                    if owner
+                        .compare_exchange(NONE, k as u32, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    a.insert(c, SmallChunk::from_map([0; CHUNK_WORDS]));
+                    self.give_locked(&mut a, c, off, len);
+                    return;
+                }
+                k => {
+                    let Some(mut a) = self.arena(k as usize) else {
+                        return;
+                    };
+                    if owner.load(Ordering::Acquire) != k {
+                        continue;
+                    }
+                    self.give_locked(&mut a, c, off, len);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Marks blocks of a small chunk free, under its arena's lock; a chunk that becomes
+    /// entirely free goes back to the pool.
+    fn give_locked(&self, a: &mut Arena, c: u64, off: u64, len: u64) {
+        let Some(ch) = a.chunks.get_mut(&c) else {
+            log::error!("allocator: chunk {c} not found in its arena");
+            return;
+        };
+        if !bits::all_clear(&ch.map, off, len) {
+            log::error!(
+                "allocator: release of free blocks in {}..{}",
+                c * CHUNK_BLOCKS + off,
+                c * CHUNK_BLOCKS + off + len
+            );
+            return;
+        }
+        ch.give(off, len);
+        self.returned(len);
+        if u64::from(ch.free) == CHUNK_BLOCKS {
+            a.chunks.remove(&c);
+            a.avail.remove(&c);
+            let mut pool = self.pool.lock();
+            if let Some(o) = self.owner.get(c as usize) {
+                o.store(POOL, Ordering::Release);
+            }
+            pool.insert(c);
+        } else {
+            a.sync_avail(c);
+        }
+    }
+
+    /// The free map of the whole device (set bit = free; `block_count.div_ceil(64)` words),
+    /// after checking the index's own invariants. Takes every lock: call it only while no
+    /// allocation or free is running.
+    pub(super) fn snapshot(&self) -> Result<Vec<u64>, String> {
+        let arenas: Vec<_> = self.arenas.iter().map(|a| a.0.lock()).collect();
+        let pool = self.pool.lock();
+        let mut out = vec![0u64; self.block_count.div_ceil(64) as usize];
+        let mut free = 0u64;
+        let mut held = 0usize;
+        for (c, o) in self.owner.iter().enumerate() {
+            let c = c as u64;
+            let o = o.load(Ordering::Acquire);
+            let in_pool = pool.contains(c);
+            if (o == POOL) != in_pool {
+                return Err(format!("chunk {c}: owner {o:#x} but in pool: {in_pool}"));
+            }
+            for (k, a) in arenas.iter().enumerate() {
+                if a.chunks.contains_key(&c) != (o == k as u32) {
+                    return Err(format!("chunk {c}: owner {o:#x}, arena {k} disagrees"));
+                }
+            }
+            let base = c * CHUNK_BLOCKS;
+            let map = match o {
+                POOL => {
+                    if base < self.meta_end || base + CHUNK_BLOCKS > self.block_count {
+                        return Err(format!("chunk {c} in the pool is not a whole data chunk"));
+                    }
+                    [u64::MAX; CHUNK_WORDS]
+                }
+                NONE => [0; CHUNK_WORDS],
+                k => {
+                    let ch = arenas
+                        .get(k as usize)
+                        .and_then(|a| a.chunks.get(&c))
+                        .ok_or_else(|| format!("chunk {c}: no arena {k}"))?;
+                    let check = SmallChunk::from_map(ch.map);
+                    if check.free != ch.free || check.max_run != ch.max_run {
+                        return Err(format!("chunk {c}: stale free count or run length"));
+                    }
+                    if u64::from(ch.free) == CHUNK_BLOCKS {
+                        return Err(format!("chunk {c}: entirely free but not in the pool"));
+                    }
+                    let in_avail = arenas.get(k as usize).is_some_and(|a| a.avail.contains(&c));
+                    if in_avail != (ch.free > 0) {
+                        return Err(format!("chunk {c}: avail set out of date"));
+                    }
+                    held += 1;
+                    ch.map
+                }
+            };
+            for (i, &w) in map.iter().enumerate() {
+                let wi = base / 64 + i as u64;
+                if w & !valid_mask(wi, self.meta_end, self.block_count) != 0 {
+                    return Err(format!("chunk {c}: free bits outside the data area"));
+                }
+                if let Some(x) = out.get_mut(wi as usize) {
+                    *x = w;
+                }
+                free += u64::from(w.count_ones());
+            }
+        }
+        if held != arenas.iter().map(|a| a.chunks.len()).sum::<usize>() {
+            return Err("an arena holds a chunk it does not own".into());
+        }
+        if pool.count
+            != bits::runs(&pool.map, 0, pool.chunks)
+                .map(|(_, l)| l)
+                .sum::<u64>()
+        {
+            return Err("pool count out of date".into());
+        }
+        let counted = self.free_blocks();
+        if free != counted {
+            return Err(format!("free block counter {counted}, index holds {free}"));
+        }
+        Ok(out)
+    }
+}
+
+/// Bits of word `wi` that are data blocks: `meta_end <= b < block_count`.
+pub(super) fn valid_mask(wi: u64, meta_end: u64, block_count: u64) -> u64 {
+    let lo = meta_end.max(wi * 64);
+    let hi = block_count.min(wi * 64 + 64);
+    if lo >= hi {
+        0
+    } else {
+        bits::word_mask(lo - wi * 64, hi - wi * 64)
+    }
+}
