@@ -273,6 +273,7 @@ fn kill9_under_load() {
                 let got = seen
                     .get(name)
                     .unwrap_or_else(|| panic!("round {round}: acknowledged file {name} lost"));
+                files_verified += 1;
                 assert!(
                     got == data,
                     "round {round}: {name}: content differs ({} vs {} bytes)",
