@@ -17,3 +17,4 @@ pub mod format;
 pub mod fs;
 pub mod journal;
 pub mod mkfs;
+pub mod repair;

@@ -41,6 +41,11 @@ pub enum ProblemKind {
     Unmarked { first: u64, count: u64 },
     BadParent { ino: u64 },
     Orphan(u64),
+    // Found by `repair::diagnose` before a check can run:
+    Superblock,
+    StateRecord,
+    JournalDamaged { slot: u32 },
+    InodeTableDir { entry: u64 },
 }
 
 /// One finding, with a one-line description naming the object.
@@ -59,6 +64,10 @@ pub struct Report {
     pub used_blocks: u64,
     /// Path (best known) of each inode reached from the root; for messages.
     pub paths: HashMap<u64, String>,
+    /// The block bitmap the device should have: one bit per block (bit `b % 64` of word
+    /// `b / 64`), set for every block some object references (and the bits past the end of
+    /// the device). fsck rebuilds the on-media bitmap from it.
+    pub referenced: Vec<u64>,
 }
 
 struct Checker<'a> {
@@ -424,7 +433,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     let mut bitmap = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
     media.read(geometry.bitmap_offset(), &mut bitmap)?;
     let mut run: Option<(bool, u64, u64)> = None; // (leaked?, first, count)
-    let mut flush = |c: &mut Checker<'_>, run: Option<(bool, u64, u64)>| {
+    let flush = |c: &mut Checker<'_>, run: Option<(bool, u64, u64)>| {
         if let Some((leaked, first, count)) = run {
             if leaked {
                 c.problem(
@@ -465,5 +474,6 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
         }
     }
     flush(&mut c, run);
+    c.report.referenced = std::mem::take(&mut c.refs);
     Ok(c.report)
 }

@@ -1,0 +1,433 @@
+//! A small file system with one object of every kind, and the damage classes fsck must
+//! find and repair. Shared by fsck/tests/fsck_damage.rs (through the binary) and
+//! tests/fsck_repair.rs (through `pmfs::repair`, on the in-memory device).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use pmfs::device::{Media, RecordingDevice};
+use pmfs::format::{ExtentRecord, Geometry, INODE_SIZE, Inode, SlotHeader, UndoHeader, checksum};
+use pmfs::fs::{Ctx, Fs, MountOptions};
+use pmfs::mkfs::{MkfsOptions, format};
+use std::collections::HashMap;
+use std::sync::Arc;
+use zerocopy::{FromBytes, IntoBytes};
+
+pub const MIB: u64 = 1 << 20;
+pub const ROOT: u64 = 1;
+const C: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
+const BLOCK: u64 = 4096;
+
+/// A formatted, populated, cleanly unmounted image and where its objects are.
+#[derive(Clone)]
+pub struct Image {
+    pub bytes: Vec<u8>,
+    pub g: Geometry,
+    /// Inode numbers by path.
+    pub ino: HashMap<&'static str, u64>,
+    /// Byte offset of each inode by number.
+    pub inode_off: HashMap<u64, u64>,
+    /// First block of inode-table chunk 0.
+    pub chunk0: u64,
+    /// A real orphan (unlinked while open).
+    pub orphan: u64,
+}
+
+impl Image {
+    pub fn inode(&self, path: &str) -> (u64, Inode) {
+        let ino = self.ino[path];
+        let off = self.inode_off[&ino] as usize;
+        let i = Inode::read_from_bytes(&self.bytes[off..off + INODE_SIZE as usize]).unwrap();
+        (ino, i)
+    }
+
+    /// Stores an inode (resealed when `seal`).
+    pub fn put_inode(&mut self, ino: u64, mut i: Inode, seal: bool) {
+        if seal {
+            i.seal();
+        }
+        let off = self.inode_off[&ino] as usize;
+        self.bytes[off..off + INODE_SIZE as usize].copy_from_slice(i.as_bytes());
+    }
+
+    pub fn u64_at(&self, off: u64) -> u64 {
+        let o = off as usize;
+        u64::from_le_bytes(self.bytes[o..o + 8].try_into().unwrap())
+    }
+
+    pub fn put_u64(&mut self, off: u64, v: u64) {
+        let o = off as usize;
+        self.bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// (level, children) of the B+tree node at `block`.
+    pub fn node(&self, block: u64) -> (u16, Vec<u64>) {
+        let o = (block * BLOCK) as usize;
+        let level = u16::from_le_bytes([self.bytes[o + 4], self.bytes[o + 5]]);
+        let count = usize::from(u16::from_le_bytes([self.bytes[o + 6], self.bytes[o + 7]]));
+        let mut children = Vec::new();
+        if level > 0 {
+            for k in 0..count {
+                children.push(self.u64_at(block * BLOCK + 32 + 16 * k as u64 + 8));
+            }
+        }
+        (level, children)
+    }
+
+    pub fn bit(&self, block: u64) -> bool {
+        let off = self.g.bitmap_offset() + block / 64 * 8;
+        self.u64_at(off) & (1 << (block % 64)) != 0
+    }
+
+    pub fn set_bit(&mut self, block: u64, on: bool) {
+        let off = self.g.bitmap_offset() + block / 64 * 8;
+        let w = self.u64_at(off);
+        let m = 1u64 << (block % 64);
+        self.put_u64(off, if on { w | m } else { w & !m });
+    }
+
+    /// Inline extents of a file without an extent tree.
+    pub fn inline_extents(&self, path: &str) -> Vec<ExtentRecord> {
+        let (_, i) = self.inode(path);
+        (0..i.inline_count as usize)
+            .map(|k| ExtentRecord::read_from_bytes(&i.inline[k * 24..k * 24 + 24]).unwrap())
+            .collect()
+    }
+
+    /// Finds the directory-entry payload for `name` -> `ino` in the blocks of the image.
+    pub fn find_entry(&self, ino: u64, name: &[u8]) -> usize {
+        let mut pat = ino.to_le_bytes().to_vec();
+        pat.push(0); // type byte, masked below
+        pat.push(name.len() as u8);
+        pat.extend_from_slice(name);
+        let start = (self.g.meta_end * BLOCK) as usize;
+        (start..self.bytes.len() - pat.len())
+            .find(|&o| {
+                self.bytes[o..o + 8] == pat[..8] && self.bytes[o + 9..o + pat.len()] == pat[9..]
+            })
+            .expect("entry not found")
+    }
+
+    pub fn media(&self) -> Arc<dyn Media> {
+        Arc::new(RecordingDevice::from_image(self.bytes.clone()))
+    }
+}
+
+/// The test file system: 64 MiB, with directories three deep, a file with an extent tree of
+/// two levels (150 extents), a directory of 300 entries (several leaves), hard links, a long
+/// symlink, an xattr, and an orphan.
+pub fn build() -> Image {
+    let dev = Arc::new(RecordingDevice::new(64 * MIB));
+    format(dev.as_ref(), &MkfsOptions::default()).unwrap();
+    let media: Arc<dyn Media> = dev.clone();
+    let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
+    let mut ino = HashMap::new();
+    let a = fs.mkdir(&C, ROOT, b"a", 0o755).unwrap().ino;
+    let b = fs.mkdir(&C, a, b"b", 0o755).unwrap().ino;
+    let c = fs.mkdir(&C, b, b"c", 0o755).unwrap().ino;
+    let file1 = fs.mknod(&C, a, b"file1", 0o100644, 0).unwrap().ino;
+    fs.write(&C, file1, 0, &vec![0x5a; 3 * 4096]).unwrap();
+    fs.link(file1, ROOT, b"hard").unwrap();
+    let frag = fs.mknod(&C, ROOT, b"frag", 0o100644, 0).unwrap().ino;
+    for k in 0..150u64 {
+        fs.write(&C, frag, 2 * k * 4096, &[k as u8; 4096]).unwrap();
+    }
+    let big = fs.mkdir(&C, ROOT, b"big", 0o755).unwrap().ino;
+    for k in 0..300 {
+        fs.mknod(&C, big, format!("entry-{k:04}").as_bytes(), 0o100644, 0)
+            .unwrap();
+    }
+    let link = fs.symlink(&C, c, b"link", &vec![b'x'; 300]).unwrap().ino;
+    fs.setxattr(file1, b"user.note", b"hello", 0).unwrap();
+    let gone = fs.mknod(&C, ROOT, b"gone", 0o100644, 0).unwrap().ino;
+    fs.write(&C, gone, 0, b"still open").unwrap();
+    fs.open(gone).unwrap();
+    fs.unlink(ROOT, b"gone").unwrap();
+    for (k, v) in [
+        ("/a", a),
+        ("/a/b", b),
+        ("/a/b/c", c),
+        ("/a/file1", file1),
+        ("/frag", frag),
+        ("/big", big),
+        ("/a/b/c/link", link),
+    ] {
+        ino.insert(k, v);
+    }
+    let mut inode_off = HashMap::new();
+    for v in ino.values().copied().chain([ROOT, gone]) {
+        inode_off.insert(v, fs.inode_table().offset(v).unwrap());
+    }
+    ino.insert("/", ROOT);
+    let g = *fs.geometry();
+    let chunk0 = fs.inode_table().chunk_blocks()[0];
+    fs.shutdown().unwrap();
+    drop(fs);
+    let report = pmfs::check::check(&media).unwrap();
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    Image {
+        bytes: dev.snapshot(),
+        g,
+        ino,
+        inode_off,
+        chunk0,
+        orphan: gone,
+    }
+}
+
+/// A damage class: its name, what fsck -n must print (a substring of one line), and how to
+/// inflict it.
+pub struct Damage {
+    pub name: &'static str,
+    pub expect: &'static str,
+    pub apply: fn(&mut Image),
+    /// fsck cannot repair it: exit 8 (operational error) instead of 4 then 1.
+    pub fatal: bool,
+}
+
+fn flip(img: &mut Image, off: u64, mask: u8) {
+    img.bytes[off as usize] ^= mask;
+}
+
+fn superblock(img: &mut Image) {
+    flip(img, 130, 0x10); // block_count: the checksum no longer matches
+    flip(img, 60, 0x01); // the label
+}
+
+fn backup_superblock(img: &mut Image) {
+    flip(img, 4096 + 8, 0x04);
+}
+
+fn inode_checksum(img: &mut Image) {
+    let off = img.inode_off[&img.ino["/a/file1"]];
+    flip(img, off + 40, 0x01); // mtime: only the checksum catches it
+}
+
+fn inode_garbage(img: &mut Image) {
+    let off = img.inode_off[&img.ino["/a/b/c/link"]] as usize;
+    for (k, b) in img.bytes[off..off + 256].iter_mut().enumerate() {
+        *b = (k as u8).wrapping_mul(37).wrapping_add(11);
+    }
+}
+
+fn dir_node(img: &mut Image) {
+    let (_, i) = img.inode("/big");
+    let (level, children) = img.node(i.tree_root);
+    assert!(level > 0, "/big should have several leaves");
+    flip(img, children[1] * BLOCK, 0xff); // a leaf's magic
+}
+
+fn extent_node(img: &mut Image) {
+    let (_, i) = img.inode("/frag");
+    let (level, children) = img.node(i.tree_root);
+    assert!(level > 0, "/frag should have a two-level extent tree");
+    flip(img, children[0] * BLOCK + 1, 0x20);
+}
+
+fn extent_cycle(img: &mut Image) {
+    let (_, i) = img.inode("/frag");
+    let (_, children) = img.node(i.tree_root);
+    assert!(children.len() >= 2);
+    // The second child pointer of the root points back at the root.
+    img.put_u64(i.tree_root * BLOCK + 32 + 16 + 8, i.tree_root);
+}
+
+fn bitmap(img: &mut Image) {
+    // A leaked block: the last block of the device, never used.
+    let last = img.g.block_count - 1;
+    assert!(!img.bit(last));
+    img.set_bit(last, true);
+    // A block in use marked free: the first data block of /a/file1.
+    let e = img.inline_extents("/a/file1")[0];
+    assert!(img.bit(e.dev_block));
+    img.set_bit(e.dev_block, false);
+}
+
+fn journal_garbage(img: &mut Image) {
+    let slot = img.g.slot_offset(1);
+    let generation = img.u64_at(slot + 8);
+    img.put_u64(slot + 8, generation | 1);
+    if generation % 2 == 1 {
+        img.put_u64(slot + 8, generation + 2);
+    }
+    for k in 0..200u64 {
+        img.bytes[(slot + 64 + k) as usize] = (k as u8).wrapping_mul(91) ^ 0xa5;
+    }
+}
+
+/// An open transaction whose first record is valid but targets the superblock (which no
+/// transaction may touch): the journal is damaged, not just open.
+fn journal_bad_target(img: &mut Image) {
+    let slot = img.g.slot_offset(2);
+    let generation = img.u64_at(slot + 8) + 1; // odd: open
+    img.put_u64(slot + 8, generation);
+    let payload = [0u8; 8];
+    let mut h = UndoHeader {
+        generation,
+        target: 0,
+        first: 0,
+        len: 8,
+        kind: 1,
+        pad: 0,
+        crc: 0,
+        pad2: 0,
+    };
+    let mut buf = h.as_bytes().to_vec();
+    buf.extend_from_slice(&payload);
+    h.crc = checksum(&buf);
+    let at = (slot + size_of::<SlotHeader>() as u64) as usize;
+    img.bytes[at..at + 40].copy_from_slice(h.as_bytes());
+    img.bytes[at + 40..at + 48].copy_from_slice(&payload);
+}
+
+/// An open transaction whose valid record rolls an inode back to a wrong link count.
+fn journal_rollback(img: &mut Image) {
+    let (ino, mut i) = img.inode("/a/file1");
+    let off = img.inode_off[&ino];
+    let slot = img.g.slot_offset(3);
+    let generation = img.u64_at(slot + 8) + 1;
+    img.put_u64(slot + 8, generation);
+    // The "old" contents the undo record restores: the inode as it is (so the rollback is
+    // harmless), while the in-place inode is changed as if the transaction had stored it.
+    let old = i.as_bytes().to_vec();
+    let mut h = UndoHeader {
+        generation,
+        target: off,
+        first: 0,
+        len: 256,
+        kind: 1,
+        pad: 0,
+        crc: 0,
+        pad2: 0,
+    };
+    let mut buf = h.as_bytes().to_vec();
+    buf.extend_from_slice(&old);
+    h.crc = checksum(&buf);
+    let at = (slot + 64) as usize;
+    img.bytes[at..at + 40].copy_from_slice(h.as_bytes());
+    img.bytes[at + 40..at + 296].copy_from_slice(&old);
+    i.nlink = 9;
+    img.put_inode(ino, i, true);
+}
+
+fn extent_out_of_bounds(img: &mut Image) {
+    let (ino, mut i) = img.inode("/a/file1");
+    let mut e = ExtentRecord::read_from_bytes(&i.inline[..24]).unwrap();
+    e.dev_block = img.g.block_count + 100;
+    i.inline[..24].copy_from_slice(e.as_bytes());
+    img.put_inode(ino, i, true);
+}
+
+fn extent_into_metadata(img: &mut Image) {
+    let (ino, mut i) = img.inode("/a/file1");
+    let mut e = ExtentRecord::read_from_bytes(&i.inline[..24]).unwrap();
+    e.dev_block = img.chunk0 + 1; // inside the inode table
+    i.inline[..24].copy_from_slice(e.as_bytes());
+    img.put_inode(ino, i, true);
+}
+
+fn dir_cycle(img: &mut Image) {
+    // /a/b/c gets an entry "up" pointing at /a, its grandparent's child: made by retargeting
+    // the entry of the symlink /a/b/c/link.
+    let link = img.ino["/a/b/c/link"];
+    let a = img.ino["/a"];
+    let at = img.find_entry(link, b"link");
+    img.bytes[at..at + 8].copy_from_slice(&a.to_le_bytes());
+    img.bytes[at + 8] = 4; // DT_DIR
+}
+
+fn link_count(img: &mut Image) {
+    let (ino, mut i) = img.inode("/a/file1");
+    i.nlink = 7;
+    img.put_inode(ino, i, true);
+    let (ino, mut i) = img.inode("/a/b");
+    i.nlink = 5;
+    i.size = 9;
+    img.put_inode(ino, i, true);
+}
+
+fn block_count(img: &mut Image) {
+    let (ino, mut i) = img.inode("/frag");
+    i.blocks += 3;
+    img.put_inode(ino, i, true);
+}
+
+fn orphan_not_orphan(img: &mut Image) {
+    let o = img.orphan;
+    let off = img.inode_off[&o] as usize;
+    let mut i = Inode::read_from_bytes(&img.bytes[off..off + 256]).unwrap();
+    i.nlink = 1;
+    img.put_inode(o, i, true);
+}
+
+fn unreachable_dir(img: &mut Image) {
+    // /a's entry in the root vanishes (renamed to a name whose hash does not match its key,
+    // so it is malformed): /a and everything below it are unreachable.
+    let a = img.ino["/a"];
+    let at = img.find_entry(a, b"a");
+    img.bytes[at + 10] = b'z';
+}
+
+fn truncated(img: &mut Image) {
+    img.bytes.truncate((40 * MIB) as usize);
+}
+
+fn not_pmfs(img: &mut Image) {
+    img.bytes[0] ^= 0xff;
+    img.bytes[4096] ^= 0xff;
+}
+
+pub fn damages() -> Vec<Damage> {
+    let d = |name, expect, apply: fn(&mut Image)| Damage {
+        name,
+        expect,
+        apply,
+        fatal: false,
+    };
+    vec![
+        d("superblock", "primary superblock", superblock),
+        d("backup-superblock", "backup superblock", backup_superblock),
+        d("inode-checksum", "checksum", inode_checksum),
+        d("inode-garbage", "inode", inode_garbage),
+        d("directory-node", "/big", dir_node),
+        d("extent-node", "tree node", extent_node),
+        d("extent-cycle", "inode", extent_cycle),
+        d("bitmap", "marked free", bitmap),
+        d(
+            "journal-garbage",
+            "interrupted transaction",
+            journal_garbage,
+        ),
+        d("journal-bad-target", "damaged record", journal_bad_target),
+        d(
+            "journal-rollback",
+            "interrupted transaction",
+            journal_rollback,
+        ),
+        d(
+            "extent-out-of-bounds",
+            "corrupted extent",
+            extent_out_of_bounds,
+        ),
+        d("extent-into-metadata", "also used", extent_into_metadata),
+        d("directory-cycle", "reached twice", dir_cycle),
+        d("link-counts", "link count", link_count),
+        d("block-count", "block count", block_count),
+        d("orphan", "orphan", orphan_not_orphan),
+        d("unreachable", "not reachable", unreachable_dir),
+        Damage {
+            name: "truncated",
+            expect: "truncated",
+            apply: truncated,
+            fatal: true,
+        },
+        Damage {
+            name: "not-pmfs",
+            expect: "not a pmfs file system (bad magic)",
+            apply: not_pmfs,
+            fatal: true,
+        },
+    ]
+}

@@ -1,0 +1,456 @@
+//! Low-level repairs that must come before a full check can run: the superblocks, the state
+//! record, the journal and the inode-table directory. None of them can go through a journal
+//! transaction (the journal itself may be what is broken, and superblocks are outside what
+//! it covers), so each is a single store made durable with flush + fence, ordered so that a
+//! crash in the middle leaves something the next run repairs the same way.
+
+use super::{Class, Finding};
+use crate::check::{Problem, ProblemKind};
+use crate::device::Media;
+use crate::error::{Error, Result};
+use crate::format::{
+    BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, FormatError, FsState, Geometry, INODE_SIZE,
+    Inode, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_OFFSET, SlotHeader,
+    Superblock, UndoHeader, UndoKind, blocks_to_bytes, checksum,
+};
+use crate::fs::{read_backup_superblock, read_state, read_superblock};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+const SB_LEN: usize = size_of::<Superblock>();
+const SLOT_HEADER: u64 = size_of::<SlotHeader>() as u64;
+const RECORD_HEADER: u64 = size_of::<UndoHeader>() as u64;
+const GENERATION_OFFSET: u64 = std::mem::offset_of!(SlotHeader, generation) as u64;
+
+fn finding(out: &mut Vec<Finding>, kind: ProblemKind, class: Class, message: String, fixed: bool) {
+    out.push(Finding {
+        problem: Problem { kind, message },
+        class,
+        fixed,
+    });
+}
+
+fn persist(media: &dyn Media, offset: u64, data: &[u8]) -> Result<()> {
+    media.write(offset, data)?;
+    media.flush(offset, data.len() as u64)?;
+    media.fence();
+    Ok(())
+}
+
+/// Checks (and where `allow` says so, repairs) everything a full check needs. Returns the
+/// geometry, or an error when the device holds no usable pmfs at all. `Ok(None)` means a
+/// problem that was not allowed to be repaired stops the check from going further.
+pub(super) fn run(
+    media: &dyn Media,
+    allow: &dyn Fn(Class) -> bool,
+    out: &mut Vec<Finding>,
+) -> Result<Option<Geometry>> {
+    let g = superblocks(media, allow, out)?;
+    let Some(g) = g else { return Ok(None) };
+    if !state_record(media, allow, out)? {
+        return Ok(None);
+    }
+    if !journal(media, &g, allow, out)? {
+        return Ok(None);
+    }
+    if !itable_dir(media, &g, allow, out)? {
+        return Ok(None);
+    }
+    Ok(Some(g))
+}
+
+fn superblocks(
+    media: &dyn Media,
+    allow: &dyn Fn(Class) -> bool,
+    out: &mut Vec<Finding>,
+) -> Result<Option<Geometry>> {
+    let mut primary = [0u8; SB_LEN];
+    let mut backup = [0u8; SB_LEN];
+    media.read(SUPERBLOCK_OFFSET, &mut primary)?;
+    media.read(BACKUP_SUPERBLOCK_OFFSET, &mut backup)?;
+    let p = read_superblock(media);
+    let b = read_backup_superblock(media);
+    let fix = allow(Class::Superblock);
+    match (p, b) {
+        (Ok((_, g)), Ok(_)) if primary == backup => Ok(Some(g)),
+        (Ok((_, g)), b) => {
+            let why = match b {
+                Ok(_) => "differs from the primary".to_string(),
+                Err(e) => format!("is damaged ({e})"),
+            };
+            finding(
+                out,
+                ProblemKind::Backup,
+                Class::Superblock,
+                format!("backup superblock (block 1) {why}: rewritten from the primary"),
+                fix,
+            );
+            if fix {
+                persist(media, BACKUP_SUPERBLOCK_OFFSET, &primary)?;
+            }
+            // The primary is good: the check can go on either way.
+            Ok(Some(g))
+        }
+        (Err(pe), Ok((_, g))) => {
+            finding(
+                out,
+                ProblemKind::Superblock,
+                Class::Superblock,
+                format!("primary superblock (block 0) is damaged ({pe}): restored from the backup"),
+                fix,
+            );
+            if !fix {
+                return Ok(None);
+            }
+            persist(media, SUPERBLOCK_OFFSET, &backup)?;
+            Ok(Some(g))
+        }
+        (Err(pe), Err(be)) => {
+            let bad_magic = |e: &Error| matches!(e, Error::Format(FormatError::BadMagic));
+            if bad_magic(&pe) && bad_magic(&be) {
+                return Err(pe);
+            }
+            // Name the primary's problem unless only its magic is gone.
+            Err(if bad_magic(&pe) { be } else { pe })
+        }
+    }
+}
+
+fn state_record(
+    media: &dyn Media,
+    allow: &dyn Fn(Class) -> bool,
+    out: &mut Vec<Finding>,
+) -> Result<bool> {
+    let e = match read_state(media) {
+        Ok(_) => return Ok(true),
+        Err(e) => e,
+    };
+    let fix = allow(Class::Superblock);
+    finding(
+        out,
+        ProblemKind::StateRecord,
+        Class::Superblock,
+        format!(
+            "state record (block 0, byte {STATE_OFFSET}) is damaged ({e}): rewritten, orphan list dropped"
+        ),
+        fix,
+    );
+    if !fix {
+        return Ok(false);
+    }
+    let mut st = FsState::new_zeroed();
+    st.magic = STATE_MAGIC;
+    st.seal();
+    persist(media, STATE_OFFSET, st.as_bytes())?;
+    Ok(true)
+}
+
+/// A validated undo record.
+struct Record {
+    kind: UndoKind,
+    target: u64,
+    first: u64,
+    len: u64,
+    payload: Vec<u8>,
+}
+
+fn bit_span(base: u64, first: u64, count: u64) -> (u64, u64) {
+    let first_word = first / 64;
+    let last_word = (first + count - 1) / 64;
+    (base + first_word * 8, (last_word - first_word + 1) * 8)
+}
+
+fn target_allowed(g: &Geometry, target: u64, len: u64) -> bool {
+    let Some(end) = target.checked_add(len) else {
+        return false;
+    };
+    let state = STATE_OFFSET..STATE_OFFSET + size_of::<FsState>() as u64;
+    (state.contains(&target) && end <= state.end)
+        || (target >= g.bitmap_offset() && end <= g.size_bytes())
+}
+
+/// Scans an open slot like recovery does, but stops (instead of failing) at a record that
+/// points outside what the journal covers. Returns the valid records and the damage found.
+fn scan_lenient(
+    media: &dyn Media,
+    g: &Geometry,
+    slot_offset: u64,
+    generation: u64,
+) -> Result<(Vec<Record>, Option<String>)> {
+    let slot_size = g.slot_size();
+    let mut cursor = SLOT_HEADER;
+    let mut out = Vec::new();
+    while cursor + RECORD_HEADER <= slot_size {
+        let mut hb = [0u8; size_of::<UndoHeader>()];
+        media.read(slot_offset + cursor, &mut hb)?;
+        let Ok(h) = UndoHeader::read_from_bytes(&hb) else {
+            break;
+        };
+        if h.generation != generation {
+            break;
+        }
+        let Some(kind) = UndoKind::from_u16(h.kind) else {
+            break;
+        };
+        let payload_len = if kind == UndoKind::Bytes {
+            u64::from(h.len)
+        } else {
+            0
+        };
+        let total = (RECORD_HEADER + payload_len).next_multiple_of(8);
+        if cursor + total > slot_size {
+            break;
+        }
+        let mut payload = vec![0u8; payload_len as usize];
+        media.read(slot_offset + cursor + RECORD_HEADER, &mut payload)?;
+        let mut hc = h;
+        hc.crc = 0;
+        if crc32c::crc32c_append(checksum(hc.as_bytes()), &payload) != h.crc {
+            break;
+        }
+        let span = match kind {
+            UndoKind::Bytes => (h.target, u64::from(h.len)),
+            _ if h.len == 0 || h.first.checked_add(u64::from(h.len)).is_none() => {
+                return Ok((out, Some("a bit record with an empty range".into())));
+            }
+            _ => bit_span(h.target, h.first, u64::from(h.len)),
+        };
+        if (kind != UndoKind::Bytes && h.target % 8 != 0) || !target_allowed(g, span.0, span.1) {
+            return Ok((
+                out,
+                Some(format!(
+                    "a record targets {:#x}+{}, outside the metadata the journal covers",
+                    span.0, span.1
+                )),
+            ));
+        }
+        out.push(Record {
+            kind,
+            target: h.target,
+            first: h.first,
+            len: u64::from(h.len),
+            payload,
+        });
+        cursor += total;
+    }
+    Ok((out, None))
+}
+
+fn for_each_word(
+    base: u64,
+    first: u64,
+    count: u64,
+    mut f: impl FnMut(u64, u64) -> Result<()>,
+) -> Result<()> {
+    let end = first + count;
+    let mut bit = first;
+    while bit < end {
+        let word = bit / 64;
+        let lo = bit % 64;
+        let hi = (end - word * 64).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        f(base + word * 8, mask)?;
+        bit = (word + 1) * 64;
+    }
+    Ok(())
+}
+
+/// Undoes `records` in reverse order, then closes the slot (generation + 1), like recovery.
+fn undo(media: &dyn Media, slot_offset: u64, generation: u64, records: &[Record]) -> Result<()> {
+    for r in records.iter().rev() {
+        match r.kind {
+            UndoKind::Bytes => {
+                media.write(r.target, &r.payload)?;
+                media.flush(r.target, r.len)?;
+            }
+            UndoKind::SetBits => for_each_word(r.target, r.first, r.len, |w, m| {
+                media.fetch_and_u64(w, !m).map(drop).map_err(Error::from)
+            })?,
+            UndoKind::ClearBits => for_each_word(r.target, r.first, r.len, |w, m| {
+                media.fetch_or_u64(w, m).map(drop).map_err(Error::from)
+            })?,
+        }
+        if r.kind != UndoKind::Bytes {
+            let (s, l) = bit_span(r.target, r.first, r.len);
+            media.flush(s, l)?;
+        }
+    }
+    media.fence();
+    media.store_u64(slot_offset + GENERATION_OFFSET, generation + 1)?;
+    media.flush(slot_offset + GENERATION_OFFSET, 8)?;
+    media.fence();
+    Ok(())
+}
+
+fn journal(
+    media: &dyn Media,
+    g: &Geometry,
+    allow: &dyn Fn(Class) -> bool,
+    out: &mut Vec<Finding>,
+) -> Result<bool> {
+    let fix = allow(Class::Journal);
+    let mut ready = true;
+    for i in 0..g.journal_slots {
+        let offset = g.slot_offset(i);
+        let mut hb = [0u8; size_of::<SlotHeader>()];
+        media.read(offset, &mut hb)?;
+        let header = SlotHeader::read_from_bytes(&hb).ok();
+        let good = header.is_some_and(|h| h.magic == SLOT_MAGIC && h.slot_index == i);
+        if !good {
+            finding(
+                out,
+                ProblemKind::JournalDamaged { slot: i },
+                Class::Journal,
+                format!(
+                    "journal slot {i} (blocks {}..{}): header damaged: slot reset (an interrupted transaction in it cannot be rolled back)",
+                    offset / BLOCK_SIZE,
+                    (offset + g.slot_size()) / BLOCK_SIZE
+                ),
+                fix,
+            );
+            if !fix {
+                ready = false;
+                continue;
+            }
+            // Zero the records first, then write the header: a crash in between leaves a
+            // slot with a bad header, which the next run resets the same way.
+            media.zero_nt(offset + SLOT_HEADER, g.slot_size() - SLOT_HEADER)?;
+            media.fence();
+            let h = SlotHeader {
+                magic: SLOT_MAGIC,
+                generation: 0,
+                slot_index: i,
+                pad: 0,
+                reserved: [0; 40],
+            };
+            persist(media, offset, h.as_bytes())?;
+            continue;
+        }
+        let Some(h) = header else { continue };
+        if h.generation % 2 == 0 {
+            continue;
+        }
+        let (records, damage) = scan_lenient(media, g, offset, h.generation)?;
+        let (kind, message) = match &damage {
+            None => (
+                ProblemKind::JournalOpen,
+                format!(
+                    "journal slot {i} holds an interrupted transaction ({} undo records): rolled back",
+                    records.len()
+                ),
+            ),
+            Some(why) => (
+                ProblemKind::JournalDamaged { slot: i },
+                format!(
+                    "journal slot {i} holds an interrupted transaction with a damaged record ({why}): the {} valid records before it rolled back",
+                    records.len()
+                ),
+            ),
+        };
+        finding(out, kind, Class::Journal, message, fix);
+        if !fix {
+            ready = false;
+            continue;
+        }
+        undo(media, offset, h.generation, &records)?;
+    }
+    // Whatever the loop did, the journal must now be one the mount path accepts.
+    if ready {
+        crate::journal::recover(media, g)?;
+    }
+    Ok(ready)
+}
+
+fn itable_dir(
+    media: &dyn Media,
+    g: &Geometry,
+    allow: &dyn Fn(Class) -> bool,
+    out: &mut Vec<Finding>,
+) -> Result<bool> {
+    let mut dir = vec![0u8; BLOCK_SIZE as usize];
+    media.read(g.itable_dir_offset(), &mut dir)?;
+    let mut seen = Vec::new();
+    let mut bad = None;
+    for (i, e) in dir.chunks_exact(8).enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(e);
+        let block = u64::from_le_bytes(w);
+        if block == 0 {
+            break;
+        }
+        if block % CHUNK_BLOCKS != 0
+            || !g.is_data_range(block, CHUNK_BLOCKS)
+            || seen.contains(&block)
+        {
+            bad = Some((i as u64, block));
+            break;
+        }
+        seen.push(block);
+    }
+    let fix = allow(Class::Inodes);
+    let Some((entry, block)) = bad else {
+        if !seen.is_empty() {
+            return Ok(true);
+        }
+        return restore_first_chunk(media, g, fix, out);
+    };
+    if entry == 0 {
+        return restore_first_chunk(media, g, fix, out);
+    }
+    finding(
+        out,
+        ProblemKind::InodeTableDir { entry },
+        Class::Inodes,
+        format!(
+            "inode-table directory entry {entry} (block {block}) is not a valid chunk: entries {entry}.. dropped (inodes {} and up are lost)",
+            entry * crate::format::INODES_PER_CHUNK
+        ),
+        fix,
+    );
+    if !fix {
+        return Ok(false);
+    }
+    let at = g.itable_dir_offset() + entry * 8;
+    persist(media, at, &vec![0u8; (BLOCK_SIZE - entry * 8) as usize])?;
+    Ok(true)
+}
+
+/// Entry 0 of the inode-table directory is gone: mkfs put chunk 0 at a known place; if the
+/// root inode is there, point entry 0 back at it.
+fn restore_first_chunk(
+    media: &dyn Media,
+    g: &Geometry,
+    fix: bool,
+    out: &mut Vec<Finding>,
+) -> Result<bool> {
+    let chunk = crate::mkfs::first_itable_chunk(g)?;
+    let mut raw = [0u8; INODE_SIZE as usize];
+    media.read(blocks_to_bytes(chunk) + ROOT_INO * INODE_SIZE, &mut raw)?;
+    let root_ok = Inode::decode(&raw).is_ok_and(|i| i.is_dir());
+    if !root_ok {
+        return Err(Error::corrupted(
+            "inode table directory",
+            0,
+            "entry 0 is invalid and no inode table was found where mkfs puts it",
+        ));
+    }
+    finding(
+        out,
+        ProblemKind::InodeTableDir { entry: 0 },
+        Class::Inodes,
+        format!(
+            "inode-table directory entry 0 is invalid: pointed back at chunk {chunk}, where the root inode is; later chunks dropped"
+        ),
+        fix,
+    );
+    if !fix {
+        return Ok(false);
+    }
+    let mut dir = vec![0u8; BLOCK_SIZE as usize];
+    dir[..8].copy_from_slice(&chunk.to_le_bytes());
+    persist(media, g.itable_dir_offset(), &dir)?;
+    Ok(true)
+}

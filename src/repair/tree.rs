@@ -1,0 +1,258 @@
+//! B+trees as the repair sees them: a lenient walk that salvages every record it can read
+//! from a damaged tree, and a bulk builder that writes a fresh tree from sorted records.
+//!
+//! The walk never trusts a node: each block must lie in the data area, be claimed by no other
+//! object, be visited once, decode (header, bounds, key order) and sit exactly one level
+//! below its parent; anything else drops that node's subtree and marks the tree damaged.
+
+use super::bits::Bits;
+use crate::device::Media;
+use crate::error::{Error, Result};
+use crate::format::{
+    BLOCK_SIZE, Geometry, INTERNAL_ENTRY, LEAF_RECORD_HEADER, MAX_TREE_LEVEL, NodeHeader, TreeKind,
+    blocks_to_bytes, check_node,
+};
+use std::collections::HashSet;
+use zerocopy::{FromBytes, IntoBytes};
+
+const HEADER: usize = size_of::<NodeHeader>();
+const CAPACITY: usize = BLOCK_SIZE as usize - HEADER;
+/// Fill leaves to this many bytes, leaving room for a few inserts before the first split.
+const LEAF_FILL: usize = CAPACITY * 7 / 8;
+/// Children per internal node when building.
+const FANOUT: usize = CAPACITY / INTERNAL_ENTRY * 7 / 8;
+
+/// What a lenient walk found.
+#[derive(Debug, Default)]
+pub(super) struct Walk {
+    /// Blocks of the nodes that decoded, in visiting order.
+    pub nodes: Vec<u64>,
+    /// Leaf records in key order (out-of-order records are dropped).
+    pub records: Vec<(u64, Vec<u8>)>,
+    /// Why the tree is damaged (the first reason), or `None` when it is intact.
+    pub damage: Option<String>,
+}
+
+impl Walk {
+    fn damaged(&mut self, why: String) {
+        if self.damage.is_none() {
+            self.damage = Some(why);
+        }
+    }
+}
+
+enum Body {
+    Leaf(Vec<(u64, Vec<u8>)>),
+    Internal(Vec<(u64, u64)>),
+}
+
+/// Decodes a node; a leaf that goes bad part-way keeps its records up to the damage.
+fn parse(
+    buf: &[u8],
+    kind: TreeKind,
+    owner: u64,
+    level: Option<u16>,
+) -> std::result::Result<(u16, Body, Option<String>), String> {
+    let (h, rest) = NodeHeader::read_from_prefix(buf).map_err(|_| "short node".to_string())?;
+    check_node(&h, kind, owner, level).map_err(|e| e.to_string())?;
+    let data = rest
+        .get(..h.used as usize)
+        .ok_or_else(|| "used bytes beyond the node".to_string())?;
+    let count = usize::from(h.count);
+    if h.level == 0 {
+        let mut recs: Vec<(u64, Vec<u8>)> = Vec::with_capacity(count);
+        let mut at = 0usize;
+        for _ in 0..count {
+            let Some(hdr) = data.get(at..at + LEAF_RECORD_HEADER) else {
+                return Ok((0, Body::Leaf(recs), Some("record beyond used bytes".into())));
+            };
+            let mut k = [0u8; 8];
+            k.copy_from_slice(&hdr[..8]);
+            let key = u64::from_le_bytes(k);
+            let len = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+            let Some(p) = data.get(at + LEAF_RECORD_HEADER..at + LEAF_RECORD_HEADER + len) else {
+                return Ok((
+                    0,
+                    Body::Leaf(recs),
+                    Some("payload beyond used bytes".into()),
+                ));
+            };
+            if recs.last().is_some_and(|(prev, _)| *prev >= key) {
+                return Ok((0, Body::Leaf(recs), Some("leaf keys out of order".into())));
+            }
+            recs.push((key, p.to_vec()));
+            at += LEAF_RECORD_HEADER + len;
+        }
+        let note = (at != data.len()).then(|| "leaf used bytes do not match its records".into());
+        Ok((0, Body::Leaf(recs), note))
+    } else {
+        if count == 0 || count * INTERNAL_ENTRY != data.len() {
+            return Err("internal node size".into());
+        }
+        let mut entries = Vec::with_capacity(count);
+        let mut note = None;
+        for c in data.chunks_exact(INTERNAL_ENTRY) {
+            let mut k = [0u8; 8];
+            k.copy_from_slice(&c[..8]);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&c[8..]);
+            let key = u64::from_le_bytes(k);
+            if entries
+                .last()
+                .is_some_and(|(prev, _): &(u64, u64)| *prev >= key)
+            {
+                note = Some("internal keys out of order".into());
+            }
+            entries.push((key, u64::from_le_bytes(b)));
+        }
+        Ok((h.level, Body::Internal(entries), note))
+    }
+}
+
+/// Walks the tree at `root` leniently. `claimed` holds the blocks other objects own.
+pub(super) fn walk(
+    media: &dyn Media,
+    g: &Geometry,
+    kind: TreeKind,
+    owner: u64,
+    root: u64,
+    claimed: &Bits,
+) -> Result<Walk> {
+    let mut w = Walk::default();
+    if root == 0 {
+        return Ok(w);
+    }
+    let mut seen: HashSet<u64> = HashSet::new();
+    // Depth-first, children in order: (block, expected level).
+    let mut stack: Vec<(u64, Option<u16>)> = vec![(root, None)];
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    while let Some((block, level)) = stack.pop() {
+        if !g.is_data_range(block, 1) {
+            w.damaged(format!("node block {block} outside the data area"));
+            continue;
+        }
+        if claimed.get(block) {
+            w.damaged(format!("node block {block} is also used by another object"));
+            continue;
+        }
+        if !seen.insert(block) {
+            w.damaged(format!("node block {block} reached twice (cycle)"));
+            continue;
+        }
+        media.read(blocks_to_bytes(block), &mut buf)?;
+        let (lvl, body, note) = match parse(&buf, kind, owner, level) {
+            Ok(x) => x,
+            Err(e) => {
+                w.damaged(format!("node {block}: {e}"));
+                continue;
+            }
+        };
+        if let Some(n) = note {
+            w.damaged(format!("node {block}: {n}"));
+        }
+        w.nodes.push(block);
+        match body {
+            Body::Leaf(recs) => {
+                for (k, p) in recs {
+                    if w.records.last().is_some_and(|(prev, _)| *prev >= k) {
+                        w.damaged(format!("node {block}: key {k:#x} out of order"));
+                        continue;
+                    }
+                    w.records.push((k, p));
+                }
+            }
+            Body::Internal(entries) => {
+                for &(_, child) in entries.iter().rev() {
+                    stack.push((child, Some(lvl - 1)));
+                }
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// Encodes one node image.
+fn node_image(kind: TreeKind, owner: u64, level: u16, count: usize, body: &[u8]) -> Vec<u8> {
+    let mut h = NodeHeader::new(kind, level, owner);
+    h.count = count as u16;
+    h.used = body.len() as u32;
+    let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
+    buf.extend_from_slice(h.as_bytes());
+    buf.extend_from_slice(body);
+    buf.resize(BLOCK_SIZE as usize, 0);
+    buf
+}
+
+/// A freshly built tree: its root and the node images to write at their blocks.
+#[derive(Debug, Default)]
+pub(super) struct Built {
+    pub root: u64,
+    pub nodes: Vec<(u64, Vec<u8>)>,
+}
+
+/// Builds a tree bottom-up from records sorted by strictly increasing key. `alloc` hands out
+/// blocks for the nodes.
+pub(super) fn build(
+    kind: TreeKind,
+    owner: u64,
+    records: &[(u64, Vec<u8>)],
+    alloc: &mut dyn FnMut() -> Result<u64>,
+) -> Result<Built> {
+    let mut out = Built::default();
+    if records.is_empty() {
+        return Ok(out);
+    }
+    // Leaves.
+    let mut level_nodes: Vec<(u64, u64)> = Vec::new(); // (first key, block)
+    let mut body: Vec<u8> = Vec::new();
+    let mut count = 0usize;
+    let mut first_key = 0u64;
+    for (k, p) in records {
+        let rec = LEAF_RECORD_HEADER + p.len();
+        if rec > CAPACITY {
+            return Err(Error::corrupted("tree record", owner, "payload too large"));
+        }
+        if count > 0 && body.len() + rec > LEAF_FILL {
+            let block = alloc()?;
+            out.nodes
+                .push((block, node_image(kind, owner, 0, count, &body)));
+            level_nodes.push((first_key, block));
+            body.clear();
+            count = 0;
+        }
+        if count == 0 {
+            first_key = *k;
+        }
+        body.extend_from_slice(&k.to_le_bytes());
+        body.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        body.extend_from_slice(p);
+        count += 1;
+    }
+    let block = alloc()?;
+    out.nodes
+        .push((block, node_image(kind, owner, 0, count, &body)));
+    level_nodes.push((first_key, block));
+    // Internal levels.
+    let mut level = 0u16;
+    while level_nodes.len() > 1 {
+        level += 1;
+        if level > MAX_TREE_LEVEL {
+            return Err(Error::corrupted("tree", owner, "too deep"));
+        }
+        let mut next = Vec::new();
+        for group in level_nodes.chunks(FANOUT) {
+            let mut body = Vec::with_capacity(group.len() * INTERNAL_ENTRY);
+            for (k, b) in group {
+                body.extend_from_slice(&k.to_le_bytes());
+                body.extend_from_slice(&b.to_le_bytes());
+            }
+            let block = alloc()?;
+            out.nodes
+                .push((block, node_image(kind, owner, level, group.len(), &body)));
+            next.push((group[0].0, block));
+        }
+        level_nodes = next;
+    }
+    out.root = level_nodes[0].1;
+    Ok(out)
+}
