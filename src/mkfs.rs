@@ -14,9 +14,8 @@ use crate::format::{
     BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, COMPAT_SUPPORTED, DEFERRED_FREE_INO,
     FORMAT_VERSION, FormatError, FsState, Geometry, INCOMPAT_SUPPORTED, INODE_BITMAP_OFFSET,
     INODE_SIZE, INODES_PER_CHUNK, ITABLE_DIR_ENTRIES, Inode, LABEL_LEN, MIN_DEVICE_SIZE,
-    RO_COMPAT_SUPPORTED, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_MAGIC,
-    SUPERBLOCK_OFFSET, SlotHeader, Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes, file_type,
-    inode_flags,
+    RO_COMPAT_SUPPORTED, ROOT_INO, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSET,
+    Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes, file_type, inode_flags,
 };
 use std::io::Read;
 use zerocopy::{FromZeros, IntoBytes};
@@ -274,21 +273,15 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     // Block 1 after the backup superblock: zeros.
     w.zero(BACKUP_SUPERBLOCK_OFFSET + sb_len, BLOCK_SIZE - sb_len)?;
 
-    // Journal: every slot zeroed as a whole (at most 4 MiB), not just its first record: a
-    // stale record of an earlier file system whose generation happens to equal a future
-    // transaction's would otherwise look valid behind that transaction's last record.
-    let journal_len = u64::from(g.journal_slots) * g.slot_size();
-    w.zero(g.slot_offset(0), journal_len)?;
-    for i in 0..g.journal_slots {
-        let header = SlotHeader {
-            magic: SLOT_MAGIC,
-            generation: 0,
-            slot_index: i,
-            pad: 0,
-            reserved: [0; 40],
-        };
-        w.write(g.slot_offset(i), header.as_bytes())?;
-    }
+    // Journal: every slot zeroed as a whole, with an idle header (flushed here; the fence
+    // of step 2 makes it durable with the rest).
+    crate::journal::format_slots(media, &g).map_err(|e| match e {
+        crate::journal::JournalError::Device(d) => MkfsError::Device(d),
+        other => MkfsError::Format(crate::format::FormatError::corrupted(
+            "journal",
+            other.to_string(),
+        )),
+    })?;
 
     // Block bitmap: the fixed metadata, the first inode-table chunk, and the bits past the
     // end of the device (so they can never be allocated) are set.
@@ -336,7 +329,7 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
 mod tests {
     use super::*;
     use crate::device::RecordingDevice;
-    use crate::format::{FIRST_USER_INO, MAX_INODES};
+    use crate::format::{FIRST_USER_INO, MAX_INODES, SLOT_MAGIC, SlotHeader};
 
     const MIB: u64 = 1 << 20;
     const UUID: [u8; 16] = [7; 16];

@@ -92,6 +92,7 @@ fn opts() -> MountOptions {
     MountOptions {
         read_only: false,
         atime: AtimeMode::Noatime,
+        ..MountOptions::default()
     }
 }
 

@@ -137,7 +137,7 @@ pub struct FsState {
     pub clean: u32,
     pub pad: u32,
     pub mount_count: u64,
-    /// Head of the orphan list (inodes unlinked while open), or 0.
+    /// Root block of the orphan tree (inodes unlinked while still referenced), or 0.
     pub orphan_head: u64,
     /// Free-block count saved at clean unmount (informational; mount recounts).
     pub free_blocks: u64,
@@ -441,7 +441,7 @@ impl NodeHeader {
 /// than any device can fill). Descents stop here, so a cyclic tree cannot loop.
 pub const MAX_TREE_LEVEL: u16 = 8;
 
-/// A leaf record: key, payload length, then the payload, padded to 8 bytes.
+/// A leaf record: key (u64), payload length (u16), then the payload; records are packed.
 pub const LEAF_RECORD_HEADER: usize = 10;
 /// An internal-node entry: the smallest key of the child, then the child's block.
 pub const INTERNAL_ENTRY: usize = 16;

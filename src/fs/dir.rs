@@ -1,6 +1,7 @@
 //! Directories: a B+tree per directory keyed by name hash.
 //!
-//! Key = (47-bit FNV-1a hash of the name) << 16 | collision sequence. Lookup scans the
+//! Key = (46-bit FNV-1a hash of the name) << 16 | collision sequence (< 2^62, so the cookie
+//! key + 3 fits an i64). Lookup scans the
 //! (almost always one-entry) key range of the hash; insert takes the first free sequence.
 //! A key never changes while its entry exists, so readdir cookies (key + 3, after "." = 1
 //! and ".." = 2) stay valid while the directory changes: no entry is skipped or returned
@@ -21,14 +22,14 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
-/// Hash of a name: the top 47 bits of FNV-1a 64 (stable: part of the format).
+/// Hash of a name: the top 46 bits of FNV-1a 64 (stable: part of the format).
 pub fn name_hash(name: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in name {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h >> 17
+    h >> 18
 }
 
 /// Checks a name from a user: 1..=255 bytes, no '/' or NUL, not "." or "..".

@@ -54,6 +54,8 @@ pub enum AtimeMode {
 pub struct MountOptions {
     pub read_only: bool,
     pub atime: AtimeMode,
+    /// Block allocation policy (`HugeAware` by default; `FirstFit` only for comparisons).
+    pub alloc_policy: crate::alloc::AllocPolicy,
 }
 
 /// Who is asking: the caller's credentials.
@@ -288,7 +290,8 @@ impl Fs {
         }
         let (journal, recovery) = Journal::open(Arc::clone(&media), geometry)?;
         let state = read_state(media.as_ref())?;
-        let alloc = BlockAllocator::open(media.as_ref(), &geometry)?;
+        let alloc =
+            BlockAllocator::open_with_policy(media.as_ref(), &geometry, options.alloc_policy)?;
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
         let fs = Self {
             media,

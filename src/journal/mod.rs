@@ -624,12 +624,13 @@ pub fn recover(media: &dyn Media, geometry: &Geometry) -> Result<RecoveryReport,
     Ok(report)
 }
 
-/// Writes empty slot headers (generation 0) and clears the first record of every slot: the
-/// journal of a fresh file system. Flushed, not fenced (mkfs fences once for everything).
+/// Writes empty slot headers (generation 0) and zeroes every slot: the journal of a fresh
+/// file system (a stale record of an earlier file system must never match a generation a
+/// new transaction will use). Flushed, not fenced (the caller fences once for everything).
 pub fn format_slots(media: &dyn Media, geometry: &Geometry) -> Result<(), JournalError> {
     for i in 0..geometry.journal_slots {
         let offset = geometry.slot_offset(i);
-        let mut block = vec![0u8; crate::format::BLOCK_SIZE as usize];
+        let mut block = vec![0u8; geometry.slot_size() as usize];
         let header = SlotHeader {
             magic: SLOT_MAGIC,
             generation: 0,
