@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds pmfs in release mode and installs the tool set where Linux looks for it:
+#   /usr/local/sbin/pmfs        the mount daemon (mount.fuse3 runs it for -t fuse.pmfs)
+#   /usr/local/sbin/mkfs.pmfs   found by mkfs -t pmfs
+#   /usr/local/sbin/fsck.pmfs   found by fsck -t pmfs
+#   /sbin/mount.fuse.pmfs       the mount(8) helper for -t fuse.pmfs and /etc/fstab
+# Cargo cannot name a binary with a dot, so mkfs.pmfs and fsck.pmfs are built as
+# mkfs-pmfs and fsck-pmfs and renamed here. Installs fuse3 and pkg-config if missing.
+# Usage (as root): ./install.sh [PREFIX]   (PREFIX defaults to /usr/local)
+set -euo pipefail
+cd "$(dirname "$0")"
+prefix=${1:-/usr/local}
+
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+cargo build --release --workspace --quiet
+install -d "$prefix/sbin"
+install -m 755 target/release/pmfs "$prefix/sbin/pmfs"
+install -m 755 target/release/mkfs-pmfs "$prefix/sbin/mkfs.pmfs"
+install -m 755 target/release/fsck-pmfs "$prefix/sbin/fsck.pmfs"
+cat > /sbin/mount.fuse.pmfs <<HELPER
+#!/bin/sh
+# mount(8) helper for pmfs, installed by pmfs/install.sh:
+#   mount.fuse.pmfs DEVICE MOUNTPOINT [-o OPTIONS]
+exec $prefix/sbin/pmfs "\$@"
+HELPER
+chmod 755 /sbin/mount.fuse.pmfs
+echo "pmfs: installed pmfs, mkfs.pmfs, fsck.pmfs in $prefix/sbin and /sbin/mount.fuse.pmfs"
