@@ -27,6 +27,8 @@ cat > /sbin/mount.fuse.pmfs <<HELPER
 #!/bin/sh
 # mount(8) helper for pmfs, installed by pmfs/install.sh:
 #   mount.fuse.pmfs DEVICE MOUNTPOINT [-o OPTIONS]
+# The daemon serves everyone: it must not inherit the mounting shell's file-size limit.
+ulimit -f unlimited 2>/dev/null
 exec $prefix/sbin/pmfs "\$@"
 HELPER
 chmod 755 /sbin/mount.fuse.pmfs
