@@ -15,6 +15,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod fuse;
 pub mod journal;
 pub mod mkfs;
 pub mod repair;

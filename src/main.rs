@@ -1,6 +1,547 @@
-//! `pmfs DEVICE MOUNTPOINT`: the mount daemon (arrives with the file-system issue).
+//! `pmfs DEVICE MOUNTPOINT [-o OPTIONS] [-f] [-d]`: the mount daemon.
+//!
+//! Lifecycle:
+//! 1. Parse and check everything that can be checked without the device (usage errors exit 2).
+//! 2. Unless `-f`: start a copy of this program in a new session (`--daemon-child`) with its
+//!    stdout on a pipe, and wait. The copy mounts; once the mount answers requests it writes
+//!    `ready` and detaches its stdio. The parent then exits 0; if the pipe closes without
+//!    `ready`, the parent exits with the child's status, after the child printed its one-line
+//!    error on the shared stderr. Re-executing rather than forking keeps the daemon free of
+//!    any fork-after-threads hazard and of `unsafe`.
+//! 3. Mount: open the device exclusively (waiting up to 10 s for a previous daemon of the same
+//!    device to let go), `Fs::mount`, then `fuser::Session::new`, which mounts and completes
+//!    the INIT handshake in this thread, before any worker thread exists.
+//! 4. Serve with N worker threads. SIGTERM/SIGINT/SIGHUP unmount (lazily if busy); an
+//!    unmount from outside (`umount`, `fusermount3 -u`) ends the session the same way. Either
+//!    way `Filesystem::destroy` marks the file system clean, and the exit status says whether
+//!    that worked.
+//!
+//! Exit status: 0 success, 1 failure, 2 usage.
+//!
+//! Through mount(8): `mount -t fuse.pmfs DEVICE MOUNTPOINT` runs `/sbin/mount.fuse.pmfs` if it
+//! exists, else `mount.fuse3`, which runs `pmfs DEVICE MOUNTPOINT -o OPTIONS` through
+//! `/bin/sh`, so `pmfs` must be in the PATH of whoever calls mount(8) (e.g. /usr/local/bin or
+//! /usr/sbin; systemd's mount units use the standard PATH). This binary also understands the
+//! helper calling convention itself (`-t TYPE`, `-n`, `-s`, `-v`), so a symlink
+//! `/sbin/mount.fuse.pmfs -> pmfs` works as well.
 
-fn main() {
-    eprintln!("pmfs: the mount daemon is not built yet");
-    std::process::exit(1);
+use clap::{CommandFactory, FromArgMatches, Parser};
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::mount::MsFlags;
+use nix::sys::signal::{SigSet, Signal};
+use pmfs::device::{Device, Media, OpenOptions};
+use pmfs::fs::{Fs, MountOptions};
+use pmfs::fuse::PmfsFuse;
+use pmfs::fuse::mountinfo::{self, MountInfo};
+use pmfs::fuse::options::{self, DEFAULT_MAX_THREADS, Flag, Options};
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How long to wait for a previous daemon to release the device (remount right after umount).
+const WAIT_BUSY: Duration = Duration::from_secs(10);
+
+/// The line the daemon child writes to its stdout once the mount serves requests.
+const READY: &str = "ready";
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pmfs",
+    version,
+    about = "Mount a pmfs file system (persistent memory, served through FUSE)",
+    long_about = "Mount the pmfs file system on DEVICE (a /dev/daxN.M or /dev/pmemN device, or \
+                  an image file made by mkfs.pmfs) at MOUNTPOINT. The daemon detaches once the \
+                  mount is ready; unmount with umount(8) or fusermount3 -u."
+)]
+struct Cli {
+    /// The device or image file holding the file system.
+    device: PathBuf,
+    /// An existing directory to mount on.
+    mountpoint: PathBuf,
+    /// Mount options, comma-separated; may be repeated (see OPTIONS below).
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Stay in the foreground (log to stderr).
+    #[arg(short = 'f')]
+    foreground: bool,
+    /// Debug logging (stderr with -f, else syslog); implies nothing else.
+    #[arg(short = 'd')]
+    debug: bool,
+    /// mount(8) helper convention: the file system type (must be fuse.pmfs).
+    #[arg(short = 't', value_name = "TYPE", hide = true)]
+    fstype: Option<String>,
+    /// mount(8) helper convention: do not write /etc/mtab (there is none to write).
+    #[arg(short = 'n', hide = true)]
+    no_mtab: bool,
+    /// mount(8) helper convention: sloppy option parsing (ignored: unknown options are errors).
+    #[arg(short = 's', hide = true)]
+    sloppy: bool,
+    /// mount(8) helper convention: verbose.
+    #[arg(short = 'v', hide = true)]
+    verbose: bool,
+    /// Internal: the detached daemon started by a pmfs without -f.
+    #[arg(long = "daemon-child", hide = true)]
+    daemon_child: bool,
+}
+
+/// A failure, printed as one line `pmfs: DEVICE: reason`.
+struct Failure(String);
+
+fn options_help() -> String {
+    let mut s = String::from("Mount options (-o):\n");
+    for (syntax, meaning) in options::HELP {
+        let _ = writeln!(s, "  {syntax}\n      {meaning}");
+    }
+    s.push_str(
+        "\nmount(8): `mount -t fuse.pmfs DEVICE MOUNTPOINT` and fstab lines of type fuse.pmfs \
+         run this program through mount.fuse3, which finds it by PATH.\n\
+         Exit status: 0 success, 1 failure, 2 usage error.",
+    );
+    s
+}
+
+fn main() -> ExitCode {
+    let matches = Cli::command().after_help(options_help()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let opts = match Options::parse(&cli.options) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("pmfs: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(t) = &cli.fstype {
+        if !matches!(t.as_str(), "fuse.pmfs" | "pmfs") {
+            eprintln!("pmfs: file system type '{t}' is not fuse.pmfs");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    let _ = (cli.no_mtab, cli.sloppy);
+    let result = if opts.remount {
+        init_logging(&cli, false);
+        remount(&cli, &opts)
+    } else if cli.foreground || cli.daemon_child {
+        init_logging(&cli, cli.daemon_child);
+        serve(&cli, &opts)
+    } else {
+        return spawn_daemon();
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            let dev = cli.device.display().to_string();
+            if msg.starts_with(&dev) {
+                eprintln!("pmfs: {msg}");
+            } else {
+                eprintln!("pmfs: {dev}: {msg}");
+            }
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Foreground: env_logger on stderr (warnings, or debug with -d; RUST_LOG overrides).
+/// Detached: syslog (info, or debug with -d), or nothing if there is no syslog socket.
+fn init_logging(cli: &Cli, detached: bool) {
+    let level = if cli.debug || cli.verbose {
+        log::LevelFilter::Debug
+    } else if detached {
+        log::LevelFilter::Info
+    } else {
+        log::LevelFilter::Warn
+    };
+    if detached {
+        let formatter = syslog::Formatter3164 {
+            facility: syslog::Facility::LOG_DAEMON,
+            hostname: None,
+            process: "pmfs".into(),
+            pid: std::process::id(),
+        };
+        if let Ok(logger) = syslog::unix(formatter) {
+            if log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok() {
+                log::set_max_level(level);
+            }
+        }
+    } else {
+        let env = env_logger::Env::default().default_filter_or(level.as_str());
+        let _ = env_logger::Builder::from_env(env).try_init();
+    }
+}
+
+/// The parent of a daemonised mount: runs the daemon child and reports its outcome.
+fn spawn_daemon() -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("pmfs: {msg}");
+        ExitCode::from(EXIT_FAILURE)
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find my own executable: {e}")),
+    };
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut child = match Command::new(exe)
+        .args(args)
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start the daemon: {e}")),
+    };
+    let ready = child.stdout.take().is_some_and(|out| {
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).is_ok() && line.trim_end() == READY
+    });
+    if ready {
+        return ExitCode::SUCCESS;
+    }
+    match child.wait() {
+        Ok(status) => match status.code() {
+            Some(0) | None => ExitCode::from(EXIT_FAILURE),
+            Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(EXIT_FAILURE)),
+        },
+        Err(e) => fail(format!("waiting for the daemon: {e}")),
+    }
+}
+
+/// The mount point as the kernel will show it, checked to be a directory.
+fn mount_point(cli: &Cli) -> Result<PathBuf, Failure> {
+    let mp = &cli.mountpoint;
+    let canon = mp
+        .canonicalize()
+        .map_err(|e| Failure(format!("mount point {}: {e}", mp.display())))?;
+    if !canon.is_dir() {
+        return Err(Failure(format!(
+            "mount point {}: not a directory",
+            mp.display()
+        )));
+    }
+    Ok(canon)
+}
+
+/// Mounts and serves until unmounted: the foreground daemon and the detached child.
+fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
+    if cli.daemon_child {
+        // A session of our own: no controlling terminal, no signals from the parent's.
+        let _ = nix::unistd::setsid();
+    }
+    // Signals are taken synchronously by one thread (below); block them before any thread
+    // exists so every thread inherits the mask.
+    let signals = termination_signals();
+    signals
+        .thread_block()
+        .map_err(|e| Failure(format!("blocking signals: {e}")))?;
+
+    let mountpoint = mount_point(cli)?;
+    let fsname = cli
+        .device
+        .to_str()
+        .ok_or_else(|| Failure("the device path must be valid UTF-8".into()))?
+        .to_string();
+    if fsname.contains(',') && opts.auto_unmount {
+        return Err(Failure(
+            "auto_unmount cannot pass a device path containing ','".into(),
+        ));
+    }
+    let device = Device::open(
+        &cli.device,
+        &OpenOptions {
+            read_only: opts.read_only,
+            wait_busy: Some(WAIT_BUSY),
+        },
+    )
+    .map_err(|e| Failure(e.to_string()))?;
+    let media: Arc<dyn Media> = Arc::new(device);
+    let fs = Fs::mount(
+        media,
+        MountOptions {
+            read_only: opts.read_only,
+            atime: opts.atime,
+            ..MountOptions::default()
+        },
+    )
+    .map_err(|e| Failure(e.to_string()))?;
+
+    let config = session_config(&fsname, opts);
+    let threads = config.n_threads.unwrap_or(1);
+    let fuse = PmfsFuse::new(fs, opts.cache);
+    let clean = fuse.clean_flag();
+    let mut session = Session::new(fuse, &mountpoint, &config)
+        .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
+    // Mounted, and INIT answered: from here on the kernel queues requests until the workers
+    // start. Find our FUSE connection (for aborting a busy lazy unmount) without touching
+    // the mount itself.
+    let conn = mountinfo::find(&mountpoint)
+        .ok()
+        .flatten()
+        .filter(|m| m.fstype.starts_with("fuse"))
+        .map(|m| m.minor);
+    log::info!(
+        "mounted {} on {} (cache={}, {} threads{})",
+        cli.device.display(),
+        mountpoint.display(),
+        opts.cache.name(),
+        threads,
+        if opts.read_only { ", read-only" } else { "" }
+    );
+
+    let unmounter = session.unmount_callable();
+    {
+        let mountpoint = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("pmfs-signals".into())
+            .spawn(move || signal_loop(&signals, unmounter, &mountpoint, conn))
+            .map_err(|e| Failure(format!("starting the signal thread: {e}")))?;
+    }
+
+    if cli.daemon_child {
+        detach()?;
+    }
+
+    let run = session.run();
+    let was_clean = clean.load(Ordering::SeqCst);
+    match run {
+        Ok(()) if was_clean => {
+            log::info!("unmounted {}", mountpoint.display());
+            Ok(())
+        }
+        Ok(()) => Err(Failure(
+            "unmounted, but marking the file system clean failed (see the log); \
+             the next mount recovers"
+                .into(),
+        )),
+        Err(e) => Err(Failure(format!("FUSE session failed: {e}"))),
+    }
+}
+
+/// The fuser session configuration for `opts`.
+fn session_config(fsname: &str, opts: &Options) -> Config {
+    let root = nix::unistd::geteuid().is_root();
+    let mut mo = vec![
+        // The mount source is the device path byte for byte, so `findmnt -S DEVICE` and
+        // `umount DEVICE` find the mount.
+        MountOption::FSName(fsname.to_string()),
+        // Passed to the kernel (fuser would use a Subtype option only for the source name),
+        // so the mount's type reads fuse.pmfs.
+        MountOption::CUSTOM("subtype=pmfs".into()),
+        MountOption::DefaultPermissions,
+        if opts.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    // fuser mounts nodev,nosuid unless dev/suid are given; mount.fuse3 passes dev,suid
+    // (mount(8)'s defaults) unless the user said otherwise.
+    if opts.flag(Flag::Dev, false) {
+        mo.push(MountOption::Dev);
+    }
+    if opts.flag(Flag::Suid, false) {
+        mo.push(MountOption::Suid);
+    }
+    if !opts.flag(Flag::Exec, true) {
+        mo.push(MountOption::NoExec);
+    }
+    if opts.flag(Flag::Sync, false) {
+        mo.push(MountOption::Sync);
+    }
+    if opts.dirsync {
+        mo.push(MountOption::DirSync);
+    }
+    if opts.atime == pmfs::fs::AtimeMode::Noatime {
+        mo.push(MountOption::NoAtime);
+    }
+    if opts.auto_unmount {
+        mo.push(MountOption::AutoUnmount);
+    }
+    let mut config = Config::default();
+    config.mount_options = mo;
+    config.acl = if opts.allow_other.unwrap_or(root) || (opts.auto_unmount && !opts.allow_root) {
+        SessionACL::All
+    } else if opts.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(DEFAULT_MAX_THREADS)
+    }));
+    // One /dev/fuse file per worker (FUSE_DEV_IOC_CLONE): less contention on the queue lock.
+    config.clone_fd = true;
+    config
+}
+
+/// Tells the waiting parent that the mount is ready, then lets go of its stdio so nothing
+/// that captured the parent's output waits for the daemon, and of its working directory so
+/// it never keeps a file system busy.
+fn detach() -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{READY}")
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure(format!("telling the parent we are ready: {e}")))?;
+    drop(out);
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Failure(format!("/dev/null: {e}")))?;
+    let redirect = nix::unistd::dup2_stdin(&null)
+        .and_then(|()| nix::unistd::dup2_stdout(&null))
+        .and_then(|()| nix::unistd::dup2_stderr(&null));
+    if let Err(e) = redirect {
+        log::warn!("detaching stdio: {e}");
+    }
+    let _ = std::env::set_current_dir("/");
+    Ok(())
+}
+
+fn termination_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Waits for SIGTERM/SIGINT/SIGHUP and unmounts. The session then ends in the main thread
+/// (destroy marks the file system clean). A second signal while a lazy unmount waits for
+/// open files exits at once, leaving the file system to the next mount's recovery.
+fn signal_loop(
+    signals: &SigSet,
+    mut unmounter: fuser::SessionUnmounter,
+    mountpoint: &Path,
+    conn: Option<u32>,
+) {
+    let first = AtomicBool::new(true);
+    loop {
+        let sig = match signals.wait() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("waiting for signals: {e}");
+                return;
+            }
+        };
+        if !first.swap(false, Ordering::SeqCst) {
+            log::warn!("{sig:?} again: exiting without a clean unmount");
+            std::process::exit(i32::from(EXIT_FAILURE));
+        }
+        log::info!("{sig:?}: unmounting {}", mountpoint.display());
+        match unmounter.unmount() {
+            Ok(()) => continue,
+            Err(e) => log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display()),
+        }
+        if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+            log::warn!("lazy unmount {}: {e}", mountpoint.display());
+        }
+        // The lazily detached mount lives until its last open file closes. Abort the FUSE
+        // connection so the session ends now (open files then fail with ENOTCONN), when the
+        // fusectl file system is there to do it.
+        let abort = conn.map(|c| PathBuf::from(format!("/sys/fs/fuse/connections/{c}/abort")));
+        match abort {
+            Some(p) if p.exists() => {
+                if let Err(e) = std::fs::write(&p, "1") {
+                    log::warn!("{}: {e}", p.display());
+                }
+            }
+            _ => log::warn!(
+                "{} is busy: serving it until its last open file is closed (signal again to exit now)",
+                mountpoint.display()
+            ),
+        }
+    }
+}
+
+/// `mount -o remount,...`: mount(8) calls the helper for remounts of fuse.pmfs too, with the
+/// mount's current options from mountinfo plus the new ones (`ro,relatime,remount,user_id=0,
+/// ...`), and mount.fuse3 adds `dev,suid` unless `nodev`/`nosuid` are among them.
+///
+/// FUSE accepts `MS_REMOUNT` through the classic mount(2) call: the VFS applies the mount
+/// flags (nosuid, nodev, noexec, atime modes) and the superblock's read-only flag itself, and
+/// FUSE ignores the data options. So the helper makes that call, starting from the mount's
+/// current flags so that a remount naming only `ro` changes only that. The daemon is not
+/// told and needs not be: after `remount,ro` the kernel refuses every change with EROFS before
+/// it reaches the daemon (the daemon still updates atime on reads: mount noatime to avoid even
+/// that), and `remount,rw` lifts that again. A daemon started with `-o ro` opened the device
+/// read-only, so on a mount remounted rw its answer to every change stays EROFS: unmount and
+/// mount again to write.
+fn remount(cli: &Cli, opts: &Options) -> Result<(), Failure> {
+    let mountpoint = mount_point(cli)?;
+    let m: MountInfo = mountinfo::find(&mountpoint)
+        .map_err(|e| Failure(format!("/proc/self/mountinfo: {e}")))?
+        .filter(|m| m.fstype == "fuse.pmfs")
+        .ok_or_else(|| Failure(format!("{} is not a pmfs mount", mountpoint.display())))?;
+    let read_only = opts.given.iter().rev().find_map(|o| match o.as_str() {
+        "ro" => Some(true),
+        "rw" => Some(false),
+        _ => None,
+    });
+    let read_only = read_only.unwrap_or_else(|| m.has_mount_option("ro"));
+    let mut flags = MsFlags::MS_REMOUNT;
+    let current = |o: &str| m.has_mount_option(o);
+    let set = |flags: &mut MsFlags, on: bool, f: MsFlags| flags.set(f, on);
+    set(&mut flags, read_only, MsFlags::MS_RDONLY);
+    set(
+        &mut flags,
+        !opts.flag(Flag::Suid, !current("nosuid")),
+        MsFlags::MS_NOSUID,
+    );
+    set(
+        &mut flags,
+        !opts.flag(Flag::Dev, !current("nodev")),
+        MsFlags::MS_NODEV,
+    );
+    set(
+        &mut flags,
+        !opts.flag(Flag::Exec, !current("noexec")),
+        MsFlags::MS_NOEXEC,
+    );
+    set(
+        &mut flags,
+        opts.flag(Flag::Sync, current("sync")),
+        MsFlags::MS_SYNCHRONOUS,
+    );
+    set(
+        &mut flags,
+        opts.dirsync || current("dirsync"),
+        MsFlags::MS_DIRSYNC,
+    );
+    let atime_given = opts
+        .given
+        .iter()
+        .any(|o| matches!(o.as_str(), "noatime" | "relatime" | "strictatime"));
+    let atime = if atime_given {
+        opts.atime
+    } else if current("noatime") {
+        pmfs::fs::AtimeMode::Noatime
+    } else if current("strictatime") || !current("relatime") {
+        pmfs::fs::AtimeMode::Strictatime
+    } else {
+        pmfs::fs::AtimeMode::Relatime
+    };
+    flags |= match atime {
+        pmfs::fs::AtimeMode::Noatime => MsFlags::MS_NOATIME,
+        pmfs::fs::AtimeMode::Relatime => MsFlags::MS_RELATIME,
+        pmfs::fs::AtimeMode::Strictatime => MsFlags::MS_STRICTATIME,
+    };
+    if atime_given && atime != pmfs::fs::AtimeMode::Noatime {
+        log::info!("the daemon keeps the atime mode it was mounted with");
+    }
+    nix::mount::mount(None::<&str>, &mountpoint, None::<&str>, flags, None::<&str>)
+        .map_err(|e| Failure(format!("remount {}: {e}", mountpoint.display())))?;
+    Ok(())
 }

@@ -1,0 +1,720 @@
+//! The FUSE adapter: [`PmfsFuse`] implements [`fuser::Filesystem`] on top of [`Fs`].
+//!
+//! The adapter is thin on purpose. It turns requests into core calls and core results into
+//! replies, and it owns the protocol decisions:
+//! - what to negotiate at INIT ([`PmfsFuse::init`]): readdirplus, parallel directory
+//!   operations, export support, direct I/O with shared mmap, large requests; never remote
+//!   locking (the kernel's local locking is right for a file system only this kernel changes)
+//!   and never io_uring (fuser 0.18 cannot serve it);
+//! - how long the kernel may cache answers: a day for entries, attributes and negative
+//!   entries, because every change to a pmfs goes through this mount;
+//! - how files are opened ([`CacheMode`]).
+//!
+//! Every error reply goes through [`errno`], which uses [`Error::errno`], the one mapping.
+
+pub mod attr;
+pub mod mountinfo;
+pub mod options;
+
+use crate::error::Error;
+use crate::fs::{Attr, Ctx, Fs, SetAttr};
+use attr::{file_attr, kind, nanos, negative_attr, set_time};
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents,
+    PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyBmap, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
+    ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// How long the kernel may cache entries, attributes and negative entries. Only this mount
+/// changes the file system, and the kernel updates or drops its cache on every change it
+/// makes itself, so the timeout only bounds memory, never staleness.
+pub const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Background requests (readahead, async direct I/O) the kernel may have in flight.
+const MAX_BACKGROUND: u16 = 64;
+
+/// How file data meets the kernel page cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// `FOPEN_DIRECT_IO`: no page cache; pmem is the cache. Each read is answered straight from
+    /// the mapping; shared mmap still works through `FUSE_DIRECT_IO_ALLOW_MMAP`.
+    #[default]
+    Direct,
+    /// Ordinary page-cache I/O with `FOPEN_KEEP_CACHE` (nothing changes a file behind the
+    /// kernel's back, so its cache stays valid across opens).
+    Page,
+}
+
+impl CacheMode {
+    /// The `cache=` option's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Page => "page",
+        }
+    }
+}
+
+/// A pmfs served through FUSE.
+#[derive(Debug)]
+pub struct PmfsFuse {
+    fs: Fs,
+    cache: CacheMode,
+    /// The kernel offered zero-message opendir: answer OPENDIR with ENOSYS once and it stops
+    /// sending OPENDIR/RELEASEDIR (directories need no open state here).
+    no_opendir: bool,
+    /// Set when `destroy` marked the file system clean.
+    clean: Arc<AtomicBool>,
+}
+
+/// The reply to an error: logs it (debug; damage also at warn) and maps it to errno.
+fn errno(op: &str, ino: u64, e: &Error) -> Errno {
+    let code = e.errno();
+    log::debug!("{op} (inode {ino}): {e}");
+    if code == libc::EIO {
+        log::warn!("{op} (inode {ino}): {e}");
+    }
+    Errno::from_i32(code)
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn entry(reply: ReplyEntry, a: &Attr) {
+    reply.entry(&TTL, &file_attr(a), Generation(a.generation));
+}
+
+impl PmfsFuse {
+    pub fn new(fs: Fs, cache: CacheMode) -> Self {
+        Self {
+            fs,
+            cache,
+            no_opendir: false,
+            clean: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The core below.
+    pub fn fs(&self) -> &Fs {
+        &self.fs
+    }
+
+    /// A flag that turns true once the session ended and the file system was marked clean
+    /// (`Fs::shutdown` succeeded). The daemon reads it after the session to choose its exit
+    /// status.
+    pub fn clean_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.clean)
+    }
+
+    /// The open flags of a regular file.
+    fn fopen_flags(&self) -> FopenFlags {
+        // No FLUSH on close: flush has nothing to do (every write is durable on reply, and
+        // locks are the kernel's own), so it would only be a round trip.
+        let common = FopenFlags::FOPEN_NOFLUSH;
+        match self.cache {
+            // The core serialises writes to one inode itself, so the kernel need not.
+            CacheMode::Direct => {
+                common | FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            }
+            CacheMode::Page => common | FopenFlags::FOPEN_KEEP_CACHE,
+        }
+    }
+
+    /// Answers a lookup-like request; on failure to reply nothing is counted twice: the core
+    /// counted the reference only on success.
+    fn reply_entry(&self, op: &str, ino: u64, r: crate::error::Result<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => entry(reply, &a),
+            Err(e) => reply.error(errno(op, ino, &e)),
+        }
+    }
+}
+
+/// Asks for `flag` if the kernel offers it; logs what it lacks.
+fn want(config: &mut KernelConfig, flag: InitFlags) {
+    if let Err(missing) = config.add_capabilities(flag) {
+        log::debug!("kernel lacks {missing:?}; going without it");
+    }
+}
+
+impl Filesystem for PmfsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Deliberately absent: FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS (the kernel locks locally,
+        // which is right: no other node shares this file system); FUSE_OVER_IO_URING (fuser
+        // 0.18 has no io_uring loop); FUSE_WRITEBACK_CACHE (writes are synchronous and durable
+        // on reply); FUSE_HANDLE_KILLPRIV_V2 and FUSE_SETXATTR_EXT (fuser 0.18 does not pass
+        // the bits they add to SETATTR/OPEN/SETXATTR); FUSE_PASSTHROUGH (it maps offset X of a
+        // file to offset X of a backing file, which pmfs's layout is not).
+        for flag in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_EXPORT_SUPPORT,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            want(config, flag);
+        }
+        if self.cache == CacheMode::Direct {
+            want(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        }
+        self.no_opendir = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        // fuser's default max_write is its buffer size (16 MiB); the kernel clamps it to
+        // fs.fuse.max_pages_limit pages (1 MiB by default), so raising that sysctl is enough
+        // to get larger requests.
+        if let Err(n) = config.set_max_background(MAX_BACKGROUND) {
+            log::debug!("max_background {MAX_BACKGROUND} refused; kernel suggests {n}");
+        }
+        log::debug!(
+            "FUSE ABI {:?}; kernel capabilities {:?}",
+            config.kernel_abi(),
+            config.capabilities()
+        );
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        match self.fs.shutdown() {
+            Ok(()) => self.clean.store(true, Ordering::SeqCst),
+            Err(e) => log::error!("unmount: marking the file system clean failed: {e}"),
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => entry(reply, &a),
+            Err(Error::NotFound) => {
+                // A negative entry the kernel may cache as long as positive ones.
+                reply.entry(&TTL, &negative_attr(), Generation(0));
+            }
+            Err(e) => reply.error(errno("lookup", parent.0, &e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno("getattr", ino.0, &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let s = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+            ctime: ctime.map(nanos),
+        };
+        match self.fs.setattr(&ctx(req), ino.0, &s) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno("setattr", ino.0, &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno("readlink", ino.0, &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .fs
+            .mknod(&ctx(req), parent.0, name.as_bytes(), mode, rdev);
+        self.reply_entry("mknod", parent.0, r, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.fs.mkdir(&ctx(req), parent.0, name.as_bytes(), mode);
+        self.reply_entry("mkdir", parent.0, r, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("unlink", parent.0, &e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.rmdir(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("rmdir", parent.0, &e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.fs.symlink(
+            &ctx(req),
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
+        self.reply_entry("symlink", parent.0, r, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("rename", parent.0, &e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        self.reply_entry("link", ino.0, r, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), self.fopen_flags()),
+            Err(e) => reply.error(errno("open", ino.0, &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        // The core hands over a view of the mapping that lives only during the callback:
+        // reply from inside it, so the bytes go from pmem to the kernel with no copy here.
+        let mut reply = Some(reply);
+        let r = self.fs.read(ino.0, offset, size, &mut |data| {
+            if let Some(reply) = reply.take() {
+                reply.data(data);
+            }
+        });
+        if let Some(reply) = reply.take() {
+            match r {
+                Err(e) => reply.error(errno("read", ino.0, &e)),
+                // The core promises one callback on success; an empty reply if it ever
+                // does not, rather than fuser's EIO for a dropped reply.
+                Ok(()) => reply.data(&[]),
+            }
+        } else if let Err(e) = r {
+            log::warn!("read (inode {ino}): error after the reply was sent: {e}");
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(&ctx(req), ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno("write", ino.0, &e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(ino.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsync", ino.0, &e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // Zero-message opendir: the kernel takes ENOSYS as "never ask again".
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // Offsets are the core's cookies, passed through unchanged both ways.
+        let r = self
+            .fs
+            .readdir(ino.0, offset as i64, &mut |child, next, ftype, name| {
+                reply.add(
+                    INodeNo(child),
+                    next as u64,
+                    kind(u32::from(ftype)),
+                    OsStr::from_bytes(name),
+                )
+            });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("readdir", ino.0, &e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let r = self
+            .fs
+            .readdirplus(ino.0, offset as i64, &mut |a, next, name| {
+                reply.add(
+                    INodeNo(a.ino),
+                    next as u64,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    &file_attr(a),
+                    Generation(a.generation),
+                )
+            });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("readdirplus", ino.0, &e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsyncdir", ino.0, &e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        // No blocks are reserved for root: bavail = bfree.
+        reply.statfs(
+            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.setxattr(ino.0, name.as_bytes(), value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("setxattr", ino.0, &e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(errno("getxattr", ino.0, &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(errno("listxattr", ino.0, &e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.removexattr(ino.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("removexattr", ino.0, &e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The mount uses default_permissions, so the kernel checks permissions itself and
+        // does not normally ask; if it does, the kernel's verdict stands.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = (mode & !u32::from(crate::format::file_type::S_IFMT))
+            | u32::from(crate::format::file_type::S_IFREG);
+        let a = match self.fs.mknod(&ctx(req), parent.0, name.as_bytes(), mode, 0) {
+            Ok(a) => a,
+            Err(e) => return reply.error(errno("create", parent.0, &e)),
+        };
+        match self.fs.open(a.ino) {
+            Ok(_) => reply.created(
+                &TTL,
+                &file_attr(&a),
+                Generation(a.generation),
+                FileHandle(0),
+                self.fopen_flags(),
+            ),
+            Err(e) => {
+                // The kernel never learns of the entry: give back the reference mknod counted.
+                self.fs.forget(a.ino, 1);
+                reply.error(errno("create", a.ino, &e));
+            }
+        }
+    }
+
+    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        // ENOSYS once makes the kernel report files as always ready, which they are.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fallocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fallocate", ino.0, &e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.fs.lseek(ino.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(errno("lseek", ino.0, &e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .fs
+            .copy_file_range(&ctx(req), ino_in.0, offset_in, ino_out.0, offset_out, len)
+        {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno("copy_file_range", ino_out.0, &e)),
+        }
+    }
+}
+
+/// Answers GETXATTR/LISTXATTR: the size when asked for it (`size` 0), the bytes when they
+/// fit, ERANGE when they do not.
+fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
+    let Ok(len) = u32::try_from(value.len()) else {
+        return reply.error(Errno::from_i32(libc::E2BIG));
+    };
+    if size == 0 {
+        reply.size(len);
+    } else if len <= size {
+        reply.data(value);
+    } else {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    }
+}

@@ -1,0 +1,301 @@
+//! The daemon's `-o` mount options: parsing and validation.
+//!
+//! Three kinds of options arrive in one comma-separated list, from the command line, from
+//! fstab through mount(8) and mount.fuse3, or from `mount -o remount`:
+//! - pmfs's own (`cache=`, `threads=`, the atime modes);
+//! - FUSE and VFS options the daemon passes to the kernel (`ro`, `nosuid`, `allow_other`, ...);
+//! - options mount(8) and fstab hand every helper that mean nothing here (`nofail`,
+//!   `_netdev`, `x-*`, `defaults`, ...): accepted and ignored.
+//!
+//! Anything else is an error, so a typo never silently mounts with defaults.
+
+use super::CacheMode;
+use crate::fs::AtimeMode;
+use std::fmt;
+
+/// Most session threads `threads=` accepts.
+pub const MAX_THREADS: usize = 64;
+
+/// Session threads when `threads=` is absent: one per CPU, at most this many.
+pub const DEFAULT_MAX_THREADS: usize = 8;
+
+/// One option help line per entry: (syntax, meaning). `pmfs --help` prints them.
+pub const HELP: &[(&str, &str)] = &[
+    ("ro / rw", "mount read-only / read-write (default rw)"),
+    (
+        "cache=direct|page",
+        "direct (default): no kernel page cache, reads served straight from pmem; \
+         page: ordinary page-cache I/O",
+    ),
+    (
+        "threads=N",
+        "FUSE worker threads, 1..=64 (default: number of CPUs, at most 8)",
+    ),
+    (
+        "relatime / noatime / strictatime",
+        "when reads update atime (default relatime)",
+    ),
+    (
+        "allow_other / allow_root",
+        "let other users / root use the mount (allow_other is the default as root)",
+    ),
+    (
+        "default_permissions",
+        "kernel-side permission checks (always on; accepted for compatibility)",
+    ),
+    (
+        "auto_unmount",
+        "unmount automatically if the daemon dies (through fusermount3)",
+    ),
+    (
+        "dev / nodev, suid / nosuid, exec / noexec",
+        "the usual mount flags (default when run directly: nodev,nosuid)",
+    ),
+    ("sync / async, dirsync", "the usual mount flags"),
+    (
+        "remount",
+        "with mount -o remount: change ro/rw and the mount flags of a mounted pmfs",
+    ),
+    (
+        "defaults, auto, noauto, user, nouser, users, nofail, _netdev, atime, diratime, \
+         nodiratime, comment=..., x-...",
+        "fstab options, accepted and ignored",
+    ),
+    (
+        "user_id=, group_id=, rootmode=, max_read=, blksize=",
+        "FUSE's own options, which mount(8) repeats on remount: accepted and ignored",
+    ),
+];
+
+/// A bad `-o` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionError(pub String);
+
+impl fmt::Display for OptionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+/// A kernel mount flag with an on and an off spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flag {
+    Dev,
+    Suid,
+    Exec,
+    Sync,
+}
+
+/// Everything the options say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// `None`: the default (CPUs, at most [`DEFAULT_MAX_THREADS`]).
+    pub threads: Option<usize>,
+    pub atime: AtimeMode,
+    /// `Some(true)`: allow_other given; `None`: not mentioned (default depends on the user).
+    pub allow_other: Option<bool>,
+    pub allow_root: bool,
+    pub auto_unmount: bool,
+    pub remount: bool,
+    /// Mount flags given explicitly, last spelling wins: (flag, on).
+    pub flags: Vec<(Flag, bool)>,
+    pub dirsync: bool,
+    /// The options as given, for error messages and logs.
+    pub given: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            cache: CacheMode::Direct,
+            threads: None,
+            atime: AtimeMode::Relatime,
+            allow_other: None,
+            allow_root: false,
+            auto_unmount: false,
+            remount: false,
+            flags: Vec::new(),
+            dirsync: false,
+            given: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    /// The value of a flag: explicit setting, else `default`.
+    pub fn flag(&self, flag: Flag, default: bool) -> bool {
+        self.flags
+            .iter()
+            .rev()
+            .find(|(f, _)| *f == flag)
+            .map_or(default, |&(_, on)| on)
+    }
+
+    fn set_flag(&mut self, flag: Flag, on: bool) {
+        self.flags.retain(|(f, _)| *f != flag);
+        self.flags.push((flag, on));
+    }
+
+    /// Parses one or more `-o` arguments (each a comma-separated list) in order; later
+    /// options override earlier ones.
+    pub fn parse<S: AsRef<str>>(lists: &[S]) -> Result<Self, OptionError> {
+        let mut o = Self::default();
+        for list in lists {
+            for opt in list.as_ref().split(',') {
+                o.apply(opt.trim())?;
+            }
+        }
+        Ok(o)
+    }
+
+    fn apply(&mut self, opt: &str) -> Result<(), OptionError> {
+        if opt.is_empty() {
+            return Ok(());
+        }
+        self.given.push(opt.to_string());
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let unknown = || OptionError(format!("unknown mount option '{opt}'"));
+        let no_value = |v: Option<&str>| {
+            if v.is_some() {
+                Err(OptionError(format!("mount option '{key}' takes no value")))
+            } else {
+                Ok(())
+            }
+        };
+        match key {
+            "cache" => {
+                self.cache = match value {
+                    Some("direct") => CacheMode::Direct,
+                    Some("page") => CacheMode::Page,
+                    _ => {
+                        return Err(OptionError(format!(
+                            "bad mount option '{opt}': cache must be direct or page"
+                        )));
+                    }
+                };
+                return Ok(());
+            }
+            "threads" => {
+                let n = value
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|n| (1..=MAX_THREADS).contains(n))
+                    .ok_or_else(|| {
+                        OptionError(format!(
+                            "bad mount option '{opt}': threads must be 1..={MAX_THREADS}"
+                        ))
+                    })?;
+                self.threads = Some(n);
+                return Ok(());
+            }
+            // Options fstab and mount(8) pass to every helper; nothing to do here.
+            "comment" => return Ok(()),
+            // FUSE's own superblock options: mount(8) copies them from mountinfo into the
+            // option list of `mount -o remount`. The daemon sets them itself.
+            "user_id" | "group_id" | "rootmode" | "max_read" | "blksize" if value.is_some() => {
+                return Ok(());
+            }
+            k if k.starts_with("x-") => return Ok(()),
+            _ => {}
+        }
+        no_value(value)?;
+        match key {
+            "ro" => self.read_only = true,
+            "rw" => self.read_only = false,
+            "noatime" => self.atime = AtimeMode::Noatime,
+            "relatime" => self.atime = AtimeMode::Relatime,
+            "strictatime" => self.atime = AtimeMode::Strictatime,
+            "allow_other" => self.allow_other = Some(true),
+            "allow_root" => self.allow_root = true,
+            "default_permissions" => {}
+            "auto_unmount" => self.auto_unmount = true,
+            "remount" => self.remount = true,
+            "dev" => self.set_flag(Flag::Dev, true),
+            "nodev" => self.set_flag(Flag::Dev, false),
+            "suid" => self.set_flag(Flag::Suid, true),
+            "nosuid" => self.set_flag(Flag::Suid, false),
+            "exec" => self.set_flag(Flag::Exec, true),
+            "noexec" => self.set_flag(Flag::Exec, false),
+            "sync" => self.set_flag(Flag::Sync, true),
+            "async" => self.set_flag(Flag::Sync, false),
+            "dirsync" => self.dirsync = true,
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nofail" | "_netdev"
+            | "atime" | "diratime" | "nodiratime" => {}
+            _ => return Err(unknown()),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let o = Options::parse::<&str>(&[]).unwrap();
+        assert_eq!(o, Options::default());
+        assert!(!o.read_only);
+        assert_eq!(o.cache, CacheMode::Direct);
+        assert!(!o.flag(Flag::Dev, false));
+    }
+
+    #[test]
+    fn pmfs_options() {
+        let o = Options::parse(&["ro,cache=page,threads=3,noatime"]).unwrap();
+        assert!(o.read_only);
+        assert_eq!(o.cache, CacheMode::Page);
+        assert_eq!(o.threads, Some(3));
+        assert_eq!(o.atime, AtimeMode::Noatime);
+        let o = Options::parse(&["ro", "rw,strictatime"]).unwrap();
+        assert!(!o.read_only);
+        assert_eq!(o.atime, AtimeMode::Strictatime);
+    }
+
+    #[test]
+    fn what_mount_fuse3_passes_is_accepted() {
+        // mount.fuse3 adds dev,suid unless told otherwise; fstab brings the rest.
+        let o = Options::parse(&[
+            "rw,nofail,_netdev,x-systemd.automount,defaults,noauto,relatime,dev,suid",
+        ])
+        .unwrap();
+        assert!(o.flag(Flag::Dev, false));
+        assert!(o.flag(Flag::Suid, false));
+        let o = Options::parse(&["nodev,dev,nodev"]).unwrap();
+        assert!(!o.flag(Flag::Dev, true));
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        assert_eq!(
+            Options::parse(&["rw,bogus"]).unwrap_err().to_string(),
+            "unknown mount option 'bogus'"
+        );
+        assert!(Options::parse(&["cache=fast"]).is_err());
+        assert!(Options::parse(&["threads=0"]).is_err());
+        assert!(Options::parse(&["threads=65"]).is_err());
+        assert!(Options::parse(&["threads"]).is_err());
+        assert!(Options::parse(&["ro=1"]).is_err());
+        assert!(Options::parse(&["fsname=x"]).is_err());
+    }
+
+    #[test]
+    fn remount() {
+        let o = Options::parse(&["remount,ro,nosuid"]).unwrap();
+        assert!(o.remount && o.read_only);
+        assert!(!o.flag(Flag::Suid, true));
+        // What mount(8) and mount.fuse3 pass for `mount -o remount,ro /mnt`.
+        let o = Options::parse(&[
+            "ro,relatime,remount,user_id=0,group_id=0,default_permissions,allow_other,dev,suid",
+        ])
+        .unwrap();
+        assert!(o.remount && o.read_only);
+    }
+}
