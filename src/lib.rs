@@ -19,3 +19,6 @@ pub mod fuse;
 pub mod journal;
 pub mod mkfs;
 pub mod repair;
+
+/// Direct (DAX-style) mapping of pmfs files for applications.
+pub use device::dax;
