@@ -195,8 +195,9 @@ impl<'a> TreeReader<'a> {
         let Some(root) = self.read_root(tree)? else {
             return Ok(());
         };
-        // Stack of (internal node entries, index of the child being visited).
-        let mut stack: Vec<(Vec<(u64, u64)>, usize, u16)> = Vec::new();
+        // Stack of (internal node entries, index of the child being visited, level).
+        type Frame = (Vec<(u64, u64)>, usize, u16);
+        let mut stack: Vec<Frame> = Vec::new();
         let mut node = root;
         let mut first_leaf = true;
         loop {

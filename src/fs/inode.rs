@@ -19,7 +19,7 @@ const BITMAP_WORDS: usize = (INODES_PER_CHUNK / 64) as usize;
 #[derive(Debug)]
 struct FreeIndex {
     /// Per chunk: the committed inode bitmap (allocations show at once, frees after commit).
-    bitmaps: Vec<Box<[u64; BITMAP_WORDS]>>,
+    bitmaps: Vec<[u64; BITMAP_WORDS]>,
     free_counts: Vec<u64>,
     /// Chunk to search first.
     hint: usize,
@@ -64,7 +64,7 @@ impl InodeTable {
                     format!("chunk {block} listed twice"),
                 ));
             }
-            let mut words = Box::new([0u64; BITMAP_WORDS]);
+            let mut words = [0u64; BITMAP_WORDS];
             let mut raw = vec![0u8; BITMAP_WORDS * 8];
             media.read(blocks_to_bytes(block) + INODE_BITMAP_OFFSET, &mut raw)?;
             for (w, b) in words.iter_mut().zip(raw.chunks_exact(8)) {
@@ -256,7 +256,7 @@ impl InodeTable {
             INODE_BITMAP_SLOTS,
         )?;
         tx.commit()?;
-        let mut words = Box::new([0u64; BITMAP_WORDS]);
+        let mut words = [0u64; BITMAP_WORDS];
         for slot in USABLE_INODES_PER_CHUNK..INODES_PER_CHUNK {
             words[(slot / 64) as usize] |= 1 << (slot % 64);
         }

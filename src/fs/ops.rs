@@ -12,6 +12,9 @@ use crate::format::{
 use crate::journal::Tx;
 use std::collections::HashMap;
 
+/// A readdir consumer: (inode, next offset, S_IFMT type bits, name) -> buffer full.
+pub type ReaddirFn<'a> = dyn FnMut(u64, i64, u16, &[u8]) -> bool + 'a;
+
 /// Most hard links to one inode.
 pub const LINK_MAX: u32 = 65_000;
 pub const RENAME_NOREPLACE: u32 = 1;
@@ -593,12 +596,7 @@ impl Fs {
 
     /// READDIR: entries from `offset` (0 = start; 1 = after "."; 2 = after ".."; k + 3 =
     /// after the entry with key k). `f` returns true when the reply buffer is full.
-    pub fn readdir(
-        &self,
-        ino: u64,
-        offset: i64,
-        f: &mut dyn FnMut(u64, i64, u16, &[u8]) -> bool,
-    ) -> Result<()> {
+    pub fn readdir(&self, ino: u64, offset: i64, f: &mut ReaddirFn<'_>) -> Result<()> {
         let _g = self.read_lock(ino);
         let d = self.dir_inode(ino)?;
         if offset < 1 && f(ino, 1, file_type::S_IFDIR, b".") {

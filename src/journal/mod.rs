@@ -7,7 +7,7 @@
 //! read-modify-write of their words, so transactions that share a bitmap word commute.
 //!
 //! Commit: flush every range the transaction stored into, fence, store the slot's generation
-//! + 1 (an 8-byte store: the commit point), flush, fence. A crash before the commit point
+//! plus one (an 8-byte store: the commit point), flush, fence. A crash before the commit point
 //! leaves an odd generation in the slot, and recovery (at open) rolls the records back in
 //! reverse order. Recovery is idempotent, so a crash during recovery is harmless.
 //!
