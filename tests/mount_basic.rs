@@ -946,3 +946,114 @@ fn page_cache_mode_and_mmap() {
         m.unmount();
     }
 }
+
+/// Runs `cat PATH` as uid/gid 65534 (nobody): true if it could read the file.
+fn nobody_can_read(path: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    Command::new("cat")
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn posix_acls_are_enforced_inherited_and_kept_in_step_with_the_mode() {
+    use pmfs::fuse::acl::{self, Acl, Entry};
+    if !can_mount() {
+        return;
+    }
+    let e = |tag, perm, id| Entry { tag, perm, id };
+    let img = Image::new("acl", 64 * MIB);
+    let m = Mount::new(&img, "");
+    fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o755)).unwrap();
+
+    // Enforcement: a named-user entry grants what the mode does not, within the mask.
+    let secret = m.path("secret");
+    fs::write(&secret, b"s").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!nobody_can_read(&secret));
+    let grant = Acl {
+        entries: vec![
+            e(acl::USER_OBJ, 6, u32::MAX),
+            e(acl::USER, 4, 65534),
+            e(acl::GROUP_OBJ, 0, u32::MAX),
+            e(acl::MASK, 4, u32::MAX),
+            e(acl::OTHER, 0, u32::MAX),
+        ],
+    };
+    xattr::set(&secret, "system.posix_acl_access", &grant.encode()).unwrap();
+    assert_eq!(
+        fs::metadata(&secret).unwrap().mode() & 0o777,
+        0o640,
+        "mode follows mask"
+    );
+    assert!(nobody_can_read(&secret));
+    // chmod narrows the mask, and the ACL entry with it.
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!nobody_can_read(&secret));
+    let stored = Acl::parse(
+        &xattr::get(&secret, "system.posix_acl_access")
+            .unwrap()
+            .unwrap(),
+    );
+    assert!(stored.unwrap().entries.contains(&e(acl::MASK, 0, u32::MAX)));
+    // An ACL of base entries only is just a mode.
+    let base = Acl {
+        entries: vec![
+            e(acl::USER_OBJ, 6, u32::MAX),
+            e(acl::GROUP_OBJ, 4, u32::MAX),
+            e(acl::OTHER, 4, u32::MAX),
+        ],
+    };
+    xattr::set(&secret, "system.posix_acl_access", &base.encode()).unwrap();
+    assert_eq!(fs::metadata(&secret).unwrap().mode() & 0o777, 0o644);
+    assert_eq!(
+        xattr::get(&secret, "system.posix_acl_access").unwrap(),
+        None
+    );
+    assert!(nobody_can_read(&secret));
+
+    // Inheritance: a default ACL replaces the umask and passes to new files and directories.
+    let d = m.path("d");
+    fs::create_dir(&d).unwrap();
+    let default = Acl {
+        entries: vec![
+            e(acl::USER_OBJ, 7, u32::MAX),
+            e(acl::USER, 7, 65534),
+            e(acl::GROUP_OBJ, 5, u32::MAX),
+            e(acl::MASK, 7, u32::MAX),
+            e(acl::OTHER, 0, u32::MAX),
+        ],
+    };
+    xattr::set(&d, "system.posix_acl_default", &default.encode()).unwrap();
+    let f = d.join("f");
+    fs::write(&f, b"inherited").unwrap(); // created with mode 0666
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o777, 0o660);
+    let access = Acl::parse(&xattr::get(&f, "system.posix_acl_access").unwrap().unwrap()).unwrap();
+    assert!(access.entries.contains(&e(acl::USER, 7, 65534)));
+    assert!(nobody_can_read(&f));
+    let sub = d.join("sub");
+    fs::create_dir(&sub).unwrap();
+    assert_eq!(
+        xattr::get(&sub, "system.posix_acl_default")
+            .unwrap()
+            .unwrap(),
+        default.encode()
+    );
+    // Without a default ACL the umask applies (022 is what every test here expects).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let plain = m.path("plain-dir");
+    fs::create_dir(&plain).unwrap();
+    assert_eq!(fs::metadata(&plain).unwrap().mode() & 0o777, 0o755);
+    m.unmount();
+
+    // ACLs persist.
+    let m = Mount::new(&img, "");
+    assert!(nobody_can_read(&m.path("d/f")));
+    m.unmount();
+}

@@ -8,16 +8,20 @@
 //!   and never io_uring (fuser 0.18 cannot serve it);
 //! - how long the kernel may cache answers: a day for entries, attributes and negative
 //!   entries, because every change to a pmfs goes through this mount;
-//! - how files are opened ([`CacheMode`]).
+//! - how files are opened ([`CacheMode`]);
+//! - the parts of POSIX ACLs the kernel leaves to the file system ([`acl`]).
 //!
 //! Every error reply goes through [`errno`], which uses [`Error::errno`], the one mapping.
 
+pub mod acl;
 pub mod attr;
 pub mod mountinfo;
 pub mod options;
 
-use crate::error::Error;
+use crate::error::{Error, Result};
+use crate::format::file_type;
 use crate::fs::{Attr, Ctx, Fs, SetAttr};
+use acl::Acl;
 use attr::{file_attr, kind, nanos, negative_attr, set_time};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
@@ -72,6 +76,9 @@ pub struct PmfsFuse {
     /// The kernel offered zero-message opendir: answer OPENDIR with ENOSYS once and it stops
     /// sending OPENDIR/RELEASEDIR (directories need no open state here).
     no_opendir: bool,
+    /// `FUSE_POSIX_ACL` (with `FUSE_DONT_MASK`) was negotiated: the kernel enforces ACLs and
+    /// this adapter keeps modes and ACLs in step and applies default ACLs or the umask.
+    acl: bool,
     /// Set when `destroy` marked the file system clean.
     clean: Arc<AtomicBool>,
 }
@@ -104,6 +111,7 @@ impl PmfsFuse {
             fs,
             cache,
             no_opendir: false,
+            acl: false,
             clean: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -136,12 +144,118 @@ impl PmfsFuse {
 
     /// Answers a lookup-like request; on failure to reply nothing is counted twice: the core
     /// counted the reference only on success.
-    fn reply_entry(&self, op: &str, ino: u64, r: crate::error::Result<Attr>, reply: ReplyEntry) {
+    fn reply_entry(&self, op: &str, ino: u64, r: Result<Attr>, reply: ReplyEntry) {
         match r {
             Ok(a) => entry(reply, &a),
             Err(e) => reply.error(errno(op, ino, &e)),
         }
     }
+}
+
+impl PmfsFuse {
+    /// Creates an inode with `make(mode)` the way POSIX wants it under `parent`: with the
+    /// parent's default ACL applied (and inherited by directories), or else the umask.
+    fn create_node(
+        &self,
+        parent: u64,
+        mode: u32,
+        umask: u32,
+        make: impl FnOnce(u32) -> Result<Attr>,
+    ) -> Result<Attr> {
+        if !self.acl {
+            // Without FUSE_DONT_MASK the kernel applied the umask already; again is harmless.
+            return make(mode & !(umask & 0o777));
+        }
+        let default = match self.fs.getxattr(parent, acl::DEFAULT) {
+            Ok(v) => Acl::parse(&v).map(|a| (a, v)),
+            Err(Error::NoAttr) => None,
+            Err(e) => return Err(e),
+        };
+        let Some((default, default_raw)) = default else {
+            return make(mode & !(umask & 0o777));
+        };
+        let (mode, access) = default.inherit(mode);
+        let a = make(mode)?;
+        let is_dir = a.file_type() == file_type::S_IFDIR;
+        let mut set: Vec<(&[u8], Vec<u8>)> = Vec::new();
+        if let Some(access) = access {
+            set.push((acl::ACCESS, access.encode()));
+        }
+        if is_dir {
+            set.push((acl::DEFAULT, default_raw));
+        }
+        for (name, value) in &set {
+            if let Err(e) = self.fs.setxattr(a.ino, name, value, 0) {
+                // The inode stays (its mode already as restrictive as the ACL's mask); the
+                // kernel gets the error and never the entry, so give back its reference.
+                self.fs.forget(a.ino, 1);
+                return Err(e);
+            }
+        }
+        if set.is_empty() {
+            Ok(a)
+        } else {
+            self.fs.getattr(a.ino)
+        }
+    }
+
+    /// chmod on an inode with an access ACL: the ACL follows the new mode.
+    fn chmod_acl(&self, a: Attr) -> Result<Attr> {
+        let mut access = match self.fs.getxattr(a.ino, acl::ACCESS) {
+            Ok(v) => match Acl::parse(&v) {
+                Some(acl) => acl,
+                None => return Ok(a),
+            },
+            Err(Error::NoAttr) => return Ok(a),
+            Err(e) => return Err(e),
+        };
+        access.chmod(a.mode);
+        self.fs.setxattr(a.ino, acl::ACCESS, &access.encode(), 0)?;
+        self.fs.getattr(a.ino)
+    }
+
+    /// setfacl: stores the access ACL (or drops it when the mode says it all) and brings the
+    /// mode in step, clearing set-group-ID when the caller is neither in the file's group nor
+    /// root (what FUSE_SETXATTR_ACL_KILL_SGID would say, which fuser 0.18 cannot receive).
+    fn set_access_acl(&self, req: &Request, ino: u64, value: &[u8], flags: i32) -> Result<()> {
+        let new = Acl::parse(value).ok_or(Error::Invalid)?;
+        let cur = self.fs.getattr(ino)?;
+        let mut mode = new.apply_to_mode(cur.mode);
+        if mode & 0o2000 != 0 && !in_group_or_root(req, cur.gid) {
+            mode &= !0o2000;
+        }
+        if new.equivalent_mode().is_some() {
+            match self.fs.removexattr(ino, acl::ACCESS) {
+                Ok(()) | Err(Error::NoAttr) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.fs.setxattr(ino, acl::ACCESS, value, flags)?;
+        }
+        if mode != cur.mode {
+            let s = SetAttr {
+                mode: Some(mode),
+                ..SetAttr::default()
+            };
+            self.fs.setattr(&ctx(req), ino, &s)?;
+        }
+        Ok(())
+    }
+}
+
+/// True if the caller is root or belongs to group `gid` (primary or supplementary, as
+/// /proc/PID/status lists them).
+fn in_group_or_root(req: &Request, gid: u32) -> bool {
+    if req.uid() == 0 || req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
 }
 
 /// Asks for `flag` if the kernel offers it; logs what it lacks.
@@ -175,6 +289,11 @@ impl Filesystem for PmfsFuse {
         if self.cache == CacheMode::Direct {
             want(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         }
+        // POSIX ACLs: the kernel enforces them (the mount has default_permissions); the
+        // umask becomes ours to apply, since a default ACL replaces it.
+        self.acl = config
+            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            .is_ok();
         self.no_opendir = config
             .capabilities()
             .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
@@ -248,7 +367,14 @@ impl Filesystem for PmfsFuse {
             mtime: mtime.map(set_time),
             ctime: ctime.map(nanos),
         };
-        match self.fs.setattr(&ctx(req), ino.0, &s) {
+        let r = self.fs.setattr(&ctx(req), ino.0, &s).and_then(|a| {
+            if self.acl && mode.is_some() {
+                self.chmod_acl(a)
+            } else {
+                Ok(a)
+            }
+        });
+        match r {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno("setattr", ino.0, &e)),
         }
@@ -267,13 +393,14 @@ impl Filesystem for PmfsFuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .fs
-            .mknod(&ctx(req), parent.0, name.as_bytes(), mode, rdev);
+        let r = self.create_node(parent.0, mode, umask, |mode| {
+            self.fs
+                .mknod(&ctx(req), parent.0, name.as_bytes(), mode, rdev)
+        });
         self.reply_entry("mknod", parent.0, r, reply);
     }
 
@@ -283,10 +410,12 @@ impl Filesystem for PmfsFuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.mkdir(&ctx(req), parent.0, name.as_bytes(), mode);
+        let r = self.create_node(parent.0, mode, umask, |mode| {
+            self.fs.mkdir(&ctx(req), parent.0, name.as_bytes(), mode)
+        });
         self.reply_entry("mkdir", parent.0, r, reply);
     }
 
@@ -545,7 +674,7 @@ impl Filesystem for PmfsFuse {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -553,7 +682,12 @@ impl Filesystem for PmfsFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.setxattr(ino.0, name.as_bytes(), value, flags) {
+        let r = if self.acl && name.as_bytes() == acl::ACCESS {
+            self.set_access_acl(req, ino.0, value, flags)
+        } else {
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags)
+        };
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("setxattr", ino.0, &e)),
         }
@@ -592,13 +726,15 @@ impl Filesystem for PmfsFuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = (mode & !u32::from(crate::format::file_type::S_IFMT))
-            | u32::from(crate::format::file_type::S_IFREG);
-        let a = match self.fs.mknod(&ctx(req), parent.0, name.as_bytes(), mode, 0) {
+        let mode = (mode & !u32::from(file_type::S_IFMT)) | u32::from(file_type::S_IFREG);
+        let r = self.create_node(parent.0, mode, umask, |mode| {
+            self.fs.mknod(&ctx(req), parent.0, name.as_bytes(), mode, 0)
+        });
+        let a = match r {
             Ok(a) => a,
             Err(e) => return reply.error(errno("create", parent.0, &e)),
         };
