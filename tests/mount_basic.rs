@@ -288,6 +288,43 @@ fn posix_operations_through_std_fs() {
     fs::rename(m.path("c.txt"), m.path("b.txt")).unwrap();
     assert_eq!(fs::read(m.path("b.txt")).unwrap(), b"c");
 
+    // rename flags: RENAME_NOREPLACE refuses an existing target, RENAME_EXCHANGE swaps
+    fs::write(m.path("x1"), b"one").unwrap();
+    fs::write(m.path("x2"), b"two").unwrap();
+    let cwd = File::open(&m.mountpoint).unwrap();
+    let err = nix::fcntl::renameat2(
+        &cwd,
+        "x1",
+        &cwd,
+        "x2",
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .unwrap_err();
+    assert_eq!(err, nix::errno::Errno::EEXIST);
+    nix::fcntl::renameat2(
+        &cwd,
+        "x1",
+        &cwd,
+        "x2",
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .unwrap();
+    assert_eq!(fs::read(m.path("x1")).unwrap(), b"two");
+    assert_eq!(fs::read(m.path("x2")).unwrap(), b"one");
+    fs::remove_file(m.path("x1")).unwrap();
+    fs::remove_file(m.path("x2")).unwrap();
+    drop(cwd);
+
+    // a cached negative entry does not hide a name created afterwards
+    assert_eq!(
+        fs::metadata(m.path("later")).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    fs::write(m.path("later"), b"now").unwrap();
+    assert_eq!(fs::read(m.path("later")).unwrap(), b"now");
+    fs::remove_file(m.path("later")).unwrap();
+    assert!(!m.path("later").exists());
+
     // symlink, readlink, hard link
     std::os::unix::fs::symlink("b.txt", m.path("s")).unwrap();
     assert_eq!(fs::read_link(m.path("s")).unwrap(), Path::new("b.txt"));
