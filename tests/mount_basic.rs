@@ -638,8 +638,6 @@ fn readdir_sees_every_entry_once() {
 
 /// The same with a directory whose B+tree needs more than two levels.
 #[test]
-#[ignore = "core bug: the 441st entry of a directory fails with 'corrupted tree node: \
-            internal keys out of order' (reproduced without FUSE through pmfs::fs::Fs)"]
 fn readdir_sees_every_entry_of_a_large_directory_once() {
     readdir_check(3000);
 }

@@ -1,8 +1,10 @@
 //! B+trees of one-block nodes on the device: the per-file extent maps and the directories.
 //!
-//! Keys are `u64`; leaf records carry a variable-length payload. An internal entry holds the
-//! smallest key of its child's subtree (entry 0's key is not used for routing) and the child's
-//! block. Nodes are decoded into memory, changed there and written back whole through the
+//! Keys are `u64`; leaf records carry a variable-length payload. An internal entry holds a
+//! lower bound of every key in its child's subtree, and the entries of a node are strictly
+//! increasing: a key is routed to the last entry whose key is <= it. The leftmost entry of
+//! every level is keyed 0, so every key has a child; a split inserts the new right sibling,
+//! keyed by its first key, right after the child that split. Nodes are decoded into memory, changed there and written back whole through the
 //! transaction, so every change is undo-logged. Deletion frees empty nodes and collapses a
 //! root with one child; nodes are not merged otherwise (O(log n) stays true, space is
 //! reclaimed when nodes empty).
@@ -450,7 +452,10 @@ pub fn insert(
                 if node.level >= MAX_TREE_LEVEL {
                     return Err(Error::NoSpace);
                 }
-                let left_key = node.first_key().unwrap_or(0);
+                // The leftmost child of every level is keyed 0: it must take any key
+                // smaller than all others, so its key may never be a real minimum that a
+                // later, smaller key would undercut.
+                let left_key = 0;
                 let new_root = Node {
                     level: node.level + 1,
                     body: Body::Internal(vec![(left_key, block), (sep, right_block)]),
@@ -503,7 +508,15 @@ pub fn remove(
             break;
         };
         if let Body::Internal(entries) = &mut pnode.body {
-            entries.remove(i);
+            let (removed_key, _) = entries.remove(i);
+            // Entry 0's key is the lower bound of the whole node's range: keep it when the
+            // first child goes, or keys below the new first key would route to a child
+            // whose key is larger than they are.
+            if i == 0 {
+                if let Some(first) = entries.first_mut() {
+                    first.0 = removed_key;
+                }
+            }
         }
         block = pblock;
         node = pnode;

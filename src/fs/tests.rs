@@ -445,3 +445,24 @@ fn leases_defer_frees_until_they_end_and_mount_frees_leftovers() {
     assert_eq!(fs.statfs().bfree, free_before + 6 * MIB / 4096);
     check(&fs);
 }
+
+/// Regression (found through the mount): a directory broke at its 441st entry.
+#[test]
+fn thousands_of_long_names_in_one_directory() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let d = fs.mkdir(&C, ROOT_INO, b"d", 0o755).unwrap();
+    for i in 0..3000 {
+        let name = format!("entry-with-a-longish-name-{i:05}");
+        assert!(matches!(
+            fs.lookup(d.ino, name.as_bytes()),
+            Err(Error::NotFound)
+        ));
+        fs.mknod(&C, d.ino, name.as_bytes(), 0o100644, 0).unwrap();
+    }
+    for i in (0..3000).step_by(7) {
+        let name = format!("entry-with-a-longish-name-{i:05}");
+        fs.lookup(d.ino, name.as_bytes()).unwrap();
+    }
+    check(&fs);
+}
