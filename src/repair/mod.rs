@@ -244,18 +244,23 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
                 | ProblemKind::JournalDamaged { .. }
         )
     });
-    let mut last = check(media)?;
-    if low_only && last.problems.is_empty() {
-        out.report = last;
-        return Ok(out);
+    if low_only {
+        let r = check(media)?;
+        if r.problems.is_empty() {
+            out.report = r;
+            return Ok(out);
+        }
     }
     // Object repairs can uncover more (a cleared inode's entries, a rebuilt tree's leaked
     // nodes): a few passes, while they make progress.
+    let mut last = Report::default();
     for _ in 0..3 {
         let before = out.actions.len();
         rebuild::Rebuild::new(media, g, &mode, &mut out.actions)?.run()?;
-        bitmap(media, &g, mode, &mut out.actions)?;
-        last = check(media)?;
+        last = match bitmap(media, &g, mode, &mut out.actions)? {
+            Some(unchanged) => unchanged,
+            None => check(media)?,
+        };
         if last.problems.is_empty() || out.actions.len() == before {
             break;
         }
@@ -266,15 +271,16 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
 
 /// Rewrites the block bitmap from the blocks the checker found referenced. While objects
 /// whose blocks the checker cannot know remain (damaged inodes or trees, blocks claimed
-/// twice), blocks are only marked, never freed.
+/// twice), blocks are only marked, never freed. Returns the check it made when it changed
+/// nothing (it is then the final state), `None` otherwise.
 fn bitmap(
     media: &Arc<dyn Media>,
     g: &Geometry,
     mode: RepairMode,
     actions: &mut Vec<Action>,
-) -> Result<()> {
+) -> Result<Option<Report>> {
     if !mode.allows(Class::Bitmap) {
-        return Ok(());
+        return Ok(None);
     }
     let r = check(media)?;
     let partial = r.problems.iter().any(|p| {
@@ -305,7 +311,7 @@ fn bitmap(
         }
     }
     if changes.is_empty() {
-        return Ok(());
+        return Ok(Some(r));
     }
     let (journal, _) = Journal::open(Arc::clone(media), *g)?;
     // Runs of consecutive words, at most 4096 changed words (32 KiB) per transaction.
@@ -338,7 +344,7 @@ fn bitmap(
             }
         ),
     });
-    Ok(())
+    Ok(None)
 }
 
 /// Figures for a one-line summary.

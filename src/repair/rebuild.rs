@@ -152,7 +152,7 @@ pub(super) struct Rebuild<'a> {
     /// Damaged inodes that may not be cleared: their blocks are unknown, so nothing may be
     /// allocated while they exist.
     untouchable: HashSet<u64>,
-    orphans: Vec<u64>,
+    orphans: std::collections::BTreeSet<u64>,
     reset_orphans: bool,
     reached: HashSet<u64>,
     links: HashMap<u64, u32>,
@@ -160,6 +160,8 @@ pub(super) struct Rebuild<'a> {
     actions: &'a mut Vec<Action>,
     /// Allocation cursor for new tree nodes.
     cursor: u64,
+    /// Keys and names of directories that gained entries (lost+found, the root).
+    added: HashMap<u64, (HashSet<u64>, HashSet<Vec<u8>>)>,
 }
 
 impl<'a> Rebuild<'a> {
@@ -179,13 +181,14 @@ impl<'a> Rebuild<'a> {
             items: BTreeMap::new(),
             free: BTreeMap::new(),
             untouchable: HashSet::new(),
-            orphans: Vec::new(),
+            orphans: std::collections::BTreeSet::new(),
             reset_orphans: false,
             reached: HashSet::new(),
             links: HashMap::new(),
             dir_paths: HashMap::new(),
             actions,
             cursor: g.meta_end,
+            added: HashMap::new(),
         })
     }
 
@@ -776,29 +779,48 @@ impl<'a> Rebuild<'a> {
     }
 
     /// Adds an entry to a directory's plan (the key takes the first free collision number).
+    /// Entries are appended; the write phase sorts them.
     fn add_entry(&mut self, dir: u64, name: Vec<u8>, ino: u64, kind: u8) -> Option<u64> {
         let d = self.items.get_mut(&dir)?;
-        let h = name_hash(&name);
-        let mut seq = 0u64;
-        while seq <= 0xffff && d.entries.iter().any(|e| e.key == (h << 16 | seq)) {
-            seq += 1;
-        }
-        if seq > 0xffff {
+        let index = self.added.entry(dir).or_insert_with(|| {
+            (
+                d.entries.iter().map(|e| e.key).collect(),
+                d.entries.iter().map(|e| e.name.clone()).collect(),
+            )
+        });
+        if index.1.contains(&name) {
             return None;
         }
+        let h = name_hash(&name);
+        let seq = (0..=0xffffu64).find(|s| !index.0.contains(&(h << 16 | s)))?;
         let key = h << 16 | seq;
-        let at = d.entries.partition_point(|e| e.key < key);
-        d.entries.insert(
-            at,
-            Entry {
-                key,
-                ino,
-                kind,
-                name,
-            },
-        );
+        index.0.insert(key);
+        index.1.insert(name.clone());
+        // The directory grows by one entry (and one link for a subdirectory) as a matter of
+        // course: not a count to report as fixed.
+        d.inode.size += 1;
+        if kind == type_byte_dir() {
+            d.inode.nlink = d.inode.nlink.saturating_add(1);
+        }
+        d.dirty = true;
+        d.entries.push(Entry {
+            key,
+            ino,
+            kind,
+            name,
+        });
         d.rebuild_dir = true;
         Some(key)
+    }
+
+    /// True when directory `dir` has an entry called `name`.
+    fn has_name(&mut self, dir: u64, name: &[u8]) -> bool {
+        if let Some((_, names)) = self.added.get(&dir) {
+            return names.contains(name);
+        }
+        self.items
+            .get(&dir)
+            .is_some_and(|d| d.entries.iter().any(|e| e.name == name))
     }
 
     fn unreachable(&mut self) -> Result<()> {
@@ -876,11 +898,7 @@ impl<'a> Rebuild<'a> {
         };
         let mut name = format!("#{ino}").into_bytes();
         let mut n = 0;
-        while self
-            .items
-            .get(&lf)
-            .is_some_and(|d| d.entries.iter().any(|e| e.name == name))
-        {
+        while self.has_name(lf, &name) {
             n += 1;
             name = format!("#{ino}.{n}").into_bytes();
         }
@@ -892,9 +910,14 @@ impl<'a> Rebuild<'a> {
         self.act(
             Class::LostFound,
             format!(
-                "inode {ino} ({}, {} bytes) was not reachable from the root: moved to /lost+found/{shown}",
+                "inode {ino} ({}, {}) was not reachable from the root: moved to /lost+found/{shown}",
                 type_name(&i),
-                i.size
+                if i.is_dir() {
+                    let n = self.items.get(&ino).map_or(0, |d| d.entries.len());
+                    format!("{n} entries")
+                } else {
+                    format!("{} bytes", i.size)
+                }
             ),
         );
         if i.is_dir() {
@@ -1047,6 +1070,7 @@ impl<'a> Rebuild<'a> {
                     it.inode.tree_root = built.root;
                 }
             } else if it.rebuild_dir {
+                it.entries.sort_unstable_by_key(|e| e.key);
                 let recs: Vec<(u64, Vec<u8>)> = it
                     .entries
                     .iter()

@@ -110,6 +110,52 @@ impl Image {
             .expect("entry not found")
     }
 
+    /// Byte ranges holding metadata: superblocks and state record, journal slot headers and
+    /// first records, the block bitmap, the inode-table directory, the used part of inode
+    /// chunk 0 and its inode bitmap, and every node of the trees of the known inodes, the
+    /// symlink block and the xattr area (the targets of the mutation tests).
+    pub fn metadata_regions(&self) -> Vec<(u64, u64)> {
+        let mut r = vec![(0, 2 * BLOCK)];
+        for s in 0..self.g.journal_slots {
+            r.push((self.g.slot_offset(s), 64 + 512));
+        }
+        r.push((self.g.bitmap_offset(), self.g.bitmap_blocks * BLOCK));
+        r.push((self.g.itable_dir_offset(), BLOCK));
+        let orphan_head = self.u64_at(2048 + 24);
+        if orphan_head != 0 {
+            r.push((orphan_head * BLOCK, BLOCK));
+        }
+        let max_ino = self.inode_off.keys().copied().max().unwrap_or(0).max(320);
+        r.push((self.chunk0 * BLOCK, (max_ino + 1) * INODE_SIZE));
+        r.push((
+            self.chunk0 * BLOCK + pmfs::format::INODE_BITMAP_OFFSET,
+            1024,
+        ));
+        for &off in self.inode_off.values() {
+            let i = Inode::read_from_bytes(&self.bytes[off as usize..(off + INODE_SIZE) as usize])
+                .unwrap();
+            if i.xattr_block != 0 {
+                r.push((i.xattr_block * BLOCK, u64::from(i.xattr_blocks) * BLOCK));
+            }
+            if i.tree_root == 0 {
+                continue;
+            }
+            if i.is_symlink() {
+                r.push((i.tree_root * BLOCK, BLOCK));
+                continue;
+            }
+            if !(i.is_dir() || i.flags & pmfs::format::inode_flags::TREE != 0) {
+                continue;
+            }
+            let mut stack = vec![i.tree_root];
+            while let Some(b) = stack.pop() {
+                r.push((b * BLOCK, BLOCK));
+                stack.extend(self.node(b).1);
+            }
+        }
+        r
+    }
+
     pub fn media(&self) -> Arc<dyn Media> {
         Arc::new(RecordingDevice::from_image(self.bytes.clone()))
     }
@@ -119,7 +165,12 @@ impl Image {
 /// two levels (150 extents), a directory of 300 entries (several leaves), hard links, a long
 /// symlink, an xattr, and an orphan.
 pub fn build() -> Image {
-    let dev = Arc::new(RecordingDevice::new(64 * MIB));
+    build_sized(64 * MIB)
+}
+
+/// [`build`] on a device of `size` bytes (at least 16 MiB).
+pub fn build_sized(size: u64) -> Image {
+    let dev = Arc::new(RecordingDevice::new(size));
     format(dev.as_ref(), &MkfsOptions::default()).unwrap();
     let media: Arc<dyn Media> = dev.clone();
     let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
