@@ -109,6 +109,12 @@ fn options_help() -> String {
 }
 
 fn main() -> ExitCode {
+    // `pmfs layout FILE...`: a subcommand that cannot clash with a device named "layout"
+    // in practice (mount needs a mount point too, and layout's arguments are pmfs files).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "layout") {
+        return layout(&args[2..]);
+    }
     let matches = Cli::command().after_help(options_help()).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
@@ -544,4 +550,54 @@ fn remount(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     nix::mount::mount(None::<&str>, &mountpoint, None::<&str>, flags, None::<&str>)
         .map_err(|e| Failure(format!("remount {}: {e}", mountpoint.display())))?;
     Ok(())
+}
+
+/// `pmfs layout FILE...`: one line per extent, `FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS`,
+/// byte counts in decimal, FLAGS `unwritten` or `-` (FS_IOC_FIEMAP does not pass through
+/// FUSE, so this asks the daemon with pmfs's own ioctl).
+fn layout(files: &[std::ffi::OsString]) -> ExitCode {
+    if files.is_empty() || files.iter().any(|f| f == "-h" || f == "--help") {
+        println!(
+            "Usage: pmfs layout FILE...\n\nPrints each extent of a file on a pmfs mount, one line per \
+             extent:\n  FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS\nin bytes (decimal); FLAGS is \
+             `unwritten` for preallocated space, `-` otherwise. With several files, each \
+             block starts with `FILE:`."
+        );
+        return if files.is_empty() {
+            ExitCode::from(EXIT_USAGE)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let mut status = ExitCode::SUCCESS;
+    for f in files {
+        let path = std::path::Path::new(f);
+        let result = std::fs::File::open(path)
+            .and_then(|file| pmfs::dax::query(&file, 0, 0, u64::MAX >> 1).map(|(_, e)| e));
+        match result {
+            Ok(entries) => {
+                if files.len() > 1 {
+                    println!("{}:", path.display());
+                }
+                for e in entries {
+                    let flags = if e.flags & pmfs::dax::ENTRY_UNWRITTEN != 0 {
+                        "unwritten"
+                    } else {
+                        "-"
+                    };
+                    println!("{} {} {} {flags}", e.file_offset, e.device_offset, e.len);
+                }
+            }
+            Err(e) => {
+                let why = if e.raw_os_error() == Some(libc::ENOTTY) {
+                    "not a file on a pmfs mount".to_string()
+                } else {
+                    e.to_string()
+                };
+                eprintln!("pmfs: {}: {why}", path.display());
+                status = ExitCode::FAILURE;
+            }
+        }
+    }
+    status
 }

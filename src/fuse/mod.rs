@@ -15,6 +15,7 @@
 
 pub mod acl;
 pub mod attr;
+pub mod ioctl;
 pub mod mountinfo;
 pub mod options;
 
@@ -35,7 +36,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// How long the kernel may cache entries, attributes and negative entries. Only this mount
@@ -81,6 +82,9 @@ pub struct PmfsFuse {
     acl: bool,
     /// Set when `destroy` marked the file system clean.
     clean: Arc<AtomicBool>,
+    /// File handles: one per open, so direct-mapping leases end with their open.
+    next_fh: AtomicU64,
+    leases: ioctl::LeaseTable,
 }
 
 /// The reply to an error: logs it (debug; damage also at warn) and maps it to errno.
@@ -113,7 +117,13 @@ impl PmfsFuse {
             no_opendir: false,
             acl: false,
             clean: Arc::new(AtomicBool::new(false)),
+            next_fh: AtomicU64::new(1),
+            leases: ioctl::LeaseTable::default(),
         }
+    }
+
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
     }
 
     /// The core below.
@@ -486,7 +496,7 @@ impl Filesystem for PmfsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), self.fopen_flags()),
+            Ok(_) => reply.opened(self.new_fh(), self.fopen_flags()),
             Err(e) => reply.error(errno("open", ino.0, &e)),
         }
     }
@@ -555,12 +565,14 @@ impl Filesystem for PmfsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Direct mappings taken through this open end with it: their deferred frees run now.
+        self.leases.release(&self.fs, fh.0);
         self.fs.release(ino.0);
         reply.ok();
     }
@@ -743,7 +755,7 @@ impl Filesystem for PmfsFuse {
                 &TTL,
                 &file_attr(&a),
                 Generation(a.generation),
-                FileHandle(0),
+                self.new_fh(),
                 self.fopen_flags(),
             ),
             Err(e) => {
@@ -761,15 +773,25 @@ impl Filesystem for PmfsFuse {
     fn ioctl(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTTY));
+        // Only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never reach FUSE or
+        // are not ours.
+        if cmd != crate::device::dax::PMFS_IOC_MAP
+            || out_size as usize != crate::device::dax::IOCTL_SIZE
+        {
+            return reply.error(Errno::from_i32(libc::ENOTTY));
+        }
+        match self.leases.handle(&self.fs, ino.0, fh.0, in_data) {
+            Ok(data) => reply.ioctl(0, &data),
+            Err(e) => reply.error(errno("ioctl", ino.0, &e)),
+        }
     }
 
     fn poll(

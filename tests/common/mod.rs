@@ -1,0 +1,207 @@
+//! Shared harness of the mount tests: formatted images in /dev/shm and `pmfs -f` mounts
+//! that are always undone by a guard's Drop (fusermount3 -u, then a lazy unmount, then
+//! killing the daemon), so a failing test never leaves a mount behind. Every wait has a
+//! deadline.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+#![allow(clippy::unwrap_used)]
+
+pub use pmfs::device::{Device, OpenOptions, create_image};
+pub use pmfs::fuse::mountinfo;
+pub use pmfs::mkfs::{MkfsOptions, format, now_ns};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const PMFS: &str = env!("CARGO_BIN_EXE_pmfs");
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+/// How long a mount or an unmount may take before the test fails.
+pub const MOUNT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Real mounts need root and /dev/fuse. Without them the test fails rather than pass
+/// having tested nothing.
+pub fn can_mount() -> bool {
+    assert!(
+        nix::unistd::geteuid().is_root() && Path::new("/dev/fuse").exists(),
+        "this test mounts pmfs: it needs root and /dev/fuse"
+    );
+    true
+}
+
+/// A formatted image file in /dev/shm, removed on drop.
+pub struct Image {
+    pub path: PathBuf,
+}
+
+impl Image {
+    pub fn new(name: &str, size: u64) -> Image {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = PathBuf::from(format!(
+            "/dev/shm/pmfs-mount-test-{}-{}-{name}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_file(&path);
+        create_image(&path, size).unwrap();
+        let dev = Device::open(&path, &OpenOptions::default()).unwrap();
+        format(
+            &dev,
+            &MkfsOptions {
+                label: name.into(),
+                uuid: None,
+                now_ns: now_ns(),
+            },
+        )
+        .unwrap();
+        Image { path }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    mountinfo::find(dir)
+        .unwrap()
+        .is_some_and(|m| m.fstype == "fuse.pmfs")
+}
+
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + MOUNT_DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A mount served by a `pmfs -f` child process. Dropping it unmounts, whatever happened.
+pub struct Mount {
+    dir: tempfile::TempDir,
+    pub mountpoint: PathBuf,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn new(image: &Image, opts: &str) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("pmfs-mnt-")
+            .tempdir()
+            .unwrap();
+        let mountpoint = dir.path().join("m");
+        fs::create_dir(&mountpoint).unwrap();
+        let mountpoint = mountpoint.canonicalize().unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut cmd = Command::new(PMFS);
+        cmd.arg(&image.path).arg(&mountpoint).arg("-f");
+        if !opts.is_empty() {
+            cmd.arg("-o").arg(opts);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Mount {
+            dir,
+            mountpoint,
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + MOUNT_DEADLINE;
+        while !is_mounted(&m.mountpoint) {
+            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "pmfs exited with {status} before mounting: {}",
+                    m.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount timed out: {}",
+                m.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        m
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmounts with fusermount3 and checks that the daemon exits 0 (the file system was
+    /// marked clean).
+    pub fn unmount(mut self) {
+        let status = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .status()
+            .unwrap();
+        assert!(status.success(), "fusermount3 -u failed");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + MOUNT_DEADLINE;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("pmfs did not exit after unmount: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            status.success(),
+            "pmfs exited with {status}: {}",
+            self.log_text()
+        );
+        assert!(!is_mounted(&self.mountpoint));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mountpoint)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = &self.dir;
+    }
+}
+
+pub fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
