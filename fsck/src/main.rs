@@ -214,6 +214,21 @@ fn choose(mode: Mode, report: &Report, shown: &str) -> RepairMode {
     }
 }
 
+/// A problem's line, with the path of the inode it names when the check knows it and the
+/// message does not say it already.
+fn with_path(p: &pmfs::check::Problem, report: &Report) -> String {
+    use pmfs::check::ProblemKind as K;
+    let ino = match &p.kind {
+        K::BadInode(i) | K::BadTree(i) | K::Orphan(i) => *i,
+        K::BlockCount { ino, .. } | K::LinkCount { ino, .. } | K::DirSize { ino, .. } => *ino,
+        _ => return p.message.clone(),
+    };
+    match report.paths.get(&ino) {
+        Some(path) if !p.message.contains(path.as_str()) => format!("{} ({path})", p.message),
+        _ => p.message.clone(),
+    }
+}
+
 fn plural(n: usize, what: &str) -> String {
     if n == 1 {
         format!("1 {what}")
@@ -303,7 +318,7 @@ fn run(args: &Args) -> u8 {
         );
     }
     for p in &report.problems {
-        println!("{shown}: {}", p.message);
+        println!("{shown}: {}", with_path(p, &report));
     }
     if report.problems.is_empty() {
         if !read_only && let Err(e) = repair::mark_clean(&media) {
