@@ -345,7 +345,9 @@ fn write_node(tx: &mut Tx<'_>, tree: &Tree, block: u64, node: &Node, fresh: bool
     if fresh {
         tx.write_new(off, &buf)?;
     } else {
-        tx.write(off, &buf)?;
+        // Log the whole node once: later rewrites in the same transaction (a node filling
+        // up record by record) then need no undo record of their own.
+        tx.write_within(off, &buf, BLOCK_SIZE)?;
     }
     Ok(())
 }

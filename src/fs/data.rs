@@ -402,10 +402,14 @@ impl Fs {
                 }
                 None => {
                     let next = extent::next_from(&r, ino, i, b)?.map_or(u64::MAX, |e| e.file_block);
-                    // Never let one allocation straddle a 2 MiB boundary of the file: the
-                    // part past it must be free to take an aligned chunk.
-                    let chunk_end = (b / CHUNK_BLOCKS + 1) * CHUNK_BLOCKS;
-                    let hole_end = fe.min(next).min(chunk_end);
+                    // Never let a small allocation in the first 2 MiB of the file straddle
+                    // into the second: the part past it must be free to take an aligned
+                    // chunk. (Holes further on are allocated whole chunks at a time.)
+                    let hole_end = if b < CHUNK_BLOCKS {
+                        fe.min(next).min(CHUNK_BLOCKS)
+                    } else {
+                        fe.min(next)
+                    };
                     let p = self.allocate_hole(tx, ino, i, b, hole_end, next, 0)?;
                     b = p.fblock + p.len;
                     pieces.push(p);

@@ -466,3 +466,26 @@ fn thousands_of_long_names_in_one_directory() {
     }
     check(&fs);
 }
+
+#[test]
+fn map_direct_of_a_large_sparse_file() {
+    let media = new_media(2048 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"big", 0o100644, 0).unwrap();
+    fs.setattr(
+        &C,
+        f.ino,
+        &SetAttr {
+            size: Some(1024 * MIB),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_, exts) = fs.map_direct(f.ino, 0, 1024 * MIB).unwrap();
+    assert_eq!(exts.iter().map(|e| e.len).sum::<u64>(), 1024 * MIB);
+    assert!(
+        exts.iter()
+            .all(|e| e.file_offset % CHUNK_SIZE == 0 && e.device_offset % CHUNK_SIZE == 0)
+    );
+    check(&fs);
+}

@@ -181,6 +181,22 @@ impl<'j> Tx<'j> {
         Ok(())
     }
 
+    /// Stores `data` at `offset`, undo-logging the whole `span` bytes from `offset` first
+    /// (once per transaction). For objects rewritten several times in one transaction with
+    /// a growing length (B+tree nodes): logging the whole object the first time lets every
+    /// later rewrite skip its undo record.
+    pub fn write_within(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        span: u64,
+    ) -> Result<(), JournalError> {
+        self.log_bytes(offset, span.max(data.len() as u64))?;
+        self.journal.media.write(offset, data)?;
+        self.dirty.push((offset, data.len() as u64));
+        Ok(())
+    }
+
     /// Stores `data` at `offset` without an undo record. Only for blocks this transaction
     /// allocated: if it rolls back they return to the free pool, so their old contents do not
     /// matter. The range is still flushed at commit.
@@ -271,8 +287,21 @@ impl<'j> Tx<'j> {
             }
             return Ok(());
         }
+        // Flush each dirty byte once: objects rewritten in one transaction appear many times.
+        self.dirty.sort_unstable();
+        let mut run: Option<(u64, u64)> = None;
         for &(off, len) in &self.dirty {
-            media.flush(off, len)?;
+            match run {
+                Some((s, e)) if off <= e => run = Some((s, e.max(off + len))),
+                Some((s, e)) => {
+                    media.flush(s, e - s)?;
+                    run = Some((off, off + len));
+                }
+                None => run = Some((off, off + len)),
+            }
+        }
+        if let Some((s, e)) = run {
+            media.flush(s, e - s)?;
         }
         media.fence();
         let slot = self
