@@ -131,7 +131,9 @@ impl Image {
             self.chunk0 * BLOCK + pmfs::format::INODE_BITMAP_OFFSET,
             1024,
         ));
-        for &off in self.inode_off.values() {
+        let mut offs: Vec<u64> = self.inode_off.values().copied().collect();
+        offs.sort_unstable();
+        for off in offs {
             let i = Inode::read_from_bytes(&self.bytes[off as usize..(off + INODE_SIZE) as usize])
                 .unwrap();
             if i.xattr_block != 0 {
@@ -286,9 +288,11 @@ fn extent_cycle(img: &mut Image) {
 }
 
 fn bitmap(img: &mut Image) {
-    // A leaked block: the last block of the device, never used.
-    let last = img.g.block_count - 1;
-    assert!(!img.bit(last));
+    // A leaked block: the last free block of the device.
+    let last = (img.g.meta_end..img.g.block_count)
+        .rev()
+        .find(|&b| !img.bit(b))
+        .unwrap();
     img.set_bit(last, true);
     // A block in use marked free: the first data block of /a/file1.
     let e = img.inline_extents("/a/file1")[0];
