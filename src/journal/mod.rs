@@ -456,7 +456,7 @@ impl Drop for Tx<'_> {
 /// over it, whatever the inode says. A torn record holding an older, equally valid inode
 /// image then passed the check and recovery restored the wrong inode (found by the
 /// power-failure tests, tests/crash_power.rs).
-fn record_crc(header: &UndoHeader, payload: &[u8]) -> u32 {
+pub fn record_crc(header: &UndoHeader, payload: &[u8]) -> u32 {
     let mut h = *header;
     h.crc = 0;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -543,6 +543,22 @@ fn scan_records(
     slot_offset: u64,
     generation: u64,
 ) -> Result<Vec<Record>, JournalError> {
+    let (records, damage) = scan_records_lenient(media, geometry, slot_offset, generation)?;
+    match damage {
+        Some(d) => Err(FormatError::corrupted("journal record", d).into()),
+        None => Ok(records),
+    }
+}
+
+/// As [`scan_records`], but a record that is valid yet points outside what the journal
+/// covers ends the scan instead of failing it: returns the records before it and what was
+/// wrong (fsck rolls back what it can).
+fn scan_records_lenient(
+    media: &dyn Media,
+    geometry: &Geometry,
+    slot_offset: u64,
+    generation: u64,
+) -> Result<(Vec<Record>, Option<String>), JournalError> {
     let slot_size = geometry.slot_size();
     let mut cursor = RECORDS_OFFSET;
     let mut out = Vec::new();
@@ -577,20 +593,19 @@ fn scan_records(
         let span = match kind {
             UndoKind::Bytes => (h.target, u64::from(h.len)),
             _ if h.len == 0 || h.first.checked_add(u64::from(h.len)).is_none() => {
-                return Err(FormatError::corrupted("journal record", "empty bit range").into());
+                return Ok((out, Some("a bit record with an empty range".into())));
             }
             _ => bit_span(h.target, h.first, u64::from(h.len)),
         };
         if h.target % 8 != 0 && kind != UndoKind::Bytes || !target_allowed(geometry, span.0, span.1)
         {
-            return Err(FormatError::corrupted(
-                "journal record",
-                format!(
-                    "target {:#x}+{} outside the metadata the journal covers",
+            return Ok((
+                out,
+                Some(format!(
+                    "a record targets {:#x}+{}, outside the metadata the journal covers",
                     span.0, span.1
-                ),
-            )
-            .into());
+                )),
+            ));
         }
         out.push(Record {
             kind,
@@ -601,7 +616,7 @@ fn scan_records(
         });
         cursor += total;
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// Applies undo records in reverse order and flushes what they touched (no fence).
@@ -672,6 +687,63 @@ pub fn format_slots(media: &dyn Media, geometry: &Geometry) -> Result<(), Journa
         media.flush(offset, block.len() as u64)?;
     }
     Ok(())
+}
+
+/// What an open slot holds: its valid undo records, and why the scan stopped early if a
+/// record was damaged (for fsck).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenSlot {
+    pub slot: u32,
+    pub records: usize,
+    pub damage: Option<String>,
+}
+
+/// Scans slot `index` without changing anything; `None` when it holds no open transaction.
+pub fn inspect_slot(
+    media: &dyn Media,
+    geometry: &Geometry,
+    index: u32,
+) -> Result<Option<OpenSlot>, JournalError> {
+    let header = read_slot_header(media, geometry, index)?;
+    if header.generation % 2 == 0 {
+        return Ok(None);
+    }
+    let (records, damage) = scan_records_lenient(
+        media,
+        geometry,
+        geometry.slot_offset(index),
+        header.generation,
+    )?;
+    Ok(Some(OpenSlot {
+        slot: index,
+        records: records.len(),
+        damage,
+    }))
+}
+
+/// Rolls back the open transaction of slot `index` as far as its records are valid (the
+/// records before a damaged one), then closes the slot: fsck's repair of a journal that
+/// recovery refuses.
+pub fn rollback_slot_lenient(
+    media: &dyn Media,
+    geometry: &Geometry,
+    index: u32,
+) -> Result<Option<OpenSlot>, JournalError> {
+    let header = read_slot_header(media, geometry, index)?;
+    if header.generation % 2 == 0 {
+        return Ok(None);
+    }
+    let offset = geometry.slot_offset(index);
+    let (records, damage) = scan_records_lenient(media, geometry, offset, header.generation)?;
+    undo_records(media, &records)?;
+    media.store_u64(offset + GENERATION_OFFSET, header.generation + 1)?;
+    media.flush(offset + GENERATION_OFFSET, 8)?;
+    media.fence();
+    Ok(Some(OpenSlot {
+        slot: index,
+        records: records.len(),
+        damage,
+    }))
 }
 
 /// Open transactions a crash left behind, without changing anything (for `fsck -n`):

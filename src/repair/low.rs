@@ -11,15 +11,13 @@ use crate::error::{Error, Result};
 use crate::format::{
     BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, FormatError, FsState, Geometry, INODE_SIZE,
     Inode, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_OFFSET, SlotHeader,
-    Superblock, UndoHeader, UndoKind, blocks_to_bytes, checksum,
+    Superblock, blocks_to_bytes,
 };
 use crate::fs::{read_backup_superblock, read_state, read_superblock};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 const SB_LEN: usize = size_of::<Superblock>();
 const SLOT_HEADER: u64 = size_of::<SlotHeader>() as u64;
-const RECORD_HEADER: u64 = size_of::<UndoHeader>() as u64;
-const GENERATION_OFFSET: u64 = std::mem::offset_of!(SlotHeader, generation) as u64;
 
 fn finding(out: &mut Vec<Finding>, kind: ProblemKind, class: Class, message: String, fixed: bool) {
     out.push(Finding {
@@ -144,147 +142,6 @@ fn state_record(
     Ok(true)
 }
 
-/// A validated undo record.
-struct Record {
-    kind: UndoKind,
-    target: u64,
-    first: u64,
-    len: u64,
-    payload: Vec<u8>,
-}
-
-fn bit_span(base: u64, first: u64, count: u64) -> (u64, u64) {
-    let first_word = first / 64;
-    let last_word = (first + count - 1) / 64;
-    (base + first_word * 8, (last_word - first_word + 1) * 8)
-}
-
-fn target_allowed(g: &Geometry, target: u64, len: u64) -> bool {
-    let Some(end) = target.checked_add(len) else {
-        return false;
-    };
-    let state = STATE_OFFSET..STATE_OFFSET + size_of::<FsState>() as u64;
-    (state.contains(&target) && end <= state.end)
-        || (target >= g.bitmap_offset() && end <= g.size_bytes())
-}
-
-/// Scans an open slot like recovery does, but stops (instead of failing) at a record that
-/// points outside what the journal covers. Returns the valid records and the damage found.
-fn scan_lenient(
-    media: &dyn Media,
-    g: &Geometry,
-    slot_offset: u64,
-    generation: u64,
-) -> Result<(Vec<Record>, Option<String>)> {
-    let slot_size = g.slot_size();
-    let mut cursor = SLOT_HEADER;
-    let mut out = Vec::new();
-    while cursor + RECORD_HEADER <= slot_size {
-        let mut hb = [0u8; size_of::<UndoHeader>()];
-        media.read(slot_offset + cursor, &mut hb)?;
-        let Ok(h) = UndoHeader::read_from_bytes(&hb) else {
-            break;
-        };
-        if h.generation != generation {
-            break;
-        }
-        let Some(kind) = UndoKind::from_u16(h.kind) else {
-            break;
-        };
-        let payload_len = if kind == UndoKind::Bytes {
-            u64::from(h.len)
-        } else {
-            0
-        };
-        let total = (RECORD_HEADER + payload_len).next_multiple_of(8);
-        if cursor + total > slot_size {
-            break;
-        }
-        let mut payload = vec![0u8; payload_len as usize];
-        media.read(slot_offset + cursor + RECORD_HEADER, &mut payload)?;
-        let mut hc = h;
-        hc.crc = 0;
-        if crc32c::crc32c_append(checksum(hc.as_bytes()), &payload) != h.crc {
-            break;
-        }
-        let span = match kind {
-            UndoKind::Bytes => (h.target, u64::from(h.len)),
-            _ if h.len == 0 || h.first.checked_add(u64::from(h.len)).is_none() => {
-                return Ok((out, Some("a bit record with an empty range".into())));
-            }
-            _ => bit_span(h.target, h.first, u64::from(h.len)),
-        };
-        if (kind != UndoKind::Bytes && h.target % 8 != 0) || !target_allowed(g, span.0, span.1) {
-            return Ok((
-                out,
-                Some(format!(
-                    "a record targets {:#x}+{}, outside the metadata the journal covers",
-                    span.0, span.1
-                )),
-            ));
-        }
-        out.push(Record {
-            kind,
-            target: h.target,
-            first: h.first,
-            len: u64::from(h.len),
-            payload,
-        });
-        cursor += total;
-    }
-    Ok((out, None))
-}
-
-fn for_each_word(
-    base: u64,
-    first: u64,
-    count: u64,
-    mut f: impl FnMut(u64, u64) -> Result<()>,
-) -> Result<()> {
-    let end = first + count;
-    let mut bit = first;
-    while bit < end {
-        let word = bit / 64;
-        let lo = bit % 64;
-        let hi = (end - word * 64).min(64);
-        let mask = if hi - lo == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        f(base + word * 8, mask)?;
-        bit = (word + 1) * 64;
-    }
-    Ok(())
-}
-
-/// Undoes `records` in reverse order, then closes the slot (generation + 1), like recovery.
-fn undo(media: &dyn Media, slot_offset: u64, generation: u64, records: &[Record]) -> Result<()> {
-    for r in records.iter().rev() {
-        match r.kind {
-            UndoKind::Bytes => {
-                media.write(r.target, &r.payload)?;
-                media.flush(r.target, r.len)?;
-            }
-            UndoKind::SetBits => for_each_word(r.target, r.first, r.len, |w, m| {
-                media.fetch_and_u64(w, !m).map(drop).map_err(Error::from)
-            })?,
-            UndoKind::ClearBits => for_each_word(r.target, r.first, r.len, |w, m| {
-                media.fetch_or_u64(w, m).map(drop).map_err(Error::from)
-            })?,
-        }
-        if r.kind != UndoKind::Bytes {
-            let (s, l) = bit_span(r.target, r.first, r.len);
-            media.flush(s, l)?;
-        }
-    }
-    media.fence();
-    media.store_u64(slot_offset + GENERATION_OFFSET, generation + 1)?;
-    media.flush(slot_offset + GENERATION_OFFSET, 8)?;
-    media.fence();
-    Ok(())
-}
-
 fn journal(
     media: &dyn Media,
     g: &Geometry,
@@ -333,20 +190,22 @@ fn journal(
         if h.generation % 2 == 0 {
             continue;
         }
-        let (records, damage) = scan_lenient(media, g, offset, h.generation)?;
-        let (kind, message) = match &damage {
+        let Some(open) = crate::journal::inspect_slot(media, g, i)? else {
+            continue;
+        };
+        let (kind, message) = match &open.damage {
             None => (
                 ProblemKind::JournalOpen,
                 format!(
                     "journal slot {i} holds an interrupted transaction ({} undo records): rolled back",
-                    records.len()
+                    open.records
                 ),
             ),
             Some(why) => (
                 ProblemKind::JournalDamaged { slot: i },
                 format!(
                     "journal slot {i} holds an interrupted transaction with a damaged record ({why}): the {} valid records before it rolled back",
-                    records.len()
+                    open.records
                 ),
             ),
         };
@@ -355,7 +214,7 @@ fn journal(
             ready = false;
             continue;
         }
-        undo(media, offset, h.generation, &records)?;
+        crate::journal::rollback_slot_lenient(media, g, i)?;
     }
     // Whatever the loop did, the journal must now be one the mount path accepts.
     if ready {

@@ -329,9 +329,7 @@ fn journal_bad_target(img: &mut Image) {
         crc: 0,
         pad2: 0,
     };
-    let mut buf = h.as_bytes().to_vec();
-    buf.extend_from_slice(&payload);
-    h.crc = checksum(&buf);
+    h.crc = pmfs::journal::record_crc(&h, &payload);
     let at = (slot + size_of::<SlotHeader>() as u64) as usize;
     img.bytes[at..at + 40].copy_from_slice(h.as_bytes());
     img.bytes[at + 40..at + 48].copy_from_slice(&payload);
