@@ -340,9 +340,8 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
         // The mount source is the device path byte for byte, so `findmnt -S DEVICE` and
         // `umount DEVICE` find the mount.
         MountOption::FSName(fsname.to_string()),
-        // Passed to the kernel (fuser would use a Subtype option only for the source name),
-        // so the mount's type reads fuse.pmfs.
-        MountOption::CUSTOM("subtype=pmfs".into()),
+        // No subtype: the mount's type reads plain `fuse`, which is what xfstests's FUSE
+        // mode (and `df -T` users of FUSE file systems) expect; the source names the device.
         MountOption::DefaultPermissions,
         if opts.read_only {
             MountOption::RO
@@ -350,12 +349,13 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
             MountOption::RW
         },
     ];
-    // fuser mounts nodev,nosuid unless dev/suid are given; mount.fuse3 passes dev,suid
-    // (mount(8)'s defaults) unless the user said otherwise.
-    if opts.flag(Flag::Dev, false) {
+    // fuser mounts nodev,nosuid unless dev/suid are given. Root gets mount(8)'s defaults,
+    // dev,suid, as with any file system (and as mount.fuse3 passes them), unless it says
+    // nodev/nosuid; other users get nodev,nosuid.
+    if opts.flag(Flag::Dev, root) {
         mo.push(MountOption::Dev);
     }
-    if opts.flag(Flag::Suid, false) {
+    if opts.flag(Flag::Suid, root) {
         mo.push(MountOption::Suid);
     }
     if !opts.flag(Flag::Exec, true) {
@@ -489,7 +489,7 @@ fn remount(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     let mountpoint = mount_point(cli)?;
     let m: MountInfo = mountinfo::find(&mountpoint)
         .map_err(|e| Failure(format!("/proc/self/mountinfo: {e}")))?
-        .filter(|m| m.fstype == "fuse.pmfs")
+        .filter(|m| m.fstype == "fuse" || m.fstype == "fuse.pmfs")
         .ok_or_else(|| Failure(format!("{} is not a pmfs mount", mountpoint.display())))?;
     let read_only = opts.given.iter().rev().find_map(|o| match o.as_str() {
         "ro" => Some(true),

@@ -49,7 +49,7 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     (
         "dev / nodev, suid / nosuid, exec / noexec",
-        "the usual mount flags (default when run directly: nodev,nosuid)",
+        "the usual mount flags (default: dev,suid for root, nodev,nosuid for others)",
     ),
     ("sync / async, dirsync", "the usual mount flags"),
     (
