@@ -611,6 +611,17 @@ impl Fs {
         Ok(())
     }
 
+    /// Unmaps and frees every file block from `fb` on.
+    pub(super) fn punch_blocks_pub(
+        &self,
+        tx: &mut Tx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        fb: u64,
+    ) -> Result<()> {
+        self.punch_blocks(tx, ino, i, fb, u64::MAX)
+    }
+
     /// Unmaps and frees file blocks `fb..fe`.
     fn punch_blocks(
         &self,
@@ -757,7 +768,8 @@ impl Fs {
     pub fn lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<i64> {
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
-        let off = u64::try_from(offset).map_err(|_| Error::Invalid)?;
+        // lseek(2): SEEK_DATA/SEEK_HOLE at a negative offset or at/after the end is ENXIO.
+        let off = u64::try_from(offset).map_err(|_| Error::NoSuchPosition)?;
         if off >= i.size {
             return Err(Error::NoSuchPosition);
         }

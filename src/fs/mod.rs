@@ -39,6 +39,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Lock stripes for inodes.
 const STRIPES: usize = 1024;
 
+/// Extents freed per transaction when an unlinked file is freed in steps (each costs a
+/// bit record and a share of an extent-tree node in the undo log).
+const SHRINK_BATCH: usize = 1024;
+
 /// When reads update atime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AtimeMode {
@@ -181,6 +185,8 @@ pub struct Fs {
     leases: Arc<Mutex<lease::Leases>>,
     /// Guards the deferred-free inode (taken after any inode stripes).
     deferred_lock: Mutex<()>,
+    /// Unlinked files with many extents, to free in bounded steps once the unlink commits.
+    pending_reaps: Mutex<Vec<u64>>,
     options: MountOptions,
     recovery: RecoveryReport,
 }
@@ -306,6 +312,7 @@ impl Fs {
             rename_lock: Mutex::new(()),
             leases: Arc::new(Mutex::new(lease::Leases::default())),
             deferred_lock: Mutex::new(()),
+            pending_reaps: Mutex::new(Vec::new()),
             options,
             recovery,
         };
@@ -496,6 +503,10 @@ impl Fs {
     /// Frees what an unlinked inode still holds once nobody references it: its data when no
     /// open remains, the inode itself when the kernel has forgotten it too.
     fn reap(&self, ino: u64) -> Result<()> {
+        if self.held(ino).opens > 0 {
+            return Ok(());
+        }
+        self.shrink_orphan(ino)?;
         let _g = self.lock_all(&[ino]);
         let Ok(mut inode) = self.inodes.read(ino) else {
             return Ok(());
@@ -518,6 +529,42 @@ impl Fs {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Frees unlinked files queued by unlinks and renames (call with no locks held).
+    pub(super) fn finish_pending_reaps(&self) {
+        let inos = std::mem::take(&mut *self.pending_reaps.lock());
+        for ino in inos {
+            if let Err(e) = self.reap(ino) {
+                log::error!("inode {ino}: freeing unlinked inode failed: {e}");
+            }
+        }
+    }
+
+    /// Frees the blocks of an unlinked regular file from the end, at most
+    /// [`SHRINK_BATCH`] extents per transaction, until its extents fit the transaction that
+    /// frees the rest. Each step is atomic and leaves a consistent (shorter) orphan; a crash
+    /// in between is finished by the orphan scan at mount.
+    fn shrink_orphan(&self, ino: u64) -> Result<()> {
+        loop {
+            let _g = self.lock_all(&[ino]);
+            let Ok(mut i) = self.inodes.read(ino) else {
+                return Ok(());
+            };
+            if i.nlink != 0 || !i.is_reg() || i.flags & inode_flags::TREE == 0 {
+                return Ok(());
+            }
+            let exts = extent::all(&self.reader(), ino, &i)?;
+            if exts.len() <= SHRINK_BATCH {
+                return Ok(());
+            }
+            let cut = exts[exts.len() - SHRINK_BATCH].file_block;
+            let mut tx = self.journal.begin();
+            self.punch_blocks_pub(&mut tx, ino, &mut i, cut)?;
+            i.size = i.size.min(crate::format::blocks_to_bytes(cut));
+            self.inodes.write(&mut tx, ino, &mut i)?;
+            tx.commit()?;
+        }
     }
 
     /// Frees data blocks, extent tree, xattrs and symlink block of an inode (in memory
@@ -607,6 +654,7 @@ impl Fs {
             true
         })?;
         for ino in inos {
+            self.shrink_orphan(ino)?;
             let _s = self.state.lock();
             let mut tx = self.journal.begin();
             if let Ok(mut inode) = self.inodes.read(ino) {

@@ -37,6 +37,13 @@ impl Fs {
 
     /// LOOKUP: finds `name` in `parent`, counting a kernel reference.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if name == b"." {
+            // The kernel resolves a file handle (open_by_handle_at, NFS export) whose inode
+            // it no longer caches by looking up "." in that inode, whatever its type.
+            let attr = self.getattr(parent)?;
+            self.add_lookup(attr.ino);
+            return Ok(attr);
+        }
         let attr = {
             let _g = self.read_lock(parent);
             let p = self.dir_inode(parent)?;
@@ -273,11 +280,15 @@ impl Fs {
         }
         let refs = self.held(ino);
         let _s = self.state.lock();
-        if refs.lookups == 0 && refs.opens == 0 {
+        // A file with many extents may need more than one transaction to free: it becomes
+        // an orphan now and is freed in bounded steps after this transaction commits.
+        let big = inode.is_reg() && inode.flags & inode_flags::TREE != 0;
+        if big {
+            self.pending_reaps.lock().push(ino);
+        } else if refs.lookups == 0 && refs.opens == 0 {
             self.release_contents(tx, ino, inode)?;
             return self.free_inode(tx, ino, inode);
-        }
-        if refs.opens == 0 {
+        } else if refs.opens == 0 {
             self.release_contents(tx, ino, inode)?;
         }
         inode.flags |= inode_flags::ORPHAN;
@@ -343,6 +354,8 @@ impl Fs {
             self.inodes.write(&mut tx, parent, &mut p)?;
             self.after_unlink(&mut tx, child, &mut c)?;
             tx.commit()?;
+            drop(_g);
+            self.finish_pending_reaps();
             return Ok(());
         }
     }
@@ -404,7 +417,10 @@ impl Fs {
             if se.ino != src || de.as_ref().map(|e| e.ino) != dst {
                 continue;
             }
-            return self.rename_locked(parent, &se, newparent, newname, de, flags, set);
+            let result = self.rename_locked(parent, &se, newparent, newname, de, flags, set);
+            drop(_g);
+            self.finish_pending_reaps();
+            return result;
         }
     }
 
