@@ -12,6 +12,7 @@ mod extent;
 mod inode;
 mod lease;
 mod ops;
+mod refs;
 mod xattr;
 
 pub use dir::{check_name, name_hash};
@@ -32,7 +33,6 @@ use crate::format::{
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -176,7 +176,7 @@ pub struct Fs {
     alloc: Arc<BlockAllocator>,
     inodes: InodeTable,
     stripes: Vec<RwLock<()>>,
-    refs: Mutex<HashMap<u64, Refs>>,
+    refs: refs::RefTable,
     /// Guards the state record (orphan tree root, clean flag); held across commit.
     state: Mutex<()>,
     /// Serialises directory moves between parents (the ancestry check must not race).
@@ -307,7 +307,7 @@ impl Fs {
             alloc,
             inodes,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            refs: Mutex::new(HashMap::new()),
+            refs: refs::RefTable::default(),
             state: Mutex::new(()),
             rename_lock: Mutex::new(()),
             leases: Arc::new(Mutex::new(lease::Leases::default())),
@@ -440,26 +440,12 @@ impl Fs {
 
     /// Notes one more kernel reference from a lookup/create reply.
     fn add_lookup(&self, ino: u64) {
-        self.refs.lock().entry(ino).or_default().lookups += 1;
+        self.refs.add_lookup(ino);
     }
 
     /// FORGET: the kernel dropped `n` references.
     pub fn forget(&self, ino: u64, n: u64) {
-        let gone = {
-            let mut refs = self.refs.lock();
-            match refs.get_mut(&ino) {
-                Some(r) => {
-                    r.lookups = r.lookups.saturating_sub(n);
-                    let gone = r.lookups == 0 && r.opens == 0;
-                    if gone {
-                        refs.remove(&ino);
-                    }
-                    gone
-                }
-                None => false,
-            }
-        };
-        if gone && !self.options.read_only {
+        if self.refs.forget(ino, n) && !self.options.read_only {
             if let Err(e) = self.reap(ino) {
                 log::error!("inode {ino}: freeing unlinked inode failed: {e}");
             }
@@ -469,27 +455,13 @@ impl Fs {
     /// Opens an inode (counts the open so an unlinked file keeps its data).
     pub fn open(&self, ino: u64) -> Result<Attr> {
         let a = self.getattr(ino)?;
-        self.refs.lock().entry(ino).or_default().opens += 1;
+        self.refs.open(ino);
         Ok(a)
     }
 
     /// Releases an open.
     pub fn release(&self, ino: u64) {
-        let last = {
-            let mut refs = self.refs.lock();
-            match refs.get_mut(&ino) {
-                Some(r) => {
-                    r.opens = r.opens.saturating_sub(1);
-                    let no_opens = r.opens == 0;
-                    if no_opens && r.lookups == 0 {
-                        refs.remove(&ino);
-                    }
-                    no_opens
-                }
-                None => true,
-            }
-        };
-        if last && !self.options.read_only {
+        if self.refs.release(ino) && !self.options.read_only {
             if let Err(e) = self.reap(ino) {
                 log::error!("inode {ino}: freeing unlinked inode failed: {e}");
             }
@@ -497,7 +469,7 @@ impl Fs {
     }
 
     fn held(&self, ino: u64) -> Refs {
-        self.refs.lock().get(&ino).copied().unwrap_or_default()
+        self.refs.held(ino)
     }
 
     /// Frees what an unlinked inode still holds once nobody references it: its data when no
