@@ -375,6 +375,7 @@ impl Fs {
         fe: u64,
     ) -> Result<Vec<Piece>> {
         let mut pieces = Vec::new();
+        let eof_block = i.size.div_ceil(BLOCK_SIZE);
         let mut b = fb;
         while b < fe {
             let r = self.reader();
@@ -410,7 +411,10 @@ impl Fs {
                     } else {
                         fe.min(next)
                     };
-                    let p = self.allocate_hole(tx, ino, i, b, hole_end, next, 0)?;
+                    // The file grows contiguously: this write starts at or before the end of
+                    // file and the hole lies at or after it.
+                    let contiguous = fb <= eof_block && b >= eof_block;
+                    let p = self.allocate_hole(tx, ino, i, b, hole_end, next, 0, contiguous)?;
                     b = p.fblock + p.len;
                     pieces.push(p);
                 }
@@ -475,6 +479,7 @@ impl Fs {
         want_end: u64,
         next: u64,
         flags: u32,
+        contiguous: bool,
     ) -> Result<Piece> {
         let r = self.reader();
         let nodes = self.nodes();
@@ -485,9 +490,12 @@ impl Fs {
         };
         let chunk_start = b / CHUNK_BLOCKS * CHUNK_BLOCKS;
         let prev_end = prev.as_ref().map_or(0, end);
-        // Huge policy: the file reaches past its first 2 MiB (or this request alone is that
-        // big) and the whole aligned file chunk is a hole.
-        let big = b >= CHUNK_BLOCKS || want_end - b >= CHUNK_BLOCKS;
+        // Huge policy: the whole aligned file chunk is a hole, and either this request alone
+        // covers 2 MiB, or the file grows contiguously (the hole starts at the end of file)
+        // past its first 2 MiB. Small writes into holes inside a sparse file or far past its
+        // end get small blocks: a 2 MiB chunk per scattered 4 KiB write filled devices under
+        // fsstress.
+        let big = want_end - b >= CHUNK_BLOCKS || (b >= CHUNK_BLOCKS && contiguous);
         if big && prev_end <= chunk_start && next >= chunk_start + CHUNK_BLOCKS {
             let chunks = (want_end - chunk_start).div_ceil(CHUNK_BLOCKS);
             let max_chunks = (next.min(MAX_FILE_SIZE / BLOCK_SIZE) - chunk_start) / CHUNK_BLOCKS;
@@ -727,6 +735,7 @@ impl Fs {
         if mode & FALLOC_FL_PUNCH_HOLE == 0 {
             // Preallocate the holes as unwritten extents.
             let (fb, fe) = (offset / BLOCK_SIZE, end_off.div_ceil(BLOCK_SIZE));
+            let eof_block = i.size.div_ceil(BLOCK_SIZE);
             let mut b = fb;
             while b < fe {
                 let r = self.reader();
@@ -743,6 +752,7 @@ impl Fs {
                             fe.min(next),
                             next,
                             extent_flags::UNWRITTEN,
+                            fb <= eof_block && b >= eof_block,
                         )?;
                         b = p.fblock + p.len;
                     }
