@@ -21,7 +21,15 @@
 //! fence is a store guaranteed to survive a power failure. Stores of 8 aligned bytes are atomic
 //! with respect to power failure; nothing larger is.
 
+#[allow(
+    unsafe_code,
+    reason = "the client mapping of device ranges (mmap, ioctl, cache-line flushes)"
+)]
 pub mod dax;
+#[allow(
+    unsafe_code,
+    reason = "the one audited place that maps the device and touches it through raw pointers"
+)]
 mod mmap;
 mod recording;
 
