@@ -902,3 +902,21 @@ fn posix_acls_are_enforced_inherited_and_kept_in_step_with_the_mode() {
     assert!(nobody_can_read(&m.path("d/f")));
     m.unmount();
 }
+
+/// Regression from xfstests (generic/184, 306, 434, 633): a root mount gets mount(8)'s
+/// defaults dev,suid, and the type reads plain `fuse` (xfstests's FUSE mode needs both).
+#[test]
+fn root_mounts_are_dev_suid_and_typed_fuse() {
+    assert!(can_mount());
+    let img = Image::new("devsuid", 64 * MIB);
+    let m = Mount::new(&img, "");
+    let info = mountinfo::find(&m.mountpoint).unwrap().unwrap();
+    assert_eq!(info.fstype, "fuse");
+    assert!(!info.has_mount_option("nosuid"), "{}", info.mount_options);
+    assert!(!info.has_mount_option("nodev"), "{}", info.mount_options);
+    m.unmount();
+    let m = Mount::new(&img, "nosuid,nodev");
+    let info = mountinfo::find(&m.mountpoint).unwrap().unwrap();
+    assert!(info.has_mount_option("nosuid") && info.has_mount_option("nodev"));
+    m.unmount();
+}

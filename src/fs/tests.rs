@@ -554,3 +554,18 @@ fn scattered_small_writes_in_a_sparse_file_take_small_blocks() {
     );
     check(&fs);
 }
+
+/// Regressions from xfstests: file handles are resolved by looking up "." in the inode
+/// itself, whatever its type (generic/426 and others); SEEK_DATA/SEEK_HOLE at a negative
+/// offset is ENXIO (generic/448).
+#[test]
+fn lookup_dot_in_a_file_and_lseek_at_negative_offsets() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, b"data").unwrap();
+    let a = fs.lookup(f.ino, b".").unwrap();
+    assert_eq!((a.ino, a.generation), (f.ino, f.generation));
+    assert_eq!(fs.lseek(f.ino, -1, 3).unwrap_err().errno(), libc::ENXIO);
+    assert_eq!(fs.lseek(f.ino, -1, 4).unwrap_err().errno(), libc::ENXIO);
+}
