@@ -49,7 +49,16 @@ impl Image {
         ));
         let _ = fs::remove_file(&path);
         create_image(&path, size).unwrap();
-        let dev = Device::open(&path, &OpenOptions::default()).unwrap();
+        // Another test thread forking a child at the moment create_image held the image's
+        // lock leaves a copy of that lock in the child until it execs: wait it out.
+        let dev = Device::open(
+            &path,
+            &OpenOptions {
+                read_only: false,
+                wait_busy: Some(Duration::from_secs(10)),
+            },
+        )
+        .unwrap();
         format(
             &dev,
             &MkfsOptions {
