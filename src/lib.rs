@@ -1,7 +1,8 @@
 //! pmfs: a file system for persistent memory, served through FUSE.
 //!
 //! The modules are the layers, bottom up (docs/ARCHITECTURE.md draws them):
-//! - [`device`]: the mapped device and the only `unsafe` code; a recording twin for tests.
+//! - [`device`]: the mapped device, the only module allowed raw memory access; a recording
+//!   twin for tests.
 //! - [`format`]: the on-media structures, validated on every read.
 //! - [`journal`]: undo-logged transactions ([`journal::Tx`] is the only way to change
 //!   metadata).

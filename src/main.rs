@@ -7,7 +7,7 @@
 //!    `ready` and detaches its stdio. The parent then exits 0; if the pipe closes without
 //!    `ready`, the parent exits with the child's status, after the child printed its one-line
 //!    error on the shared stderr. Re-executing rather than forking keeps the daemon free of
-//!    any fork-after-threads hazard and of `unsafe`.
+//!    any fork-after-threads hazard, with no raw fork call.
 //! 3. Mount: open the device exclusively (waiting up to 10 s for a previous daemon of the same
 //!    device to let go), `Fs::mount`, then `fuser::Session::new`, which mounts and completes
 //!    the INIT handshake in this thread, before any worker thread exists.

@@ -2,7 +2,7 @@
 //!
 //! docs/FORMAT.md is the prose version of this module, and `tests/format_doc.rs` checks that
 //! its byte maps agree with the offsets computed here. All structures are `#[repr(C)]`,
-//! little-endian, with explicit padding, and are read with `zerocopy` (no `unsafe`). Nothing
+//! little-endian, with explicit padding, and are read with `zerocopy` (no pointer casts). Nothing
 //! read from the device is trusted: every decoder here validates before returning.
 
 mod geometry;
