@@ -285,8 +285,11 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     let threads = config.n_threads.unwrap_or(1);
     let fuse = PmfsFuse::new(fs, opts.cache);
     let clean = fuse.clean_flag();
+    let notifier = fuse.notifier_slot();
     let mut session = Session::new(fuse, &mountpoint, &config)
         .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
+    // Before the workers start: handlers may need it to invalidate cached attributes.
+    let _ = notifier.set(session.notifier());
     // Mounted, and INIT answered: from here on the kernel queues requests until the workers
     // start. Find our FUSE connection (for aborting a busy lazy unmount) without touching
     // the mount itself.

@@ -303,8 +303,14 @@ fn truncate_punch_fallocate() {
         )
         .expect("truncate up");
     })
-    .op(|fs| fs.fallocate(ino, 8192, 40_000, 0x01 | 0x02).expect("punch"))
-    .op(|fs| fs.fallocate(ino, 4 << 20, 1 << 20, 0).expect("fallocate"));
+    .op(|fs| {
+        fs.fallocate(&C, ino, 8192, 40_000, 0x01 | 0x02)
+            .expect("punch")
+    })
+    .op(|fs| {
+        fs.fallocate(&C, ino, 4 << 20, 1 << 20, 0)
+            .expect("fallocate")
+    });
     s.verify("truncate/punch/fallocate");
 }
 

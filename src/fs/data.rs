@@ -36,6 +36,19 @@ pub(super) struct Piece {
     pub(super) fresh: bool,
 }
 
+/// A change of a file's data by an unprivileged caller clears set-user-ID, and
+/// set-group-ID when the group may execute or the caller is not in the file's group (the
+/// kernel's setattr_should_drop_suidgid; FUSE passes only the primary group, so that is the
+/// group checked).
+fn kill_privs(ctx: &Ctx, i: &mut Inode) {
+    if ctx.uid != 0 && i.mode & 0o6000 != 0 {
+        i.mode &= !0o4000;
+        if i.mode & 0o010 != 0 || ctx.gid != i.gid {
+            i.mode &= !0o2000;
+        }
+    }
+}
+
 fn end(e: &ExtentRecord) -> u64 {
     e.file_block + u64::from(e.len)
 }
@@ -199,12 +212,7 @@ impl Fs {
         i.size = new_size;
         i.mtime_ns = now;
         i.ctime_ns = now;
-        if ctx.uid != 0 && i.mode & 0o6000 != 0 {
-            i.mode &= !0o4000;
-            if i.mode & 0o010 != 0 {
-                i.mode &= !0o2000;
-            }
-        }
+        kill_privs(ctx, &mut i);
         self.inodes.write(&mut tx, ino, &mut i)?;
         tx.commit()?;
         Ok(data.len() as u32)
@@ -695,7 +703,7 @@ impl Fs {
     }
 
     /// FALLOCATE: modes 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE].
-    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+    pub fn fallocate(&self, ctx: &Ctx, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         self.check_writable()?;
         let end_off = offset.checked_add(len).ok_or(Error::FileTooBig)?;
         if len == 0 {
@@ -769,6 +777,7 @@ impl Fs {
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             i.mtime_ns = now;
         }
+        kill_privs(ctx, &mut i);
         self.inodes.write(&mut tx, ino, &mut i)?;
         tx.commit()?;
         Ok(())

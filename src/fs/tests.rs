@@ -134,7 +134,7 @@ fn sparse_files_holes_fallocate_and_seek() {
     assert_eq!(fs.lseek(f.ino, 0, 4).unwrap(), 0);
     // Preallocate, punch, zero range.
     let g = fs.mknod(&C, ROOT_INO, b"prealloc", 0o100644, 0).unwrap();
-    fs.fallocate(g.ino, 0, 8 * MIB, 0).unwrap();
+    fs.fallocate(&C, g.ino, 0, 8 * MIB, 0).unwrap();
     assert_eq!(fs.getattr(g.ino).unwrap().size, 8 * MIB);
     assert!(fs.getattr(g.ino).unwrap().blocks >= 8 * MIB / 512);
     assert!(read_all(&fs, g.ino).iter().all(|&b| b == 0));
@@ -146,9 +146,10 @@ fn sparse_files_holes_fallocate_and_seek() {
     );
     assert!(back[..(MIB + 100) as usize].iter().all(|&b| b == 0));
     let before = fs.statfs().bfree;
-    fs.fallocate(g.ino, 4 * MIB, 2 * MIB, 0x01 | 0x02).unwrap();
+    fs.fallocate(&C, g.ino, 4 * MIB, 2 * MIB, 0x01 | 0x02)
+        .unwrap();
     assert!(fs.statfs().bfree >= before + 512, "punch freed nothing");
-    fs.fallocate(g.ino, MIB, 8192, 0x10).unwrap();
+    fs.fallocate(&C, g.ino, MIB, 8192, 0x10).unwrap();
     let back = read_all(&fs, g.ino);
     assert!(
         back[(MIB) as usize..(MIB + 8192) as usize]
@@ -504,7 +505,7 @@ fn unlink_of_a_file_with_many_extents_succeeds_and_frees_everything() {
         fs.write(&C, f.ino, k * MIB, &chunk).unwrap();
     }
     for k in 0..12_000u64 {
-        fs.fallocate(f.ino, k * 8192 + 4096, 4096, 0x01 | 0x02)
+        fs.fallocate(&C, f.ino, k * 8192 + 4096, 4096, 0x01 | 0x02)
             .unwrap();
     }
     assert!(
@@ -568,4 +569,47 @@ fn lookup_dot_in_a_file_and_lseek_at_negative_offsets() {
     assert_eq!((a.ino, a.generation), (f.ino, f.generation));
     assert_eq!(fs.lseek(f.ino, -1, 3).unwrap_err().errno(), libc::ENXIO);
     assert_eq!(fs.lseek(f.ino, -1, 4).unwrap_err().errno(), libc::ENXIO);
+}
+
+/// Regression from xfstests (generic/355, 683-685): a write or fallocate by an unprivileged
+/// caller clears set-user-ID, and set-group-ID when the group may execute or the caller is
+/// not in the file's group; root keeps them.
+#[test]
+fn unprivileged_data_changes_clear_setid_bits() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let user = Ctx {
+        uid: 1000,
+        gid: 1000,
+        pid: 1,
+    };
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o106666, 0).unwrap();
+    fs.write(&C, f.ino, 0, b"root keeps the bits").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().mode & 0o7777, 0o6666);
+    fs.write(&user, f.ino, 0, b"x").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().mode & 0o7777, 0o666);
+    fs.setattr(
+        &C,
+        f.ino,
+        &SetAttr {
+            mode: Some(0o6676),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.fallocate(&user, f.ino, 0, 4096, 0x01).unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().mode & 0o7777, 0o676);
+    // In the file's group, without group execute: set-group-ID stays.
+    fs.setattr(
+        &C,
+        f.ino,
+        &SetAttr {
+            mode: Some(0o6666),
+            gid: Some(1000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.fallocate(&user, f.ino, 0, 8192, 0x01 | 0x02).unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().mode & 0o7777, 0o2666);
 }

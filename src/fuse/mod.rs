@@ -85,6 +85,8 @@ pub struct PmfsFuse {
     /// File handles: one per open, so direct-mapping leases end with their open.
     next_fh: AtomicU64,
     leases: ioctl::LeaseTable,
+    /// The session's notifier, set once the session exists (see `notifier_slot`).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 /// The reply to an error: logs it (debug; damage also at warn) and maps it to errno.
@@ -119,6 +121,29 @@ impl PmfsFuse {
             clean: Arc::new(AtomicBool::new(false)),
             next_fh: AtomicU64::new(1),
             leases: ioctl::LeaseTable::default(),
+            notifier: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// Where the daemon puts the session's notifier after creating the session.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        Arc::clone(&self.notifier)
+    }
+
+    /// True when a data change by this caller will clear set-user/group-ID bits: the
+    /// kernel must then be told that its cached attributes are stale (it does not clear
+    /// them itself on direct writes and fallocate, and fuser 0.18 cannot negotiate
+    /// HANDLE_KILLPRIV_V2).
+    fn clears_privs(&self, req: &Request, ino: u64) -> bool {
+        req.uid() != 0 && self.fs.getattr(ino).is_ok_and(|a| a.mode & 0o6000 != 0)
+    }
+
+    /// Invalidates the kernel's cached attributes of `ino` (not its page cache).
+    fn attrs_changed(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                log::debug!("invalidating attributes of inode {ino}: {e}");
+            }
         }
     }
 
@@ -544,8 +569,14 @@ impl Filesystem for PmfsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let kills = self.clears_privs(req, ino.0);
         match self.fs.write(&ctx(req), ino.0, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                if kills {
+                    self.attrs_changed(ino.0);
+                }
+                reply.written(n)
+            }
             Err(e) => reply.error(errno("write", ino.0, &e)),
         }
     }
@@ -810,7 +841,7 @@ impl Filesystem for PmfsFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -818,8 +849,14 @@ impl Filesystem for PmfsFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
+        let kills = self.clears_privs(req, ino.0);
+        match self.fs.fallocate(&ctx(req), ino.0, offset, length, mode) {
+            Ok(()) => {
+                if kills {
+                    self.attrs_changed(ino.0);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(errno("fallocate", ino.0, &e)),
         }
     }
