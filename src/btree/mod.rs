@@ -382,6 +382,25 @@ fn split(node: &mut Node) -> Node {
     }
 }
 
+/// The internal nodes on the way from the root to the leaf for `key` (block, node, index of
+/// the child taken), then the leaf's block and node. The tree must not be empty.
+type Path = Vec<(u64, Node, usize)>;
+
+fn descend(r: &TreeReader<'_>, tree: &Tree, key: u64) -> Result<(Path, u64, Node)> {
+    let mut path = Path::new();
+    let mut block = tree.root;
+    let mut node = r.read_node(tree, block, None)?;
+    while let Body::Internal(entries) = &node.body {
+        let i = route(entries, key);
+        let child = entries[i].1;
+        let level = node.level;
+        path.push((block, node, i));
+        block = child;
+        node = r.read_node(tree, block, Some(level - 1))?;
+    }
+    Ok((path, block, node))
+}
+
 /// Inserts or replaces `key`. Updates `tree.root` when the root changes.
 pub fn insert(
     tx: &mut Tx<'_>,
@@ -404,18 +423,7 @@ pub fn insert(
         tree.root = block;
         return Ok(());
     }
-    // Descend, remembering the path.
-    let mut path: Vec<(u64, Node, usize)> = Vec::new();
-    let mut block = tree.root;
-    let mut node = r.read_node(tree, block, None)?;
-    while let Body::Internal(entries) = &node.body {
-        let i = route(entries, key);
-        let child = entries[i].1;
-        let level = node.level;
-        path.push((block, node, i));
-        block = child;
-        node = r.read_node(tree, block, Some(level - 1))?;
-    }
+    let (mut path, mut block, mut node) = descend(r, tree, key)?;
     if let Body::Leaf(recs) = &mut node.body {
         match recs.binary_search_by_key(&key, |r| r.0) {
             Ok(i) => recs[i].1 = payload.to_vec(),
@@ -482,17 +490,7 @@ pub fn remove(
     if tree.root == 0 {
         return Ok(None);
     }
-    let mut path: Vec<(u64, Node, usize)> = Vec::new();
-    let mut block = tree.root;
-    let mut node = r.read_node(tree, block, None)?;
-    while let Body::Internal(entries) = &node.body {
-        let i = route(entries, key);
-        let child = entries[i].1;
-        let level = node.level;
-        path.push((block, node, i));
-        block = child;
-        node = r.read_node(tree, block, Some(level - 1))?;
-    }
+    let (mut path, mut block, mut node) = descend(r, tree, key)?;
     let removed = match &mut node.body {
         Body::Leaf(recs) => match recs.binary_search_by_key(&key, |r| r.0) {
             Ok(i) => recs.remove(i).1,

@@ -308,11 +308,7 @@ impl<'j> Tx<'j> {
             .slot
             .as_mut()
             .ok_or_else(|| FormatError::corrupted("journal", "transaction without a slot"))?;
-        let next = slot.generation + 1;
-        media.store_u64(slot.offset + GENERATION_OFFSET, next)?;
-        media.flush(slot.offset + GENERATION_OFFSET, 8)?;
-        media.fence();
-        slot.generation = next;
+        slot.generation = close_slot(media.as_ref(), slot.offset, slot.generation)?;
         self.open = false;
         Ok(())
     }
@@ -418,11 +414,7 @@ impl<'j> Tx<'j> {
             let records =
                 scan_records(media, &self.journal.geometry, slot.offset, slot.generation)?;
             undo_records(media, &records)?;
-            let next = slot.generation + 1;
-            media.store_u64(slot.offset + GENERATION_OFFSET, next)?;
-            media.flush(slot.offset + GENERATION_OFFSET, 8)?;
-            media.fence();
-            slot.generation = next;
+            slot.generation = close_slot(media, slot.offset, slot.generation)?;
             self.open = false;
         }
         Ok(())
@@ -647,6 +639,16 @@ fn undo_records(media: &dyn Media, records: &[Record]) -> Result<(), JournalErro
     Ok(())
 }
 
+/// Stores the slot's next (even) generation, the commit or rollback point, and makes it
+/// durable; returns it.
+fn close_slot(media: &dyn Media, slot_offset: u64, generation: u64) -> Result<u64, JournalError> {
+    let next = generation + 1;
+    media.store_u64(slot_offset + GENERATION_OFFSET, next)?;
+    media.flush(slot_offset + GENERATION_OFFSET, 8)?;
+    media.fence();
+    Ok(next)
+}
+
 /// Rolls back every open transaction. Idempotent: a crash in the middle is repaired by
 /// running it again.
 pub fn recover(media: &dyn Media, geometry: &Geometry) -> Result<RecoveryReport, JournalError> {
@@ -659,9 +661,7 @@ pub fn recover(media: &dyn Media, geometry: &Geometry) -> Result<RecoveryReport,
         let offset = geometry.slot_offset(i);
         let records = scan_records(media, geometry, offset, header.generation)?;
         undo_records(media, &records)?;
-        media.store_u64(offset + GENERATION_OFFSET, header.generation + 1)?;
-        media.flush(offset + GENERATION_OFFSET, 8)?;
-        media.fence();
+        close_slot(media, offset, header.generation)?;
         report.rolled_back += 1;
         report.records_undone += records.len();
     }
@@ -698,27 +698,37 @@ pub struct OpenSlot {
     pub damage: Option<String>,
 }
 
+/// The open transaction of slot `index`, if any: its generation, slot offset, and the
+/// lenient scan of its records.
+type OpenRecords = (u64, u64, Vec<Record>, Option<String>);
+
+fn open_records(
+    media: &dyn Media,
+    geometry: &Geometry,
+    index: u32,
+) -> Result<Option<OpenRecords>, JournalError> {
+    let header = read_slot_header(media, geometry, index)?;
+    if header.generation % 2 == 0 {
+        return Ok(None);
+    }
+    let offset = geometry.slot_offset(index);
+    let (records, damage) = scan_records_lenient(media, geometry, offset, header.generation)?;
+    Ok(Some((header.generation, offset, records, damage)))
+}
+
 /// Scans slot `index` without changing anything; `None` when it holds no open transaction.
 pub fn inspect_slot(
     media: &dyn Media,
     geometry: &Geometry,
     index: u32,
 ) -> Result<Option<OpenSlot>, JournalError> {
-    let header = read_slot_header(media, geometry, index)?;
-    if header.generation % 2 == 0 {
-        return Ok(None);
-    }
-    let (records, damage) = scan_records_lenient(
-        media,
-        geometry,
-        geometry.slot_offset(index),
-        header.generation,
-    )?;
-    Ok(Some(OpenSlot {
-        slot: index,
-        records: records.len(),
-        damage,
-    }))
+    Ok(
+        open_records(media, geometry, index)?.map(|(_, _, records, damage)| OpenSlot {
+            slot: index,
+            records: records.len(),
+            damage,
+        }),
+    )
 }
 
 /// Rolls back the open transaction of slot `index` as far as its records are valid (the
@@ -729,16 +739,11 @@ pub fn rollback_slot_lenient(
     geometry: &Geometry,
     index: u32,
 ) -> Result<Option<OpenSlot>, JournalError> {
-    let header = read_slot_header(media, geometry, index)?;
-    if header.generation % 2 == 0 {
+    let Some((generation, offset, records, damage)) = open_records(media, geometry, index)? else {
         return Ok(None);
-    }
-    let offset = geometry.slot_offset(index);
-    let (records, damage) = scan_records_lenient(media, geometry, offset, header.generation)?;
+    };
     undo_records(media, &records)?;
-    media.store_u64(offset + GENERATION_OFFSET, header.generation + 1)?;
-    media.flush(offset + GENERATION_OFFSET, 8)?;
-    media.fence();
+    close_slot(media, offset, generation)?;
     Ok(Some(OpenSlot {
         slot: index,
         records: records.len(),
