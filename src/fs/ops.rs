@@ -496,21 +496,8 @@ impl Fs {
                 dir::replace(&mut tx, &r, &nodes, &mut t, d, src, type_byte(si.mode))?;
                 npt.tree_root = t.root;
                 set.insert(newparent, npt);
-                if parent != newparent {
-                    for (moved, from, to) in [(src, parent, newparent), (dst, newparent, parent)] {
-                        let mut m = get(&mut set, moved)?;
-                        if m.is_dir() {
-                            m.parent = to;
-                            set.insert(moved, m);
-                            let mut f = get(&mut set, from)?;
-                            f.nlink = f.nlink.saturating_sub(1);
-                            set.insert(from, f);
-                            let mut t2 = get(&mut set, to)?;
-                            t2.nlink += 1;
-                            set.insert(to, t2);
-                        }
-                    }
-                }
+                self.move_dir_links(&mut set, src, parent, newparent)?;
+                self.move_dir_links(&mut set, dst, newparent, parent)?;
             } else {
                 // Replace the target: the new entry points at src, dst loses a link.
                 let si = get(&mut set, src)?;
