@@ -37,6 +37,7 @@ use pmfs::fuse::options::{self, DEFAULT_MAX_THREADS, Flag, Options};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -283,13 +284,20 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
 
     let config = session_config(&fsname, opts);
     let threads = config.n_threads.unwrap_or(1);
-    let fuse = PmfsFuse::new(fs, opts.cache);
+    let mut fuse = PmfsFuse::new(fs, opts.cache);
+    let poller = (opts.spin_us > 0).then(|| fuse.poll_for(Duration::from_micros(opts.spin_us)));
     let clean = fuse.clean_flag();
     let notifier = fuse.notifier_slot();
     let mut session = Session::new(fuse, &mountpoint, &config)
         .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
     // Before the workers start: handlers may need it to invalidate cached attributes.
     let _ = notifier.set(session.notifier());
+    if let Some(poller) = &poller {
+        // Not fatal: without it the session threads just sleep between requests.
+        if let Err(e) = poller.attach(session.as_fd()) {
+            log::warn!("polling /dev/fuse is off: {e}");
+        }
+    }
     // Mounted, and INIT answered: from here on the kernel queues requests until the workers
     // start. Find our FUSE connection (for aborting a busy lazy unmount) without touching
     // the mount itself.

@@ -18,6 +18,7 @@ pub mod attr;
 pub mod ioctl;
 pub mod mountinfo;
 pub mod options;
+pub mod spin;
 
 use crate::error::{Error, Result};
 use crate::format::file_type;
@@ -87,6 +88,9 @@ pub struct PmfsFuse {
     leases: ioctl::LeaseTable,
     /// The session's notifier, set once the session exists (see `notifier_slot`).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Switches the session threads between polling and sleeping (`spin=`); `None` = never
+    /// poll.
+    poller: Option<Arc<spin::Poller>>,
 }
 
 /// The reply to an error: logs it (debug; damage also at warn) and maps it to errno.
@@ -122,6 +126,23 @@ impl PmfsFuse {
             next_fh: AtomicU64::new(1),
             leases: ioctl::LeaseTable::default(),
             notifier: Arc::new(std::sync::OnceLock::new()),
+            poller: None,
+        }
+    }
+
+    /// Polls `/dev/fuse` for `window` after each request instead of sleeping (see [`spin`]);
+    /// the daemon attaches the returned poller to the session.
+    pub fn poll_for(&mut self, window: Duration) -> Arc<spin::Poller> {
+        let poller = spin::Poller::new(window);
+        self.poller = Some(Arc::clone(&poller));
+        poller
+    }
+
+    /// Every request handler starts here.
+    #[inline]
+    fn begin(&self) {
+        if let Some(p) = &self.poller {
+            p.request();
         }
     }
 
@@ -354,6 +375,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.begin();
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => entry(reply, &a),
             Err(Error::NotFound) => {
@@ -365,10 +387,12 @@ impl Filesystem for PmfsFuse {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.begin();
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.begin();
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno("getattr", ino.0, &e)),
@@ -393,6 +417,7 @@ impl Filesystem for PmfsFuse {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.begin();
         let s = SetAttr {
             mode,
             uid,
@@ -416,6 +441,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.begin();
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno("readlink", ino.0, &e)),
@@ -432,6 +458,7 @@ impl Filesystem for PmfsFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.begin();
         let r = self.create_node(parent.0, mode, umask, |mode| {
             self.fs
                 .mknod(&ctx(req), parent.0, name.as_bytes(), mode, rdev)
@@ -448,6 +475,7 @@ impl Filesystem for PmfsFuse {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.begin();
         let r = self.create_node(parent.0, mode, umask, |mode| {
             self.fs.mkdir(&ctx(req), parent.0, name.as_bytes(), mode)
         });
@@ -455,6 +483,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.begin();
         match self.fs.unlink(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("unlink", parent.0, &e)),
@@ -462,6 +491,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.begin();
         match self.fs.rmdir(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", parent.0, &e)),
@@ -476,6 +506,7 @@ impl Filesystem for PmfsFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.begin();
         let r = self.fs.symlink(
             &ctx(req),
             parent.0,
@@ -495,6 +526,7 @@ impl Filesystem for PmfsFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         match self.fs.rename(
             parent.0,
             name.as_bytes(),
@@ -515,11 +547,13 @@ impl Filesystem for PmfsFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.begin();
         let r = self.fs.link(ino.0, newparent.0, newname.as_bytes());
         self.reply_entry("link", ino.0, r, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.begin();
         match self.fs.open(ino.0) {
             Ok(_) => reply.opened(self.new_fh(), self.fopen_flags()),
             Err(e) => reply.error(errno("open", ino.0, &e)),
@@ -537,6 +571,7 @@ impl Filesystem for PmfsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.begin();
         // The core hands over a view of the mapping that lives only during the callback:
         // reply from inside it, so the bytes go from pmem to the kernel with no copy here.
         let mut reply = Some(reply);
@@ -569,6 +604,7 @@ impl Filesystem for PmfsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.begin();
         let kills = self.clears_privs(req, ino.0);
         match self.fs.write(&ctx(req), ino.0, offset, data) {
             Ok(n) => {
@@ -589,6 +625,7 @@ impl Filesystem for PmfsFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         reply.ok();
     }
 
@@ -602,6 +639,7 @@ impl Filesystem for PmfsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         // Direct mappings taken through this open end with it: their deferred frees run now.
         self.leases.release(&self.fs, fh.0);
         self.fs.release(ino.0);
@@ -616,6 +654,7 @@ impl Filesystem for PmfsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         match self.fs.fsync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", ino.0, &e)),
@@ -623,6 +662,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.begin();
         if self.no_opendir {
             // Zero-message opendir: the kernel takes ENOSYS as "never ask again".
             reply.error(Errno::ENOSYS);
@@ -639,6 +679,7 @@ impl Filesystem for PmfsFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.begin();
         // Offsets are the core's cookies, passed through unchanged both ways.
         let r = self
             .fs
@@ -664,6 +705,7 @@ impl Filesystem for PmfsFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.begin();
         let r = self
             .fs
             .readdirplus(ino.0, offset as i64, &mut |a, next, name| {
@@ -690,6 +732,7 @@ impl Filesystem for PmfsFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         reply.ok();
     }
 
@@ -701,6 +744,7 @@ impl Filesystem for PmfsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         match self.fs.fsync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsyncdir", ino.0, &e)),
@@ -708,6 +752,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.begin();
         let s = self.fs.statfs();
         // No blocks are reserved for root: bavail = bfree.
         reply.statfs(
@@ -725,6 +770,7 @@ impl Filesystem for PmfsFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         let r = if self.acl && name.as_bytes() == acl::ACCESS {
             self.set_access_acl(req, ino.0, value, flags)
         } else {
@@ -737,6 +783,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.begin();
         match self.fs.getxattr(ino.0, name.as_bytes()) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno("getxattr", ino.0, &e)),
@@ -744,6 +791,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.begin();
         match self.fs.listxattr(ino.0) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno("listxattr", ino.0, &e)),
@@ -751,6 +799,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.begin();
         match self.fs.removexattr(ino.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("removexattr", ino.0, &e)),
@@ -758,6 +807,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        self.begin();
         // The mount uses default_permissions, so the kernel checks permissions itself and
         // does not normally ask; if it does, the kernel's verdict stands.
         reply.ok();
@@ -773,6 +823,7 @@ impl Filesystem for PmfsFuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        self.begin();
         let mode = (mode & !u32::from(file_type::S_IFMT)) | u32::from(file_type::S_IFREG);
         let r = self.create_node(parent.0, mode, umask, |mode| {
             self.fs.mknod(&ctx(req), parent.0, name.as_bytes(), mode, 0)
@@ -798,6 +849,7 @@ impl Filesystem for PmfsFuse {
     }
 
     fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        self.begin();
         reply.error(Errno::ENOSYS);
     }
 
@@ -812,6 +864,7 @@ impl Filesystem for PmfsFuse {
         out_size: u32,
         reply: ReplyIoctl,
     ) {
+        self.begin();
         // Only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never reach FUSE or
         // are not ours.
         if cmd != crate::device::dax::PMFS_IOC_MAP
@@ -835,6 +888,7 @@ impl Filesystem for PmfsFuse {
         _flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        self.begin();
         // ENOSYS once makes the kernel report files as always ready, which they are.
         reply.error(Errno::ENOSYS);
     }
@@ -849,6 +903,7 @@ impl Filesystem for PmfsFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.begin();
         let kills = self.clears_privs(req, ino.0);
         match self.fs.fallocate(&ctx(req), ino.0, offset, length, mode) {
             Ok(()) => {
@@ -870,6 +925,7 @@ impl Filesystem for PmfsFuse {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.begin();
         match self.fs.lseek(ino.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno("lseek", ino.0, &e)),
@@ -889,6 +945,7 @@ impl Filesystem for PmfsFuse {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.begin();
         match self
             .fs
             .copy_file_range(&ctx(req), ino_in.0, offset_in, ino_out.0, offset_out, len)

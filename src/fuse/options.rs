@@ -19,6 +19,9 @@ pub const MAX_THREADS: usize = 64;
 /// Session threads when `threads=` is absent: one per CPU, at most this many.
 pub const DEFAULT_MAX_THREADS: usize = 8;
 
+/// Longest polling window `spin=` accepts, in microseconds.
+pub const MAX_SPIN_US: u64 = 100_000;
+
 /// One option help line per entry: (syntax, meaning). `pmfs --help` prints them.
 pub const HELP: &[(&str, &str)] = &[
     ("ro / rw", "mount read-only / read-write (default rw)"),
@@ -30,6 +33,11 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "threads=N",
         "FUSE worker threads, 1..=64 (default: number of CPUs, at most 8)",
+    ),
+    (
+        "spin=MICROSECONDS",
+        "after a request, FUSE threads poll for the next one this long instead of sleeping \
+         (default 1000; 0 = never poll; at most 100000)",
     ),
     (
         "relatime / noatime / strictatime",
@@ -96,6 +104,8 @@ pub struct Options {
     /// `None`: the default (CPUs, at most [`DEFAULT_MAX_THREADS`]).
     pub threads: Option<usize>,
     pub atime: AtimeMode,
+    /// `spin=`: how long session threads poll after a request (microseconds; 0 = never).
+    pub spin_us: u64,
     /// `Some(true)`: allow_other given; `None`: not mentioned (default depends on the user).
     pub allow_other: Option<bool>,
     pub allow_root: bool,
@@ -115,6 +125,7 @@ impl Default for Options {
             cache: CacheMode::Direct,
             threads: None,
             atime: AtimeMode::Relatime,
+            spin_us: u64::try_from(super::spin::DEFAULT_WINDOW.as_micros()).unwrap_or(0),
             allow_other: None,
             allow_root: false,
             auto_unmount: false,
@@ -193,6 +204,17 @@ impl Options {
                         ))
                     })?;
                 self.threads = Some(n);
+                return Ok(());
+            }
+            "spin" => {
+                self.spin_us = value
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|n| *n <= MAX_SPIN_US)
+                    .ok_or_else(|| {
+                        OptionError(format!(
+                            "bad mount option '{opt}': spin must be 0..={MAX_SPIN_US} microseconds"
+                        ))
+                    })?;
                 return Ok(());
             }
             // Options fstab and mount(8) pass to every helper; nothing to do here.
@@ -282,6 +304,12 @@ mod tests {
         assert!(Options::parse(&["threads=0"]).is_err());
         assert!(Options::parse(&["threads=65"]).is_err());
         assert!(Options::parse(&["threads"]).is_err());
+        assert_eq!(Options::parse(&["spin=0"]).unwrap().spin_us, 0);
+        assert_eq!(Options::parse(&["spin=250"]).unwrap().spin_us, 250);
+        assert_eq!(Options::default().spin_us, 1000);
+        assert!(Options::parse(&["spin=100001"]).is_err());
+        assert!(Options::parse(&["spin=-1"]).is_err());
+        assert!(Options::parse(&["spin"]).is_err());
         assert!(Options::parse(&["ro=1"]).is_err());
         assert!(Options::parse(&["fsname=x"]).is_err());
     }
