@@ -333,8 +333,9 @@ impl Filesystem for PmfsFuse {
             InitFlags::FUSE_ASYNC_READ,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_EXPORT_SUPPORT,
+            // Without FUSE_READDIRPLUS_AUTO the kernel asks for attributes with every batch,
+            // not only the first: `find -ls` and `rm -rf` then need no LOOKUP per entry.
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_CACHE_SYMLINKS,
