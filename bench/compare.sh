@@ -9,7 +9,9 @@
 #   --million       always run the 1,000,000-file part (mount time, daemon RSS)
 #   --no-million    never run it (default: run it if the time budget allows)
 #   --size SIZE     size of the emulated pmem image (default 6G, 4G if memory is short)
-#   --only LIST     comma-separated subset of: tmpfs,ext4,bindfs,pmfs-direct,pmfs-page
+#   --only LIST     comma-separated subset of: tmpfs,ext4,bindfs,pmfs-direct,pmfs-page, and
+#                   pmfs-nospin (cache=direct with spin=0: what polling /dev/fuse buys; not
+#                   in the default list)
 #   --no-build      use the existing target/release binaries as they are
 # Environment: PMFS_BIN, MKFS_BIN override the binaries; BENCH_BUDGET (seconds, default 600)
 # is the time budget the automatic --million decision respects; BENCH_MILLION_FILES (default
@@ -192,6 +194,15 @@ w_seqwrite() { rm -f "$1/seq.dat"; fio_run "$1/seq.dat" --rw=write --bs=1m --siz
 w_seqread() { fio_run "$1/seq.dat" --rw=read --bs=1m --size=$FILE_SIZE | fio_read_mibs; }
 w_randread() { fio_run "$1/seq.dat" --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based --numjobs="$2" | fio_read_kiops; }
 w_randwrite() { fio_run "$1/seq.dat" --rw=randwrite --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based | fio_write_kiops; }
+w_par() { # $2 threads, each writing 4 KiB blocks at random into a new file of its own
+    fio --name=bench --directory="$1" --filename_format='par.$jobnum' --ioengine=psync \
+        --group_reporting --output-format=terse --terse-version=3 --fallocate=none \
+        --rw=randwrite --bs=4k --size=256m --numjobs="$2" --runtime="$RUNTIME" --time_based \
+        2>"$WORK/fio.err" | fio_write_kiops
+    local rc=${PIPESTATUS[0]}
+    rm -f "$1"/par.*
+    return "$rc"
+}
 w_warm() { fio_run "$1/seq.dat" --rw=read --bs=1m --size=$FILE_SIZE --invalidate=0 >/dev/null; }
 w_reread() { fio_run "$1/seq.dat" --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based --invalidate=0 | fio_read_kiops; }
 w_mmap() { fio_run "$1/seq.dat" --ioengine=mmap --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based | fio_read_kiops; }
@@ -227,6 +238,8 @@ run_round() { # label dir: every workload once
     measure "$fs" randread2 w_randread "$d" 2
     measure "$fs" mmapread w_mmap "$d"
     measure "$fs" randwrite w_randwrite "$d"
+    measure "$fs" par1write w_par "$d" 1
+    measure "$fs" par4write w_par "$d" 4
     sync -f "$d"
     w_warm "$d"
     measure "$fs" reread w_reread "$d"
@@ -284,9 +297,9 @@ teardown_bindfs() {
 }
 
 PMEM_IMG=$WORK/pmem.img
-pmfs_mount() { # mode; records the mount time in MOUNT_MS
+pmfs_mount() { # -o options; records the mount time in MOUNT_MS
     local out
-    out=$("$MB" mounttime "$MNT" 20000 "$PMFS_BIN" "$PMEM_IMG" "$MNT" -o "cache=$1") || return 1
+    out=$("$MB" mounttime "$MNT" 20000 "$PMFS_BIN" "$PMEM_IMG" "$MNT" -o "$1") || return 1
     MOUNT_MS=$(set -- $out; echo "$2")
     PMFS_PID=$(pmfs_daemon_pid "$PMEM_IMG")
 }
@@ -309,10 +322,12 @@ setup_pmfs() { # mode
     mkdir -p "$MNT"
     pmfs_format && pmfs_mount "$1"
 }
-setup_pmfs-direct() { setup_pmfs direct; }
-setup_pmfs-page() { setup_pmfs page; }
+setup_pmfs-direct() { setup_pmfs cache=direct; }
+setup_pmfs-page() { setup_pmfs cache=page; }
+setup_pmfs-nospin() { setup_pmfs cache=direct,spin=0; }
 teardown_pmfs-direct() { pmfs_umount; }
 teardown_pmfs-page() { pmfs_umount; }
+teardown_pmfs-nospin() { pmfs_umount; }
 
 # ---------------------------------------------------------------------------------------------
 # The tree to untar: ~40,000 small files from /usr (duplicated if the machine has fewer).
@@ -375,7 +390,7 @@ million_part() {
     MNT=$MNTROOT/pmfs
     mkdir -p "$MNT"
     log "1M files: formatting and creating $MILLION_FILES files (1000 per directory, mknod, 2 threads)"
-    pmfs_format && pmfs_mount direct || return 1
+    pmfs_format && pmfs_mount cache=direct || return 1
     local out mode r
     out=$("$MB" mkfiles "$MNT/m" "$MILLION_FILES" 1000 2) || { log "mkfiles FAILED"; return 1; }
     log "1M files: $out"
@@ -384,11 +399,11 @@ million_part() {
     for mode in direct page; do
         [[ ",$ONLY," == *,pmfs-$mode,* ]] || continue
         for ((r = 0; r < REPEATS; r++)); do
-            pmfs_mount "$mode" || return 1
+            pmfs_mount "cache=$mode" || return 1
             add "pmfs-$mode" mount1m "$MOUNT_MS"
             pmfs_umount
         done
-        pmfs_mount "$mode" || return 1
+        pmfs_mount "cache=$mode" || return 1
         local t0
         t0=$(now_ns)
         find "$MNT" -ls >/dev/null
@@ -434,6 +449,8 @@ declare -a ROWS=(
     "randread1|4 KiB rand read, 1 job|kIOPS|hi"
     "randread2|4 KiB rand read, 2 jobs|kIOPS|hi"
     "randwrite|4 KiB rand write|kIOPS|hi"
+    "par1write|4 KiB rand write, new file, 1 thread|kIOPS|hi"
+    "par4write|4 KiB rand write, new files, 4 threads|kIOPS|hi"
     "reread|4 KiB rand re-read (warm)|kIOPS|hi"
     "mmapread|mmap 4 KiB rand read|kIOPS|hi"
     "append|4 KiB append+fdatasync|kIOPS|hi"
@@ -507,6 +524,16 @@ for row in "${ROWS[@]}"; do
         line+=" $c |"
     done; done
     [ $any = 1 ] && echo "$line"
+done
+
+echo
+echo "## Scaling: 4 threads on 4 new files / 1 thread on 1 new file (4 KiB random writes)"
+echo
+for fs in "${FSLIST[@]}"; do
+    a=$(median ${RES["$fs|par4write"]:-})
+    b=$(median ${RES["$fs|par1write"]:-})
+    [ -n "$a" ] && [ -n "$b" ] && awk -v fs="$fs" -v a="$a" -v b="$b" \
+        'BEGIN {if (b > 0) printf "- %s: %.2fx (%s vs %s kIOPS)\n", fs, a / b, a, b}'
 done
 
 echo
