@@ -4,8 +4,14 @@
 //! lower bound of every key in its child's subtree, and the entries of a node are strictly
 //! increasing: a key is routed to the last entry whose key is <= it. The leftmost entry of
 //! every level is keyed 0, so every key has a child; a split inserts the new right sibling,
-//! keyed by its first key, right after the child that split. Nodes are decoded into memory, changed there and written back whole through the
-//! transaction, so every change is undo-logged. Deletion frees empty nodes and collapses a
+//! keyed by its first key, right after the child that split.
+//!
+//! Reads (lookups, `floor` on every data request, scans) copy one node at a time into a
+//! stack buffer and work on a validated view of it: no allocation per node or record, and no
+//! reference into the shared mapping outlives a call. Changes decode the nodes on the path
+//! (a leaf stays in its encoded form, so a record is inserted or removed by moving bytes),
+//! change them and write them back whole through the transaction, so every change is
+//! undo-logged. Deletion frees empty nodes and collapses a
 //! root with one child; nodes are not merged otherwise (O(log n) stays true, space is
 //! reclaimed when nodes empty).
 //!
@@ -45,9 +51,95 @@ pub struct Tree {
     pub root: u64,
 }
 
+const BLOCK: usize = BLOCK_SIZE as usize;
+
+/// The bytes of one node, copied out of the device: every read works on a private copy, never
+/// on the shared mapping another thread may be changing.
+type NodeBytes = [u8; BLOCK];
+
+/// Decodes a leaf record header at the start of `rest`: (key, payload length).
+fn record_header(rest: &[u8]) -> Option<(u64, usize)> {
+    let key = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let len = u16::from_le_bytes(rest.get(8..LEAF_RECORD_HEADER)?.try_into().ok()?);
+    Some((key, usize::from(len)))
+}
+
+/// The leaf records in encoded form (`key u64, len u16, payload`), in key order. Once a node's
+/// records were validated by [`TreeReader::view`] every record lies inside the bytes, so the
+/// iterator simply stops at anything that does not parse.
+#[derive(Clone, Copy, Debug)]
+struct Records<'b> {
+    rest: &'b [u8],
+}
+
+impl<'b> Iterator for Records<'b> {
+    /// (key, payload)
+    type Item = (u64, &'b [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (key, len) = record_header(self.rest)?;
+        let payload = self
+            .rest
+            .get(LEAF_RECORD_HEADER..LEAF_RECORD_HEADER + len)?;
+        self.rest = self.rest.get(LEAF_RECORD_HEADER + len..)?;
+        Some((key, payload))
+    }
+}
+
+/// A validated node, borrowed from a [`NodeBytes`] copy.
+#[derive(Clone, Copy, Debug)]
+struct View<'b> {
+    level: u16,
+    count: usize,
+    /// The used bytes after the header: records of a leaf, or entries of an internal node.
+    data: &'b [u8],
+}
+
+impl<'b> View<'b> {
+    fn is_leaf(&self) -> bool {
+        self.level == 0
+    }
+
+    fn records(&self) -> Records<'b> {
+        Records { rest: self.data }
+    }
+
+    /// Internal entry `i`: (key, child). Validated nodes have `count` whole entries.
+    fn entry(&self, i: usize) -> (u64, u64) {
+        let at = i * INTERNAL_ENTRY;
+        let word = |o: usize| {
+            self.data
+                .get(o..o + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        (word(at), word(at + 8))
+    }
+
+    /// Index of the child to follow for `key`: the last entry whose key is <= `key`, or 0.
+    fn route(&self, key: u64) -> usize {
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.entry(mid).0 <= key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo.saturating_sub(1)
+    }
+
+    fn entries(&self) -> Vec<(u64, u64)> {
+        (0..self.count).map(|i| self.entry(i)).collect()
+    }
+}
+
+/// A node decoded for modification. A leaf keeps its records encoded, exactly as on the
+/// device, so changing one record moves bytes instead of allocating a buffer per record.
 #[derive(Clone, Debug)]
 enum Body {
-    Leaf(Vec<(u64, Vec<u8>)>),
+    Leaf { count: usize, bytes: Vec<u8> },
     Internal(Vec<(u64, u64)>),
 }
 
@@ -57,24 +149,69 @@ struct Node {
     body: Body,
 }
 
+/// Where a key is in an encoded leaf: found at `offset` with a payload of `len` bytes, or
+/// absent and to be inserted at `offset`.
+enum Slot {
+    Found { offset: usize, len: usize },
+    Absent { offset: usize },
+}
+
+fn find_record(bytes: &[u8], key: u64) -> Slot {
+    let mut offset = 0;
+    while let Some((k, len)) = record_header(&bytes[offset.min(bytes.len())..]) {
+        if k == key {
+            return Slot::Found { offset, len };
+        }
+        if k > key {
+            break;
+        }
+        offset += LEAF_RECORD_HEADER + len;
+    }
+    Slot::Absent { offset }
+}
+
+fn encode_record(key: u64, payload: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    // MAX_PAYLOAD (checked by the callers) fits a u16.
+    let len = payload.len() as u16;
+    key.to_le_bytes()
+        .into_iter()
+        .chain(len.to_le_bytes())
+        .chain(payload.iter().copied())
+}
+
 impl Node {
+    fn from_view(v: &View<'_>) -> Self {
+        let body = if v.is_leaf() {
+            Body::Leaf {
+                count: v.count,
+                bytes: v.data.to_vec(),
+            }
+        } else {
+            Body::Internal(v.entries())
+        };
+        Node {
+            level: v.level,
+            body,
+        }
+    }
+
     fn encoded_len(&self) -> usize {
         match &self.body {
-            Body::Leaf(r) => r.iter().map(|(_, p)| LEAF_RECORD_HEADER + p.len()).sum(),
+            Body::Leaf { bytes, .. } => bytes.len(),
             Body::Internal(e) => e.len() * INTERNAL_ENTRY,
         }
     }
 
     fn len(&self) -> usize {
         match &self.body {
-            Body::Leaf(r) => r.len(),
+            Body::Leaf { count, .. } => *count,
             Body::Internal(e) => e.len(),
         }
     }
 
     fn first_key(&self) -> Option<u64> {
         match &self.body {
-            Body::Leaf(r) => r.first().map(|r| r.0),
+            Body::Leaf { bytes, .. } => record_header(bytes).map(|(k, _)| k),
             Body::Internal(e) => e.first().map(|e| e.0),
         }
     }
@@ -101,14 +238,23 @@ impl<'a> TreeReader<'a> {
         Error::corrupted("tree node", tree.owner, detail)
     }
 
-    fn read_node(&self, tree: &Tree, block: u64, level: Option<u16>) -> Result<Node> {
+    /// Copies node `block` into `buf` and validates it: header (magic, kind, owner, level),
+    /// used bytes, every record or entry inside them, strictly increasing keys, children
+    /// inside the data area. No allocation.
+    fn view<'b>(
+        &self,
+        tree: &Tree,
+        block: u64,
+        level: Option<u16>,
+        buf: &'b mut NodeBytes,
+    ) -> Result<View<'b>> {
         if !self.geometry.is_data_range(block, 1) {
             return Err(self.corrupt(tree, format!("node block {block} outside the data area")));
         }
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        self.media.read(blocks_to_bytes(block), &mut buf)?;
+        self.media.read(blocks_to_bytes(block), buf)?;
+        let buf: &'b NodeBytes = buf;
         let (h, rest) =
-            NodeHeader::read_from_prefix(&buf).map_err(|_| self.corrupt(tree, "short node"))?;
+            NodeHeader::read_from_prefix(buf).map_err(|_| self.corrupt(tree, "short node"))?;
         check_node(&h, tree.kind, tree.owner, level)
             .map_err(|e| self.corrupt(tree, e.to_string()))?;
         let used = h.used as usize;
@@ -116,74 +262,85 @@ impl<'a> TreeReader<'a> {
             .get(..used)
             .ok_or_else(|| self.corrupt(tree, "used beyond node"))?;
         let count = usize::from(h.count);
-        let body = if h.level == 0 {
-            let mut recs = Vec::with_capacity(count);
+        if h.level == 0 {
             let mut at = 0usize;
+            let mut last: Option<u64> = None;
             for _ in 0..count {
-                let hdr = data
-                    .get(at..at + LEAF_RECORD_HEADER)
+                let (key, len) = data
+                    .get(at..)
+                    .and_then(record_header)
                     .ok_or_else(|| self.corrupt(tree, "record beyond used bytes"))?;
-                let key =
-                    u64::from_le_bytes(hdr[..8].try_into().map_err(|_| self.corrupt(tree, "key"))?);
-                let len = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
-                let p = data
+                if data
                     .get(at + LEAF_RECORD_HEADER..at + LEAF_RECORD_HEADER + len)
-                    .ok_or_else(|| self.corrupt(tree, "payload beyond used bytes"))?;
-                if recs.last().is_some_and(|(k, _): &(u64, Vec<u8>)| *k >= key) {
+                    .is_none()
+                {
+                    return Err(self.corrupt(tree, "payload beyond used bytes"));
+                }
+                if last.is_some_and(|k| k >= key) {
                     return Err(self.corrupt(tree, "leaf keys out of order"));
                 }
-                recs.push((key, p.to_vec()));
+                last = Some(key);
                 at += LEAF_RECORD_HEADER + len;
             }
             if at != used {
                 return Err(self.corrupt(tree, "leaf used bytes do not match records"));
             }
-            Body::Leaf(recs)
         } else {
             if count * INTERNAL_ENTRY != used || count == 0 {
                 return Err(self.corrupt(tree, "internal node size"));
             }
-            let mut entries = Vec::with_capacity(count);
+            let mut last: Option<u64> = None;
             for c in data.chunks_exact(INTERNAL_ENTRY) {
-                let key =
-                    u64::from_le_bytes(c[..8].try_into().map_err(|_| self.corrupt(tree, "key"))?);
-                let child =
-                    u64::from_le_bytes(c[8..].try_into().map_err(|_| self.corrupt(tree, "child"))?);
-                if entries.last().is_some_and(|(k, _): &(u64, u64)| *k >= key) {
+                let word = |r: std::ops::Range<usize>| {
+                    c.get(r)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                        .ok_or_else(|| self.corrupt(tree, "entry"))
+                };
+                let (key, child) = (word(0..8)?, word(8..16)?);
+                if last.is_some_and(|k| k >= key) {
                     return Err(self.corrupt(tree, "internal keys out of order"));
                 }
+                last = Some(key);
                 if !self.geometry.is_data_range(child, 1) {
                     return Err(
                         self.corrupt(tree, format!("child block {child} outside the data area"))
                     );
                 }
-                entries.push((key, child));
             }
-            Body::Internal(entries)
-        };
-        Ok(Node {
+        }
+        Ok(View {
             level: h.level,
-            body,
+            count,
+            data,
         })
     }
 
-    fn read_root(&self, tree: &Tree) -> Result<Option<Node>> {
-        if tree.root == 0 {
-            return Ok(None);
-        }
-        self.read_node(tree, tree.root, None).map(Some)
+    /// Reads a node decoded for modification.
+    fn read_node(&self, tree: &Tree, block: u64, level: Option<u16>) -> Result<Node> {
+        let mut buf = [0u8; BLOCK];
+        let v = self.view(tree, block, level, &mut buf)?;
+        Ok(Node::from_view(&v))
     }
 
     /// The payload stored under `key`.
     pub fn get(&self, tree: &Tree, key: u64) -> Result<Option<Vec<u8>>> {
-        let mut found = None;
-        self.scan(tree, key, &mut |k, p| {
-            if k == key {
-                found = Some(p.to_vec());
+        if tree.root == 0 {
+            return Ok(None);
+        }
+        let mut buf = [0u8; BLOCK];
+        let mut at = (tree.root, None);
+        loop {
+            let v = self.view(tree, at.0, at.1, &mut buf)?;
+            if v.is_leaf() {
+                return Ok(v
+                    .records()
+                    .find(|r| r.0 >= key)
+                    .filter(|r| r.0 == key)
+                    .map(|r| r.1.to_vec()));
             }
-            false
-        })?;
-        Ok(found)
+            at = (v.entry(v.route(key)).1, Some(v.level - 1));
+        }
     }
 
     /// Calls `f(key, payload)` for every record with key >= `from`, in key order, until `f`
@@ -194,95 +351,89 @@ impl<'a> TreeReader<'a> {
         from: u64,
         f: &mut dyn FnMut(u64, &[u8]) -> bool,
     ) -> Result<()> {
-        let Some(root) = self.read_root(tree)? else {
+        if tree.root == 0 {
             return Ok(());
-        };
-        // Stack of (internal node entries, index of the child being visited, level).
+        }
+        // Stack of (internal node entries, index of the child being visited, level): one
+        // allocation per internal node visited, none per record.
         type Frame = (Vec<(u64, u64)>, usize, u16);
         let mut stack: Vec<Frame> = Vec::new();
-        let mut node = root;
+        let mut buf = [0u8; BLOCK];
+        let mut at = (tree.root, None);
         let mut first_leaf = true;
         loop {
-            match node.body {
-                Body::Internal(entries) => {
-                    let i = if first_leaf { route(&entries, from) } else { 0 };
-                    let child = entries[i].1;
-                    let level = node.level;
-                    stack.push((entries, i, level));
-                    node = self.read_node(tree, child, Some(level - 1))?;
+            let v = self.view(tree, at.0, at.1, &mut buf)?;
+            if !v.is_leaf() {
+                let i = if first_leaf { v.route(from) } else { 0 };
+                let (_, child) = v.entry(i);
+                at = (child, Some(v.level - 1));
+                stack.push((v.entries(), i, v.level));
+                continue;
+            }
+            let skip = first_leaf;
+            first_leaf = false;
+            for (k, p) in v.records() {
+                if skip && k < from {
+                    continue;
                 }
-                Body::Leaf(recs) => {
-                    let start = if first_leaf {
-                        recs.partition_point(|r| r.0 < from)
-                    } else {
-                        0
-                    };
-                    first_leaf = false;
-                    for (k, p) in &recs[start..] {
-                        if !f(*k, p) {
-                            return Ok(());
-                        }
-                    }
-                    // Climb to the next unvisited sibling.
-                    loop {
-                        let Some((entries, i, level)) = stack.last_mut() else {
-                            return Ok(());
-                        };
-                        if *i + 1 < entries.len() {
-                            *i += 1;
-                            let (child, level) = (entries[*i].1, *level);
-                            node = self.read_node(tree, child, Some(level - 1))?;
-                            break;
-                        }
-                        stack.pop();
-                    }
+                if !f(k, p) {
+                    return Ok(());
                 }
+            }
+            // Climb to the next unvisited sibling.
+            loop {
+                let Some((entries, i, level)) = stack.last_mut() else {
+                    return Ok(());
+                };
+                if *i + 1 < entries.len() {
+                    *i += 1;
+                    at = (entries[*i].1, Some(*level - 1));
+                    break;
+                }
+                stack.pop();
             }
         }
     }
 
     /// The record with the greatest key <= `key`.
     pub fn floor(&self, tree: &Tree, key: u64) -> Result<Option<(u64, Vec<u8>)>> {
-        let Some(mut node) = self.read_root(tree)? else {
+        if tree.root == 0 {
             return Ok(None);
-        };
+        }
+        let mut buf = [0u8; BLOCK];
+        let mut at = (tree.root, None);
         // Descend by routing; remember the nearest left sibling subtree for backtracking.
         let mut left_alt: Option<(u64, u16)> = None;
         loop {
-            match node.body {
-                Body::Internal(entries) => {
-                    let i = route(&entries, key);
-                    if i > 0 {
-                        left_alt = Some((entries[i - 1].1, node.level - 1));
-                    }
-                    node = self.read_node(tree, entries[i].1, Some(node.level - 1))?;
+            let v = self.view(tree, at.0, at.1, &mut buf)?;
+            if !v.is_leaf() {
+                let i = v.route(key);
+                if i > 0 {
+                    left_alt = Some((v.entry(i - 1).1, v.level - 1));
                 }
-                Body::Leaf(recs) => {
-                    let i = recs.partition_point(|r| r.0 <= key);
-                    if i > 0 {
-                        let (k, p) = &recs[i - 1];
-                        return Ok(Some((*k, p.clone())));
-                    }
-                    let Some((block, level)) = left_alt else {
-                        return Ok(None);
-                    };
-                    return self.last_in(tree, block, level);
-                }
+                at = (v.entry(i).1, Some(v.level - 1));
+                continue;
             }
+            if let Some((k, p)) = v.records().take_while(|r| r.0 <= key).last() {
+                return Ok(Some((k, p.to_vec())));
+            }
+            let Some((block, level)) = left_alt else {
+                return Ok(None);
+            };
+            return self.last_in(tree, block, level);
         }
     }
 
     /// The greatest record of the subtree at `block`.
     fn last_in(&self, tree: &Tree, block: u64, level: u16) -> Result<Option<(u64, Vec<u8>)>> {
-        let mut node = self.read_node(tree, block, Some(level))?;
+        let mut buf = [0u8; BLOCK];
+        let mut at = (block, level);
         loop {
-            match node.body {
-                Body::Internal(entries) => {
-                    let child = entries[entries.len() - 1].1;
-                    node = self.read_node(tree, child, Some(node.level - 1))?;
-                }
-                Body::Leaf(recs) => return Ok(recs.last().cloned()),
+            let v = self.view(tree, at.0, Some(at.1), &mut buf)?;
+            if v.is_leaf() {
+                return Ok(v.records().last().map(|(k, p)| (k, p.to_vec())));
             }
+            at = (v.entry(v.count - 1).1, v.level - 1);
         }
     }
 
@@ -299,11 +450,13 @@ impl<'a> TreeReader<'a> {
             level: Option<u16>,
             f: &mut dyn FnMut(u64, u16) -> Result<()>,
         ) -> Result<()> {
-            let node = r.read_node(tree, block, level)?;
-            f(block, node.level)?;
-            if let Body::Internal(entries) = node.body {
+            let mut buf = [0u8; BLOCK];
+            let v = r.view(tree, block, level, &mut buf)?;
+            f(block, v.level)?;
+            if !v.is_leaf() {
+                let (entries, child_level) = (v.entries(), v.level - 1);
                 for (_, child) in entries {
-                    walk(r, tree, child, Some(node.level - 1), f)?;
+                    walk(r, tree, child, Some(child_level), f)?;
                 }
             }
             Ok(())
@@ -318,58 +471,68 @@ impl<'a> TreeReader<'a> {
 /// Writes `node` at `block` through the transaction. `fresh` nodes were allocated by this
 /// transaction, so their old contents need no undo record.
 fn write_node(tx: &mut Tx<'_>, tree: &Tree, block: u64, node: &Node, fresh: bool) -> Result<()> {
-    let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
+    let mut buf = [0u8; BLOCK];
     let mut h = NodeHeader::new(tree.kind, node.level, tree.owner);
     h.count = u16::try_from(node.len())
         .map_err(|_| Error::corrupted("tree node", tree.owner, "count"))?;
-    h.used = u32::try_from(node.encoded_len())
-        .map_err(|_| Error::corrupted("tree node", tree.owner, "used"))?;
-    buf.extend_from_slice(h.as_bytes());
+    let used = node.encoded_len();
+    h.used = u32::try_from(used).map_err(|_| Error::corrupted("tree node", tree.owner, "used"))?;
+    let body = buf
+        .get_mut(HEADER..HEADER + used)
+        .ok_or_else(|| Error::corrupted("tree node", tree.owner, "node overflow"))?;
     match &node.body {
-        Body::Leaf(recs) => {
-            for (k, p) in recs {
-                buf.extend_from_slice(&k.to_le_bytes());
-                buf.extend_from_slice(&(p.len() as u16).to_le_bytes());
-                buf.extend_from_slice(p);
-            }
-        }
+        Body::Leaf { bytes, .. } => body.copy_from_slice(bytes),
         Body::Internal(entries) => {
-            for (k, c) in entries {
-                buf.extend_from_slice(&k.to_le_bytes());
-                buf.extend_from_slice(&c.to_le_bytes());
+            for ((k, c), out) in entries.iter().zip(body.chunks_exact_mut(INTERNAL_ENTRY)) {
+                out[..8].copy_from_slice(&k.to_le_bytes());
+                out[8..].copy_from_slice(&c.to_le_bytes());
             }
         }
     }
-    debug_assert!(buf.len() <= BLOCK_SIZE as usize);
+    buf[..HEADER].copy_from_slice(h.as_bytes());
+    let encoded = &buf[..HEADER + used];
     let off = blocks_to_bytes(block);
     if fresh {
-        tx.write_new(off, &buf)?;
+        tx.write_new(off, encoded)?;
     } else {
         // Log the whole node once: later rewrites in the same transaction (a node filling
         // up record by record) then need no undo record of their own.
-        tx.write_within(off, &buf, BLOCK_SIZE)?;
+        tx.write_within(off, encoded, BLOCK_SIZE)?;
     }
     Ok(())
 }
 
-/// Splits an over-full node into two by bytes; returns the right half.
+/// Splits an over-full node into two by bytes; returns the right half. A leaf splits at the
+/// first record boundary where the left half reaches half of the bytes, keeping at least one
+/// record on each side.
 fn split(node: &mut Node) -> Node {
     let total = node.encoded_len();
     match &mut node.body {
-        Body::Leaf(recs) => {
+        Body::Leaf { count, bytes } => {
+            let last = count.saturating_sub(1);
             let mut acc = 0;
-            let mut at = recs.len() - 1;
-            for (i, (_, p)) in recs.iter().enumerate() {
+            let mut at = last;
+            for (i, (_, p)) in (Records { rest: bytes }).enumerate() {
                 acc += LEAF_RECORD_HEADER + p.len();
                 if acc >= total / 2 {
-                    at = (i + 1).min(recs.len() - 1);
+                    at = (i + 1).min(last);
                     break;
                 }
             }
-            let right = recs.split_off(at.max(1));
+            let at = at.max(1);
+            let byte_at: usize = (Records { rest: bytes })
+                .take(at)
+                .map(|(_, p)| LEAF_RECORD_HEADER + p.len())
+                .sum();
+            let right = bytes.split_off(byte_at);
+            let right_count = count.saturating_sub(at);
+            *count = at;
             Node {
                 level: 0,
-                body: Body::Leaf(right),
+                body: Body::Leaf {
+                    count: right_count,
+                    bytes: right,
+                },
             }
         }
         Body::Internal(entries) => {
@@ -417,17 +580,28 @@ pub fn insert(
         let block = alloc.alloc_node(tx, tree.owner)?;
         let node = Node {
             level: 0,
-            body: Body::Leaf(vec![(key, payload.to_vec())]),
+            body: Body::Leaf {
+                count: 1,
+                bytes: encode_record(key, payload).collect(),
+            },
         };
         write_node(tx, tree, block, &node, true)?;
         tree.root = block;
         return Ok(());
     }
     let (mut path, mut block, mut node) = descend(r, tree, key)?;
-    if let Body::Leaf(recs) = &mut node.body {
-        match recs.binary_search_by_key(&key, |r| r.0) {
-            Ok(i) => recs[i].1 = payload.to_vec(),
-            Err(i) => recs.insert(i, (key, payload.to_vec())),
+    if let Body::Leaf { count, bytes } = &mut node.body {
+        match find_record(bytes, key) {
+            Slot::Found { offset, len } => {
+                bytes.splice(
+                    offset..offset + LEAF_RECORD_HEADER + len,
+                    encode_record(key, payload),
+                );
+            }
+            Slot::Absent { offset } => {
+                bytes.splice(offset..offset, encode_record(key, payload));
+                *count += 1;
+            }
         }
     }
     // Write back, splitting upwards while a node overflows.
@@ -492,9 +666,15 @@ pub fn remove(
     }
     let (mut path, mut block, mut node) = descend(r, tree, key)?;
     let removed = match &mut node.body {
-        Body::Leaf(recs) => match recs.binary_search_by_key(&key, |r| r.0) {
-            Ok(i) => recs.remove(i).1,
-            Err(_) => return Ok(None),
+        Body::Leaf { count, bytes } => match find_record(bytes, key) {
+            Slot::Found { offset, len } => {
+                let payload = offset + LEAF_RECORD_HEADER..offset + LEAF_RECORD_HEADER + len;
+                let removed = bytes.get(payload).map(<[u8]>::to_vec).unwrap_or_default();
+                bytes.drain(offset..offset + LEAF_RECORD_HEADER + len);
+                *count -= 1;
+                removed
+            }
+            Slot::Absent { .. } => return Ok(None),
         },
         Body::Internal(_) => return Ok(None),
     };

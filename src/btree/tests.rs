@@ -180,6 +180,62 @@ fn corrupted_node_is_an_error_not_a_panic() {
     assert!(r.get(&tree, 5).is_err());
 }
 
+#[test]
+fn corrupted_leaf_records_are_errors_not_panics() {
+    let f = fixture();
+    let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
+    let mut tree = Tree {
+        kind: TreeKind::Extents,
+        owner: 3,
+        root: 0,
+    };
+    for k in [10u64, 20, 30] {
+        let mut tx = f.journal.begin();
+        insert(&mut tx, &r, &f.alloc, &mut tree, k, &[7; 40]).unwrap();
+        tx.commit().unwrap();
+    }
+    assert_eq!(r.get(&tree, 20).unwrap(), Some(vec![7; 40]));
+    let leaf = blocks_to_bytes(tree.root) + HEADER as u64;
+    let record = (LEAF_RECORD_HEADER + 40) as u64;
+    let pristine = {
+        let mut b = vec![0u8; 3 * record as usize];
+        f.dev.read(leaf, &mut b).unwrap();
+        b
+    };
+    let restore = || f.dev.write(leaf, &pristine).unwrap();
+    let all_fail = |what: &str| {
+        assert!(r.get(&tree, 30).is_err(), "{what}: get");
+        assert!(r.floor(&tree, 35).is_err(), "{what}: floor");
+        assert!(r.scan(&tree, 0, &mut |_, _| true).is_err(), "{what}: scan");
+        let mut tx = f.journal.begin();
+        assert!(
+            insert(&mut tx, &r, &f.alloc, &mut tree.clone(), 25, &[1]).is_err(),
+            "{what}: insert"
+        );
+        assert!(
+            remove(&mut tx, &r, &f.alloc, &mut tree.clone(), 20).is_err(),
+            "{what}: remove"
+        );
+    };
+    // The middle record's length reaches past the used bytes.
+    f.dev
+        .write(leaf + record + 8, &u16::MAX.to_le_bytes())
+        .unwrap();
+    all_fail("record length past the node");
+    restore();
+    // A record length that leaves the used bytes misaligned.
+    f.dev
+        .write(leaf + record + 8, &39u16.to_le_bytes())
+        .unwrap();
+    all_fail("record length off by one");
+    restore();
+    // Keys out of order.
+    f.dev.write(leaf + record, &5u64.to_le_bytes()).unwrap();
+    all_fail("keys out of order");
+    restore();
+    assert_eq!(r.get(&tree, 30).unwrap(), Some(vec![7; 40]));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
