@@ -132,8 +132,8 @@ impl PmfsFuse {
 
     /// Polls `/dev/fuse` for `window` after each request instead of sleeping (see [`spin`]);
     /// the daemon attaches the returned poller to the session.
-    pub fn poll_for(&mut self, window: Duration) -> Arc<spin::Poller> {
-        let poller = spin::Poller::new(window);
+    pub fn poll_for(&mut self, window: Duration, threads: usize) -> Arc<spin::Poller> {
+        let poller = spin::Poller::new(window, threads);
         self.poller = Some(Arc::clone(&poller));
         poller
     }
