@@ -71,6 +71,22 @@ fn payload(key: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+fn empty_tree(kind: TreeKind, owner: u64) -> Tree {
+    Tree {
+        kind,
+        owner,
+        root: 0,
+    }
+}
+
+/// Inserts one record in a transaction of its own.
+fn put(f: &Fixture, tree: &mut Tree, key: u64, payload: &[u8]) {
+    let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
+    let mut tx = f.journal.begin();
+    insert(&mut tx, &r, &f.alloc, tree, key, payload).unwrap();
+    tx.commit().unwrap();
+}
+
 fn check(f: &Fixture, tree: &Tree, model: &BTreeMap<u64, Vec<u8>>) {
     let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
     let mut all = Vec::new();
@@ -115,18 +131,12 @@ fn check(f: &Fixture, tree: &Tree, model: &BTreeMap<u64, Vec<u8>>) {
 fn thousands_of_records_split_and_collapse() {
     let f = fixture();
     let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
-    let mut tree = Tree {
-        kind: TreeKind::Directory,
-        owner: 7,
-        root: 0,
-    };
+    let mut tree = empty_tree(TreeKind::Directory, 7);
     let mut model = BTreeMap::new();
     for i in 0..3000u64 {
         let key = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 1;
         let p = payload(key, (i % 200) as usize);
-        let mut tx = f.journal.begin();
-        insert(&mut tx, &r, &f.alloc, &mut tree, key, &p).unwrap();
-        tx.commit().unwrap();
+        put(&f, &mut tree, key, &p);
         model.insert(key, p);
     }
     check(&f, &tree, &model);
@@ -156,15 +166,9 @@ fn thousands_of_records_split_and_collapse() {
 fn corrupted_node_is_an_error_not_a_panic() {
     let f = fixture();
     let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
-    let mut tree = Tree {
-        kind: TreeKind::Extents,
-        owner: 3,
-        root: 0,
-    };
+    let mut tree = empty_tree(TreeKind::Extents, 3);
     for k in 0..400u64 {
-        let mut tx = f.journal.begin();
-        insert(&mut tx, &r, &f.alloc, &mut tree, k, &[1; 24]).unwrap();
-        tx.commit().unwrap();
+        put(&f, &mut tree, k, &[1; 24]);
     }
     // Point the root's first child at the root itself: a cycle.
     let root_off = blocks_to_bytes(tree.root);
@@ -184,15 +188,9 @@ fn corrupted_node_is_an_error_not_a_panic() {
 fn corrupted_leaf_records_are_errors_not_panics() {
     let f = fixture();
     let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
-    let mut tree = Tree {
-        kind: TreeKind::Extents,
-        owner: 3,
-        root: 0,
-    };
+    let mut tree = empty_tree(TreeKind::Extents, 3);
     for k in [10u64, 20, 30] {
-        let mut tx = f.journal.begin();
-        insert(&mut tx, &r, &f.alloc, &mut tree, k, &[7; 40]).unwrap();
-        tx.commit().unwrap();
+        put(&f, &mut tree, k, &[7; 40]);
     }
     assert_eq!(r.get(&tree, 20).unwrap(), Some(vec![7; 40]));
     let leaf = blocks_to_bytes(tree.root) + HEADER as u64;
@@ -268,11 +266,7 @@ proptest! {
 fn descending_and_interleaved_inserts_keep_internal_keys_ordered() {
     let f = fixture();
     let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
-    let mut tree = Tree {
-        kind: TreeKind::Directory,
-        owner: 5,
-        root: 0,
-    };
+    let mut tree = empty_tree(TreeKind::Directory, 5);
     let mut model = BTreeMap::new();
     for i in 0..3000u64 {
         // Descending keys, then keys between existing ones.
@@ -282,9 +276,7 @@ fn descending_and_interleaved_inserts_keep_internal_keys_ordered() {
             1_000_000 - (i - 1500) * 100 - 50
         };
         let p = payload(key, 40 + (i % 60) as usize);
-        let mut tx = f.journal.begin();
-        insert(&mut tx, &r, &f.alloc, &mut tree, key, &p).unwrap();
-        tx.commit().unwrap();
+        put(&f, &mut tree, key, &p);
         model.insert(key, p);
     }
     check(&f, &tree, &model);
