@@ -116,18 +116,8 @@ impl<'b> View<'b> {
         (word(at), word(at + 8))
     }
 
-    /// Index of the child to follow for `key`: the last entry whose key is <= `key`, or 0.
     fn route(&self, key: u64) -> usize {
-        let (mut lo, mut hi) = (0, self.count);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if self.entry(mid).0 <= key {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo.saturating_sub(1)
+        route_by(self.count, |i| self.entry(i).0, key)
     }
 
     fn entries(&self) -> Vec<(u64, u64)> {
@@ -217,9 +207,23 @@ impl Node {
     }
 }
 
-/// Index of the child to follow for `key`: the last entry whose key is <= `key`, or 0.
+/// Index of the child to follow for `key` among `count` increasing entry keys: the last
+/// entry whose key is <= `key`, or 0.
+fn route_by(count: usize, key_of: impl Fn(usize) -> u64, key: u64) -> usize {
+    let (mut lo, mut hi) = (0, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if key_of(mid) <= key {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo.saturating_sub(1)
+}
+
 fn route(entries: &[(u64, u64)], key: u64) -> usize {
-    entries.partition_point(|e| e.0 <= key).saturating_sub(1)
+    route_by(entries.len(), |i| entries[i].0, key)
 }
 
 /// Read access to trees on one device.
@@ -262,7 +266,12 @@ impl<'a> TreeReader<'a> {
             .get(..used)
             .ok_or_else(|| self.corrupt(tree, "used beyond node"))?;
         let count = usize::from(h.count);
-        if h.level == 0 {
+        let v = View {
+            level: h.level,
+            count,
+            data,
+        };
+        if v.is_leaf() {
             let mut at = 0usize;
             let mut last: Option<u64> = None;
             for _ in 0..count {
@@ -289,19 +298,11 @@ impl<'a> TreeReader<'a> {
             if count * INTERNAL_ENTRY != used || count == 0 {
                 return Err(self.corrupt(tree, "internal node size"));
             }
-            let mut last: Option<u64> = None;
-            for c in data.chunks_exact(INTERNAL_ENTRY) {
-                let word = |r: std::ops::Range<usize>| {
-                    c.get(r)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_le_bytes)
-                        .ok_or_else(|| self.corrupt(tree, "entry"))
-                };
-                let (key, child) = (word(0..8)?, word(8..16)?);
-                if last.is_some_and(|k| k >= key) {
+            for i in 0..count {
+                let (key, child) = v.entry(i);
+                if i > 0 && v.entry(i - 1).0 >= key {
                     return Err(self.corrupt(tree, "internal keys out of order"));
                 }
-                last = Some(key);
                 if !self.geometry.is_data_range(child, 1) {
                     return Err(
                         self.corrupt(tree, format!("child block {child} outside the data area"))
@@ -309,11 +310,7 @@ impl<'a> TreeReader<'a> {
                 }
             }
         }
-        Ok(View {
-            level: h.level,
-            count,
-            data,
-        })
+        Ok(v)
     }
 
     /// Reads a node decoded for modification.

@@ -25,10 +25,11 @@
 //! when some CPU is idle.
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Polling window when `spin=` is not given.
@@ -155,53 +156,50 @@ impl Poller {
     /// The controller: waits for polling to start, then every window ends it (no request),
     /// backs off (the CPUs are busy) or resumes (a CPU is idle). Runs until the process exits.
     fn control(&self) {
-        let mut guard = match self.parked.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = self.parked.lock();
         loop {
             while self.state.load(Ordering::Acquire) == SLEEPING {
-                guard = match self.wake.wait(guard) {
-                    Ok(g) => g,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
+                self.wake.wait(&mut guard);
             }
-            drop(guard);
-            let mut seen = self.requests.load(Ordering::Relaxed);
-            loop {
-                std::thread::sleep(self.window);
-                let now = self.requests.load(Ordering::Relaxed);
-                if now == seen {
-                    break;
-                }
-                seen = now;
-                let Some(running) = (self.load)() else {
-                    continue;
-                };
-                match self.state.load(Ordering::Acquire) {
-                    // The controller (running now) and the polling threads are runnable
-                    // themselves: count the others.
-                    POLLING if running.saturating_sub(self.threads + 1) >= self.cpus => {
-                        self.set_nonblocking(false);
-                        self.state.store(BACKED_OFF, Ordering::Release);
-                    }
-                    BACKED_OFF if running.saturating_sub(1) < self.cpus => {
-                        self.set_nonblocking(true);
-                        self.state.store(POLLING, Ordering::Release);
-                    }
-                    _ => {}
-                }
-            }
-            // Quiet for a whole window: sleep in read again. A request racing with this sees
-            // the state not yet `SLEEPING` and leaves it; the next one after the store
-            // starts polling again, so at worst one request pays a wake-up.
-            self.set_nonblocking(false);
-            self.state.store(SLEEPING, Ordering::Release);
-            guard = match self.parked.lock() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            // Checking needs no lock: only requests leave `SLEEPING`, and they take the lock
+            // only to wake this thread.
+            MutexGuard::unlocked(&mut guard, || self.poll_until_quiet());
         }
+    }
+
+    /// While requests come: back off or resume every window; returns to sleeping reads after
+    /// a window without one.
+    fn poll_until_quiet(&self) {
+        let mut seen = self.requests.load(Ordering::Relaxed);
+        loop {
+            std::thread::sleep(self.window);
+            let now = self.requests.load(Ordering::Relaxed);
+            if now == seen {
+                break;
+            }
+            seen = now;
+            let Some(running) = (self.load)() else {
+                continue;
+            };
+            match self.state.load(Ordering::Acquire) {
+                // The controller (running now) and the polling threads are runnable
+                // themselves: count the others.
+                POLLING if running.saturating_sub(self.threads + 1) >= self.cpus => {
+                    self.set_nonblocking(false);
+                    self.state.store(BACKED_OFF, Ordering::Release);
+                }
+                BACKED_OFF if running.saturating_sub(1) < self.cpus => {
+                    self.set_nonblocking(true);
+                    self.state.store(POLLING, Ordering::Release);
+                }
+                _ => {}
+            }
+        }
+        // Quiet for a whole window: sleep in read again. A request racing with this sees the
+        // state not yet `SLEEPING` and leaves it; the next one after the store starts polling
+        // again, so at worst one request pays a wake-up.
+        self.set_nonblocking(false);
+        self.state.store(SLEEPING, Ordering::Release);
     }
 }
 
