@@ -65,6 +65,9 @@ pub enum Error {
     /// SEEK_DATA/SEEK_HOLE past the end, or no data after the offset.
     #[error("no such device or address")]
     NoSuchPosition,
+    /// A rule of the code itself was broken (a bug, not the media's or the caller's fault).
+    #[error("internal error: an operation used {0} without declaring it")]
+    Internal(&'static str),
 }
 
 impl Error {
@@ -81,7 +84,9 @@ impl Error {
         match self {
             Self::Device(_) | Self::Format(_) | Self::Corrupted { .. } => libc::EIO,
             Self::Journal(JournalError::TooLarge) => libc::EFBIG,
-            Self::Journal(_) => libc::EIO,
+            // Fail-stop after a failed commit or rollback: the mount is read-only now.
+            Self::Journal(JournalError::Poisoned) => libc::EROFS,
+            Self::Journal(_) | Self::Internal(_) => libc::EIO,
             Self::Alloc(AllocError::NoSpace) | Self::NoSpace | Self::NoInodes => libc::ENOSPC,
             Self::Alloc(_) => libc::EIO,
             Self::NotFound => libc::ENOENT,

@@ -18,6 +18,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod lockorder;
 pub mod mkfs;
 pub mod repair;
 

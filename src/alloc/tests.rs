@@ -235,7 +235,7 @@ fn frees_are_not_reused_before_commit() {
         a.free(&mut tx_free, y).unwrap();
         assert_eq!(a.free_blocks(), before, "not free until commit");
         // Another transaction takes everything it can: never the uncommitted frees.
-        let mut tx = t.journal.begin();
+        let mut tx = t.journal.begin_interleaved_for_test();
         let taken = drain(&a, &mut tx);
         assert!(taken.iter().all(|&r| !overlaps(r, x) && !overlaps(r, y)));
         drop(tx);

@@ -8,6 +8,7 @@
 //! expose"), so a file never shows another file's old data.
 
 use super::extent;
+use super::txn::{LockSet, MetaTx};
 use super::{AtimeMode, Ctx, Fs, now_ns};
 use crate::alloc::{AllocError, AllocRequest, BlockRange};
 use crate::error::{Error, Result};
@@ -77,12 +78,12 @@ impl Fs {
             }
             self.atime_due(&i)
         };
-        if atime_due && !self.options.read_only {
-            let _g = self.lock_all(&[ino]);
+        if atime_due && !self.is_read_only() {
+            let g = self.lock_all(&[ino]);
             let mut i = self.inodes.read(ino)?;
             if self.atime_due(&i) {
                 i.atime_ns = now_ns();
-                let mut tx = self.journal.begin();
+                let mut tx = self.begin(&g, LockSet::NONE)?;
                 self.inodes.write(&mut tx, ino, &mut i)?;
                 tx.commit()?;
             }
@@ -157,7 +158,7 @@ impl Fs {
         if end_off > MAX_FILE_SIZE {
             return Err(Error::FileTooBig);
         }
-        let _g = self.lock_all(&[ino]);
+        let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         if !i.is_reg() {
             return Err(if i.is_dir() {
@@ -169,7 +170,8 @@ impl Fs {
         if len == 0 {
             return Ok(0);
         }
-        let mut tx = self.journal.begin();
+        // Moving the first chunk frees the small blocks it was written in.
+        let mut tx = self.begin(&g, self.free_locks(ino))?;
         let old_size = i.size;
         let new_size = old_size.max(end_off);
         if offset > old_size {
@@ -268,7 +270,7 @@ impl Fs {
     /// space.
     fn relocate_first_chunk(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut MetaTx<'_>,
         ino: u64,
         i: &mut Inode,
         old_size: u64,
@@ -596,7 +598,7 @@ impl Fs {
     /// Changes the size of a regular file (truncate), freeing blocks past the new end.
     pub(super) fn set_size(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut MetaTx<'_>,
         ino: u64,
         i: &mut Inode,
         size: u64,
@@ -614,7 +616,7 @@ impl Fs {
     /// Frees every block past byte `size`.
     pub(super) fn truncate_blocks(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut MetaTx<'_>,
         ino: u64,
         i: &mut Inode,
         size: u64,
@@ -630,7 +632,7 @@ impl Fs {
     /// Unmaps and frees every file block from `fb` on.
     pub(super) fn punch_blocks_pub(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut MetaTx<'_>,
         ino: u64,
         i: &mut Inode,
         fb: u64,
@@ -641,7 +643,7 @@ impl Fs {
     /// Unmaps and frees file blocks `fb..fe`.
     fn punch_blocks(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut MetaTx<'_>,
         ino: u64,
         i: &mut Inode,
         fb: u64,
@@ -718,7 +720,7 @@ impl Fs {
         {
             return Err(Error::NotSupported);
         }
-        let _g = self.lock_all(&[ino]);
+        let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         if !i.is_reg() {
             return Err(if i.is_dir() {
@@ -727,7 +729,7 @@ impl Fs {
                 Error::NotSupported
             });
         }
-        let mut tx = self.journal.begin();
+        let mut tx = self.begin(&g, self.free_locks(ino))?;
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             // Zero the partial blocks at the edges, free the whole blocks inside.
             let first_full = offset.div_ceil(BLOCK_SIZE);

@@ -11,6 +11,7 @@ use crate::format::{
     USABLE_INODES_PER_CHUNK, blocks_to_bytes,
 };
 use crate::journal::{Journal, Tx};
+use crate::lockorder::{OrderedMutex, Rank};
 use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 
@@ -33,8 +34,37 @@ pub struct InodeTable {
     /// First block of each inode-table chunk, in table order.
     chunks: RwLock<Vec<u64>>,
     free: Arc<Mutex<FreeIndex>>,
-    /// Serialises growth of the table.
-    grow_lock: Mutex<()>,
+    /// Serialises growth of the table (which commits a transaction of its own, so it is
+    /// taken before any journal slot: [`InodeTable::reserve`] runs before the caller's
+    /// transaction begins).
+    grow_lock: OrderedMutex<()>,
+}
+
+/// An inode number taken from the free index but not yet recorded on the media. Given back
+/// when dropped unused; [`InodeTable::allocate`] records it in a transaction.
+#[derive(Debug)]
+#[must_use]
+pub struct InodeReservation<'a> {
+    free: &'a Arc<Mutex<FreeIndex>>,
+    ino: u64,
+    chunk: usize,
+    slot: u64,
+    used: bool,
+}
+
+impl Drop for InodeReservation<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            release_slot(self.free, self.chunk, self.slot);
+        }
+    }
+}
+
+/// Returns an inode slot to the in-memory free index.
+fn release_slot(free: &Mutex<FreeIndex>, chunk: usize, slot: u64) {
+    let mut f = free.lock();
+    f.bitmaps[chunk][(slot / 64) as usize] &= !(1 << (slot % 64));
+    f.free_counts[chunk] += 1;
 }
 
 impl InodeTable {
@@ -91,7 +121,7 @@ impl InodeTable {
                 free_counts,
                 hint: 0,
             })),
-            grow_lock: Mutex::new(()),
+            grow_lock: OrderedMutex::new(Rank::InodeGrow, ()),
         })
     }
 
@@ -148,28 +178,43 @@ impl InodeTable {
         Ok(())
     }
 
-    /// Allocates an inode number; returns it with the generation the new inode must carry.
-    pub fn allocate(
+    /// Takes a free inode number, growing the table when it is full. Call it before the
+    /// transaction that will use the number: growing commits a transaction of its own, and
+    /// nothing may wait for a journal slot while holding one.
+    pub fn reserve(
         &self,
-        tx: &mut Tx<'_>,
         journal: &Journal,
         alloc: &Arc<BlockAllocator>,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<InodeReservation<'_>> {
         loop {
             if let Some((ino, chunk, slot)) = self.take_free() {
-                let free = Arc::clone(&self.free);
-                tx.on_abort(move || {
-                    let mut f = free.lock();
-                    f.bitmaps[chunk][(slot / 64) as usize] &= !(1 << (slot % 64));
-                    f.free_counts[chunk] += 1;
+                return Ok(InodeReservation {
+                    free: &self.free,
+                    ino,
+                    chunk,
+                    slot,
+                    used: false,
                 });
-                let block = self.chunks.read()[chunk];
-                tx.set_bits(blocks_to_bytes(block) + INODE_BITMAP_OFFSET, slot, 1)?;
-                let generation = self.old_generation(ino).wrapping_add(1).max(1);
-                return Ok((ino, generation));
             }
             self.grow(journal, alloc)?;
         }
+    }
+
+    /// Records a reserved inode number as allocated in `tx`; returns it with the generation
+    /// the new inode must carry. A rollback gives the number back.
+    pub fn allocate(
+        &self,
+        tx: &mut Tx<'_>,
+        mut reserved: InodeReservation<'_>,
+    ) -> Result<(u64, u64)> {
+        reserved.used = true;
+        let (ino, chunk, slot) = (reserved.ino, reserved.chunk, reserved.slot);
+        let free = Arc::clone(&self.free);
+        tx.on_abort(move || release_slot(&free, chunk, slot));
+        let block = self.chunks.read()[chunk];
+        tx.set_bits(blocks_to_bytes(block) + INODE_BITMAP_OFFSET, slot, 1)?;
+        let generation = self.old_generation(ino).wrapping_add(1).max(1);
+        Ok((ino, generation))
     }
 
     fn take_free(&self) -> Option<(u64, usize, u64)> {

@@ -6,15 +6,22 @@
 //! hidden deferred-free inode ([`DEFERRED_FREE_INO`]), so a mapped process can never reach
 //! blocks another file now owns. When the inode's last lease ends they are freed. Leases do
 //! not survive a remount: mount frees everything the deferred-free inode holds.
+//!
+//! Locking: a lease is taken and ended under the inode's stripe, so while an operation holds
+//! an inode's stripe the inode's leased state cannot change, and the operation can declare
+//! the deferred-free lock up front ([`Fs::free_locks`]). A deferred range is published to
+//! the lease table only when the transaction that deferred it commits, so a rollback never
+//! leaves a range that a lease end would free while the file still points at it.
 
+use super::SHRINK_BATCH;
 use super::extent;
+use super::txn::{LockSet, MetaTx};
 use super::{Fs, now_ns};
 use crate::alloc::BlockRange;
 use crate::error::{Error, Result};
 use crate::format::{
     BLOCK_SIZE, DEFERRED_FREE_INO, ExtentRecord, Inode, blocks_to_bytes, extent_flags,
 };
-use crate::journal::Tx;
 use std::collections::HashMap;
 
 /// One mapped range of a file: `len` bytes at file offset `file_offset` live at byte
@@ -36,50 +43,61 @@ pub(super) struct Leases {
     owners: HashMap<u64, u64>,
     /// Inode -> (live leases, deferred ranges as (key in the deferred inode, range)).
     per_inode: HashMap<u64, (u64, Vec<(u64, BlockRange)>)>,
-    /// Next free key (file block) in the deferred-free inode.
-    next_key: u64,
 }
 
 impl Fs {
+    /// True while a lease on `ino` lives. Stable while the caller holds `ino`'s stripe.
+    pub(super) fn is_leased(&self, ino: u64) -> bool {
+        self.leases
+            .lock()
+            .per_inode
+            .get(&ino)
+            .is_some_and(|(count, _)| *count > 0)
+    }
+
+    /// The locks a transaction needs that may free `ino`'s data blocks.
+    pub(super) fn free_locks(&self, ino: u64) -> LockSet {
+        LockSet {
+            state: false,
+            deferred: self.is_leased(ino),
+        }
+    }
+
     /// Frees data blocks an inode gives up, or defers the free while the inode is leased.
-    pub(super) fn free_data(&self, tx: &mut Tx<'_>, ino: u64, range: BlockRange) -> Result<()> {
-        let mut leases = self.leases.lock();
-        let key = leases.next_key;
-        let Some((count, deferred)) = leases.per_inode.get_mut(&ino) else {
-            drop(leases);
-            self.alloc.free(tx, range)?;
-            return Ok(());
-        };
-        if *count == 0 {
-            drop(leases);
+    /// The caller holds `ino`'s stripe.
+    pub(super) fn free_data(&self, tx: &mut MetaTx<'_>, ino: u64, range: BlockRange) -> Result<()> {
+        if !self.is_leased(ino) {
             self.alloc.free(tx, range)?;
             return Ok(());
         }
-        deferred.push((key, range));
-        leases.next_key += range.len;
-        drop(leases);
+        tx.require_deferred()?;
         // Record the blocks as owned by the deferred-free inode, so a crash frees them at
-        // the next mount instead of leaking them.
-        let _d = self.deferred_lock.lock();
+        // the next mount instead of leaking them. Keys are handed out from the inode's size,
+        // under the deferred-free lock this transaction owns until it ends.
         let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
+        let key = d.size / BLOCK_SIZE;
         let r = self.reader();
         let nodes = self.nodes();
         let rec = ExtentRecord {
             file_block: key,
             dev_block: range.start,
-            len: range.len as u32,
+            len: u32::try_from(range.len).map_err(|_| Error::Invalid)?,
             flags: 0,
         };
         extent::put(tx, &r, &nodes, DEFERRED_FREE_INO, &mut d, rec)?;
         d.blocks += range.len;
-        d.size = d.size.max(blocks_to_bytes(key + range.len));
+        d.size = blocks_to_bytes(key + range.len);
         self.inodes.write(tx, DEFERRED_FREE_INO, &mut d)?;
-        // If this transaction rolls back, the blocks stay with their file: forget them.
+        // The lease table learns of the range only once the deferral is durable. The hook
+        // runs before the transaction drops its locks, so the inode (whose stripe the
+        // caller holds) is still leased.
         let leases = std::sync::Arc::clone(&self.leases);
-        tx.on_abort(move || {
-            if let Some((_, v)) = leases.lock().per_inode.get_mut(&ino) {
-                v.retain(|(k, _)| *k != key);
-            }
+        tx.on_commit(move || match leases.lock().per_inode.get_mut(&ino) {
+            Some((_, v)) => v.push((key, range)),
+            None => log::error!(
+                "inode {ino}: lease gone before its deferred free committed; the blocks are \
+                 freed at the next mount"
+            ),
         });
         Ok(())
     }
@@ -90,7 +108,7 @@ impl Fs {
     /// up to whole blocks). Returns the lease id and the extents.
     pub fn map_direct(&self, ino: u64, offset: u64, len: u64) -> Result<(u64, Vec<MappedExtent>)> {
         self.check_writable()?;
-        let _g = self.lock_all(&[ino]);
+        let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         if !i.is_reg() {
             return Err(Error::Invalid);
@@ -100,7 +118,7 @@ impl Fs {
             .min(i.size.next_multiple_of(BLOCK_SIZE));
         let (fb, fe) = (offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
         if fb < fe {
-            let mut tx = self.journal.begin();
+            let mut tx = self.begin(&g, LockSet::NONE)?;
             let pieces = self.map_for_write(&mut tx, ino, &mut i, fb, fe)?;
             for p in pieces.iter().filter(|p| p.fresh) {
                 self.media
@@ -117,16 +135,27 @@ impl Fs {
         let id = leases.next_id;
         leases.owners.insert(id, ino);
         leases.per_inode.entry(ino).or_default().0 += 1;
+        drop(leases);
+        drop(g);
         Ok((id, extents))
     }
 
-    /// Ends a lease; when it was the inode's last, frees the blocks deferred meanwhile.
+    /// Ends a lease; when it was the inode's last, frees the blocks deferred meanwhile, in
+    /// steps of at most [`SHRINK_BATCH`] ranges per transaction. A step that fails leaves
+    /// its ranges (and the later ones) in the deferred-free inode, which the next mount
+    /// frees.
     pub fn end_lease(&self, id: u64) -> Result<()> {
+        let Some(ino) = self.leases.lock().owners.get(&id).copied() else {
+            return Ok(());
+        };
+        // The inode's lock: no operation that might defer a free of its blocks runs while
+        // the lease ends.
+        let g = self.lock_all(&[ino]);
         let deferred = {
             let mut leases = self.leases.lock();
-            let Some(ino) = leases.owners.remove(&id) else {
-                return Ok(());
-            };
+            if leases.owners.remove(&id).is_none() {
+                return Ok(()); // ended meanwhile by another thread
+            }
             let last = match leases.per_inode.get_mut(&ino) {
                 Some((count, _)) => {
                     *count = count.saturating_sub(1);
@@ -143,21 +172,25 @@ impl Fs {
                 .map(|(_, d)| d)
                 .unwrap_or_default()
         };
-        if deferred.is_empty() || self.options.read_only {
+        if deferred.is_empty() || self.is_read_only() {
             return Ok(());
         }
-        let _d = self.deferred_lock.lock();
-        let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
         let r = self.reader();
         let nodes = self.nodes();
-        let mut tx = self.journal.begin();
-        for (key, range) in deferred {
-            extent::del(&mut tx, &r, &nodes, DEFERRED_FREE_INO, &mut d, key)?;
-            self.alloc.free(&mut tx, range)?;
-            d.blocks = d.blocks.saturating_sub(range.len);
+        for step in deferred.chunks(SHRINK_BATCH) {
+            let mut tx = self.begin(&g, LockSet::DEFERRED)?;
+            let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
+            for &(key, range) in step {
+                extent::del(&mut tx, &r, &nodes, DEFERRED_FREE_INO, &mut d, key)?;
+                self.alloc.free(&mut tx, range)?;
+                d.blocks = d.blocks.saturating_sub(range.len);
+            }
+            if d.blocks == 0 && d.tree_root == 0 && d.inline_count == 0 {
+                d.size = 0; // nothing deferred is left: keys start again from 0
+            }
+            self.inodes.write(&mut tx, DEFERRED_FREE_INO, &mut d)?;
+            tx.commit()?;
         }
-        self.inodes.write(&mut tx, DEFERRED_FREE_INO, &mut d)?;
-        tx.commit()?;
         Ok(())
     }
 
@@ -168,12 +201,12 @@ impl Fs {
 
     /// At mount nothing is leased: free everything the deferred-free inode holds.
     pub(super) fn free_deferred_at_mount(&self) -> Result<()> {
-        let _d = self.deferred_lock.lock();
+        let g = self.lock_all(&[DEFERRED_FREE_INO]);
+        let mut tx = self.begin(&g, LockSet::DEFERRED)?;
         let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
         if d.blocks == 0 && d.inline_count == 0 && d.tree_root == 0 {
             return Ok(());
         }
-        let mut tx = self.journal.begin();
         self.truncate_blocks(&mut tx, DEFERRED_FREE_INO, &mut d, 0)?;
         d.size = 0;
         self.inodes.write(&mut tx, DEFERRED_FREE_INO, &mut d)?;

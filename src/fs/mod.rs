@@ -2,17 +2,25 @@
 //!
 //! Every mutating operation is one journal transaction, committed before it returns
 //! (synchronous durability). Concurrency: inode numbers hash onto lock stripes; an operation
-//! takes the stripes of every inode it changes, in ascending stripe order, before its first
-//! store and holds them until after commit (the journal's isolation rule). Directory
-//! operations that discover a child under the parent's lock re-check it after locking both.
+//! takes the stripes of every inode it changes, in ascending stripe order, then the global
+//! locks it declared, then a journal slot ([`txn`]; the order is [`crate::lockorder`]'s), and
+//! holds them all until after commit (the journal's isolation rule). Directory operations
+//! that discover a child under the parent's lock re-check it after locking both.
+//!
+//! Kernel references: the lookup and open counts of an inode change under (at least) a
+//! read lock of its stripe, and the code that frees an unreferenced inode reads them under
+//! the write lock, so a reference is never taken on an inode that is being freed.
 
 mod data;
 mod dir;
 mod extent;
+#[cfg(test)]
+mod failpoint;
 mod inode;
 mod lease;
 mod ops;
 mod refs;
+mod txn;
 mod xattr;
 
 pub use dir::{check_name, name_hash};
@@ -20,6 +28,8 @@ pub use inode::InodeTable;
 pub use lease::MappedExtent;
 pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
 
+#[cfg(test)]
+mod concurrency_tests;
 #[cfg(test)]
 mod tests;
 
@@ -32,9 +42,11 @@ use crate::format::{
     STATE_OFFSET, SUPERBLOCK_OFFSET, Superblock, TreeKind, file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::lockorder::{OrderedMutex, Rank, Ranked};
+use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use txn::{LockSet, MetaTx, StripeGuards, StripeRead};
 
 /// Lock stripes for inodes.
 const STRIPES: usize = 1024;
@@ -177,14 +189,15 @@ pub struct Fs {
     inodes: InodeTable,
     stripes: Vec<RwLock<()>>,
     refs: refs::RefTable,
-    /// Guards the state record (orphan tree root, clean flag); held across commit.
-    state: Mutex<()>,
-    /// Serialises directory moves between parents (the ancestry check must not race).
-    rename_lock: Mutex<()>,
-    /// Direct-mapping leases and the frees they defer.
+    /// Guards the state record (orphan tree root, clean flag). Taken only by
+    /// [`Fs::begin`], owned by the transaction until it ends.
+    state: OrderedMutex<()>,
+    /// Serialises renames between directories (the ancestry check must not race).
+    rename_lock: OrderedMutex<()>,
+    /// Direct-mapping leases and the frees they defer (a leaf lock).
     leases: Arc<Mutex<lease::Leases>>,
-    /// Guards the deferred-free inode (taken after any inode stripes).
-    deferred_lock: Mutex<()>,
+    /// Guards the deferred-free inode. Taken only by [`Fs::begin`].
+    deferred_lock: OrderedMutex<()>,
     /// Unlinked files with many extents, to free in bounded steps once the unlink commits.
     pending_reaps: Mutex<Vec<u64>>,
     options: MountOptions,
@@ -308,10 +321,10 @@ impl Fs {
             inodes,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             refs: refs::RefTable::default(),
-            state: Mutex::new(()),
-            rename_lock: Mutex::new(()),
+            state: OrderedMutex::new(Rank::State, ()),
+            rename_lock: OrderedMutex::new(Rank::Rename, ()),
             leases: Arc::new(Mutex::new(lease::Leases::default())),
-            deferred_lock: Mutex::new(()),
+            deferred_lock: OrderedMutex::new(Rank::Deferred, ()),
             pending_reaps: Mutex::new(Vec::new()),
             options,
             recovery,
@@ -323,13 +336,13 @@ impl Fs {
         if !fs.options.read_only {
             fs.free_all_orphans(&state)?;
             fs.free_deferred_at_mount()?;
-            let _g = fs.state.lock();
+            let none = StripeGuards::none();
+            let mut tx = fs.begin(&none, LockSet::STATE)?;
             let mut st = read_state(fs.media.as_ref())?;
             st.clean = 0;
             st.mount_count += 1;
             st.last_mount_ns = now_ns();
             st.seal();
-            let mut tx = fs.journal.begin();
             tx.write_struct(STATE_OFFSET, &st)?;
             tx.commit()?;
         }
@@ -342,13 +355,13 @@ impl Fs {
             return Ok(());
         }
         {
-            let _g = self.state.lock();
+            let none = StripeGuards::none();
+            let mut tx = self.begin(&none, LockSet::STATE)?;
             let mut st = read_state(self.media.as_ref())?;
             st.clean = 1;
             st.free_blocks = self.alloc.free_blocks();
             st.last_unmount_ns = now_ns();
             st.seal();
-            let mut tx = self.journal.begin();
             tx.write_struct(STATE_OFFSET, &st)?;
             tx.commit()?;
         }
@@ -380,8 +393,15 @@ impl Fs {
         &self.recovery
     }
 
+    /// True for a read-only mount, and once a failed commit stopped the journal.
     pub fn is_read_only(&self) -> bool {
-        self.options.read_only
+        self.options.read_only || self.journal.is_poisoned()
+    }
+
+    /// The journal (tests use it to simulate a failed commit).
+    #[doc(hidden)]
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     pub fn set_read_only(&mut self, ro: bool) {
@@ -400,20 +420,35 @@ impl Fs {
         (ino % STRIPES as u64) as usize
     }
 
-    fn read_lock(&self, ino: u64) -> RwLockReadGuard<'_, ()> {
-        self.stripes[Self::stripe(ino)].read()
+    fn read_lock(&self, ino: u64) -> StripeRead<'_> {
+        let rank = Ranked::acquire(Rank::Stripes);
+        StripeRead::new([Some(self.stripes[Self::stripe(ino)].read()), None], rank)
+    }
+
+    /// Read-locks the stripes of `a` and `b` in ascending order (a shared stripe once).
+    fn read_lock_pair(&self, a: u64, b: u64) -> StripeRead<'_> {
+        let rank = Ranked::acquire(Rank::Stripes);
+        let (x, y) = (Self::stripe(a), Self::stripe(b));
+        let (lo, hi) = (x.min(y), x.max(y));
+        let first = self.stripes[lo].read();
+        let second = (hi != lo).then(|| self.stripes[hi].read());
+        StripeRead::new([Some(first), second], rank)
     }
 
     /// Write-locks the stripes of `inos` in ascending order (duplicates once).
-    fn lock_all(&self, inos: &[u64]) -> Vec<RwLockWriteGuard<'_, ()>> {
+    fn lock_all(&self, inos: &[u64]) -> StripeGuards<'_> {
+        let rank = Ranked::acquire(Rank::Stripes);
         let mut s: Vec<usize> = inos.iter().map(|&i| Self::stripe(i)).collect();
         s.sort_unstable();
         s.dedup();
-        s.into_iter().map(|i| self.stripes[i].write()).collect()
+        StripeGuards::new(
+            s.into_iter().map(|i| self.stripes[i].write()).collect(),
+            rank,
+        )
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.options.read_only {
+        if self.options.read_only || self.journal.is_poisoned() {
             Err(Error::ReadOnly)
         } else {
             Ok(())
@@ -452,9 +487,14 @@ impl Fs {
         }
     }
 
-    /// Opens an inode (counts the open so an unlinked file keeps its data).
+    /// Opens an inode (counts the open so an unlinked file keeps its data). The open is
+    /// counted under the inode's lock, so a concurrent reap either sees it or has already
+    /// freed the inode (and this open fails with NotFound).
     pub fn open(&self, ino: u64) -> Result<Attr> {
-        let a = self.getattr(ino)?;
+        let _g = self.read_lock(ino);
+        let a = Attr::from_inode(ino, &self.inodes.read(ino)?);
+        #[cfg(test)]
+        failpoint::hit("open.before_count")?;
         self.refs.open(ino);
         Ok(a)
     }
@@ -479,7 +519,7 @@ impl Fs {
             return Ok(());
         }
         self.shrink_orphan(ino)?;
-        let _g = self.lock_all(&[ino]);
+        let g = self.lock_all(&[ino]);
         let Ok(mut inode) = self.inodes.read(ino) else {
             return Ok(());
         };
@@ -490,8 +530,13 @@ impl Fs {
         if refs.opens > 0 {
             return Ok(());
         }
-        let _s = self.state.lock();
-        let mut tx = self.journal.begin();
+        let mut tx = self.begin(
+            &g,
+            LockSet {
+                state: true,
+                deferred: self.is_leased(ino),
+            },
+        )?;
         self.release_contents(&mut tx, ino, &mut inode)?;
         if refs.lookups == 0 {
             self.orphan_remove(&mut tx, ino)?;
@@ -519,7 +564,7 @@ impl Fs {
     /// in between is finished by the orphan scan at mount.
     fn shrink_orphan(&self, ino: u64) -> Result<()> {
         loop {
-            let _g = self.lock_all(&[ino]);
+            let g = self.lock_all(&[ino]);
             let Ok(mut i) = self.inodes.read(ino) else {
                 return Ok(());
             };
@@ -531,7 +576,11 @@ impl Fs {
                 return Ok(());
             }
             let cut = exts[exts.len() - SHRINK_BATCH].file_block;
-            let mut tx = self.journal.begin();
+            let set = LockSet {
+                state: false,
+                deferred: self.is_leased(ino),
+            };
+            let mut tx = self.begin(&g, set)?;
             self.punch_blocks_pub(&mut tx, ino, &mut i, cut)?;
             i.size = i.size.min(crate::format::blocks_to_bytes(cut));
             self.inodes.write(&mut tx, ino, &mut i)?;
@@ -541,7 +590,7 @@ impl Fs {
 
     /// Frees data blocks, extent tree, xattrs and symlink block of an inode (in memory
     /// `inode` is updated; the caller stores or frees it).
-    fn release_contents(&self, tx: &mut Tx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
+    fn release_contents(&self, tx: &mut MetaTx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
         if inode.is_reg() || inode.is_symlink() && inode.flags & inode_flags::INLINE_DATA == 0 {
             if inode.is_symlink() {
                 if inode.tree_root != 0 {
@@ -599,15 +648,17 @@ impl Fs {
         Ok(())
     }
 
-    /// Adds an inode to the orphan tree (caller holds `self.state`).
-    fn orphan_add(&self, tx: &mut Tx<'_>, ino: u64) -> Result<()> {
+    /// Adds an inode to the orphan tree (the transaction owns the state lock).
+    fn orphan_add(&self, tx: &mut MetaTx<'_>, ino: u64) -> Result<()> {
+        tx.require_state()?;
         let mut t = self.orphan_tree()?;
         btree::insert(tx, &self.reader(), &self.nodes(), &mut t, ino, &[])?;
         self.store_orphan_root(tx, t.root)
     }
 
-    /// Removes an inode from the orphan tree (caller holds `self.state`).
-    fn orphan_remove(&self, tx: &mut Tx<'_>, ino: u64) -> Result<()> {
+    /// Removes an inode from the orphan tree (the transaction owns the state lock).
+    fn orphan_remove(&self, tx: &mut MetaTx<'_>, ino: u64) -> Result<()> {
+        tx.require_state()?;
         let mut t = self.orphan_tree()?;
         btree::remove(tx, &self.reader(), &self.nodes(), &mut t, ino)?;
         self.store_orphan_root(tx, t.root)
@@ -627,8 +678,8 @@ impl Fs {
         })?;
         for ino in inos {
             self.shrink_orphan(ino)?;
-            let _s = self.state.lock();
-            let mut tx = self.journal.begin();
+            let g = self.lock_all(&[ino]);
+            let mut tx = self.begin(&g, LockSet::STATE)?;
             if let Ok(mut inode) = self.inodes.read(ino) {
                 if inode.nlink == 0 {
                     self.release_contents(&mut tx, ino, &mut inode)?;

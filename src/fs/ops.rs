@@ -1,6 +1,7 @@
 //! Namespace operations: lookup, create, link, unlink, rename, readdir, setattr, xattrs.
 
 use super::dir::{self, DirEntry};
+use super::txn::{LockSet, MetaTx, StripeGuards};
 use super::xattr;
 use super::{Attr, Ctx, Fs, SetAttr, SetTime, now_ns};
 use crate::alloc::{AllocRequest, BlockRange};
@@ -35,34 +36,46 @@ impl Fs {
         )
     }
 
+    /// The inode `name` names in directory `parent` ("." and ".." included).
+    fn resolve(&self, parent: u64, name: &[u8]) -> Result<u64> {
+        let p = self.dir_inode(parent)?;
+        match name {
+            b"." => Ok(parent),
+            b".." => Ok(p.parent),
+            _ => Ok(self.find(parent, &p, name)?.ok_or(Error::NotFound)?.ino),
+        }
+    }
+
     /// LOOKUP: finds `name` in `parent`, counting a kernel reference.
+    ///
+    /// The reference is counted while the parent and the child are read-locked: an unlink
+    /// (which write-locks both and frees the child when nobody references it) either comes
+    /// first, and the name is gone, or sees the reference and keeps the inode as an orphan.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         if name == b"." {
             // The kernel resolves a file handle (open_by_handle_at, NFS export) whose inode
             // it no longer caches by looking up "." in that inode, whatever its type.
-            let attr = self.getattr(parent)?;
-            self.add_lookup(attr.ino);
+            let _g = self.read_lock(parent);
+            let attr = Attr::from_inode(parent, &self.inodes.read(parent)?);
+            self.add_lookup(parent);
             return Ok(attr);
         }
-        let attr = {
-            let _g = self.read_lock(parent);
-            let p = self.dir_inode(parent)?;
-            let ino = match name {
-                b"." => parent,
-                b".." => p.parent,
-                _ => {
-                    if name.len() > crate::format::NAME_MAX {
-                        return Err(Error::NameTooLong);
-                    }
-                    self.find(parent, &p, name)?.ok_or(Error::NotFound)?.ino
-                }
+        if name.len() > crate::format::NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        loop {
+            let child = {
+                let _g = self.read_lock(parent);
+                self.resolve(parent, name)?
             };
-            drop(_g);
-            let _c = self.read_lock(ino);
-            Attr::from_inode(ino, &self.inodes.read(ino)?)
-        };
-        self.add_lookup(attr.ino);
-        Ok(attr)
+            let _g = self.read_lock_pair(parent, child);
+            if self.resolve(parent, name)? != child {
+                continue; // changed while we were not holding the locks
+            }
+            let attr = Attr::from_inode(child, &self.inodes.read(child)?);
+            self.add_lookup(child);
+            return Ok(attr);
+        }
     }
 
     fn new_inode(&self, ctx: &Ctx, parent: &Inode, mode: u32, generation: u64) -> Inode {
@@ -101,7 +114,7 @@ impl Fs {
         if !file_type::is_valid(mode as u16) {
             return Err(Error::Invalid);
         }
-        let _g = self.lock_all(&[parent]);
+        let g = self.lock_all(&[parent]);
         let mut p = self.dir_inode(parent)?;
         if p.nlink == 0 {
             return Err(Error::NotFound);
@@ -113,8 +126,10 @@ impl Fs {
         if is_dir && p.nlink >= LINK_MAX {
             return Err(Error::TooManyLinks);
         }
-        let mut tx = self.journal.begin();
-        let (ino, generation) = self.inodes.allocate(&mut tx, &self.journal, &self.alloc)?;
+        // An inode number before the slot: growing the table takes a slot of its own.
+        let reserved = self.inodes.reserve(&self.journal, &self.alloc)?;
+        let mut tx = self.begin(&g, LockSet::NONE)?;
+        let (ino, generation) = self.inodes.allocate(&mut tx, reserved)?;
         let mut inode = self.new_inode(ctx, &p, mode, generation);
         if is_dir {
             inode.nlink = 2;
@@ -140,7 +155,8 @@ impl Fs {
         p.ctime_ns = inode.ctime_ns;
         self.inodes.write(&mut tx, parent, &mut p)?;
         tx.commit()?;
-        self.add_lookup(ino);
+        self.add_lookup(ino); // under the parent's lock, like lookup
+        drop(g);
         Ok(Attr::from_inode(ino, &inode))
     }
 
@@ -225,7 +241,7 @@ impl Fs {
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
         self.check_writable()?;
         dir::check_name(newname)?;
-        let _g = self.lock_all(&[ino, newparent]);
+        let g = self.lock_all(&[ino, newparent]);
         let mut i = self.inodes.read(ino)?;
         if i.is_dir() {
             return Err(Error::NotPermitted);
@@ -241,7 +257,7 @@ impl Fs {
             return Err(Error::Exists);
         }
         let now = now_ns();
-        let mut tx = self.journal.begin();
+        let mut tx = self.begin(&g, LockSet::NONE)?;
         let mut t = dir::tree(newparent, p.tree_root);
         dir::insert(
             &mut tx,
@@ -262,6 +278,7 @@ impl Fs {
         self.inodes.write(&mut tx, ino, &mut i)?;
         tx.commit()?;
         self.add_lookup(ino);
+        drop(g);
         Ok(Attr::from_inode(ino, &i))
     }
 
@@ -272,14 +289,24 @@ impl Fs {
         Ok(self.find(parent, &p, name)?.map(|e| e.ino))
     }
 
+    /// The locks an unlink of `inode` needs: the state record when it drops the last link
+    /// (it orphans or frees the inode), the deferred-free inode when the inode is leased.
+    pub(super) fn unlink_locks(&self, ino: u64, inode: &Inode) -> LockSet {
+        LockSet {
+            state: inode.is_dir() || inode.nlink <= 1,
+            deferred: self.is_leased(ino),
+        }
+    }
+
     /// Drops one link of `inode` (already decremented by the caller to its new count):
-    /// frees it, or makes it an orphan while the kernel still references it.
-    fn after_unlink(&self, tx: &mut Tx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
+    /// frees it, or makes it an orphan while the kernel still references it. The caller
+    /// holds the inode's stripe (the reference counts cannot change meanwhile).
+    fn after_unlink(&self, tx: &mut MetaTx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
         if inode.nlink > 0 {
             return self.inodes.write(tx, ino, inode);
         }
+        tx.require_state()?;
         let refs = self.held(ino);
-        let _s = self.state.lock();
         // A file with many extents may need more than one transaction to free: it becomes
         // an orphan now and is freed in bounded steps after this transaction commits.
         let big = inode.is_reg() && inode.flags & inode_flags::TREE != 0;
@@ -317,7 +344,7 @@ impl Fs {
         }
         loop {
             let child = self.peek(parent, name)?.ok_or(Error::NotFound)?;
-            let _g = self.lock_all(&[parent, child]);
+            let g = self.lock_all(&[parent, child]);
             let mut p = self.dir_inode(parent)?;
             let Some(entry) = self.find(parent, &p, name)? else {
                 return Err(Error::NotFound);
@@ -337,7 +364,7 @@ impl Fs {
             } else if c.is_dir() {
                 return Err(Error::IsDir);
             }
-            let mut tx = self.journal.begin();
+            let mut tx = self.begin(&g, self.unlink_locks(child, &c))?;
             let mut t = dir::tree(parent, p.tree_root);
             dir::remove(&mut tx, &self.reader(), &self.nodes(), &mut t, entry.key)?;
             p.tree_root = t.root;
@@ -354,7 +381,7 @@ impl Fs {
             self.inodes.write(&mut tx, parent, &mut p)?;
             self.after_unlink(&mut tx, child, &mut c)?;
             tx.commit()?;
-            drop(_g);
+            drop(g);
             self.finish_pending_reaps();
             return Ok(());
         }
@@ -404,7 +431,7 @@ impl Fs {
             let dst = self.peek(newparent, newname)?;
             let mut lock_set = vec![parent, newparent, src];
             lock_set.extend(dst);
-            let _g = self.lock_all(&lock_set);
+            let g = self.lock_all(&lock_set);
             let mut set: HashMap<u64, Inode> = HashMap::new();
             set.insert(parent, self.dir_inode(parent)?);
             if newparent != parent {
@@ -417,8 +444,8 @@ impl Fs {
             if se.ino != src || de.as_ref().map(|e| e.ino) != dst {
                 continue;
             }
-            let result = self.rename_locked(parent, &se, newparent, newname, de, flags, set);
-            drop(_g);
+            let result = self.rename_locked(&g, parent, &se, newparent, newname, de, flags, set);
+            drop(g);
             self.finish_pending_reaps();
             return result;
         }
@@ -430,6 +457,7 @@ impl Fs {
     )]
     fn rename_locked(
         &self,
+        g: &StripeGuards<'_>,
         parent: u64,
         se: &DirEntry,
         newparent: u64,
@@ -475,7 +503,12 @@ impl Fs {
             set.insert(d.ino, di);
         }
         let now = now_ns();
-        let mut tx = self.journal.begin();
+        // The replaced target may lose its last link.
+        let locks = match (&de, &d_inode) {
+            (Some(d), Some(di)) if flags & RENAME_EXCHANGE == 0 => self.unlink_locks(d.ino, di),
+            _ => LockSet::NONE,
+        };
+        let mut tx = self.begin(g, locks)?;
         let r = self.reader();
         let nodes = self.nodes();
         let get = |set: &mut HashMap<u64, Inode>, ino: u64| -> Result<Inode> {
@@ -634,8 +667,11 @@ impl Fs {
             entries.len() >= 256
         })?;
         for (child, next, name) in entries {
-            let attr = match self.getattr(child) {
-                Ok(a) => a,
+            // The reference is counted under the child's lock (see lookup): an inode freed
+            // meanwhile is skipped, never referenced.
+            let _g = self.read_lock(child);
+            let attr = match self.inodes.read(child) {
+                Ok(i) => Attr::from_inode(child, &i),
                 Err(Error::NotFound) => continue, // removed meanwhile
                 Err(e) => return Err(e),
             };
@@ -652,10 +688,14 @@ impl Fs {
     /// SETATTR.
     pub fn setattr(&self, ctx: &Ctx, ino: u64, s: &SetAttr) -> Result<Attr> {
         self.check_writable()?;
-        let _g = self.lock_all(&[ino]);
+        let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         let now = now_ns();
-        let mut tx = self.journal.begin();
+        let locks = LockSet {
+            state: false,
+            deferred: s.size.is_some() && self.is_leased(ino),
+        };
+        let mut tx = self.begin(&g, locks)?;
         if let Some(mode) = s.mode {
             i.mode = (i.mode & file_type::S_IFMT) | (mode as u16 & 0o7777);
         }
@@ -777,12 +817,12 @@ impl Fs {
         ino: u64,
         change: &mut dyn FnMut(&mut xattr::Attrs) -> Result<()>,
     ) -> Result<()> {
-        let _g = self.lock_all(&[ino]);
+        let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         let mut attrs = xattr::load(self.media.as_ref(), &self.geometry, ino, &i)?;
         change(&mut attrs)?;
         let image = xattr::encode(ino, &attrs)?;
-        let mut tx = self.journal.begin();
+        let mut tx = self.begin(&g, LockSet::NONE)?;
         let old = (i.xattr_block, u64::from(i.xattr_blocks));
         match image {
             Some(img) => {

@@ -17,14 +17,25 @@
 //! until after `commit` returns; bits are owned by whoever allocated or is freeing them.
 //!
 //! Slots are per transaction, not per thread: `Journal::begin` takes a free slot (waiting if
-//! all are busy), so threads never serialise on one log.
+//! all are busy), so threads never serialise on one log. A slot is a lock, the last in the
+//! global order ([`crate::lockorder`]): a thread holding one never waits for another.
+//!
+//! Fail-stop: when a commit or a rollback fails (the device refused a store or a flush), the
+//! slot is in an unknown state. The journal is then *poisoned*: that slot is never used
+//! again, neither hook of the failed transaction runs (blocks it allocated stay allocated in
+//! memory, blocks it freed stay unusable: at worst a leak that the next mount's recovery or
+//! fsck settles, never a block handed out twice), and every later transaction fails with
+//! [`JournalError::Poisoned`] at its first store. The file system above turns that into a
+//! read-only mount; the next mount's recovery rolls back whatever the slot still holds.
 
 use crate::device::{DeviceError, Media};
 use crate::format::{
     FormatError, Geometry, SLOT_MAGIC, STATE_OFFSET, SlotHeader, UndoHeader, UndoKind,
 };
+use crate::lockorder::{Rank, Ranked};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Offset of the generation word inside a slot.
@@ -44,6 +55,10 @@ pub enum JournalError {
     /// The transaction's undo records do not fit its slot. The transaction is rolled back.
     #[error("transaction too large for a journal slot")]
     TooLarge,
+    /// An earlier commit or rollback failed: the journal accepts no more transactions
+    /// until the file system is mounted again.
+    #[error("the journal stopped after a failed commit or rollback (remount to recover)")]
+    Poisoned,
 }
 
 /// What recovery found and did.
@@ -70,6 +85,8 @@ pub struct Journal {
     geometry: Geometry,
     free: Mutex<Vec<Slot>>,
     available: Condvar,
+    /// Set once a commit or rollback failed (see the module docs); never cleared.
+    poisoned: AtomicBool,
 }
 
 impl Journal {
@@ -95,6 +112,7 @@ impl Journal {
                 geometry,
                 free: Mutex::new(free),
                 available: Condvar::new(),
+                poisoned: AtomicBool::new(false),
             },
             report,
         ))
@@ -108,18 +126,37 @@ impl Journal {
         &self.geometry
     }
 
-    /// Starts a transaction. Nothing is written until its first store.
+    /// Starts a transaction. Nothing is written until its first store. Waits while every
+    /// slot is busy, so the caller must hold no slot (checked in debug builds). On a
+    /// poisoned journal it returns at once a transaction whose every store fails.
     pub fn begin(&self) -> Tx<'_> {
+        self.begin_ranked(Ranked::acquire(Rank::Slot))
+    }
+
+    /// As [`Journal::begin`], for tests of the journal itself that interleave two
+    /// transactions on one thread on purpose: the slot is not recorded in the lock order.
+    /// It waits like `begin` when no slot is free, so never call it with every slot taken.
+    #[doc(hidden)]
+    pub fn begin_interleaved_for_test(&self) -> Tx<'_> {
+        self.begin_ranked(Ranked::untracked())
+    }
+
+    fn begin_ranked(&self, rank: Ranked) -> Tx<'_> {
         let mut free = self.free.lock();
         let slot = loop {
+            if self.is_poisoned() {
+                break None;
+            }
             if let Some(s) = free.pop() {
-                break s;
+                break Some(s);
             }
             self.available.wait(&mut free);
         };
+        drop(free);
         Tx {
             journal: self,
-            slot: Some(slot),
+            _rank: rank,
+            slot,
             cursor: RECORDS_OFFSET,
             open: false,
             logged: Vec::new(),
@@ -134,6 +171,32 @@ impl Journal {
         self.free.lock().push(slot);
         self.available.notify_one();
     }
+
+    /// True once a commit or rollback has failed.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Stops the journal for good (the slot that failed is not given back).
+    fn poison(&self, slot: Option<&Slot>, what: &str, e: &JournalError) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "journal: {what} of the transaction in slot {} failed ({e}); \
+                 no more changes are accepted: unmount, then mount again (recovery finishes \
+                 the rollback) or run fsck.pmfs",
+                slot.map_or(u32::MAX, |s| s.index)
+            );
+        }
+        // Wake every waiter: they must see the poison instead of waiting for this slot.
+        let _free = self.free.lock();
+        self.available.notify_all();
+    }
+
+    /// Test hook: poisons the journal as a failed commit would.
+    #[doc(hidden)]
+    pub fn poison_for_test(&self) {
+        self.poison(None, "a test", &JournalError::Poisoned);
+    }
 }
 
 type Hook<'j> = Box<dyn FnOnce() + Send + 'j>;
@@ -143,6 +206,9 @@ type Hook<'j> = Box<dyn FnOnce() + Send + 'j>;
 /// Dropping a `Tx` without calling [`Tx::commit`] rolls it back.
 pub struct Tx<'j> {
     journal: &'j Journal,
+    /// This thread holds a slot (dropped after the slot is released or leaked).
+    _rank: Ranked,
+    /// `None` on a poisoned journal, and after commit or a failed commit.
     slot: Option<Slot>,
     /// Offset of the next record inside the slot.
     cursor: u64,
@@ -262,8 +328,15 @@ impl<'j> Tx<'j> {
         !self.open
     }
 
-    /// Makes the transaction durable. On error the transaction is rolled back.
+    /// Makes the transaction durable. On error the transaction is rolled back; an error of
+    /// the device itself (a failed flush or store, not a full slot) also poisons the
+    /// journal, because the commit point may or may not be durable.
     pub fn commit(mut self) -> Result<(), JournalError> {
+        if self.slot.is_none() {
+            self.on_abort.clear();
+            self.on_commit.clear();
+            return Err(JournalError::Poisoned);
+        }
         match self.commit_inner() {
             Ok(()) => {
                 if let Some(slot) = self.slot.take() {
@@ -275,7 +348,19 @@ impl<'j> Tx<'j> {
                 self.on_abort.clear();
                 Ok(())
             }
-            Err(e) => Err(e), // Drop rolls back.
+            Err(e) => {
+                // Roll back what can be rolled back, then stop: the slot is never reused
+                // and neither hook runs (see the module docs).
+                let rolled_back = self.rollback();
+                if let Err(re) = &rolled_back {
+                    log::error!("journal: rollback after a failed commit failed too: {re}");
+                }
+                self.journal.poison(self.slot.as_ref(), "commit", &e);
+                self.slot = None;
+                self.on_abort.clear();
+                self.on_commit.clear();
+                Err(e)
+            }
         }
     }
 
@@ -316,17 +401,19 @@ impl<'j> Tx<'j> {
     /// Makes sure the slot is open (odd generation) before the first record.
     fn ensure_open(&mut self) -> Result<&mut Slot, JournalError> {
         let media = &self.journal.media;
-        let slot = self
-            .slot
-            .as_mut()
-            .ok_or_else(|| FormatError::corrupted("journal", "transaction without a slot"))?;
+        let slot = self.slot.as_mut().ok_or(JournalError::Poisoned)?;
         if !self.open {
-            slot.generation += 1;
+            let opened = slot.generation.checked_add(1).ok_or_else(|| {
+                FormatError::corrupted("journal", "slot generation at its maximum")
+            })?;
             // No fence here: the first record's fence makes this store durable before any
             // in-place store of the transaction.
-            media.store_u64(slot.offset + GENERATION_OFFSET, slot.generation)?;
-            media.flush(slot.offset + GENERATION_OFFSET, 8)?;
+            media.store_u64(slot.offset + GENERATION_OFFSET, opened)?;
+            slot.generation = opened;
+            // Open from here on: if the flush fails, the rollback closes the slot again (or
+            // fails too and poisons the journal); the slot never goes back half-open.
             self.open = true;
+            media.flush(slot.offset + GENERATION_OFFSET, 8)?;
         }
         Ok(slot)
     }
@@ -428,8 +515,13 @@ impl Drop for Tx<'_> {
         }
         if let Err(e) = self.rollback() {
             // The media refused the undo (it was validated when logged, so this means the
-            // device itself failed). Leave the slot open: the next mount's recovery retries.
-            log::error!("journal: rollback failed, recovery will finish it at next mount: {e}");
+            // device itself failed). The slot stays open on the media, where the next
+            // mount's recovery finishes the rollback; in memory it is never reused, and the
+            // abort hooks do not run: what they would give back may still be in use.
+            self.journal.poison(self.slot.as_ref(), "rollback", &e);
+            self.slot = None;
+            self.on_abort.clear();
+            return;
         }
         if let Some(slot) = self.slot.take() {
             self.journal.release(slot);

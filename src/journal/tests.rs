@@ -132,7 +132,7 @@ fn interleaved_transactions_on_one_bitmap_word() {
     dev.sync_all().unwrap();
     dev.start_recording();
     let mut ta = j.begin();
-    let mut tb = j.begin();
+    let mut tb = j.begin_interleaved_for_test();
     ta.set_bits(bitmap, 0, 1).unwrap();
     tb.set_bits(bitmap, 1, 1).unwrap();
     ta.clear_bits(bitmap, 40, 1).unwrap();
