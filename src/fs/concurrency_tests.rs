@@ -86,19 +86,20 @@ fn run_watched(what: &str, progress: &Progress, workers: Vec<Box<dyn FnOnce() + 
 }
 
 /// Issue item 1: `reap` (from FORGET) took state → slot while unlink took slot → state.
+/// Sixteen threads, each unlinking looked-up files (orphans) and forgetting them at once.
 #[test]
-fn parallel_unlinks_and_forgets_in_eight_directories_make_progress() {
+fn parallel_unlinks_and_forgets_in_sixteen_directories_make_progress() {
     let (media, fs) = new_fs(64 * MIB);
     let progress = Progress::default();
     let mut workers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
-    for t in 0..8u32 {
+    for t in 0..16u32 {
         let fs = Arc::clone(&fs);
         let progress = progress.clone();
         workers.push(Box::new(move || {
             let d = fs
                 .mkdir(&C, ROOT_INO, format!("d{t}").as_bytes(), 0o755)
                 .unwrap();
-            for round in 0..4 {
+            for round in 0..6 {
                 let mut inos = Vec::new();
                 for i in 0..100 {
                     let name = format!("f{round}-{i}");
@@ -153,45 +154,54 @@ fn creates_in_eight_directories_across_inode_table_growth_make_progress() {
     check_clean(&media);
 }
 
-/// Issue item 3: `end_lease` took deferred → slot while a truncate of the leased file took
-/// slot → deferred.
+/// Issue item 3: `end_lease` took deferred → slot while a truncate of a leased file took
+/// slot → deferred. Six files stay leased while six threads truncate and rewrite them, and
+/// one thread ends and retakes their leases (each end frees what the truncates deferred).
 #[test]
 fn lease_ends_racing_truncates_of_leased_files_make_progress() {
     let (media, fs) = new_fs(64 * MIB);
     let progress = Progress::default();
-    let files: Vec<u64> = (0..4)
+    let files: Vec<u64> = (0..6)
         .map(|n| {
             let a = fs
                 .mknod(&C, ROOT_INO, format!("f{n}").as_bytes(), 0o100644, 0)
                 .unwrap();
+            fs.write(&C, a.ino, 0, &[1; 4096]).unwrap();
             a.ino
         })
         .collect();
+    let leases: Vec<u64> = files
+        .iter()
+        .map(|&ino| fs.map_direct(ino, 0, 4096).unwrap().0)
+        .collect();
     let mut workers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
-    for (n, &ino) in files.iter().enumerate() {
-        // A truncator per file, and a thread that takes and ends leases on it.
-        let (f1, p1) = (Arc::clone(&fs), progress.clone());
+    for &ino in &files {
+        let (fs, progress) = (Arc::clone(&fs), progress.clone());
         workers.push(Box::new(move || {
-            for round in 0..150u32 {
-                f1.write(&C, ino, 0, &[round as u8; 3 * 4096]).unwrap();
-                let size = SetAttr {
-                    size: Some(0),
-                    ..SetAttr::default()
-                };
-                f1.setattr(&C, ino, &size).unwrap();
-                p1.tick();
+            let size = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            for round in 0..300u32 {
+                fs.write(&C, ino, 0, &[round as u8; 3 * 4096]).unwrap();
+                fs.setattr(&C, ino, &size).unwrap();
+                progress.tick();
             }
         }));
-        let (f2, p2) = (Arc::clone(&fs), progress.clone());
+    }
+    {
+        let (fs, progress, files) = (Arc::clone(&fs), progress.clone(), files.clone());
         workers.push(Box::new(move || {
-            for _ in 0..150 {
-                if let Ok((id, _)) = f2.map_direct(ino, 0, 1 << 20) {
-                    std::thread::yield_now();
-                    f2.end_lease(id).unwrap();
-                }
-                p2.tick();
+            let mut leases = leases;
+            for round in 0..300 {
+                let k = round % files.len();
+                fs.end_lease(leases[k]).unwrap();
+                leases[k] = fs.map_direct(files[k], 0, 4096).unwrap().0;
+                progress.tick();
             }
-            let _ = n;
+            for id in leases {
+                fs.end_lease(id).unwrap();
+            }
         }));
     }
     run_watched("lease", &progress, workers);
