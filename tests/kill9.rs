@@ -7,6 +7,10 @@
 //! unmounts, and runs the consistency checker on the image: recovery must leave nothing to
 //! fix. Needs root and /dev/fuse.
 //!
+//! A round also fails when its workers stopped making progress before the kill: the kill
+//! waits for the next acknowledged operation after its random moment, and a daemon that
+//! acknowledges nothing for 10 s is a hang, not a crash to recover from.
+//!
 //! `PMFS_KILL_ROUNDS` sets the number of rounds (default 50).
 
 use pmfs::device::{Device, Media, OpenOptions, create_image};
@@ -17,7 +21,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 fn is_mounted(mnt: &Path) -> bool {
@@ -137,7 +141,13 @@ struct Model {
     in_flight: Vec<String>,
 }
 
-fn worker(dir: PathBuf, t: usize, seed: u64, stop: Arc<AtomicBool>) -> Model {
+fn worker(
+    dir: PathBuf,
+    t: usize,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+) -> Model {
     let mut rng = Rng(seed | 1);
     let mut m = Model::default();
     let mut n = 0usize;
@@ -184,6 +194,7 @@ fn worker(dir: PathBuf, t: usize, seed: u64, stop: Arc<AtomicBool>) -> Model {
             m.files.remove(&victim);
         }
         m.in_flight.clear();
+        acked.fetch_add(1, Ordering::Relaxed);
     }
     m
 }
@@ -240,17 +251,29 @@ fn kill9_under_load() {
             fs::remove_file(e.path()).expect("cleanup");
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
         let workers: Vec<_> = (0..3)
             .map(|t| {
-                let (dir, stop) = (dir.clone(), Arc::clone(&stop));
+                let (dir, stop, acked) = (dir.clone(), Arc::clone(&stop), Arc::clone(&acked));
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 let s = seed;
-                std::thread::spawn(move || worker(dir, t, s, stop))
+                std::thread::spawn(move || worker(dir, t, s, stop, acked))
             })
             .collect();
         std::thread::sleep(Duration::from_millis(30 + seed % 300));
+        // Kill only a daemon that is making progress: wait for the next acknowledgement.
+        let before = acked.load(Ordering::Relaxed);
+        let waited = Instant::now();
+        while acked.load(Ordering::Relaxed) == before {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "round {round}: the workers acknowledged nothing for 10 s before the kill \
+                 ({before} operations this round): the daemon hangs"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         m.kill9();
         stop.store(true, Ordering::Relaxed);
         let models: Vec<Model> = workers
