@@ -297,3 +297,323 @@ fn descending_and_interleaved_inserts_keep_internal_keys_ordered() {
     }
     check(&f, &tree, &model);
 }
+
+// ---------------------------------------------------------------------------------------
+// The separator invariant (issue 13, item 1): every internal node's entry 0 is keyed by the
+// node's lower bound (0 on the leftmost spine), so a split's new sibling lands right after
+// the child that split. Root collapse, removing a node's first child and fsck's bulk builder
+// used to leave a real key in entry 0; keys below it then misrouted a later split.
+// ---------------------------------------------------------------------------------------
+
+/// A fixture on a device of `size` bytes (the four-level trees need more than 32 MiB).
+fn fixture_of(size: u64) -> Fixture {
+    let dev = Arc::new(RecordingDevice::new(size));
+    let geometry = Geometry::for_device_size(size).unwrap();
+    format_slots(dev.as_ref(), &geometry).unwrap();
+    let media: Arc<dyn Media> = dev.clone();
+    let journal = Journal::open(media, geometry).unwrap().0;
+    let alloc = TestAlloc {
+        next: Mutex::new(geometry.meta_end + 10),
+        ..Default::default()
+    };
+    Fixture {
+        dev,
+        geometry,
+        journal,
+        alloc,
+    }
+}
+
+/// A tree and the `BTreeMap` it must agree with.
+struct Modelled<'f> {
+    f: &'f Fixture,
+    tree: Tree,
+    model: BTreeMap<u64, Vec<u8>>,
+}
+
+impl<'f> Modelled<'f> {
+    fn new(f: &'f Fixture, kind: TreeKind, owner: u64) -> Self {
+        Self {
+            f,
+            tree: empty_tree(kind, owner),
+            model: BTreeMap::new(),
+        }
+    }
+
+    fn reader(&self) -> TreeReader<'f> {
+        TreeReader::new(self.f.dev.as_ref(), &self.f.geometry)
+    }
+
+    fn put(&mut self, key: u64, len: usize) {
+        let p = payload(key, len);
+        put(self.f, &mut self.tree, key, &p);
+        self.model.insert(key, p);
+    }
+
+    fn del(&mut self, key: u64) {
+        let r = self.reader();
+        let mut tx = self.f.journal.begin();
+        let got = remove(&mut tx, &r, &self.f.alloc, &mut self.tree, key).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(got, self.model.remove(&key), "remove({key:#x})");
+    }
+
+    fn root(&self) -> Node {
+        self.reader()
+            .read_node(&self.tree, self.tree.root, None)
+            .unwrap()
+    }
+
+    fn level(&self) -> u16 {
+        self.root().level
+    }
+
+    fn root_entries(&self) -> Vec<(u64, u64)> {
+        match self.root().body {
+            Body::Internal(e) => e,
+            Body::Leaf { .. } => Vec::new(),
+        }
+    }
+
+    /// Removes every key outside `[lo, hi)`.
+    fn keep_only(&mut self, lo: u64, hi: u64) {
+        let gone: Vec<u64> = self
+            .model
+            .keys()
+            .copied()
+            .filter(|k| *k < lo || *k >= hi)
+            .collect();
+        for k in gone {
+            self.del(k);
+        }
+    }
+
+    /// get, floor and scan agree with the model for every key in it, and for the keys just
+    /// around each; the full scan is strictly ascending and complete.
+    fn assert_agrees(&self, what: &str) {
+        let r = self.reader();
+        let mut all: Vec<u64> = Vec::with_capacity(self.model.len());
+        r.scan(&self.tree, 0, &mut |k, p| {
+            assert_eq!(
+                Some(p),
+                self.model.get(&k).map(Vec::as_slice),
+                "{what}: scan payload of {k:#x}"
+            );
+            all.push(k);
+            true
+        })
+        .unwrap();
+        assert!(
+            all.windows(2).all(|w| w[0] < w[1]),
+            "{what}: scan is not strictly ascending"
+        );
+        let want: Vec<u64> = self.model.keys().copied().collect();
+        if all != want {
+            let missing = want
+                .iter()
+                .filter(|k| all.binary_search(k).is_err())
+                .count();
+            panic!(
+                "{what}: scan returned {} keys, the model has {} ({missing} missing)",
+                all.len(),
+                want.len()
+            );
+        }
+        let mut invisible = Vec::new();
+        for (&k, v) in &self.model {
+            if r.get(&self.tree, k).unwrap().as_ref() != Some(v) {
+                invisible.push(k);
+            }
+        }
+        assert!(
+            invisible.is_empty(),
+            "{what}: {} of {} keys invisible to get, first {:#x?}",
+            invisible.len(),
+            self.model.len(),
+            &invisible[..invisible.len().min(4)]
+        );
+        for &k in self.model.keys() {
+            for probe in [k.saturating_sub(1), k, k.saturating_add(1)] {
+                let got = r.floor(&self.tree, probe).unwrap();
+                let want = self
+                    .model
+                    .range(..=probe)
+                    .next_back()
+                    .map(|(k, v)| (*k, v.clone()));
+                assert_eq!(got, want, "{what}: floor({probe:#x})");
+            }
+            let mut first = None;
+            r.scan(&self.tree, k.saturating_add(1), &mut |k, _| {
+                first = Some(k);
+                false
+            })
+            .unwrap();
+            assert_eq!(
+                first,
+                self.model
+                    .range(k.saturating_add(1)..)
+                    .next()
+                    .map(|(k, _)| *k),
+                "{what}: scan from {:#x}",
+                k + 1
+            );
+        }
+    }
+
+    /// Inserts `keys`, checking every 50 inserts that each key inserted so far is visible,
+    /// so a lost key is reported before a later insert trips over the damage.
+    fn put_visibly(&mut self, keys: &[u64], len: usize, what: &str) {
+        let r = self.reader();
+        for (n, &k) in keys.iter().enumerate() {
+            self.put(k, len);
+            if n % 50 == 49 {
+                let lost = keys[..=n]
+                    .iter()
+                    .filter(|k| r.get(&self.tree, **k).unwrap().is_none())
+                    .count();
+                assert_eq!(lost, 0, "{what}: after {} inserts, {lost} invisible", n + 1);
+            }
+        }
+    }
+
+    /// Inserts `n` keys below the smallest key, `n` above the largest and `n` between
+    /// neighbours, checking after each batch.
+    fn refill(&mut self, n: u64, len: usize, what: &str) {
+        let min = *self.model.keys().next().unwrap();
+        let max = *self.model.keys().next_back().unwrap();
+        assert!(min >= n * 16, "{what}: no room below the minimum");
+        let below: Vec<u64> = (0..n).map(|i| min - (i + 1) * 16).collect();
+        self.put_visibly(&below, len, &format!("{what}: below"));
+        self.assert_agrees(&format!("{what}: refilled below"));
+        let above: Vec<u64> = (0..n).map(|i| max + (i + 1) * 16).collect();
+        self.put_visibly(&above, len, &format!("{what}: above"));
+        self.assert_agrees(&format!("{what}: refilled above"));
+        let keys: Vec<u64> = self.model.keys().copied().collect();
+        let mut added = 0;
+        for w in keys.windows(2) {
+            if added == n {
+                break;
+            }
+            if w[1] - w[0] >= 2 {
+                self.put(w[0] + (w[1] - w[0]) / 2, len);
+                added += 1;
+            }
+        }
+        self.assert_agrees(&format!("{what}: refilled between"));
+    }
+}
+
+/// A pseudo-random key in `[2^40, 2^41)`, spread so there is room between keys.
+fn spread_key(i: u64) -> u64 {
+    (1 << 40) | ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 24) & !0xfff)
+}
+
+/// Random keys with payloads of 200..512 bytes until the root is at `level` with at least
+/// `children` children.
+fn grow_random(m: &mut Modelled<'_>, level: u16, children: usize) {
+    let mut i = 0u64;
+    while m.tree.root == 0 || m.level() < level || m.root_entries().len() < children {
+        let key = spread_key(i);
+        m.put(key, 200 + (i as usize * 37) % 313);
+        i += 1;
+    }
+}
+
+#[test]
+fn three_levels_drained_to_the_last_root_child_and_refilled() {
+    let f = fixture();
+    let mut m = Modelled::new(&f, TreeKind::Directory, 11);
+    grow_random(&mut m, 2, 3);
+    m.assert_agrees("grown");
+    // Everything below the root's last separator goes: the root collapses into its last
+    // child, an internal node that came from a split.
+    let last = m.root_entries().last().unwrap().0;
+    m.keep_only(last, u64::MAX);
+    assert!(m.level() >= 1, "the collapsed root is internal");
+    m.assert_agrees("drained");
+    m.refill(2000, 40, "three levels, last child");
+}
+
+#[test]
+fn three_levels_drained_to_a_middle_subtree_and_refilled() {
+    let f = fixture();
+    let mut m = Modelled::new(&f, TreeKind::Directory, 12);
+    grow_random(&mut m, 2, 4);
+    let e = m.root_entries();
+    let (lo, hi) = (e[1].0, e[2].0);
+    m.keep_only(lo, hi);
+    assert!(m.level() >= 1, "the collapsed root is internal");
+    m.assert_agrees("drained");
+    m.refill(2000, 40, "three levels, middle child");
+}
+
+#[test]
+fn three_levels_first_root_child_removed_and_refilled() {
+    // No collapse: the root keeps several children, but its new first child is an internal
+    // node whose entry 0 holds the separator of the child that went.
+    let f = fixture();
+    let mut m = Modelled::new(&f, TreeKind::Extents, 13);
+    grow_random(&mut m, 2, 4);
+    let first_sep = m.root_entries()[1].0;
+    m.keep_only(first_sep, u64::MAX);
+    assert_eq!(m.level(), 2, "the root still has several children");
+    m.assert_agrees("drained");
+    m.refill(2000, 40, "three levels, first child removed");
+}
+
+#[test]
+fn four_levels_drained_and_refilled() {
+    // A root at level 3 takes at least 255 × 127 leaves: ascending 512-byte records fill
+    // leaves (four records each) and internal nodes (127 entries) least.
+    let f = fixture_of(192 << 20);
+    let mut m = Modelled::new(&f, TreeKind::Directory, 14);
+    let mut key = 1u64 << 32;
+    while m.tree.root == 0 || m.level() < 3 {
+        m.put(key, MAX_PAYLOAD);
+        key += 1 << 12;
+    }
+    let last = m.root_entries().last().unwrap().0;
+    m.keep_only(last, u64::MAX);
+    assert_eq!(m.level(), 2, "the root collapsed into its last child");
+    // Then drain to a middle subtree of the new root.
+    let e = m.root_entries();
+    let mid = e.len() / 2;
+    m.keep_only(e[mid].0, e[mid + 1].0);
+    assert!(m.level() >= 1);
+    m.assert_agrees("drained");
+    m.refill(2000, 100, "four levels");
+}
+
+#[test]
+fn bulk_built_tree_takes_inserts_below_its_minimum() {
+    let f = fixture();
+    let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
+    let records: Vec<(u64, Vec<u8>)> = (0..30_000u64)
+        .map(|i| {
+            let k = 1_000_000 + i * 64;
+            (k, payload(k, 100))
+        })
+        .collect();
+    let mut tx = f.journal.begin();
+    let built = crate::repair::tree::build(TreeKind::Directory, 15, &records, &mut || {
+        f.alloc.alloc_node(&mut tx, 15)
+    })
+    .unwrap();
+    tx.commit().unwrap();
+    for (block, image) in &built.nodes {
+        f.dev.write(blocks_to_bytes(*block), image).unwrap();
+    }
+    let mut m = Modelled::new(&f, TreeKind::Directory, 15);
+    m.tree.root = built.root;
+    m.model = records.into_iter().collect();
+    assert!(
+        r.read_node(&m.tree, m.tree.root, None).unwrap().level >= 2,
+        "a three-level tree"
+    );
+    m.assert_agrees("built");
+    for i in 0..2000u64 {
+        m.put(1_000_000 - (i + 1) * 16, 60);
+    }
+    m.assert_agrees("2,000 inserts below the minimum");
+    check(&f, &m.tree, &m.model);
+}

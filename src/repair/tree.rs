@@ -185,14 +185,14 @@ fn node_image(kind: TreeKind, owner: u64, level: u16, count: usize, body: &[u8])
 
 /// A freshly built tree: its root and the node images to write at their blocks.
 #[derive(Debug, Default)]
-pub(super) struct Built {
+pub(crate) struct Built {
     pub root: u64,
     pub nodes: Vec<(u64, Vec<u8>)>,
 }
 
 /// Builds a tree bottom-up from records sorted by strictly increasing key. `alloc` hands out
 /// blocks for the nodes.
-pub(super) fn build(
+pub(crate) fn build(
     kind: TreeKind,
     owner: u64,
     records: &[(u64, Vec<u8>)],
