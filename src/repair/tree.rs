@@ -191,7 +191,7 @@ pub(crate) struct Built {
 }
 
 /// Builds a tree bottom-up from records sorted by strictly increasing key. `alloc` hands out
-/// blocks for the nodes.
+/// blocks for the nodes. The tree satisfies the separator invariant of `btree`.
 pub(crate) fn build(
     kind: TreeKind,
     owner: u64,
@@ -232,10 +232,16 @@ pub(crate) fn build(
     out.nodes
         .push((block, node_image(kind, owner, 0, count, &body)));
     level_nodes.push((first_key, block));
-    // Internal levels.
+    // Internal levels. Each node is keyed in its parent by its first key, which is also its
+    // own entry 0, except on the leftmost spine: the tree covers every key, so the first
+    // node of each level is keyed 0 (the separator invariant, btree's module docs). Keyed by
+    // the minimum instead, keys inserted below it later would misplace a split.
     let mut level = 0u16;
     while level_nodes.len() > 1 {
         level += 1;
+        if let Some(first) = level_nodes.first_mut() {
+            first.0 = 0;
+        }
         if level > MAX_TREE_LEVEL {
             return Err(Error::corrupted("tree", owner, "too deep"));
         }
