@@ -40,6 +40,7 @@ use crate::format::{
     blocks_to_bytes, check_node,
 };
 use crate::journal::Tx;
+use std::collections::HashSet;
 use zerocopy::{FromBytes, IntoBytes};
 
 const HEADER: usize = size_of::<NodeHeader>();
@@ -448,32 +449,89 @@ impl<'a> TreeReader<'a> {
         }
     }
 
-    /// Calls `f(block, level)` for every node of the tree (for freeing and for fsck).
+    /// Calls `f(block, level)` for every node of the tree, parents before children, children
+    /// in key order (for freeing). Each node is validated as it is read and none may be
+    /// reached twice; key ranges are not checked (see [`TreeReader::validate`]), so a tree
+    /// written before the separator invariant was enforced can still be freed.
     pub fn for_each_node(
         &self,
         tree: &Tree,
         f: &mut dyn FnMut(u64, u16) -> Result<()>,
     ) -> Result<()> {
-        fn walk(
-            r: &TreeReader<'_>,
-            tree: &Tree,
-            block: u64,
-            level: Option<u16>,
-            f: &mut dyn FnMut(u64, u16) -> Result<()>,
-        ) -> Result<()> {
-            let mut buf = [0u8; BLOCK];
-            let v = r.view(tree, block, level, &mut buf)?;
+        self.walk(tree, false, f)
+    }
+
+    /// Like [`TreeReader::for_each_node`], and checks the separator invariant of the module
+    /// docs on every node: entry 0 keyed exactly the node's lower bound (0 on the leftmost
+    /// spine), every entry and leaf key inside the node's range `[lo, hi)`. The first
+    /// violation is returned as a `Corrupted` error naming the node; `f` has been called for
+    /// every node read until then. For fsck.
+    pub fn validate(&self, tree: &Tree, f: &mut dyn FnMut(u64, u16) -> Result<()>) -> Result<()> {
+        self.walk(tree, true, f)
+    }
+
+    /// The one tree walker. Bounded: every node is read once (a block reached twice is an
+    /// error), levels decrease at every step, and blocks lie in the data area.
+    fn walk(
+        &self,
+        tree: &Tree,
+        ranges: bool,
+        f: &mut dyn FnMut(u64, u16) -> Result<()>,
+    ) -> Result<()> {
+        if tree.root == 0 {
+            return Ok(());
+        }
+        let mut seen: HashSet<u64> = HashSet::new();
+        // (block, expected level, lo, hi); hi = None is 2^64.
+        let mut stack: Vec<(u64, Option<u16>, u64, Option<u64>)> = vec![(tree.root, None, 0, None)];
+        let mut buf = [0u8; BLOCK];
+        let below = |k: u64, hi: Option<u64>| hi.is_none_or(|h| k < h);
+        while let Some((block, level, lo, hi)) = stack.pop() {
+            if !seen.insert(block) {
+                return Err(self.corrupt(tree, format!("node {block} reached twice")));
+            }
+            let v = self.view(tree, block, level, &mut buf)?;
             f(block, v.level)?;
-            if !v.is_leaf() {
-                let (entries, child_level) = (v.entries(), v.level - 1);
-                for (_, child) in entries {
-                    walk(r, tree, child, Some(child_level), f)?;
+            let out_of_range = |what: &str, k: u64| {
+                let hi = hi.map_or_else(|| "2^64".to_string(), |h| format!("{h:#x}"));
+                self.corrupt(
+                    tree,
+                    format!("node {block}: {what} {k:#x} outside its range [{lo:#x}, {hi})"),
+                )
+            };
+            if v.is_leaf() {
+                if ranges {
+                    if let Some((k, _)) = v.records().find(|r| r.0 < lo || !below(r.0, hi)) {
+                        return Err(out_of_range("key", k));
+                    }
+                }
+                continue;
+            }
+            if ranges {
+                let first = v.entry(0).0;
+                if first != lo {
+                    return Err(self.corrupt(
+                        tree,
+                        format!(
+                            "node {block}: entry 0 keyed {first:#x}, not the node's lower bound {lo:#x}"
+                        ),
+                    ));
+                }
+                let last = v.entry(v.count - 1).0;
+                if !below(last, hi) {
+                    return Err(out_of_range("separator", last));
                 }
             }
-            Ok(())
-        }
-        if tree.root != 0 {
-            walk(self, tree, tree.root, None, f)?;
+            let child_level = Some(v.level - 1);
+            for i in (0..v.count).rev() {
+                let (k, child) = v.entry(i);
+                let child_hi = if i + 1 < v.count {
+                    Some(v.entry(i + 1).0)
+                } else {
+                    hi
+                };
+                stack.push((child, child_level, k, child_hi));
+            }
         }
         Ok(())
     }

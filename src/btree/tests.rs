@@ -116,9 +116,9 @@ fn check(f: &Fixture, tree: &Tree, model: &BTreeMap<u64, Vec<u8>>) {
             "scan from {probe}"
         );
     }
-    // Every node is reachable and owned by a live block.
+    // Every node is reachable and owned by a live block, and the separator invariant holds.
     let mut nodes = 0;
-    r.for_each_node(tree, &mut |b, _| {
+    r.validate(tree, &mut |b, _| {
         assert!(f.alloc.live.lock().contains(&b));
         nodes += 1;
         Ok(())
@@ -392,6 +392,9 @@ impl<'f> Modelled<'f> {
     /// around each; the full scan is strictly ascending and complete.
     fn assert_agrees(&self, what: &str) {
         let r = self.reader();
+        if let Err(e) = r.validate(&self.tree, &mut |_, _| Ok(())) {
+            panic!("{what}: {e}");
+        }
         let mut all: Vec<u64> = Vec::with_capacity(self.model.len());
         r.scan(&self.tree, 0, &mut |k, p| {
             assert_eq!(
@@ -616,4 +619,94 @@ fn bulk_built_tree_takes_inserts_below_its_minimum() {
     }
     m.assert_agrees("2,000 inserts below the minimum");
     check(&f, &m.tree, &m.model);
+}
+
+#[test]
+fn check_reports_a_misplaced_separator() {
+    use crate::check::ProblemKind;
+    use crate::fs::{Ctx, Fs, MountOptions};
+    let dev = Arc::new(RecordingDevice::new(64 << 20));
+    crate::mkfs::format(dev.as_ref(), &crate::mkfs::MkfsOptions::default()).unwrap();
+    let media: Arc<dyn Media> = dev.clone();
+    let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
+    let d = fs
+        .mkdir(&Ctx::ROOT, crate::format::ROOT_INO, b"d", 0o755)
+        .unwrap();
+    for i in 0..1500 {
+        fs.mknod(
+            &Ctx::ROOT,
+            d.ino,
+            format!("entry-{i:05}").as_bytes(),
+            0o100644,
+            0,
+        )
+        .unwrap();
+    }
+    let tree = Tree {
+        kind: TreeKind::Directory,
+        owner: d.ino,
+        root: fs.inode(d.ino).unwrap().tree_root,
+    };
+    let geometry = *fs.geometry();
+    fs.shutdown().unwrap();
+    drop(fs);
+    let clean = crate::check::check(&media).unwrap();
+    assert!(clean.problems.is_empty(), "{:#?}", clean.problems);
+
+    let r = TreeReader::new(dev.as_ref(), &geometry);
+    let root = r.read_node(&tree, tree.root, None).unwrap();
+    let Body::Internal(entries) = root.body else {
+        panic!("a directory of 1,500 entries has an internal root");
+    };
+    assert!(entries.len() >= 3);
+    let first_key_of = |block: u64| {
+        let mut first = None;
+        r.scan(
+            &Tree {
+                root: block,
+                ..tree
+            },
+            0,
+            &mut |k, _| {
+                first = Some(k);
+                false
+            },
+        )
+        .unwrap();
+        first.unwrap()
+    };
+    let entry_at = |i: usize| blocks_to_bytes(tree.root) + (HEADER + i * INTERNAL_ENTRY) as u64;
+    let pristine = {
+        let mut b = vec![0u8; BLOCK];
+        dev.read(blocks_to_bytes(tree.root), &mut b).unwrap();
+        b
+    };
+    let flagged = |what: &str| {
+        let report = crate::check::check(&media).unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::BadTree(d.ino)),
+            "{what}: not reported; problems: {:#?}",
+            report.problems
+        );
+        dev.write(blocks_to_bytes(tree.root), &pristine).unwrap();
+        assert!(crate::check::check(&media).unwrap().problems.is_empty());
+    };
+    // Raise entry 1's key above the first key of its child, still below entry 2's: the node
+    // stays ordered, but child 1 holds a key below its separator.
+    let raised = first_key_of(entries[1].1) + 1;
+    assert!(raised < entries[2].0);
+    dev.write(entry_at(1), &raised.to_le_bytes()).unwrap();
+    flagged("separator raised above its child's first key");
+    // Swap the children of entries 1 and 2: keys in order, subtrees in the wrong ranges.
+    dev.write(entry_at(1) + 8, &entries[2].1.to_le_bytes())
+        .unwrap();
+    dev.write(entry_at(2) + 8, &entries[1].1.to_le_bytes())
+        .unwrap();
+    flagged("children swapped");
+    // Entry 0 of the root keyed by a real key: the leftmost spine must be keyed 0.
+    dev.write(entry_at(0), &1u64.to_le_bytes()).unwrap();
+    flagged("root entry 0 keyed 1");
 }
