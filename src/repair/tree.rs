@@ -4,8 +4,12 @@
 //! The walk never trusts a node: each block must lie in the data area, be claimed by no other
 //! object, be visited once, decode (header, bounds, key order) and sit exactly one level
 //! below its parent; anything else drops that node's subtree and marks the tree damaged.
+//! Records of nodes that decode are all kept (sorted, the first of equal keys winning), and a
+//! tree that breaks the separator invariant (`btree::TreeReader::validate`) is damaged too,
+//! so fsck rebuilds what its check reports.
 
 use super::bits::Bits;
+use crate::btree::{Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -153,13 +157,14 @@ pub(super) fn walk(
         w.nodes.push(block);
         match body {
             Body::Leaf(recs) => {
-                for (k, p) in recs {
-                    if w.records.last().is_some_and(|(prev, _)| *prev >= k) {
+                if let (Some((prev, _)), Some((k, _))) = (w.records.last(), recs.first()) {
+                    if *prev >= *k {
                         w.damaged(format!("node {block}: key {k:#x} out of order"));
-                        continue;
                     }
-                    w.records.push((k, p));
                 }
+                // Kept even when out of order: a misplaced separator leaves whole leaves in
+                // the wrong place, and their records are still this tree's. Sorted below.
+                w.records.extend(recs);
             }
             Body::Internal(entries) => {
                 for &(_, child) in entries.iter().rev() {
@@ -167,6 +172,17 @@ pub(super) fn walk(
                 }
             }
         }
+    }
+    if w.damage.is_some() {
+        // Key order across leaves, first copy of a key wins.
+        w.records.sort_by_key(|(k, _)| *k);
+        w.records.dedup_by_key(|(k, _)| *k);
+    } else if let Err(e) =
+        TreeReader::new(media, g).validate(&Tree { kind, owner, root }, &mut |_, _| Ok(()))
+    {
+        // Every node decoded and the records are in order, but the separator invariant may
+        // still be broken (a tree written by an older version): rebuild it.
+        w.damaged(e.to_string());
     }
     Ok(w)
 }
