@@ -1,10 +1,24 @@
 //! B+trees of one-block nodes on the device: the per-file extent maps and the directories.
 //!
-//! Keys are `u64`; leaf records carry a variable-length payload. An internal entry holds a
-//! lower bound of every key in its child's subtree, and the entries of a node are strictly
-//! increasing: a key is routed to the last entry whose key is <= it. The leftmost entry of
-//! every level is keyed 0, so every key has a child; a split inserts the new right sibling,
-//! keyed by its first key, right after the child that split.
+//! Keys are `u64`; leaf records carry a variable-length payload. A key is routed to the last
+//! entry of an internal node whose key is <= it (or to entry 0).
+//!
+//! **The separator invariant** (docs/FORMAT.md states the same; [`TreeReader::validate`]
+//! checks it). Every node covers a key range `[lo, hi)`: the root covers `[0, 2^64)`, and
+//! child `k` of a node with entry keys `e_0 < e_1 < … < e_{n-1}` covers `[e_k, e_{k+1})`
+//! (`e_n` being the node's own `hi`). Then:
+//! - entry 0 of every internal node is keyed exactly the node's `lo`: 0 for the root and,
+//!   recursively, for entry 0 of child 0 (the leftmost spine); the parent's key for it
+//!   everywhere else;
+//! - every entry key, and every leaf key, lies in the node's `[lo, hi)`, strictly increasing.
+//!
+//! Every writer keeps it: a split places its new right sibling, keyed by the sibling's first
+//! key, at the index of the child that split + 1 (taken from the descent path, not searched
+//! by key); removing a node's first child keeps the old first key in entry 0 and rekeys the
+//! new first child's leftmost spine to it; a collapsing root's promoted child is rekeyed to
+//! 0 down its leftmost spine; fsck's bulk builder keys the leftmost spine 0. Trees written
+//! before this was enforced may hold a larger key in entry 0; an insert descending through
+//! such a node lowers it to the node's `lo` (written in the same transaction).
 //!
 //! Reads (lookups, `floor` on every data request, scans) copy one node at a time into a
 //! stack buffer and work on a validated view of it: no allocation per node or record, and no
@@ -26,6 +40,7 @@ use crate::format::{
     blocks_to_bytes, check_node,
 };
 use crate::journal::Tx;
+use std::collections::HashSet;
 use zerocopy::{FromBytes, IntoBytes};
 
 const HEADER: usize = size_of::<NodeHeader>();
@@ -434,32 +449,89 @@ impl<'a> TreeReader<'a> {
         }
     }
 
-    /// Calls `f(block, level)` for every node of the tree (for freeing and for fsck).
+    /// Calls `f(block, level)` for every node of the tree, parents before children, children
+    /// in key order (for freeing). Each node is validated as it is read and none may be
+    /// reached twice; key ranges are not checked (see [`TreeReader::validate`]), so a tree
+    /// written before the separator invariant was enforced can still be freed.
     pub fn for_each_node(
         &self,
         tree: &Tree,
         f: &mut dyn FnMut(u64, u16) -> Result<()>,
     ) -> Result<()> {
-        fn walk(
-            r: &TreeReader<'_>,
-            tree: &Tree,
-            block: u64,
-            level: Option<u16>,
-            f: &mut dyn FnMut(u64, u16) -> Result<()>,
-        ) -> Result<()> {
-            let mut buf = [0u8; BLOCK];
-            let v = r.view(tree, block, level, &mut buf)?;
+        self.walk(tree, false, f)
+    }
+
+    /// Like [`TreeReader::for_each_node`], and checks the separator invariant of the module
+    /// docs on every node: entry 0 keyed exactly the node's lower bound (0 on the leftmost
+    /// spine), every entry and leaf key inside the node's range `[lo, hi)`. The first
+    /// violation is returned as a `Corrupted` error naming the node; `f` has been called for
+    /// every node read until then. For fsck.
+    pub fn validate(&self, tree: &Tree, f: &mut dyn FnMut(u64, u16) -> Result<()>) -> Result<()> {
+        self.walk(tree, true, f)
+    }
+
+    /// The one tree walker. Bounded: every node is read once (a block reached twice is an
+    /// error), levels decrease at every step, and blocks lie in the data area.
+    fn walk(
+        &self,
+        tree: &Tree,
+        ranges: bool,
+        f: &mut dyn FnMut(u64, u16) -> Result<()>,
+    ) -> Result<()> {
+        if tree.root == 0 {
+            return Ok(());
+        }
+        let mut seen: HashSet<u64> = HashSet::new();
+        // (block, expected level, lo, hi); hi = None is 2^64.
+        let mut stack: Vec<(u64, Option<u16>, u64, Option<u64>)> = vec![(tree.root, None, 0, None)];
+        let mut buf = [0u8; BLOCK];
+        let below = |k: u64, hi: Option<u64>| hi.is_none_or(|h| k < h);
+        while let Some((block, level, lo, hi)) = stack.pop() {
+            if !seen.insert(block) {
+                return Err(self.corrupt(tree, format!("node {block} reached twice")));
+            }
+            let v = self.view(tree, block, level, &mut buf)?;
             f(block, v.level)?;
-            if !v.is_leaf() {
-                let (entries, child_level) = (v.entries(), v.level - 1);
-                for (_, child) in entries {
-                    walk(r, tree, child, Some(child_level), f)?;
+            let out_of_range = |what: &str, k: u64| {
+                let hi = hi.map_or_else(|| "2^64".to_string(), |h| format!("{h:#x}"));
+                self.corrupt(
+                    tree,
+                    format!("node {block}: {what} {k:#x} outside its range [{lo:#x}, {hi})"),
+                )
+            };
+            if v.is_leaf() {
+                if ranges {
+                    if let Some((k, _)) = v.records().find(|r| r.0 < lo || !below(r.0, hi)) {
+                        return Err(out_of_range("key", k));
+                    }
+                }
+                continue;
+            }
+            if ranges {
+                let first = v.entry(0).0;
+                if first != lo {
+                    return Err(self.corrupt(
+                        tree,
+                        format!(
+                            "node {block}: entry 0 keyed {first:#x}, not the node's lower bound {lo:#x}"
+                        ),
+                    ));
+                }
+                let last = v.entry(v.count - 1).0;
+                if !below(last, hi) {
+                    return Err(out_of_range("separator", last));
                 }
             }
-            Ok(())
-        }
-        if tree.root != 0 {
-            walk(self, tree, tree.root, None, f)?;
+            let child_level = Some(v.level - 1);
+            for i in (0..v.count).rev() {
+                let (k, child) = v.entry(i);
+                let child_hi = if i + 1 < v.count {
+                    Some(v.entry(i + 1).0)
+                } else {
+                    hi
+                };
+                stack.push((child, child_level, k, child_hi));
+            }
         }
         Ok(())
     }
@@ -542,23 +614,93 @@ fn split(node: &mut Node) -> Node {
     }
 }
 
-/// The internal nodes on the way from the root to the leaf for `key` (block, node, index of
-/// the child taken), then the leaf's block and node. The tree must not be empty.
-type Path = Vec<(u64, Node, usize)>;
+/// One internal node on the way from the root to a leaf.
+struct Step {
+    block: u64,
+    node: Node,
+    /// Index of the child taken.
+    index: usize,
+    /// Entry 0 was rekeyed to the node's lower bound: the node must be written back.
+    rekeyed: bool,
+}
 
+/// The internal nodes on the way from the root to the leaf for `key`, then the leaf's block
+/// and node. The tree must not be empty.
+type Path = Vec<Step>;
+
+/// Sets entry 0 of an internal node to `lo`, the lower bound of the node's range, if it
+/// differs (a tree written before the separator invariant was enforced). Returns whether it
+/// changed; refuses when `lo` is not below entry 1 (the parent and the node disagree).
+fn rekey_first(tree: &Tree, entries: &mut [(u64, u64)], lo: u64) -> Result<bool> {
+    let Some(first) = entries.first().map(|e| e.0) else {
+        return Ok(false);
+    };
+    if first == lo {
+        return Ok(false);
+    }
+    if entries.get(1).is_some_and(|e| e.0 <= lo) {
+        return Err(Error::corrupted(
+            "tree node",
+            tree.owner,
+            format!(
+                "entry 1 keyed {:#x}, not above the node's lower bound {lo:#x}",
+                entries[1].0
+            ),
+        ));
+    }
+    entries[0].0 = lo;
+    Ok(true)
+}
+
+/// Descends to the leaf for `key`, rekeying entry 0 of every node on the way to the node's
+/// lower bound (see the module docs) so a split below it places its separator in order.
 fn descend(r: &TreeReader<'_>, tree: &Tree, key: u64) -> Result<(Path, u64, Node)> {
     let mut path = Path::new();
     let mut block = tree.root;
+    let mut lo = 0;
     let mut node = r.read_node(tree, block, None)?;
-    while let Body::Internal(entries) = &node.body {
-        let i = route(entries, key);
-        let child = entries[i].1;
+    while let Body::Internal(entries) = &mut node.body {
+        let rekeyed = rekey_first(tree, entries, lo)?;
+        let index = route(entries, key);
+        let (child_lo, child) = entries[index];
         let level = node.level;
-        path.push((block, node, i));
+        path.push(Step {
+            block,
+            node,
+            index,
+            rekeyed,
+        });
         block = child;
+        lo = child_lo;
         node = r.read_node(tree, block, Some(level - 1))?;
     }
     Ok((path, block, node))
+}
+
+/// Rekeys entry 0 of the internal node at `block` and, down the leftmost spine below it, of
+/// every internal node, to `lo`: the node's range now starts at `lo`. Stops at the first node
+/// already keyed `lo` (the invariant holds below it) or at a leaf.
+fn rekey_left_spine(
+    tx: &mut Tx<'_>,
+    r: &TreeReader<'_>,
+    tree: &Tree,
+    mut block: u64,
+    mut level: Option<u16>,
+    lo: u64,
+) -> Result<()> {
+    loop {
+        let mut node = r.read_node(tree, block, level)?;
+        let Body::Internal(entries) = &mut node.body else {
+            return Ok(());
+        };
+        if !rekey_first(tree, entries, lo)? {
+            return Ok(());
+        }
+        let child = entries[0].1;
+        write_node(tx, tree, block, &node, false)?;
+        block = child;
+        level = Some(node.level - 1);
+    }
 }
 
 /// Inserts or replaces `key`. Updates `tree.root` when the root changes.
@@ -602,18 +744,34 @@ pub fn insert(
         }
     }
     // Write back, splitting upwards while a node overflows.
-    let mut pending: Option<(u64, u64)> = None; // (separator key, new right block) for the parent
+    // (separator key, new right block, index of the child that split) for the parent.
+    let mut pending: Option<(u64, u64, usize)> = None;
     loop {
-        if let Some((sep, right_block)) = pending.take() {
+        if let Some((sep, right_block, split_at)) = pending.take() {
             if let Body::Internal(entries) = &mut node.body {
-                let i = entries.partition_point(|e| e.0 <= sep);
-                entries.insert(i, (sep, right_block));
+                // The new sibling goes right after the child that split: the path says which
+                // one. Searching by key instead would put it elsewhere whenever an entry key
+                // is not a lower bound of its subtree. The separator must fall strictly
+                // between the neighbours' keys, or the node would be written out of order.
+                let ordered = entries.get(split_at).is_some_and(|e| e.0 < sep)
+                    && entries.get(split_at + 1).is_none_or(|e| sep < e.0);
+                if !ordered {
+                    return Err(Error::corrupted(
+                        "tree node",
+                        tree.owner,
+                        format!("separator {sep:#x} outside the range of child {split_at}"),
+                    ));
+                }
+                entries.insert(split_at + 1, (sep, right_block));
             }
         }
         if node.encoded_len() <= CAPACITY {
             write_node(tx, tree, block, &node, false)?;
-            // Keep the parent's separator for this child exact when its first key dropped
-            // below it (only matters for entry 0, which routing ignores): nothing to do.
+            // The nodes above took no separator, but one whose entry 0 the descent rekeyed
+            // must be written too.
+            for step in path.iter().filter(|s| s.rekeyed) {
+                write_node(tx, tree, step.block, &step.node, false)?;
+            }
             return Ok(());
         }
         let right = split(&mut node);
@@ -624,18 +782,17 @@ pub fn insert(
             .first_key()
             .ok_or_else(|| Error::corrupted("tree node", tree.owner, "empty split"))?;
         match path.pop() {
-            Some((pblock, pnode, _)) => {
-                pending = Some((sep, right_block));
-                block = pblock;
-                node = pnode;
+            Some(step) => {
+                pending = Some((sep, right_block, step.index));
+                block = step.block;
+                node = step.node;
             }
             None => {
                 if node.level >= MAX_TREE_LEVEL {
                     return Err(Error::NoSpace);
                 }
-                // The leftmost child of every level is keyed 0: it must take any key
-                // smaller than all others, so its key may never be a real minimum that a
-                // later, smaller key would undercut.
+                // The new root covers every key: its entry 0 is keyed 0 (the old root's
+                // entry 0, if internal, already is: the descent rekeyed it to its `lo`, 0).
                 let left_key = 0;
                 let new_root = Node {
                     level: node.level + 1,
@@ -675,27 +832,31 @@ pub fn remove(
         },
         Body::Internal(_) => return Ok(None),
     };
-    // Free emptied nodes upwards.
+    // Free emptied nodes upwards. `first_gone` is set when the last node changed lost its
+    // first child: its new first child then covers a wider range than before.
+    let mut first_gone = false;
     loop {
         if node.len() > 0 || path.is_empty() {
             break;
         }
         alloc.free_node(tx, tree.owner, block)?;
-        let Some((pblock, mut pnode, i)) = path.pop() else {
+        let Some(step) = path.pop() else {
             break;
         };
+        let (i, mut pnode) = (step.index, step.node);
         if let Body::Internal(entries) = &mut pnode.body {
             let (removed_key, _) = entries.remove(i);
             // Entry 0's key is the lower bound of the whole node's range: keep it when the
             // first child goes, or keys below the new first key would route to a child
             // whose key is larger than they are.
-            if i == 0 {
+            first_gone = i == 0;
+            if first_gone {
                 if let Some(first) = entries.first_mut() {
                     first.0 = removed_key;
                 }
             }
         }
-        block = pblock;
+        block = step.block;
         node = pnode;
     }
     if node.len() == 0 {
@@ -705,7 +866,15 @@ pub fn remove(
         return Ok(Some(removed));
     }
     write_node(tx, tree, block, &node, false)?;
+    if let (true, Body::Internal(entries)) = (first_gone, &node.body) {
+        // The new first child's range now starts at this node's lower bound; if it is an
+        // internal node, its entry 0 (and its leftmost spine's) still holds its old key.
+        if let Some(&(lo, child)) = entries.first() {
+            rekey_left_spine(tx, r, tree, child, Some(node.level - 1), lo)?;
+        }
+    }
     // Collapse a root with a single child.
+    let old_root = tree.root;
     loop {
         let root = r.read_node(tree, tree.root, None)?;
         match root.body {
@@ -715,6 +884,10 @@ pub fn remove(
             }
             _ => break,
         }
+    }
+    if tree.root != old_root {
+        // The promoted child covers every key now: its leftmost spine is keyed 0.
+        rekey_left_spine(tx, r, tree, tree.root, None, 0)?;
     }
     Ok(Some(removed))
 }

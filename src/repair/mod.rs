@@ -24,7 +24,7 @@ mod bits;
 mod cow;
 mod low;
 mod rebuild;
-mod tree;
+pub(crate) mod tree;
 
 pub use cow::CowMedia;
 pub use rebuild::LOST_FOUND;

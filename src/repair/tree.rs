@@ -4,8 +4,12 @@
 //! The walk never trusts a node: each block must lie in the data area, be claimed by no other
 //! object, be visited once, decode (header, bounds, key order) and sit exactly one level
 //! below its parent; anything else drops that node's subtree and marks the tree damaged.
+//! Records of nodes that decode are all kept (sorted, the first of equal keys winning), and a
+//! tree that breaks the separator invariant (`btree::TreeReader::validate`) is damaged too,
+//! so fsck rebuilds what its check reports.
 
 use super::bits::Bits;
+use crate::btree::{Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -153,13 +157,14 @@ pub(super) fn walk(
         w.nodes.push(block);
         match body {
             Body::Leaf(recs) => {
-                for (k, p) in recs {
-                    if w.records.last().is_some_and(|(prev, _)| *prev >= k) {
+                if let (Some((prev, _)), Some((k, _))) = (w.records.last(), recs.first()) {
+                    if *prev >= *k {
                         w.damaged(format!("node {block}: key {k:#x} out of order"));
-                        continue;
                     }
-                    w.records.push((k, p));
                 }
+                // Kept even when out of order: a misplaced separator leaves whole leaves in
+                // the wrong place, and their records are still this tree's. Sorted below.
+                w.records.extend(recs);
             }
             Body::Internal(entries) => {
                 for &(_, child) in entries.iter().rev() {
@@ -167,6 +172,17 @@ pub(super) fn walk(
                 }
             }
         }
+    }
+    if w.damage.is_some() {
+        // Key order across leaves, first copy of a key wins.
+        w.records.sort_by_key(|(k, _)| *k);
+        w.records.dedup_by_key(|(k, _)| *k);
+    } else if let Err(e) =
+        TreeReader::new(media, g).validate(&Tree { kind, owner, root }, &mut |_, _| Ok(()))
+    {
+        // Every node decoded and the records are in order, but the separator invariant may
+        // still be broken (a tree written by an older version): rebuild it.
+        w.damaged(e.to_string());
     }
     Ok(w)
 }
@@ -185,14 +201,14 @@ fn node_image(kind: TreeKind, owner: u64, level: u16, count: usize, body: &[u8])
 
 /// A freshly built tree: its root and the node images to write at their blocks.
 #[derive(Debug, Default)]
-pub(super) struct Built {
+pub(crate) struct Built {
     pub root: u64,
     pub nodes: Vec<(u64, Vec<u8>)>,
 }
 
 /// Builds a tree bottom-up from records sorted by strictly increasing key. `alloc` hands out
-/// blocks for the nodes.
-pub(super) fn build(
+/// blocks for the nodes. The tree satisfies the separator invariant of `btree`.
+pub(crate) fn build(
     kind: TreeKind,
     owner: u64,
     records: &[(u64, Vec<u8>)],
@@ -232,10 +248,16 @@ pub(super) fn build(
     out.nodes
         .push((block, node_image(kind, owner, 0, count, &body)));
     level_nodes.push((first_key, block));
-    // Internal levels.
+    // Internal levels. Each node is keyed in its parent by its first key, which is also its
+    // own entry 0, except on the leftmost spine: the tree covers every key, so the first
+    // node of each level is keyed 0 (the separator invariant, btree's module docs). Keyed by
+    // the minimum instead, keys inserted below it later would misplace a split.
     let mut level = 0u16;
     while level_nodes.len() > 1 {
         level += 1;
+        if let Some(first) = level_nodes.first_mut() {
+            first.0 = 0;
+        }
         if level > MAX_TREE_LEVEL {
             return Err(Error::corrupted("tree", owner, "too deep"));
         }
