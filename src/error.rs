@@ -83,7 +83,9 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Self::Device(_) | Self::Format(_) | Self::Corrupted { .. } => libc::EIO,
-            Self::Journal(JournalError::TooLarge) => libc::EFBIG,
+            // Operations that can free or map without bound run in steps (src/fs/data.rs,
+            // `punch_in_steps`); a transaction that still overflows its slot is a bug of
+            // ours, not a file too large: EIO, and the adapter logs it.
             // Fail-stop after a failed commit or rollback: the mount is read-only now.
             Self::Journal(JournalError::Poisoned) => libc::EROFS,
             Self::Journal(_) | Self::Internal(_) => libc::EIO,

@@ -7,14 +7,15 @@
 //! past EOF, truncate up, fallocate that grows the size) zeroes them first ("zero on
 //! expose"), so a file never shows another file's old data.
 
+use super::SHRINK_BATCH;
 use super::extent;
-use super::txn::{LockSet, MetaTx};
+use super::txn::{LockSet, MetaTx, StripeGuards};
 use super::{AtimeMode, Ctx, Fs, now_ns};
 use crate::alloc::{AllocError, AllocRequest, BlockRange};
 use crate::error::{Error, Result};
 use crate::format::{
     BLOCK_SIZE, CHUNK_BLOCKS, CHUNK_SIZE, ExtentRecord, Inode, MAX_FILE_SIZE, blocks_to_bytes,
-    extent_flags,
+    extent_flags, inode_flags,
 };
 use crate::journal::Tx;
 
@@ -23,6 +24,9 @@ const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 const SEEK_DATA: i32 = 3;
 const SEEK_HOLE: i32 = 4;
+/// Journal space a loop keeps for one more step and its caller's final stores: below it,
+/// the loop commits and begins a new transaction.
+pub(super) const STEP_RESERVE: u64 = 96 * 1024;
 /// Writes of at least this many bytes use non-temporal stores.
 const NT_THRESHOLD: usize = 256;
 
@@ -629,15 +633,65 @@ impl Fs {
         Ok(())
     }
 
-    /// Unmaps and frees every file block from `fb` on.
-    pub(super) fn punch_blocks_pub(
+    /// Frees file blocks `fb..fe` of `ino` in bounded steps: while more than
+    /// [`SHRINK_BATCH`] extents overlap the range, the last `SHRINK_BATCH` of them are freed
+    /// in a transaction of their own, so the freed part is always a suffix of the range and
+    /// every step leaves a consistent file. With `shrink` each step also lowers the size to
+    /// where it cut (a truncate stopped half way by a crash leaves a shorter file, never a
+    /// file that maps freed blocks). Returns once what is left fits one step, which the
+    /// caller does in its own transaction. The caller holds `ino`'s stripe.
+    ///
+    /// This is the one driver for everything that may free an unbounded number of extents:
+    /// truncate, punch hole, zero range, unlink (the orphan reaper) and the deferred-free
+    /// inode at mount.
+    pub(super) fn punch_in_steps(
         &self,
-        tx: &mut MetaTx<'_>,
+        g: &StripeGuards<'_>,
         ino: u64,
-        i: &mut Inode,
         fb: u64,
+        mut fe: u64,
+        shrink: bool,
     ) -> Result<()> {
-        self.punch_blocks(tx, ino, i, fb, u64::MAX)
+        loop {
+            let mut i = self.inodes.read(ino)?;
+            if i.flags & inode_flags::TREE == 0 {
+                return Ok(()); // extents inline in the inode: a handful
+            }
+            let starts = self.extent_starts(ino, &i, fb, fe)?;
+            if starts.len() <= SHRINK_BATCH {
+                return Ok(());
+            }
+            let cut = starts[starts.len() - SHRINK_BATCH].max(fb);
+            let mut tx = self.begin(g, self.free_locks(ino))?;
+            self.punch_blocks(&mut tx, ino, &mut i, cut, fe)?;
+            if shrink {
+                i.size = i.size.min(blocks_to_bytes(cut));
+            }
+            self.inodes.write(&mut tx, ino, &mut i)?;
+            tx.commit()?;
+            fe = cut;
+        }
+    }
+
+    /// The first file block of every extent that overlaps blocks `fb..fe`, ascending.
+    fn extent_starts(&self, ino: u64, i: &Inode, fb: u64, fe: u64) -> Result<Vec<u64>> {
+        let r = self.reader();
+        let mut starts = Vec::new();
+        if fb > 0 {
+            if let Some(e) = extent::covering(&r, ino, i, fb - 1)? {
+                if end(&e) > fb {
+                    starts.push(e.file_block);
+                }
+            }
+        }
+        extent::scan(&r, ino, i, fb, &mut |e| {
+            if e.file_block >= fe {
+                return false;
+            }
+            starts.push(e.file_block);
+            true
+        })?;
+        Ok(starts)
     }
 
     /// Unmaps and frees file blocks `fb..fe`.
@@ -729,7 +783,17 @@ impl Fs {
                 Error::NotSupported
             });
         }
-        let mut tx = self.begin(&g, self.free_locks(ino))?;
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+            // A range over many extents is freed in steps first (each a consistent file
+            // with a shorter part of the range punched); the edges and the rest go below.
+            let (first_full, last_full) = (offset.div_ceil(BLOCK_SIZE), end_off / BLOCK_SIZE);
+            if first_full < last_full {
+                self.punch_in_steps(&g, ino, first_full, last_full, false)?;
+                i = self.inodes.read(ino)?;
+            }
+        }
+        let locks = self.free_locks(ino);
+        let mut tx = self.begin(&g, locks)?;
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             // Zero the partial blocks at the edges, free the whole blocks inside.
             let first_full = offset.div_ceil(BLOCK_SIZE);
@@ -748,6 +812,14 @@ impl Fs {
             let eof_block = i.size.div_ceil(BLOCK_SIZE);
             let mut b = fb;
             while b < fe {
+                if tx.remaining() < STEP_RESERVE {
+                    // Preallocation of a long range over fragmented space: commit what is
+                    // mapped so far (unwritten extents, consistent) and go on in a new
+                    // transaction, as ext4 and XFS do.
+                    self.inodes.write(&mut tx, ino, &mut i)?;
+                    tx.commit()?;
+                    tx = self.begin(&g, locks)?;
+                }
                 let r = self.reader();
                 match extent::covering(&r, ino, &i, b)? {
                     Some(e) => b = end(&e),

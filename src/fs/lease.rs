@@ -14,13 +14,14 @@
 //! leaves a range that a lease end would free while the file still points at it.
 
 use super::SHRINK_BATCH;
+use super::data::STEP_RESERVE;
 use super::extent;
 use super::txn::{LockSet, MetaTx};
 use super::{Fs, now_ns};
 use crate::alloc::BlockRange;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, DEFERRED_FREE_INO, ExtentRecord, Inode, blocks_to_bytes, extent_flags,
+    BLOCK_SIZE, CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, Inode, blocks_to_bytes, extent_flags,
 };
 use std::collections::HashMap;
 
@@ -55,11 +56,12 @@ impl Fs {
             .is_some_and(|(count, _)| *count > 0)
     }
 
-    /// The locks a transaction needs that may free `ino`'s data blocks.
+    /// The locks a transaction needs that may free `ino`'s data blocks: the deferred-free
+    /// lock when `ino` is leased (its frees are deferred) or is the deferred-free inode.
     pub(super) fn free_locks(&self, ino: u64) -> LockSet {
         LockSet {
             state: false,
-            deferred: self.is_leased(ino),
+            deferred: ino == DEFERRED_FREE_INO || self.is_leased(ino),
         }
     }
 
@@ -118,13 +120,26 @@ impl Fs {
             .min(i.size.next_multiple_of(BLOCK_SIZE));
         let (fb, fe) = (offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
         if fb < fe {
+            // A long sparse or preallocated range is mapped one 2 MiB window at a time,
+            // committing whenever the transaction runs low on journal space: every step
+            // leaves the file consistent (zeroed blocks behind new extents).
             let mut tx = self.begin(&g, LockSet::NONE)?;
-            let pieces = self.map_for_write(&mut tx, ino, &mut i, fb, fe)?;
-            for p in pieces.iter().filter(|p| p.fresh) {
-                self.media
-                    .zero_nt(blocks_to_bytes(p.dev_block), blocks_to_bytes(p.len))?;
+            let mut b = fb;
+            while b < fe {
+                if tx.remaining() < STEP_RESERVE {
+                    self.inodes.write(&mut tx, ino, &mut i)?;
+                    tx.commit()?;
+                    tx = self.begin(&g, LockSet::NONE)?;
+                }
+                let w = fe.min((b / CHUNK_BLOCKS + 1) * CHUNK_BLOCKS);
+                let pieces = self.map_for_write(&mut tx, ino, &mut i, b, w)?;
+                for p in pieces.iter().filter(|p| p.fresh) {
+                    self.media
+                        .zero_nt(blocks_to_bytes(p.dev_block), blocks_to_bytes(p.len))?;
+                }
+                tx.note_data_written();
+                b = w;
             }
-            tx.note_data_written();
             i.ctime_ns = now_ns();
             self.inodes.write(&mut tx, ino, &mut i)?;
             tx.commit()?;
@@ -202,6 +217,7 @@ impl Fs {
     /// At mount nothing is leased: free everything the deferred-free inode holds.
     pub(super) fn free_deferred_at_mount(&self) -> Result<()> {
         let g = self.lock_all(&[DEFERRED_FREE_INO]);
+        self.punch_in_steps(&g, DEFERRED_FREE_INO, 0, u64::MAX, true)?;
         let mut tx = self.begin(&g, LockSet::DEFERRED)?;
         let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
         if d.blocks == 0 && d.inline_count == 0 && d.tree_root == 0 {

@@ -563,29 +563,14 @@ impl Fs {
     /// frees the rest. Each step is atomic and leaves a consistent (shorter) orphan; a crash
     /// in between is finished by the orphan scan at mount.
     fn shrink_orphan(&self, ino: u64) -> Result<()> {
-        loop {
-            let g = self.lock_all(&[ino]);
-            let Ok(mut i) = self.inodes.read(ino) else {
-                return Ok(());
-            };
-            if i.nlink != 0 || !i.is_reg() || i.flags & inode_flags::TREE == 0 {
-                return Ok(());
-            }
-            let exts = extent::all(&self.reader(), ino, &i)?;
-            if exts.len() <= SHRINK_BATCH {
-                return Ok(());
-            }
-            let cut = exts[exts.len() - SHRINK_BATCH].file_block;
-            let set = LockSet {
-                state: false,
-                deferred: self.is_leased(ino),
-            };
-            let mut tx = self.begin(&g, set)?;
-            self.punch_blocks_pub(&mut tx, ino, &mut i, cut)?;
-            i.size = i.size.min(crate::format::blocks_to_bytes(cut));
-            self.inodes.write(&mut tx, ino, &mut i)?;
-            tx.commit()?;
+        let g = self.lock_all(&[ino]);
+        let Ok(i) = self.inodes.read(ino) else {
+            return Ok(());
+        };
+        if i.nlink != 0 || !i.is_reg() {
+            return Ok(());
         }
+        self.punch_in_steps(&g, ino, 0, u64::MAX, true)
     }
 
     /// Frees data blocks, extent tree, xattrs and symlink block of an inode (in memory

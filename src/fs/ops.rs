@@ -7,8 +7,8 @@ use super::{Attr, Ctx, Fs, SetAttr, SetTime, now_ns};
 use crate::alloc::{AllocRequest, BlockRange};
 use crate::error::{Error, Result};
 use crate::format::{
-    INODE_INLINE_LEN, Inode, ROOT_INO, SYMLINK_MAX, XATTR_VALUE_MAX, blocks_to_bytes, file_type,
-    inode_flags,
+    BLOCK_SIZE, INODE_INLINE_LEN, Inode, ROOT_INO, SYMLINK_MAX, XATTR_VALUE_MAX, blocks_to_bytes,
+    file_type, inode_flags,
 };
 use crate::journal::Tx;
 use std::collections::HashMap;
@@ -691,6 +691,13 @@ impl Fs {
         let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         let now = now_ns();
+        if let Some(size) = s.size {
+            if i.is_reg() && size < i.size {
+                // A truncate over many extents frees them in steps first.
+                self.punch_in_steps(&g, ino, size.div_ceil(BLOCK_SIZE), u64::MAX, true)?;
+                i = self.inodes.read(ino)?;
+            }
+        }
         let locks = LockSet {
             state: false,
             deferred: s.size.is_some() && self.is_leased(ino),

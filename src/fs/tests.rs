@@ -613,3 +613,96 @@ fn unprivileged_data_changes_clear_setid_bits() {
     fs.fallocate(&user, f.ino, 0, 8192, 0x01 | 0x02).unwrap();
     assert_eq!(fs.getattr(f.ino).unwrap().mode & 0o7777, 0o2666);
 }
+
+/// A file of 20,000 one-block extents (2 blocks apart), on its own 256 MiB device.
+fn fragmented_file(extents: u64) -> (Arc<dyn Media>, Fs, u64, u64) {
+    let media = new_media(256 * MIB);
+    let fs = mount(&media);
+    let free0 = fs.statfs().bfree;
+    let f = fs.mknod(&C, ROOT_INO, b"frag", 0o100644, 0).unwrap();
+    let chunk = vec![1u8; MIB as usize];
+    for k in 0..(extents * 8192).div_ceil(MIB) {
+        fs.write(&C, f.ino, k * MIB, &chunk).unwrap();
+    }
+    for k in 0..extents {
+        fs.fallocate(&C, f.ino, k * 8192 + 4096, 4096, 0x01 | 0x02)
+            .unwrap();
+    }
+    let n = extent::all(&fs.reader(), f.ino, &fs.inode(f.ino).unwrap())
+        .unwrap()
+        .len() as u64;
+    assert!(n >= extents, "{n} extents");
+    (media, fs, f.ino, free0)
+}
+
+/// Issue 13 item 3 (xfstests generic/610): punch hole, zero range and truncate of a file of
+/// 20,000 extents, leased or not, each in one call; then the lease ends, the device is
+/// remounted, and every block comes back.
+#[test]
+fn punch_zero_and_truncate_of_a_20000_extent_file_succeed_leased_or_not() {
+    const EXTENTS: u64 = 20_000;
+    for leased in [false, true] {
+        let (media, fs, ino, free0) = fragmented_file(EXTENTS);
+        let lease = leased.then(|| fs.map_direct(ino, 0, EXTENTS * 8192).unwrap().0);
+        let third = EXTENTS * 8192 / 3;
+        let size = fs.getattr(ino).unwrap().size;
+        // PUNCH_HOLE | KEEP_SIZE over the first third, ZERO_RANGE over the second.
+        fs.fallocate(&C, ino, 0, third, 0x01 | 0x02)
+            .unwrap_or_else(|e| panic!("leased={leased}: punch: {e}"));
+        fs.fallocate(&C, ino, third, third, 0x10)
+            .unwrap_or_else(|e| panic!("leased={leased}: zero range: {e}"));
+        let mut head = Vec::new();
+        fs.read(ino, third - 8192, 16384, &mut |d| head.extend_from_slice(d))
+            .unwrap();
+        assert!(
+            head.iter().all(|&b| b == 0),
+            "leased={leased}: punched bytes"
+        );
+        assert_eq!(
+            fs.getattr(ino).unwrap().size,
+            size,
+            "KEEP_SIZE and ZERO_RANGE in the file"
+        );
+        // And truncate the rest away in one call.
+        let t = SetAttr {
+            size: Some(4096),
+            ..SetAttr::default()
+        };
+        fs.setattr(&C, ino, &t)
+            .unwrap_or_else(|e| panic!("leased={leased}: truncate: {e}"));
+        assert_eq!(fs.getattr(ino).unwrap().size, 4096);
+        if let Some(id) = lease {
+            // Every deferred block is freed, in steps, when the lease ends.
+            fs.end_lease(id).unwrap();
+        }
+        check(&fs);
+        fs.unlink(ROOT_INO, b"frag").unwrap();
+        fs.forget(ino, 1);
+        assert_eq!(fs.statfs().bfree, free0, "leased={leased}: space came back");
+        fs.shutdown().unwrap();
+        drop(fs);
+        let fs = mount(&media);
+        assert_eq!(fs.statfs().bfree, free0);
+        check(&fs);
+    }
+}
+
+/// A leased fragmented file truncated, and the daemon gone before the lease ended: the
+/// next mount frees the 20,000 deferred ranges (in steps) and mounts read-write.
+#[test]
+fn mount_frees_20000_deferred_ranges_left_by_a_lease() {
+    let (media, fs, ino, free0) = fragmented_file(20_000);
+    fs.map_direct(ino, 0, 20_000 * 8192).unwrap();
+    let t = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    fs.setattr(&C, ino, &t).unwrap();
+    drop(fs); // no unmount, no lease end: as after kill -9
+    let fs = mount(&media);
+    assert!(!fs.is_read_only());
+    fs.unlink(ROOT_INO, b"frag").unwrap();
+    fs.forget(ino, 1);
+    assert_eq!(fs.statfs().bfree, free0);
+    check(&fs);
+}

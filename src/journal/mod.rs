@@ -323,6 +323,19 @@ impl<'j> Tx<'j> {
         self.on_abort.push(Box::new(f));
     }
 
+    /// Bytes left in the transaction's journal slot for undo records (0 on a poisoned
+    /// journal). Loops that change an unbounded number of objects commit and begin again
+    /// before this runs low.
+    pub fn remaining(&self) -> u64 {
+        if self.slot.is_none() {
+            return 0;
+        }
+        self.journal
+            .geometry
+            .slot_size()
+            .saturating_sub(self.cursor)
+    }
+
     /// True when the transaction has stored nothing yet.
     pub fn is_empty(&self) -> bool {
         !self.open
