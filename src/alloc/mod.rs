@@ -36,6 +36,7 @@ use first_fit::FirstFitIndex;
 use huge::HugeIndex;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,10 @@ pub struct BlockAllocator {
     index: Arc<Index>,
     geometry: Geometry,
     policy: AllocPolicy,
+    /// Free blocks only transactions that give space back may take
+    /// ([`Tx::allow_reserve`]): the tree nodes of an unlink or a truncate on a full file
+    /// system. 0 unless the file system sets one.
+    reserve: AtomicU64,
 }
 
 impl fmt::Debug for BlockAllocator {
@@ -208,7 +213,19 @@ impl BlockAllocator {
             index: Arc::new(index),
             geometry: g,
             policy,
+            reserve: AtomicU64::new(0),
         }))
+    }
+
+    /// Holds `blocks` free blocks back from every allocation of a transaction that does not
+    /// give space back (see [`Tx::allow_reserve`]).
+    pub fn set_reserve(&self, blocks: u64) {
+        self.reserve.store(blocks, Ordering::Relaxed);
+    }
+
+    /// Blocks held in reserve.
+    pub fn reserve(&self) -> u64 {
+        self.reserve.load(Ordering::Relaxed)
     }
 
     pub fn policy(&self) -> AllocPolicy {
@@ -245,6 +262,13 @@ impl BlockAllocator {
         }
         .ok_or(AllocError::NoSpace)?;
         debug_assert!(got.len >= min && got.len <= n);
+        // The reserve: an ordinary allocation that leaves fewer free blocks than the
+        // reserve gives its blocks back. (Taking first and checking after makes concurrent
+        // allocations fail together rather than overdraw the reserve.)
+        if !tx.may_use_reserve() && self.free_blocks() < self.reserve() {
+            self.index.release(got);
+            return Err(AllocError::NoSpace);
+        }
         // Register the give-back before touching the bitmap: whatever happens from here,
         // a rollback returns the blocks (the rollback undoes the bits first).
         let index = Arc::clone(&self.index);

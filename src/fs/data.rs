@@ -662,7 +662,7 @@ impl Fs {
                 return Ok(());
             }
             let cut = starts[starts.len() - SHRINK_BATCH].max(fb);
-            let mut tx = self.begin(g, self.free_locks(ino))?;
+            let mut tx = self.begin(g, self.free_locks(ino).freeing())?;
             self.punch_blocks(&mut tx, ino, &mut i, cut, fe)?;
             if shrink {
                 i.size = i.size.min(blocks_to_bytes(cut));
@@ -792,7 +792,13 @@ impl Fs {
                 i = self.inodes.read(ino)?;
             }
         }
-        let locks = self.free_locks(ino);
+        // A punch gives space back (its extent splits may use the reserve); preallocation
+        // and zero range allocate and must not.
+        let locks = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            self.free_locks(ino).freeing()
+        } else {
+            self.free_locks(ino)
+        };
         let mut tx = self.begin(&g, locks)?;
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             // Zero the partial blocks at the edges, free the whole blocks inside.

@@ -170,6 +170,16 @@ impl InodeTable {
         Inode::decode(&buf).map(|i| i.generation).unwrap_or(0)
     }
 
+    /// The generation a new inode in slot `ino` carries: one more than the slot's last, or,
+    /// for a slot never used (a new chunk, perhaps one given back and grown again), the
+    /// clock, so an (inode, generation) pair a file handle kept is never handed out again.
+    fn next_generation(&self, ino: u64) -> u64 {
+        match self.old_generation(ino) {
+            0 => u64::try_from(crate::fs::now_ns()).unwrap_or(1).max(1),
+            old => old.wrapping_add(1).max(1),
+        }
+    }
+
     /// Seals and stores an inode through the transaction.
     pub fn write(&self, tx: &mut Tx<'_>, ino: u64, inode: &mut Inode) -> Result<()> {
         inode.seal();
@@ -213,7 +223,7 @@ impl InodeTable {
         tx.on_abort(move || release_slot(&free, chunk, slot));
         let block = self.chunks.read()[chunk];
         tx.set_bits(blocks_to_bytes(block) + INODE_BITMAP_OFFSET, slot, 1)?;
-        let generation = self.old_generation(ino).wrapping_add(1).max(1);
+        let generation = self.next_generation(ino);
         Ok((ino, generation))
     }
 
@@ -313,10 +323,81 @@ impl InodeTable {
         Ok(())
     }
 
-    /// Inodes in use (for statfs).
+    /// Inodes in use (for statfs): the usable slots that are not free, less inode number 0
+    /// (never an inode). The slots every chunk keeps for its own bitmap are not inodes.
     pub fn used(&self) -> u64 {
         let f = self.free.lock();
-        f.bitmaps.len() as u64 * INODES_PER_CHUNK - f.free_counts.iter().sum::<u64>()
+        (f.bitmaps.len() as u64 * USABLE_INODES_PER_CHUNK)
+            .saturating_sub(f.free_counts.iter().sum::<u64>())
+            .saturating_sub(1)
+    }
+
+    /// True when the last chunk of the table could be given back now (cheap: for callers
+    /// deciding whether to call [`InodeTable::shrink`]).
+    pub fn shrinkable(&self) -> bool {
+        Self::shrink_candidate(&self.free.lock()).is_some()
+    }
+
+    /// The last chunk, when it may go: every inode in it is free (none allocated, none
+    /// reserved), it is not the first chunk, and the chunks before it keep at least half a
+    /// chunk of free inodes (so creates and deletes around a chunk boundary do not grow
+    /// and shrink the table in turn).
+    fn shrink_candidate(f: &FreeIndex) -> Option<usize> {
+        let n = f.bitmaps.len();
+        let last = n.checked_sub(1).filter(|&l| l > 0)?;
+        let rest: u64 = f.free_counts[..last].iter().sum();
+        (f.free_counts[last] == USABLE_INODES_PER_CHUNK && rest >= USABLE_INODES_PER_CHUNK / 2)
+            .then_some(last)
+    }
+
+    /// Gives back trailing chunks whose inodes are all free, each in its own transaction
+    /// (which may use the allocator's reserve: it gives space back). Takes the growth lock,
+    /// so call it with no journal slot held.
+    pub fn shrink(&self, journal: &Journal, alloc: &Arc<BlockAllocator>) -> Result<()> {
+        let _g = self.grow_lock.lock();
+        loop {
+            let last = {
+                let mut f = self.free.lock();
+                let Some(last) = Self::shrink_candidate(&f) else {
+                    return Ok(());
+                };
+                // Out of the index first: nobody may reserve an inode in it from now on.
+                f.bitmaps[last] = [u64::MAX; BITMAP_WORDS];
+                f.free_counts[last] = 0;
+                last
+            };
+            let block = self.chunks.read()[last];
+            let mut tx = journal.begin();
+            tx.allow_reserve();
+            let free = Arc::clone(&self.free);
+            tx.on_abort(move || {
+                let mut f = free.lock();
+                let mut words = [0u64; BITMAP_WORDS];
+                for slot in USABLE_INODES_PER_CHUNK..INODES_PER_CHUNK {
+                    words[(slot / 64) as usize] |= 1 << (slot % 64);
+                }
+                f.bitmaps[last] = words;
+                f.free_counts[last] = USABLE_INODES_PER_CHUNK;
+            });
+            // The table ends at the first zero entry of its directory.
+            tx.write(
+                self.geometry.itable_dir_offset() + last as u64 * 8,
+                &0u64.to_le_bytes(),
+            )?;
+            alloc.free(
+                &mut tx,
+                crate::alloc::BlockRange {
+                    start: block,
+                    len: CHUNK_BLOCKS,
+                },
+            )?;
+            tx.commit()?;
+            self.chunks.write().truncate(last);
+            let mut f = self.free.lock();
+            f.bitmaps.truncate(last);
+            f.free_counts.truncate(last);
+            f.hint = f.hint.min(last - 1);
+        }
     }
 
     /// Inodes free in the table as it stands plus what the free space could still hold.

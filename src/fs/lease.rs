@@ -60,8 +60,8 @@ impl Fs {
     /// lock when `ino` is leased (its frees are deferred) or is the deferred-free inode.
     pub(super) fn free_locks(&self, ino: u64) -> LockSet {
         LockSet {
-            state: false,
             deferred: ino == DEFERRED_FREE_INO || self.is_leased(ino),
+            ..LockSet::NONE
         }
     }
 
@@ -193,7 +193,7 @@ impl Fs {
         let r = self.reader();
         let nodes = self.nodes();
         for step in deferred.chunks(SHRINK_BATCH) {
-            let mut tx = self.begin(&g, LockSet::DEFERRED)?;
+            let mut tx = self.begin(&g, LockSet::DEFERRED.freeing())?;
             let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
             for &(key, range) in step {
                 extent::del(&mut tx, &r, &nodes, DEFERRED_FREE_INO, &mut d, key)?;
@@ -218,7 +218,7 @@ impl Fs {
     pub(super) fn free_deferred_at_mount(&self) -> Result<()> {
         let g = self.lock_all(&[DEFERRED_FREE_INO]);
         self.punch_in_steps(&g, DEFERRED_FREE_INO, 0, u64::MAX, true)?;
-        let mut tx = self.begin(&g, LockSet::DEFERRED)?;
+        let mut tx = self.begin(&g, LockSet::DEFERRED.freeing())?;
         let mut d = self.inodes.read(DEFERRED_FREE_INO)?;
         if d.blocks == 0 && d.inline_count == 0 && d.tree_root == 0 {
             return Ok(());

@@ -55,6 +55,20 @@ const STRIPES: usize = 1024;
 /// bit record and a share of an extent-tree node in the undo log).
 const SHRINK_BATCH: usize = 1024;
 
+/// Free blocks held back per journal slot for transactions that give space back: an unlink
+/// may add an orphan-tree node, a punch may split an extent, a deferred free adds extents
+/// to the deferred-free inode — a few blocks each, at most one transaction per slot.
+const RESERVE_PER_SLOT: u64 = 64;
+
+/// The reserve of a device: [`RESERVE_PER_SLOT`] per slot, at most 1% of the data blocks
+/// (at least 16), so that a full file system can always be emptied.
+fn reserve_blocks(geometry: &Geometry) -> u64 {
+    let data = geometry.block_count.saturating_sub(geometry.meta_end);
+    (u64::from(geometry.journal_slots) * RESERVE_PER_SLOT)
+        .min(data / 100)
+        .max(16)
+}
+
 /// When reads update atime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AtimeMode {
@@ -157,6 +171,9 @@ pub struct SetAttr {
 pub struct StatFs {
     pub blocks: u64,
     pub bfree: u64,
+    /// Free blocks ordinary writes can use: `bfree` less the reserve that keeps deletes
+    /// working on a full file system.
+    pub bavail: u64,
     pub files: u64,
     pub ffree: u64,
     pub bsize: u32,
@@ -311,6 +328,7 @@ impl Fs {
         let state = read_state(media.as_ref())?;
         let alloc =
             BlockAllocator::open_with_policy(media.as_ref(), &geometry, options.alloc_policy)?;
+        alloc.set_reserve(reserve_blocks(&geometry));
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
         let fs = Self {
             media,
@@ -336,6 +354,7 @@ impl Fs {
         if !fs.options.read_only {
             fs.free_all_orphans(&state)?;
             fs.free_deferred_at_mount()?;
+            fs.inodes.shrink(&fs.journal, &fs.alloc)?;
             let none = StripeGuards::none();
             let mut tx = fs.begin(&none, LockSet::STATE)?;
             let mut st = read_state(fs.media.as_ref())?;
@@ -480,10 +499,22 @@ impl Fs {
 
     /// FORGET: the kernel dropped `n` references.
     pub fn forget(&self, ino: u64, n: u64) {
-        if self.refs.forget(ino, n) && !self.options.read_only {
+        if self.refs.forget(ino, n) && !self.is_read_only() {
             if let Err(e) = self.reap(ino) {
                 log::error!("inode {ino}: freeing unlinked inode failed: {e}");
             }
+            self.give_back_inode_chunks();
+        }
+    }
+
+    /// Returns trailing inode-table chunks that emptied to the free space (call with no
+    /// locks held, after inodes were freed).
+    pub(super) fn give_back_inode_chunks(&self) {
+        if self.is_read_only() || !self.inodes.shrinkable() {
+            return;
+        }
+        if let Err(e) = self.inodes.shrink(&self.journal, &self.alloc) {
+            log::error!("giving back empty inode-table chunks failed: {e}");
         }
     }
 
@@ -501,10 +532,11 @@ impl Fs {
 
     /// Releases an open.
     pub fn release(&self, ino: u64) {
-        if self.refs.release(ino) && !self.options.read_only {
+        if self.refs.release(ino) && !self.is_read_only() {
             if let Err(e) = self.reap(ino) {
                 log::error!("inode {ino}: freeing unlinked inode failed: {e}");
             }
+            self.give_back_inode_chunks();
         }
     }
 
@@ -535,6 +567,7 @@ impl Fs {
             LockSet {
                 state: true,
                 deferred: self.is_leased(ino),
+                frees: true,
             },
         )?;
         self.release_contents(&mut tx, ino, &mut inode)?;
@@ -664,7 +697,7 @@ impl Fs {
         for ino in inos {
             self.shrink_orphan(ino)?;
             let g = self.lock_all(&[ino]);
-            let mut tx = self.begin(&g, LockSet::STATE)?;
+            let mut tx = self.begin(&g, LockSet::STATE.freeing())?;
             if let Ok(mut inode) = self.inodes.read(ino) {
                 if inode.nlink == 0 {
                     self.release_contents(&mut tx, ino, &mut inode)?;
@@ -695,6 +728,7 @@ impl Fs {
         StatFs {
             blocks: self.alloc.data_blocks(),
             bfree: free,
+            bavail: free.saturating_sub(self.alloc.reserve()),
             files: capacity.max(used_inodes),
             ffree: capacity.saturating_sub(used_inodes.min(capacity)),
             bsize: BLOCK_SIZE as u32,

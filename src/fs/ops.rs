@@ -295,6 +295,7 @@ impl Fs {
         LockSet {
             state: inode.is_dir() || inode.nlink <= 1,
             deferred: self.is_leased(ino),
+            frees: true,
         }
     }
 
@@ -383,6 +384,7 @@ impl Fs {
             tx.commit()?;
             drop(g);
             self.finish_pending_reaps();
+            self.give_back_inode_chunks();
             return Ok(());
         }
     }
@@ -447,6 +449,7 @@ impl Fs {
             let result = self.rename_locked(&g, parent, &se, newparent, newname, de, flags, set);
             drop(g);
             self.finish_pending_reaps();
+            self.give_back_inode_chunks();
             return result;
         }
     }
@@ -691,8 +694,9 @@ impl Fs {
         let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
         let now = now_ns();
+        let shrinks = i.is_reg() && s.size.is_some_and(|size| size < i.size);
         if let Some(size) = s.size {
-            if i.is_reg() && size < i.size {
+            if shrinks {
                 // A truncate over many extents frees them in steps first.
                 self.punch_in_steps(&g, ino, size.div_ceil(BLOCK_SIZE), u64::MAX, true)?;
                 i = self.inodes.read(ino)?;
@@ -701,6 +705,7 @@ impl Fs {
         let locks = LockSet {
             state: false,
             deferred: s.size.is_some() && self.is_leased(ino),
+            frees: shrinks,
         };
         let mut tx = self.begin(&g, locks)?;
         if let Some(mode) = s.mode {

@@ -706,3 +706,147 @@ fn mount_frees_20000_deferred_ranges_left_by_a_lease() {
     assert_eq!(fs.statfs().bfree, free0);
     check(&fs);
 }
+
+/// Removes everything below `dir` (files first, then the directories, deepest first), as
+/// `rm -rf` through the kernel does: each name is looked up (a kernel reference) before it
+/// is removed, and forgotten after. Panics on the first failure.
+fn remove_tree(fs: &Fs, dir: u64) {
+    let list = |d: u64| {
+        let mut names = Vec::new();
+        fs.readdir(d, 2, &mut |ino, _, kind, name| {
+            names.push((ino, kind, name.to_vec()));
+            false
+        })
+        .unwrap();
+        names
+    };
+    // Every directory below `dir` with its parent and name, parents before children.
+    let mut dirs: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+    let mut todo = vec![dir];
+    while let Some(d) = todo.pop() {
+        for (ino, kind, name) in list(d) {
+            if kind == crate::format::file_type::S_IFDIR {
+                dirs.push((ino, d, name));
+                todo.push(ino);
+            }
+        }
+    }
+    let remove = |parent: u64, name: &[u8], ino: u64, is_dir: bool| {
+        assert_eq!(fs.lookup(parent, name).unwrap().ino, ino);
+        let r = if is_dir {
+            fs.rmdir(parent, name)
+        } else {
+            fs.unlink(parent, name)
+        };
+        r.unwrap_or_else(|e| panic!("removing {}: {e}", String::from_utf8_lossy(name)));
+        fs.forget(ino, 2); // the create's reference and the lookup's
+    };
+    for d in dirs.iter().map(|(ino, _, _)| *ino).chain([dir]) {
+        for (ino, kind, name) in list(d) {
+            if kind != crate::format::file_type::S_IFDIR {
+                remove(d, &name, ino, false);
+            }
+        }
+    }
+    for (ino, parent, name) in dirs.iter().rev() {
+        remove(*parent, name, *ino, true);
+    }
+}
+
+/// Issue 13 item 4: a full file system can always be emptied. Fills a device until ENOSPC
+/// in several patterns (every create's reference kept, as the kernel keeps them), then
+/// removes everything: every unlink and rmdir succeeds, the free space and inodes return to
+/// what a fresh file system has, and the checker is clean.
+#[test]
+fn a_full_file_system_can_always_be_emptied() {
+    type Fill = fn(&Fs, u64);
+    fn small_files(fs: &Fs, dir: u64) {
+        for i in 0.. {
+            match fs.mknod(&C, dir, format!("small-{i}").as_bytes(), 0o100644, 0) {
+                Ok(a) => {
+                    if fs.write(&C, a.ino, 0, &[3u8; 5000]).is_err() {
+                        break;
+                    }
+                }
+                Err(Error::NoSpace | Error::NoInodes) => break,
+                Err(e) => panic!("create: {e}"),
+            }
+        }
+    }
+    let big_then_small: Fill = |fs, dir| {
+        let a = fs.mknod(&C, dir, b"big", 0o100644, 0).unwrap();
+        let chunk = vec![7u8; MIB as usize];
+        let mut off = 0;
+        while fs.write(&C, a.ino, off, &chunk).is_ok() {
+            off += MIB;
+        }
+        small_files(fs, dir);
+    };
+    let xattrs: Fill = |fs, dir| {
+        for i in 0.. {
+            let Ok(a) = fs.mknod(&C, dir, format!("x-{i}").as_bytes(), 0o100644, 0) else {
+                break;
+            };
+            if fs.setxattr(a.ino, b"user.big", &[9u8; 30_000], 0).is_err() {
+                break;
+            }
+        }
+    };
+    let deep_dirs: Fill = |fs, dir| {
+        let mut parent = dir;
+        for i in 0.. {
+            match fs.mkdir(&C, parent, format!("level-{i}").as_bytes(), 0o755) {
+                Ok(a) => {
+                    for j in 0..20 {
+                        if fs
+                            .mknod(&C, a.ino, format!("f{j}").as_bytes(), 0o100644, 0)
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    parent = a.ino;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    for (name, fill) in [
+        ("small files", small_files as Fill),
+        ("a big file, then small files", big_then_small),
+        ("xattrs", xattrs),
+        ("deep directories", deep_dirs),
+    ] {
+        let media = new_media(64 * MIB);
+        let fs = mount(&media);
+        let fresh = fs.statfs();
+        let d = fs.mkdir(&C, ROOT_INO, b"fill", 0o755).unwrap();
+        fill(&fs, d.ino);
+        assert!(
+            fs.statfs().bfree < fresh.bfree / 50,
+            "{name}: the device did not fill"
+        );
+        remove_tree(&fs, d.ino);
+        fs.rmdir(ROOT_INO, b"fill").unwrap();
+        fs.forget(d.ino, 1);
+        let after = fs.statfs();
+        assert!(
+            after.bfree + fresh.blocks / 100 >= fresh.bfree,
+            "{name}: {} of {} free blocks came back",
+            after.bfree,
+            fresh.bfree
+        );
+        assert_eq!(
+            after.files - after.ffree,
+            fresh.files - fresh.ffree,
+            "{name}: inodes in use"
+        );
+        assert_eq!(
+            fs.inode_table().chunk_blocks().len(),
+            1,
+            "{name}: the table shrank"
+        );
+        check(&fs);
+        fs.shutdown().unwrap();
+    }
+}

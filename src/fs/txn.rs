@@ -27,21 +27,35 @@ pub(super) struct LockSet {
     pub state: bool,
     /// The deferred-free inode (frees of a leased inode's blocks, lease end, mount).
     pub deferred: bool,
+    /// The transaction exists to give space back (unlink, rmdir, truncate, punch, reaps,
+    /// lease ends): the tree nodes it may need come from the allocator's reserve, so a
+    /// full file system can always be emptied. Never set for a transaction that allocates
+    /// file data.
+    pub frees: bool,
 }
 
 impl LockSet {
     pub const NONE: LockSet = LockSet {
         state: false,
         deferred: false,
+        frees: false,
     };
     pub const STATE: LockSet = LockSet {
         state: true,
-        deferred: false,
+        ..LockSet::NONE
     };
     pub const DEFERRED: LockSet = LockSet {
-        state: false,
         deferred: true,
+        ..LockSet::NONE
     };
+
+    /// The same locks, for a transaction that gives space back.
+    pub const fn freeing(self) -> LockSet {
+        LockSet {
+            frees: true,
+            ..self
+        }
+    }
 }
 
 /// Write locks on a set of inode stripes, taken in ascending order, each once.
@@ -169,7 +183,10 @@ impl Fs {
         self.check_writable()?;
         let state = set.state.then(|| self.state.lock());
         let deferred = set.deferred.then(|| self.deferred_lock.lock());
-        let tx = self.journal.begin();
+        let mut tx = self.journal.begin();
+        if set.frees {
+            tx.allow_reserve();
+        }
         Ok(MetaTx {
             tx,
             deferred,

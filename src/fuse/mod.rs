@@ -755,9 +755,9 @@ impl Filesystem for PmfsFuse {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         self.begin();
         let s = self.fs.statfs();
-        // No blocks are reserved for root: bavail = bfree.
+        // bavail leaves out the reserve that keeps deletes working on a full device.
         reply.statfs(
-            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
         );
     }
 

@@ -164,6 +164,7 @@ impl Journal {
             data_written: false,
             on_commit: Vec::new(),
             on_abort: Vec::new(),
+            may_use_reserve: false,
         }
     }
 
@@ -222,6 +223,9 @@ pub struct Tx<'j> {
     data_written: bool,
     on_commit: Vec<Hook<'j>>,
     on_abort: Vec<Hook<'j>>,
+    /// Allocations in this transaction may use the blocks held in reserve (it exists to
+    /// give space back).
+    may_use_reserve: bool,
 }
 
 impl std::fmt::Debug for Tx<'_> {
@@ -321,6 +325,17 @@ impl<'j> Tx<'j> {
     /// Runs `f` if the transaction is rolled back (e.g. returning blocks it allocated).
     pub fn on_abort(&mut self, f: impl FnOnce() + Send + 'j) {
         self.on_abort.push(Box::new(f));
+    }
+
+    /// Marks the transaction as one that gives space back: the allocator lets it use the
+    /// blocks it holds in reserve (for the tree nodes an unlink or a truncate may need).
+    pub fn allow_reserve(&mut self) {
+        self.may_use_reserve = true;
+    }
+
+    /// True when [`Tx::allow_reserve`] was called.
+    pub fn may_use_reserve(&self) -> bool {
+        self.may_use_reserve
     }
 
     /// Bytes left in the transaction's journal slot for undo records (0 on a poisoned
