@@ -210,33 +210,62 @@ fn lease_ends_racing_truncates_of_leased_files_make_progress() {
     check_clean(&media);
 }
 
-/// Installs, for thread `thread`, a failpoint at commit that reports `reached`, waits for
-/// `release` (at most `max_wait`), then fails the operation (its transaction rolls back).
-fn pause_then_fail_commit(
+/// Forces an interleaving. Runs `victim` on a thread named `thread` until it reaches
+/// `failpoint`, which pauses it; runs `other` on a second thread meanwhile; lets the victim
+/// go on when `other` has finished, or after `max_wait` (when `other` waits for a lock the
+/// victim holds, as it must where the locks are right); the victim's failpoint then returns
+/// `outcome()`. Returns both results.
+fn interleave<V: Send + 'static, O: Send + 'static>(
     thread: &str,
-    reached: Arc<AtomicBool>,
-    release: Arc<AtomicBool>,
+    failpoint: &'static str,
+    outcome: fn() -> Result<()>,
     max_wait: Duration,
-) {
-    failpoint::set("commit", thread, move || {
-        reached.store(true, Ordering::Release);
-        let start = Instant::now();
-        while !release.load(Ordering::Acquire) && start.elapsed() < max_wait {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Err(Error::NoSpace)
-    });
-}
-
-fn wait_for(flag: &AtomicBool) {
+    victim: impl FnOnce() -> V + Send + 'static,
+    other: impl FnOnce() -> O + Send + 'static,
+) -> (V, O) {
+    let (reached, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    {
+        let (reached, done) = (Arc::clone(&reached), Arc::clone(&done));
+        failpoint::set(failpoint, thread, move || {
+            reached.store(true, Ordering::Release);
+            let start = Instant::now();
+            while !done.load(Ordering::Acquire) && start.elapsed() < max_wait {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            outcome()
+        });
+    }
+    let victim = std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(victim)
+        .unwrap();
     let start = Instant::now();
-    while !flag.load(Ordering::Acquire) {
+    while !reached.load(Ordering::Acquire) {
         assert!(
             start.elapsed() < STALL,
-            "the victim never reached its failpoint"
+            "{thread} never reached {failpoint}"
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+    let other = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let r = other();
+            done.store(true, Ordering::Release);
+            r
+        })
+    };
+    let v = victim.join().unwrap();
+    failpoint::clear(thread);
+    (v, other.join().unwrap())
+}
+
+/// The failpoint outcome of a transaction that fails just before its commit.
+fn fail_commit() -> Result<()> {
+    Err(Error::NoSpace)
 }
 
 /// Issue item 4: the state lock was dropped before commit, so a second unlink could log
@@ -247,37 +276,18 @@ fn an_orphan_committed_while_another_unlink_rolls_back_stays_recorded() {
     // Both files stay looked up, so each unlink makes an orphan.
     let x = fs.mknod(&C, ROOT_INO, b"x", 0o100644, 0).unwrap();
     let y = fs.mknod(&C, ROOT_INO, b"y", 0o100644, 0).unwrap();
-    let thread = "victim-orphan";
-    let (reached, release) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    pause_then_fail_commit(
-        thread,
-        Arc::clone(&reached),
-        Arc::clone(&release),
+    let (f1, f2) = (Arc::clone(&fs), Arc::clone(&fs));
+    // x's unlink stops with its orphan added but not committed; y's runs meanwhile.
+    let (vx, vy) = interleave(
+        "victim-orphan",
+        "commit",
+        fail_commit,
         Duration::from_millis(500),
+        move || f1.unlink(ROOT_INO, b"x"),
+        move || f2.unlink(ROOT_INO, b"y"),
     );
-    let victim = {
-        let fs = Arc::clone(&fs);
-        std::thread::Builder::new()
-            .name(thread.into())
-            .spawn(move || fs.unlink(ROOT_INO, b"x"))
-            .unwrap()
-    };
-    wait_for(&reached);
-    // The victim's transaction is open, its orphan added but not committed.
-    let other = {
-        let (fs, release) = (Arc::clone(&fs), Arc::clone(&release));
-        std::thread::spawn(move || {
-            let r = fs.unlink(ROOT_INO, b"y");
-            release.store(true, Ordering::Release);
-            r
-        })
-    };
-    assert!(matches!(victim.join().unwrap(), Err(Error::NoSpace)));
-    failpoint::clear(thread);
-    other.join().unwrap().unwrap();
+    assert!(matches!(vx, Err(Error::NoSpace)));
+    vy.unwrap();
     assert_eq!(
         fs.orphans().unwrap(),
         vec![y.ino],
@@ -304,42 +314,22 @@ fn a_lease_ending_during_a_truncate_that_rolls_back_frees_nothing_the_file_uses(
     let data: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8).collect();
     fs.write(&C, f.ino, 0, &data).unwrap();
     let (lease, _) = fs.map_direct(f.ino, 0, data.len() as u64).unwrap();
-    let thread = "victim-lease";
-    let (reached, release) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    pause_then_fail_commit(
-        thread,
-        Arc::clone(&reached),
-        Arc::clone(&release),
+    let (f1, f2) = (Arc::clone(&fs), Arc::clone(&fs));
+    let truncate = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    // The truncate stops with its frees deferred but not committed; the lease ends.
+    let (truncated, ended) = interleave(
+        "victim-lease",
+        "commit",
+        fail_commit,
         Duration::from_millis(500),
+        move || f1.setattr(&C, f.ino, &truncate),
+        move || f2.end_lease(lease),
     );
-    let victim = {
-        let fs = Arc::clone(&fs);
-        std::thread::Builder::new()
-            .name(thread.into())
-            .spawn(move || {
-                let size = SetAttr {
-                    size: Some(0),
-                    ..SetAttr::default()
-                };
-                fs.setattr(&C, f.ino, &size)
-            })
-            .unwrap()
-    };
-    wait_for(&reached);
-    let ender = {
-        let (fs, release) = (Arc::clone(&fs), Arc::clone(&release));
-        std::thread::spawn(move || {
-            let r = fs.end_lease(lease);
-            release.store(true, Ordering::Release);
-            r
-        })
-    };
-    assert!(matches!(victim.join().unwrap(), Err(Error::NoSpace)));
-    failpoint::clear(thread);
-    ender.join().unwrap().unwrap();
+    assert!(matches!(truncated, Err(Error::NoSpace)));
+    ended.unwrap();
     // Fill the free space: any block wrongly freed is handed to this file.
     let g = fs.mknod(&C, ROOT_INO, b"filler", 0o100644, 0).unwrap();
     let mut off = 0u64;
@@ -371,40 +361,17 @@ fn an_open_racing_the_last_release_of_an_unlinked_file_keeps_its_data() {
     fs.open(f.ino).unwrap();
     fs.unlink(ROOT_INO, b"f").unwrap();
     fs.forget(f.ino, 1); // only the open keeps it now (as a handle-based reopen would)
-    let thread = "victim-open";
-    let (reached, release) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
+    let (f1, f2) = (Arc::clone(&fs), Arc::clone(&fs));
+    // A second open stops between reading the inode and counting itself; the first
+    // handle's release (the last, it believes) runs meanwhile.
+    let (opened, ()) = interleave(
+        "victim-open",
+        "open.before_count",
+        || Ok(()),
+        Duration::from_millis(300),
+        move || f1.open(f.ino),
+        move || f2.release(f.ino),
     );
-    {
-        let (reached, release) = (Arc::clone(&reached), Arc::clone(&release));
-        failpoint::set("open.before_count", thread, move || {
-            reached.store(true, Ordering::Release);
-            let start = Instant::now();
-            while !release.load(Ordering::Acquire) && start.elapsed() < Duration::from_millis(300) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(())
-        });
-    }
-    let victim = {
-        let fs = Arc::clone(&fs);
-        std::thread::Builder::new()
-            .name(thread.into())
-            .spawn(move || fs.open(f.ino))
-            .unwrap()
-    };
-    wait_for(&reached);
-    let releaser = {
-        let (fs, release) = (Arc::clone(&fs), Arc::clone(&release));
-        std::thread::spawn(move || {
-            fs.release(f.ino);
-            release.store(true, Ordering::Release);
-        })
-    };
-    let opened = victim.join().unwrap();
-    failpoint::clear(thread);
-    releaser.join().unwrap();
     match opened {
         Ok(_) => {
             let mut back = Vec::new();
