@@ -386,38 +386,23 @@ fn two_threads_interleaved() {
     dev.stop_recording();
     let done = done.into_inner();
     let fences = dev.fence_count();
-    let mut checked = 0;
-    for f in 0..=fences {
-        for image in dev.crash_images(f).enumerate(4, 6, f as u64 + 3) {
-            let media: Arc<dyn Media> = Arc::new(RecordingDevice::from_image(image));
-            let fs = Fs::mount(Arc::clone(&media), opts()).expect("mount");
-            let state = observe(&fs);
-            drop(fs);
-            let report = pmfs::check::check(&media).expect("check");
-            assert!(
-                report.problems.is_empty(),
-                "fence {f}: {:#?}",
-                report.problems
-            );
-            for t in 0..2u8 {
-                for i in 0..6u8 {
-                    let name = format!("/t{t}-{i}");
-                    let full = pattern(700 * (i as usize + 1), t * 16 + i);
-                    match state.get(&name) {
-                        None | Some(Seen { size: 0, .. }) => {
-                            assert!(
-                                !done.iter().any(|(n, at)| *n == name[1..] && *at <= f),
-                                "fence {f}: {name} completed but lost"
-                            );
-                        }
-                        Some(s) => assert_eq!(s.content, full, "fence {f}: {name} torn"),
+    let checked = every_crash_state(&dev, &mut |f, state| {
+        for t in 0..2u8 {
+            for i in 0..6u8 {
+                let name = format!("/t{t}-{i}");
+                let full = pattern(700 * (i as usize + 1), t * 16 + i);
+                match state.get(&name) {
+                    None | Some(Seen { size: 0, .. }) => {
+                        assert!(
+                            !done.iter().any(|(n, at)| *n == name[1..] && *at <= f),
+                            "fence {f}: {name} completed but lost"
+                        );
                     }
+                    Some(s) => assert_eq!(s.content, full, "fence {f}: {name} torn"),
                 }
             }
-            checked += 1;
         }
-    }
-    STATES_CHECKED.fetch_add(checked, Ordering::Relaxed);
+    });
     eprintln!("two threads: {fences} fences, {checked} crash states checked");
 }
 
