@@ -307,6 +307,10 @@ const HUGE: usize = 2 << 20;
 impl DaxMapping {
     /// Maps `offset..offset + len` of `file` (offset 4 KiB-aligned; the range is clamped to
     /// the file size rounded up to 4 KiB). Holes in the range are allocated and zeroed first.
+    ///
+    /// The extents come from the file's FUSE server; a reply that is not what pmfs sends
+    /// (see `validate_entries`) is refused with [`io::ErrorKind::InvalidData`] before
+    /// anything is mapped.
     pub fn map(file: &File, offset: u64, len: u64) -> io::Result<Self> {
         if offset % 4096 != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
