@@ -576,9 +576,6 @@ impl Media for BitmapOnly {
     fn fetch_and_u64(&self, _: u64, _: u64) -> Result<u64, DeviceError> {
         Err(DeviceError::ReadOnly)
     }
-    fn with_slice(&self, _: u64, _: u64, _: &mut dyn FnMut(&[u8])) -> Result<(), DeviceError> {
-        Err(DeviceError::ReadOnly)
-    }
     fn sync_all(&self) -> Result<(), DeviceError> {
         Ok(())
     }

@@ -24,12 +24,12 @@
 //! adapter.
 
 use super::PersistenceMode;
-use super::mmap::{arch, cpu_flush_mode, is_memory_backed};
+use super::mmap::{arch, block_device_size, cpu_flush_mode, dax_size, is_memory_backed};
 use std::ffi::c_void;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::ptr::{self, NonNull};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -96,8 +96,28 @@ pub struct MapReply {
 pub const ENTRIES_PER_PAGE: usize = (IOCTL_SIZE - size_of::<MapReply>()) / size_of::<MapEntry>();
 
 /// Issues the pmfs map ioctl on `file`, following pages; returns (lease, extents).
+///
+/// The reply comes from whatever FUSE server owns `file`: only its framing is checked here
+/// (magic, counts that add up); [`DaxMapping::map`] validates the entries themselves.
 pub fn query(file: &File, flags: u32, offset: u64, len: u64) -> io::Result<(u64, Vec<MapEntry>)> {
+    query_bounded(file, flags, offset, len, u32::MAX as usize)
+}
+
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// As [`query`], refusing a reply that announces more than `max_entries` entries (so a
+/// hostile server cannot make us collect an arbitrary number of them).
+fn query_bounded(
+    file: &File,
+    flags: u32,
+    offset: u64,
+    len: u64,
+    max_entries: usize,
+) -> io::Result<(u64, Vec<MapEntry>)> {
     let mut lease = 0;
+    let mut total = None;
     let mut out = Vec::new();
     loop {
         let req = MapRequest {
@@ -123,16 +143,25 @@ pub fn query(file: &File, flags: u32, offset: u64, len: u64) -> io::Result<(u64,
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        let (reply, rest) = MapReply::read_from_prefix(&buf)
-            .map_err(|_| io::Error::other("short pmfs ioctl reply"))?;
+        let (reply, rest) =
+            MapReply::read_from_prefix(&buf).map_err(|_| invalid("short pmfs ioctl reply"))?;
         if reply.magic != MAP_MAGIC || reply.count as usize > ENTRIES_PER_PAGE {
-            return Err(io::Error::other("malformed pmfs ioctl reply"));
+            return Err(invalid("malformed pmfs ioctl reply"));
+        }
+        // Every page must announce the same total, and no page may go past it.
+        let all = *total.get_or_insert(reply.total as usize);
+        if all != reply.total as usize
+            || all > max_entries
+            || out.len() + reply.count as usize > all
+            || (!out.is_empty() && reply.lease != lease)
+        {
+            return Err(invalid("inconsistent pmfs ioctl reply pages"));
         }
         lease = reply.lease;
         for i in 0..reply.count as usize {
             let at = i * size_of::<MapEntry>();
             let e = MapEntry::read_from_bytes(&rest[at..at + size_of::<MapEntry>()])
-                .map_err(|_| io::Error::other("malformed pmfs ioctl entry"))?;
+                .map_err(|_| invalid("malformed pmfs ioctl entry"))?;
             out.push(e);
         }
         if reply.count == 0 || out.len() >= reply.total as usize {
@@ -163,6 +192,97 @@ pub fn device_of(file: &File) -> io::Result<PathBuf> {
     ))
 }
 
+/// Granularity of mappings: file offsets, device offsets and lengths are multiples of it.
+const PAGE: u64 = 4096;
+
+/// What a validated map reply needs: the bytes from the requested offset to the end of the
+/// last entry (`span`), and the 2 MiB-rounded reservation that holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapPlan {
+    span: usize,
+    reserved: usize,
+}
+
+/// Checks the entries of a map reply for `offset..offset + len` against what pmfs promises,
+/// before anything is mapped `MAP_FIXED` at addresses computed from them: every length and
+/// offset a positive multiple of 4 KiB, entries sorted by file offset and disjoint, none
+/// before `offset` or past `offset + len` (rounded up to 4 KiB), every device range inside
+/// a device of `device_size` bytes, all arithmetic checked. A reply that breaks any of this
+/// comes from a broken or hostile server: `InvalidData`, never a mapping.
+fn validate_entries(
+    entries: &[MapEntry],
+    offset: u64,
+    len: u64,
+    device_size: u64,
+) -> io::Result<MapPlan> {
+    if offset % PAGE != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // The server clamps the range to the file size rounded up to whole blocks.
+    let limit = len
+        .checked_next_multiple_of(PAGE)
+        .unwrap_or(u64::MAX / PAGE * PAGE);
+    let mut end = 0u64; // end of the previous entry, relative to `offset`
+    for (i, e) in entries.iter().enumerate() {
+        let bad = |why: &str| invalid(format!("pmfs map reply entry {i} {e:?}: {why}"));
+        if e.len == 0 || e.len % PAGE != 0 {
+            return Err(bad("length is not a positive multiple of 4096"));
+        }
+        if e.file_offset % PAGE != 0 || e.device_offset % PAGE != 0 {
+            return Err(bad("offset is not a multiple of 4096"));
+        }
+        if e.flags & !ENTRY_UNWRITTEN != 0 {
+            return Err(bad("unknown flags"));
+        }
+        let rel = e
+            .file_offset
+            .checked_sub(offset)
+            .ok_or_else(|| bad("starts before the requested offset"))?;
+        if rel < end {
+            return Err(bad("not sorted, or overlaps the entry before it"));
+        }
+        end = rel
+            .checked_add(e.len)
+            .filter(|&x| x <= limit)
+            .ok_or_else(|| bad("ends past the requested range"))?;
+        let dev_end = e.device_offset.checked_add(e.len);
+        if dev_end.is_none_or(|x| x > device_size)
+            || libc::off_t::try_from(e.device_offset).is_err()
+        {
+            return Err(bad("device range outside the device"));
+        }
+    }
+    if end == 0 {
+        return Err(io::Error::other("nothing to map (empty range or file)"));
+    }
+    let too_big = || {
+        invalid(format!(
+            "pmfs map reply spans {end} bytes: too large to map"
+        ))
+    };
+    let span = usize::try_from(end).map_err(|_| too_big())?;
+    let reserved = span
+        .checked_next_multiple_of(HUGE)
+        .filter(|r| r.checked_add(HUGE).is_some())
+        .ok_or_else(too_big)?;
+    Ok(MapPlan { span, reserved })
+}
+
+/// Size in bytes of the device behind `device` (an image file, a block device or a
+/// device-DAX node).
+fn device_size(device: &File, path: &Path) -> io::Result<u64> {
+    let meta = device.metadata()?;
+    let ft = meta.file_type();
+    let r = if ft.is_block_device() {
+        block_device_size(path, device)
+    } else if ft.is_char_device() {
+        dax_size(path, meta.rdev())
+    } else {
+        return Ok(meta.len());
+    };
+    r.map_err(io::Error::other)
+}
+
 /// A direct mapping of a range of a pmfs file.
 #[derive(Debug)]
 pub struct DaxMapping {
@@ -187,6 +307,10 @@ const HUGE: usize = 2 << 20;
 impl DaxMapping {
     /// Maps `offset..offset + len` of `file` (offset 4 KiB-aligned; the range is clamped to
     /// the file size rounded up to 4 KiB). Holes in the range are allocated and zeroed first.
+    ///
+    /// The extents come from the file's FUSE server; a reply that is not what pmfs sends
+    /// (see `validate_entries`) is refused with [`io::ErrorKind::InvalidData`] before
+    /// anything is mapped.
     pub fn map(file: &File, offset: u64, len: u64) -> io::Result<Self> {
         if offset % 4096 != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -202,21 +326,37 @@ impl DaxMapping {
         offset: u64,
         len: u64,
     ) -> io::Result<Self> {
+        if offset % PAGE != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let device = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(device_path)?;
-        let (_lease, entries) = query(file, MAP_FLAG_LEASE, offset, len)?;
-        let file = file.try_clone()?;
-        let span = entries
-            .iter()
-            .map(|e| e.file_offset + e.len - offset)
-            .max()
-            .unwrap_or(0) as usize;
-        if span == 0 {
-            return Err(io::Error::other("nothing to map (empty range or file)"));
-        }
-        let reserved = span.next_multiple_of(HUGE);
+        let device_size = device_size(&device, device_path)?;
+        // Disjoint entries of whole pages inside the range: at most one per page.
+        let max_entries = usize::try_from(len.div_ceil(PAGE)).unwrap_or(usize::MAX);
+        let (_lease, entries) = query_bounded(file, MAP_FLAG_LEASE, offset, len, max_entries)?;
+        Self::from_entries(
+            file.try_clone()?,
+            device,
+            device_size,
+            offset,
+            len,
+            &entries,
+        )
+    }
+
+    /// Maps the entries of a map reply for `offset..offset + len`, once they are validated.
+    fn from_entries(
+        file: File,
+        device: File,
+        device_size: u64,
+        offset: u64,
+        len: u64,
+        entries: &[MapEntry],
+    ) -> io::Result<Self> {
+        let MapPlan { span, reserved } = validate_entries(entries, offset, len, device_size)?;
         // SAFETY: an anonymous PROT_NONE reservation at an address of the kernel's choice
         // cannot alias anything.
         let raw = unsafe {
@@ -244,12 +384,16 @@ impl DaxMapping {
         unmap(raw, pad);
         unmap(base.wrapping_add(reserved), HUGE - pad);
         let mut map_sync = true;
-        for e in &entries {
+        for e in entries {
+            // Cannot wrap: `validate_entries` checked `offset <= file_offset` and
+            // `file_offset - offset + len <= span <= reserved`, all without overflow.
             let at = base.wrapping_add((e.file_offset - offset) as usize);
             let fixed = |flags: libc::c_int| {
-                // SAFETY: `at..at + e.len` lies inside our reservation (`file_offset - offset
-                // + len <= span <= reserved`), which nothing else uses; MAP_FIXED replaces
-                // only our PROT_NONE pages with the device range.
+                // SAFETY: `at..at + e.len` lies inside our reservation `base..base +
+                // reserved` (`validate_entries` checked `file_offset - offset + len <= span
+                // <= reserved` with checked arithmetic), which nothing else uses, so
+                // MAP_FIXED replaces only our PROT_NONE pages; the device offset is a page
+                // multiple inside the device, and `e.len` a positive page multiple.
                 unsafe {
                     libc::mmap(
                         at.cast::<c_void>(),
@@ -277,6 +421,7 @@ impl DaxMapping {
             _ => PersistenceMode::Msync,
         };
         let huge_aligned = entries.iter().all(|e| {
+            // `offset <= file_offset`: validated above.
             e.len as usize % HUGE != 0
                 || ((e.file_offset - offset) as usize % HUGE == 0
                     && e.device_offset as usize % HUGE == 0)
@@ -325,19 +470,22 @@ impl DaxMapping {
     /// Copies `data` into the mapping at byte `at` (relative to the mapping).
     pub fn write(&self, at: usize, data: &[u8]) -> io::Result<()> {
         self.check(at, data.len())?;
-        // SAFETY: the range was checked to lie inside the live mapping; the source is a
-        // separate Rust slice, so the regions cannot overlap.
-        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(at), data.len()) };
+        // SAFETY: the range was checked to lie inside the live mapping and `data` is valid
+        // for reads of its length. `ptr::copy` is a memmove, so it stays correct if `data`
+        // was made (by the caller, from `as_ptr`) over the mapping itself.
+        unsafe { ptr::copy(data.as_ptr(), self.base.as_ptr().add(at), data.len()) };
         Ok(())
     }
 
-    /// Copies bytes at `at` of the mapping into `buf`.
+    /// Copies bytes at `at` of the mapping into `buf`. Other processes (the daemon, other
+    /// mappers) may store into the same bytes meanwhile: the copy is then a torn snapshot.
     pub fn read(&self, at: usize, buf: &mut [u8]) -> io::Result<()> {
         self.check(at, buf.len())?;
-        // SAFETY: as in `write`, the source range lies inside the live mapping.
-        unsafe {
-            ptr::copy_nonoverlapping(self.base.as_ptr().add(at), buf.as_mut_ptr(), buf.len())
-        };
+        // SAFETY: the source range lies inside the live mapping (checked), `buf` is valid for
+        // writes of its length, and `ptr::copy` tolerates overlap. The mapping is shared
+        // memory reached only through a raw pointer: concurrent stores by other processes
+        // can tear the bytes copied, never invalidate them (any bit pattern is a `u8`).
+        unsafe { ptr::copy(self.base.as_ptr().add(at), buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
@@ -388,8 +536,166 @@ impl Drop for DaxMapping {
 }
 
 fn is_dax(device: &File) -> bool {
-    device.metadata().is_ok_and(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_char_device()
-    })
+    device
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_char_device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+    const DEV: u64 = 64 * MIB;
+
+    fn entry(file_offset: u64, device_offset: u64, len: u64) -> MapEntry {
+        MapEntry {
+            file_offset,
+            device_offset,
+            len,
+            flags: 0,
+            pad: 0,
+        }
+    }
+
+    #[track_caller]
+    fn refused(entries: &[MapEntry], offset: u64, len: u64) {
+        match validate_entries(entries, offset, len, DEV) {
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
+            Ok(plan) => panic!("accepted {entries:?} for {offset}+{len}: {plan:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_reply_passes() {
+        let off = 4 * MIB;
+        let entries = [
+            entry(off, 2 * MIB, 2 * MIB),
+            entry(off + 2 * MIB, 10 * MIB, 4096),
+            // A gap (a hole the server did not map) is fine.
+            entry(off + 2 * MIB + 8192, DEV - 4096, 4096),
+        ];
+        let plan = validate_entries(&entries, off, 3 * MIB, DEV).unwrap();
+        assert_eq!(plan.span as u64, 2 * MIB + 3 * 4096);
+        assert_eq!(plan.reserved as u64, 4 * MIB);
+        // The last byte of the device and the end of the requested range (rounded up to
+        // 4 KiB) are inside.
+        let plan = validate_entries(&[entry(0, DEV - 8192, 8192)], 0, 5000, DEV).unwrap();
+        assert_eq!(plan.span, 8192);
+        assert_eq!(plan.reserved as u64, 2 * MIB);
+    }
+
+    #[test]
+    fn an_entry_before_the_requested_offset_is_refused() {
+        // The old code computed `file_offset - offset`: this wrapped to 2^64 - 4 MiB and
+        // MAP_FIXED went to `base - 4 MiB`, over whatever the caller had mapped there.
+        refused(&[entry(0, 0, 2 * MIB)], 4 * MIB, 8 * MIB);
+        refused(
+            &[entry(4 * MIB, 0, 4096), entry(4096, 4096, 4096)],
+            4 * MIB,
+            8 * MIB,
+        );
+    }
+
+    #[test]
+    fn wrapping_arithmetic_is_refused() {
+        let top = u64::MAX / PAGE * PAGE;
+        // file_offset + len overflows.
+        refused(&[entry(top, 0, 2 * PAGE)], 0, u64::MAX);
+        // device_offset + len overflows.
+        refused(&[entry(0, top, 2 * PAGE)], 0, u64::MAX);
+        // A span that fits no reservation.
+        refused(&[entry(top - PAGE, 0, PAGE)], 0, u64::MAX);
+    }
+
+    #[test]
+    fn overlapping_or_unsorted_entries_are_refused() {
+        refused(&[entry(0, 0, 8192), entry(4096, MIB, 4096)], 0, MIB);
+        refused(&[entry(8192, 0, 4096), entry(0, MIB, 4096)], 0, MIB);
+        refused(&[entry(0, 0, 4096), entry(0, MIB, 4096)], 0, MIB);
+    }
+
+    #[test]
+    fn entries_outside_the_reservation_or_the_device_are_refused() {
+        // Past the requested range (rounded up to 4 KiB), hence past the reservation the
+        // request implies.
+        refused(&[entry(0, 0, 8192)], 0, 4096);
+        refused(&[entry(4096, 0, 4096)], 0, 4000);
+        refused(&[entry(64 * MIB, 0, 4096)], 0, 2 * MIB);
+        // Device ranges past the device.
+        refused(&[entry(0, DEV, 4096)], 0, MIB);
+        refused(&[entry(0, DEV - 4096, 8192)], 0, MIB);
+    }
+
+    #[test]
+    fn misaligned_empty_or_flagged_entries_are_refused() {
+        refused(&[entry(0, 0, 0)], 0, MIB);
+        refused(&[entry(0, 0, 100)], 0, MIB);
+        refused(&[entry(512, 0, 4096)], 0, MIB);
+        refused(&[entry(0, 512, 4096)], 0, MIB);
+        let mut e = entry(0, 0, 4096);
+        e.flags = 0x80;
+        refused(&[e], 0, MIB);
+        // An empty reply maps nothing (not a hostile one, so not InvalidData).
+        assert!(validate_entries(&[], 0, MIB, DEV).is_err());
+        // A misaligned request is the caller's error.
+        let e = validate_entries(&[entry(4096, 0, 4096)], 100, MIB, DEV).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    /// An image in /dev/shm standing in for the device, with a pattern written at `at`.
+    fn device_image(at: u64, pattern: &[u8]) -> tempfile::NamedTempFile {
+        let mut img = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        img.as_file().set_len(DEV).unwrap();
+        img.flush().unwrap();
+        img.as_file().write_all_at(pattern, at).unwrap();
+        img
+    }
+
+    fn open_rw(path: &Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn from_entries_maps_a_valid_reply_and_refuses_a_hostile_one() {
+        let img = device_image(6 * MIB, b"device bytes");
+        let file = tempfile::tempfile().unwrap();
+        // Hostile: an entry before the requested offset. Refused before any mapping.
+        let e = DaxMapping::from_entries(
+            file.try_clone().unwrap(),
+            open_rw(img.path()),
+            DEV,
+            4 * MIB,
+            4 * MIB,
+            &[entry(0, 6 * MIB, 2 * MIB)],
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // Valid: file offset 4 MiB + 4 KiB maps device offset 6 MiB.
+        let map = DaxMapping::from_entries(
+            file,
+            open_rw(img.path()),
+            DEV,
+            4 * MIB,
+            4 * MIB,
+            &[entry(4 * MIB + 4096, 6 * MIB, 2 * MIB)],
+        )
+        .unwrap();
+        assert_eq!(map.len() as u64, 2 * MIB + 4096);
+        let mut got = [0u8; 12];
+        map.read(4096, &mut got).unwrap();
+        assert_eq!(&got, b"device bytes");
+        map.write(4096, b"DEVICE").unwrap();
+        map.persist(4096, 6).unwrap();
+        drop(map);
+        let mut back = [0u8; 12];
+        img.as_file().read_exact_at(&mut back, 6 * MIB).unwrap();
+        assert_eq!(&back, b"DEVICE bytes");
+    }
 }

@@ -1,9 +1,20 @@
 //! The mapped device: a regular file, a `/dev/pmemN` block device or a `/dev/daxN.M`
 //! character device, mapped `MAP_SHARED` at a 2 MiB-aligned address.
 //!
-//! All `unsafe` of the crate lives in this file. Every access to the mapping goes through raw
-//! pointers after a bounds check ([`check_range`] / [`check_word`]); no `&[u8]` into the
-//! mapping outlives one call, because other processes may map and store into the same bytes.
+//! Most of the crate's `unsafe` lives in this file (the rest is the client side of direct
+//! mapping, `dax.rs`). Every access to the mapping goes through raw pointers after a bounds
+//! check ([`check_range`] / [`check_word`]), and no reference (`&[u8]`, `&mut [u8]`) into the
+//! mapping is ever made, because other processes may map and store into the same bytes: bytes
+//! go in and out by `ptr::copy` (memmove), by non-temporal stores from a buffer checked not to
+//! overlap the mapping, or by 8-byte atomics.
+//!
+//! **What a concurrent store can do to us.** Another process storing into bytes we copy is
+//! outside the Rust abstract machine, as with any `MAP_SHARED` memory: the copy is made from a
+//! raw pointer the compiler knows nothing about, so it cannot assume the bytes stay put, and
+//! the result can only be a torn snapshot (every bit pattern is a valid `u8`), exactly as
+//! `read(2)` racing a `write(2)`. Inside the daemon, two threads copy the same bytes at once
+//! only if two files share a block, which a consistent image never has (fsck checks it; mount
+//! does not): the bytes may tear then too, and nothing else depends on them.
 //!
 //! **Opening.** A device is opened exclusively: `O_EXCL` for block devices (the kernel then
 //! refuses a second exclusive opener and a mounted device), a non-blocking `flock(LOCK_EX)`
@@ -108,8 +119,13 @@ pub struct Device {
 // `base` is a bounds-checked copy, atomic or cache-line flush that is sound from any thread;
 // the raw pointer is what makes the type `!Send` by default, not any thread affinity.
 unsafe impl Send for Device {}
-// SAFETY: as for `Send`: `&Device` only allows raw copies and atomics on the shared mapping,
-// which other threads and processes may touch concurrently by design (see the module docs).
+// SAFETY: every method of `&Device` touches the mapping only through raw pointers, after a
+// bounds check: `ptr::copy` into and out of it, non-temporal stores from buffers that do not
+// overlap it, 8-byte atomics on aligned words, flushes and fences. None of them creates a
+// reference into the mapping or keeps a pointer past the call, so no `&Device` method asserts
+// anything about bytes another thread (or process) may be storing into; what such a store
+// does to a concurrent copy is described in the module docs (a torn snapshot). The atomic
+// words are the exception that needs callers' help: see `word` and the `Media` docs.
 unsafe impl Sync for Device {}
 
 fn io_error(path: &Path, source: io::Error) -> DeviceError {
@@ -319,10 +335,11 @@ impl Device {
             return;
         }
         // SAFETY: the caller checked `offset..offset + data.len()` against the size, so the
-        // destination lies inside our live, writable mapping; `data` is a Rust slice outside
-        // the mapping (a caller cannot hold a slice into it beyond `with_slice`), so the
-        // ranges do not overlap.
-        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), self.at(offset), data.len()) };
+        // destination lies inside our live, writable mapping, and `data` is valid for reads
+        // of its length. `ptr::copy` is a memmove: it is correct even if `data` overlapped
+        // the destination (no reference into the mapping is ever handed out, so a caller
+        // cannot make it, but the copy does not depend on that).
+        unsafe { ptr::copy(data.as_ptr(), self.at(offset), data.len()) };
     }
 
     /// Zeroes `len` bytes at `offset` with ordinary stores. The range must be checked.
@@ -366,11 +383,20 @@ impl Device {
         if body > 0 {
             let dst = self.at(offset + head);
             match data {
+                Some(d) if self.overlaps_mapping(d) => {
+                    // The non-temporal copy runs forwards and needs disjoint ranges; a
+                    // source inside the mapping (impossible through safe code, since no
+                    // reference into it is handed out) gets a memmove and a flush instead.
+                    let off = offset + head;
+                    plain(off, body);
+                    self.flush_lines(off, body);
+                }
                 Some(d) => {
                     let src = &d[head as usize..(head + body) as usize];
                     // SAFETY: `dst..dst + body` lies inside the mapping (range checked
                     // above), is 16-byte aligned by the choice of `head`, `body` is a
-                    // multiple of 16, and `src` is a slice of exactly `body` bytes.
+                    // multiple of 16, `src` is a slice of exactly `body` bytes, and `d`
+                    // (hence `src`) does not overlap the mapping (checked by the arm above).
                     unsafe { arch::stream_copy(dst, src.as_ptr(), body as usize) };
                 }
                 // SAFETY: as above, `dst..dst + body` is inside the mapping, 16-aligned and a
@@ -386,13 +412,27 @@ impl Device {
         Ok(())
     }
 
-    /// The 8-byte word at `offset` as an atomic, valid for the duration of one call.
+    /// Whether `data` shares any byte with the mapping.
+    fn overlaps_mapping(&self, data: &[u8]) -> bool {
+        let start = data.as_ptr() as usize;
+        let end = start + data.len();
+        let base = self.base.as_ptr() as usize;
+        start < base + self.size as usize && base < end
+    }
+
+    /// The 8-byte word at `offset` as an atomic, used for one operation and then dropped.
     fn word(&self, offset: u64) -> Result<&AtomicU64, DeviceError> {
         check_word(offset, self.size)?;
-        // SAFETY: `offset` is 8-aligned and `offset + 8 <= size` (check_word), the mapping is
-        // page-aligned, so the pointer is valid and aligned for a u64 for as long as `self`
-        // lives; every access to these bytes from this crate is atomic or a raw copy, and
-        // other processes sharing the mapping are the documented exception of the module.
+        // SAFETY: `offset` is 8-aligned and `offset + 8 <= size` (check_word) and the mapping
+        // is page-aligned, so the pointer is valid and aligned for a u64 while `self` lives.
+        // `from_ptr` also requires that no non-atomic access to the word races this atomic
+        // one. That is not something this type can see: it holds because the crate uses the
+        // atomic methods only on block-bitmap words and journal slot generations, and copies
+        // those regions with `read`/`write` only while no transaction runs (mkfs, fsck, the
+        // allocator's load and recovery at mount; the `Media` docs state the rule), while
+        // file data, the only bytes other processes map, lies in the data area, which
+        // validated extents never leave. A crafted image cannot move either region: their
+        // places come from the validated geometry.
         Ok(unsafe { AtomicU64::from_ptr(self.at(offset).cast::<u64>()) })
     }
 }
@@ -400,7 +440,8 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         // SAFETY: `base..base + size` is the mapping created in `open` and owned by this
-        // value; no reference into it survives (slices live only during `with_slice`).
+        // value; `&mut self` means no method is running, and no reference or pointer into
+        // the mapping is ever handed out, so nothing can use it afterwards.
         let r = unsafe { libc::munmap(self.base.as_ptr().cast::<c_void>(), self.size as usize) };
         if r != 0 {
             log::warn!(
@@ -427,9 +468,13 @@ impl Media for Device {
         if buf.is_empty() {
             return Ok(());
         }
-        // SAFETY: `offset..offset + buf.len()` lies inside the live mapping (checked above);
-        // `buf` is an exclusive Rust buffer, which cannot overlap the mapping.
-        unsafe { ptr::copy_nonoverlapping(self.at(offset), buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: `offset..offset + buf.len()` lies inside the live mapping (checked above)
+        // and `buf` is valid for writes of its length. The copy is a memmove (`ptr::copy`),
+        // correct even if `buf` overlapped the source. Bytes that other processes (or, on a
+        // cross-linked image, other threads) store meanwhile can only make the copy a torn
+        // snapshot (see the module docs); the copy is from a raw pointer, so the compiler
+        // assumes nothing about those bytes.
+        unsafe { ptr::copy(self.at(offset), buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
@@ -485,24 +530,6 @@ impl Media for Device {
         Ok(self.word(offset)?.fetch_and(mask, Ordering::SeqCst))
     }
 
-    fn with_slice(
-        &self,
-        offset: u64,
-        len: u64,
-        f: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), DeviceError> {
-        check_range(offset, len, self.size)?;
-        // SAFETY: `offset..offset + len` lies inside the live mapping (checked above) and the
-        // pointer is non-null; the slice is dropped when `f` returns and cannot escape it
-        // (`f` takes it for a caller-chosen lifetime only). Other processes may store into
-        // these bytes meanwhile; the contract of `with_slice` makes the caller treat the
-        // contents as a possibly torn snapshot.
-        let view =
-            unsafe { std::slice::from_raw_parts(self.at(offset).cast_const(), len as usize) };
-        f(view);
-        Ok(())
-    }
-
     fn sync_all(&self) -> Result<(), DeviceError> {
         if self.read_only {
             return Ok(());
@@ -536,7 +563,7 @@ fn classify(path: &Path, meta: &std::fs::Metadata) -> Result<DeviceKind, DeviceE
 }
 
 /// Size of a device-DAX character device, from `/sys/dev/char/MAJ:MIN/size`.
-fn dax_size(path: &Path, rdev: u64) -> Result<u64, DeviceError> {
+pub(super) fn dax_size(path: &Path, rdev: u64) -> Result<u64, DeviceError> {
     let sys = PathBuf::from(format!(
         "/sys/dev/char/{}:{}",
         libc::major(rdev),
@@ -578,7 +605,7 @@ fn dax_align(rdev: u64) -> usize {
 }
 
 /// Size of a block device (`BLKGETSIZE64`).
-fn block_device_size(path: &Path, file: &File) -> Result<u64, DeviceError> {
+pub(super) fn block_device_size(path: &Path, file: &File) -> Result<u64, DeviceError> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
@@ -1007,10 +1034,6 @@ mod tests {
         d.flush(4 * MIB, 0).unwrap();
         d.flush(4 * MIB - 1, 1).unwrap();
         d.sync_all().unwrap();
-        let mut seen = Vec::new();
-        d.with_slice(12_345, 16, &mut |s| seen.extend_from_slice(s))
-            .unwrap();
-        assert_eq!(seen, data[..16]);
         drop(d);
         // The mapping was shared: the bytes are in the file.
         let file = std::fs::read(img.path()).unwrap();
@@ -1069,7 +1092,6 @@ mod tests {
         assert!(oob(d.write_nt(size - 15, &[1; 16])));
         assert!(oob(d.zero_nt(size - 15, 16)));
         assert!(oob(d.flush(size, 1)));
-        assert!(oob(d.with_slice(size - 1, 2, &mut |_| {})));
         assert!(matches!(
             d.load_u64(size),
             Err(DeviceError::OutOfBounds { .. })

@@ -1,15 +1,19 @@
 //! The device layer: the only code that touches the persistent-memory mapping.
 //!
 //! Everything above this module sees the device through the [`Media`] trait: copy in, copy out,
-//! flush a range, fence, 8-byte atomics, and a borrowed view of a range that lives only for the
-//! length of one call. No caller ever holds a `&[u8]` into the mapping beyond that call,
-//! because other parties (direct-mapping clients, see docs/ARCHITECTURE.md) may store into the
-//! same bytes at any time.
+//! flush a range, fence, and 8-byte atomics. Nothing hands out a reference (`&[u8]`) into the
+//! mapping, not even for the length of one call: other parties may store into the same bytes
+//! at any time (direct-mapping clients, see docs/ARCHITECTURE.md), and a `&[u8]` would assert
+//! that nobody does. Bytes leave the mapping only by copy (`read`), and every copy into or out
+//! of the mapping is a `memmove` (`ptr::copy`), never a `memcpy` that assumes the two ranges
+//! are disjoint. Reads are therefore answered from a copy (src/fs/data.rs): fuser 0.18 sends
+//! a read reply only from a `&[u8]` (`ReplyData::data`), so handing the kernel the mapping
+//! itself would need exactly the reference this layer refuses to make.
 //!
 //! Two implementations:
 //! - [`Device`] (`mmap.rs`): a regular file, a `/dev/pmemN` block device or a `/dev/daxN.M`
-//!   character device, mapped `MAP_SHARED` at a 2 MiB-aligned address. All `unsafe` of the
-//!   crate lives in that file.
+//!   character device, mapped `MAP_SHARED` at a 2 MiB-aligned address. The crate's `unsafe`
+//!   lives in that file and in `dax.rs` (the client side of direct mapping).
 //! - [`RecordingDevice`] (`recording.rs`): an in-memory image that logs every store, flush and
 //!   fence, and rebuilds the images a power failure could leave. Tests and the crash harness
 //!   run the same code on it.
@@ -130,6 +134,13 @@ pub trait Media: Send + Sync + fmt::Debug {
     fn fence(&self);
 
     /// Atomic 8-byte load; `offset` must be 8-aligned.
+    ///
+    /// The four atomic methods are for the words that threads change concurrently: the
+    /// block-bitmap words and the journal slot generations. While more than one thread uses
+    /// the device, such a word is accessed only through these methods; byte copies (`read`,
+    /// `write`) of those regions are for times when no transaction runs (mkfs, fsck, the
+    /// allocator's load and journal recovery at mount). File data never lies there: extents
+    /// are validated to lie inside the data area before use.
     fn load_u64(&self, offset: u64) -> Result<u64, DeviceError>;
 
     /// Atomic 8-byte store (power-fail atomic); `offset` must be 8-aligned.
@@ -140,19 +151,6 @@ pub trait Media: Send + Sync + fmt::Debug {
 
     /// Atomic AND of an 8-byte word, returning the previous value.
     fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError>;
-
-    /// Calls `f` with a view of `offset..offset + len` that is valid only during the call.
-    ///
-    /// This is how reads are answered straight from the mapping: the view is handed to the
-    /// kernel (a `writev` to /dev/fuse) and never outlives the call. Other processes with a
-    /// direct mapping may store into these bytes meanwhile; the caller must treat the
-    /// contents as a snapshot that can be torn, exactly as `read(2)` racing a `write(2)`.
-    fn with_slice(
-        &self,
-        offset: u64,
-        len: u64,
-        f: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), DeviceError>;
 
     /// Makes everything written so far durable (used at unmount and by `fsync` in msync
     /// mode, where the page cache sits between us and the media).

@@ -307,19 +307,6 @@ impl Media for RecordingDevice {
         self.rmw(offset, |v| v & mask)
     }
 
-    fn with_slice(
-        &self,
-        offset: u64,
-        len: u64,
-        f: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), DeviceError> {
-        check_range(offset, len, self.size)?;
-        let g = self.inner.lock();
-        let o = offset as usize;
-        f(&g.image[o..o + len as usize]);
-        Ok(())
-    }
-
     fn sync_all(&self) -> Result<(), DeviceError> {
         let mut g = self.inner.lock();
         // Everything becomes durable: model it as flushing the whole device and fencing.

@@ -438,14 +438,6 @@ impl Media for FailingFlush {
     fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
         self.inner.fetch_and_u64(offset, mask)
     }
-    fn with_slice(
-        &self,
-        offset: u64,
-        len: u64,
-        f: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), DeviceError> {
-        self.inner.with_slice(offset, len, f)
-    }
     fn sync_all(&self) -> Result<(), DeviceError> {
         self.inner.sync_all()
     }

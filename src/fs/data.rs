@@ -59,8 +59,7 @@ fn end(e: &ExtentRecord) -> u64 {
 }
 
 impl Fs {
-    /// READ: calls `reply` once with the bytes (a view of the mapping when the range is
-    /// contiguous on the device, so nothing is copied in the daemon).
+    /// READ: calls `reply` once with the bytes, copied out of the mapping.
     pub fn read(
         &self,
         ino: u64,
@@ -116,16 +115,8 @@ impl Fs {
         reply: &mut dyn FnMut(&[u8]),
     ) -> Result<()> {
         let r = self.reader();
-        let fb = offset / BLOCK_SIZE;
-        // Fast path: one written extent covers the whole range.
-        if let Some(e) = extent::covering(&r, ino, i, fb)? {
-            let ext_end = blocks_to_bytes(end(&e));
-            if e.flags & extent_flags::UNWRITTEN == 0 && offset + len <= ext_end {
-                let dev = blocks_to_bytes(e.dev_block) + (offset - blocks_to_bytes(e.file_block));
-                self.media.with_slice(dev, len, reply)?;
-                return Ok(());
-            }
-        }
+        // Always a copy, even when one extent covers the range: the mapping is never lent
+        // out as a `&[u8]` (see src/device/mod.rs), and fuser replies only from one.
         let mut buf = vec![0u8; len as usize];
         let mut pos = offset;
         while pos < offset + len {

@@ -51,8 +51,8 @@ const MAX_BACKGROUND: u16 = 64;
 /// How file data meets the kernel page cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CacheMode {
-    /// `FOPEN_DIRECT_IO`: no page cache; pmem is the cache. Each read is answered straight from
-    /// the mapping; shared mmap still works through `FUSE_DIRECT_IO_ALLOW_MMAP`.
+    /// `FOPEN_DIRECT_IO`: no page cache; pmem is the cache. Each read is answered from a copy
+    /// of the mapping's bytes; shared mmap still works through `FUSE_DIRECT_IO_ALLOW_MMAP`.
     #[default]
     Direct,
     /// Ordinary page-cache I/O with `FOPEN_KEEP_CACHE` (nothing changes a file behind the
@@ -573,8 +573,8 @@ impl Filesystem for PmfsFuse {
         reply: ReplyData,
     ) {
         self.begin();
-        // The core hands over a view of the mapping that lives only during the callback:
-        // reply from inside it, so the bytes go from pmem to the kernel with no copy here.
+        // The core hands over a copy of the bytes (fuser's reply takes a `&[u8]`, and the
+        // mapping is never lent out as one); reply from inside the callback.
         let mut reply = Some(reply);
         let r = self.fs.read(ino.0, offset, size, &mut |data| {
             if let Some(reply) = reply.take() {

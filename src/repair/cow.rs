@@ -170,26 +170,6 @@ impl Media for CowMedia {
         self.rmw(offset, |w| w & mask)
     }
 
-    fn with_slice(
-        &self,
-        offset: u64,
-        len: u64,
-        f: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), DeviceError> {
-        self.check(offset, len)?;
-        let mut buf = vec![
-            0u8;
-            usize::try_from(len).map_err(|_| DeviceError::OutOfBounds {
-                offset,
-                len,
-                size: self.base.size(),
-            })?
-        ];
-        self.read(offset, &mut buf)?;
-        f(&buf);
-        Ok(())
-    }
-
     fn sync_all(&self) -> Result<(), DeviceError> {
         Ok(())
     }
