@@ -38,8 +38,8 @@ pub enum Rank {
     Deferred = 4,
     /// A journal slot: always the last.
     Slot = 5,
-    /// Not in the order (a token that records nothing).
-    #[doc(hidden)]
+    /// Not in the order: a token that records nothing (the journal's own tests, which
+    /// interleave two transactions on one thread on purpose).
     Untracked = 7,
 }
 
