@@ -212,3 +212,33 @@ fn a_collapse_into_a_self_referencing_node_is_an_error() {
     });
     expect_eio("collapse into a self-reference: unlink", r);
 }
+
+/// A chain of directories 2,500 deep with 250-byte names: the checker and fsck's repair keep
+/// a path per directory for their messages, and kept whole those would hold ~800 MB (the
+/// depth squared times the name length); capped at PATH_MAX they hold ~10 MB.
+#[test]
+fn a_deep_directory_chain_keeps_check_and_repair_memory_bounded() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const DEPTH: usize = 2500;
+    let dev = Arc::new(pmfs::device::RecordingDevice::new(64 * common::MIB));
+    pmfs::mkfs::format(dev.as_ref(), &pmfs::mkfs::MkfsOptions::default()).unwrap();
+    let media: Arc<dyn pmfs::device::Media> = dev;
+    let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
+    let name = [b'd'; 250];
+    let mut parent = 1;
+    for _ in 0..DEPTH {
+        parent = fs.mkdir(&C, parent, &name, 0o755).unwrap().ino;
+        fs.forget(parent, 1);
+    }
+    fs.shutdown().unwrap();
+    drop(fs);
+    let report = step("check of a 2,500-deep chain", || check(&media)).unwrap();
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(report.directories, DEPTH as u64 + 1);
+    let longest = report.paths.values().map(String::len).max().unwrap();
+    assert!(longest <= pmfs::check::MESSAGE_PATH_MAX, "{longest}");
+    step("diagnose + repair of a 2,500-deep chain", || {
+        let report = diagnose(&media).unwrap();
+        repair(&media, &report, RepairMode::all()).unwrap()
+    });
+}
