@@ -31,7 +31,14 @@
 //!
 //! Every node read is validated (magic, kind, owner, level, record bounds, ordered keys,
 //! child blocks inside the data area) and a descent's level decreases at every step, so a
-//! damaged or hostile tree gives an error, never a loop or an out-of-bounds access.
+//! damaged or hostile tree gives an error, never a loop or an out-of-bounds access. Node
+//! validation alone still admits a DAG (one child under many entries, up to
+//! `MAX_TREE_LEVEL` deep: ~254^8 paths), so every walk that visits more than one path is
+//! bounded across nodes as well: the node walker (`validate`, `for_each_node`) refuses a
+//! node reached twice, and `scan` refuses a key not above the previous one, an empty leaf
+//! below the root, and more node reads than the device has blocks. A hostile tree costs at
+//! most time proportional to the device size and memory proportional to the tree depth
+//! (scan) or the device size (the node walker), then gives a `Corrupted` error.
 
 use crate::device::Media;
 use crate::error::{Error, Result};
@@ -357,6 +364,13 @@ impl<'a> TreeReader<'a> {
 
     /// Calls `f(key, payload)` for every record with key >= `from`, in key order, until `f`
     /// returns false.
+    ///
+    /// Bounded on any tree, however hostile (see [`TreeReader::scan_budget`]): every key the
+    /// walk reads must be greater than the one before it, across leaves too (so a subtree
+    /// reached a second time, a DAG, ends the scan at its first repeated key, and so do
+    /// leaves out of order), a leaf other than the root must hold a record (so a repeated
+    /// subtree always repeats a key), and the walk reads at most as many nodes as the device
+    /// has blocks. Each of these is a `Corrupted` error.
     pub fn scan(
         &self,
         tree: &Tree,
@@ -373,7 +387,20 @@ impl<'a> TreeReader<'a> {
         let mut buf = [0u8; BLOCK];
         let mut at = (tree.root, None);
         let mut first_leaf = true;
+        let mut budget = self.scan_budget();
+        // The last key read (skipped ones included).
+        let mut last: Option<u64> = None;
         loop {
+            budget = budget.checked_sub(1).ok_or_else(|| {
+                self.corrupt(
+                    tree,
+                    format!(
+                        "scan read more nodes than the device has blocks ({}): \
+                         a node is reached more than once",
+                        self.scan_budget()
+                    ),
+                )
+            })?;
             let v = self.view(tree, at.0, at.1, &mut buf)?;
             if !v.is_leaf() {
                 let i = if first_leaf { v.route(from) } else { 0 };
@@ -382,9 +409,23 @@ impl<'a> TreeReader<'a> {
                 stack.push((v.entries(), i, v.level));
                 continue;
             }
+            if v.count == 0 && !stack.is_empty() {
+                return Err(self.corrupt(tree, format!("node {}: empty leaf", at.0)));
+            }
             let skip = first_leaf;
             first_leaf = false;
             for (k, p) in v.records() {
+                if let Some(l) = last.filter(|&l| k <= l) {
+                    return Err(self.corrupt(
+                        tree,
+                        format!(
+                            "node {}: key {k:#x} after {l:#x}: keys out of order across \
+                             leaves (a misplaced or repeated subtree)",
+                            at.0
+                        ),
+                    ));
+                }
+                last = Some(k);
                 if skip && k < from {
                     continue;
                 }
@@ -405,6 +446,14 @@ impl<'a> TreeReader<'a> {
                 stack.pop();
             }
         }
+    }
+
+    /// The most nodes one scan may read: the device's block count. A tree whose nodes are
+    /// each reached once has fewer nodes than that, so only a tree that reaches a node more
+    /// than once (a DAG or a cycle, which the key-order rule catches first unless its leaves
+    /// are empty) can run out of it.
+    fn scan_budget(&self) -> u64 {
+        self.geometry.block_count
     }
 
     /// The record with the greatest key <= `key`.
@@ -463,7 +512,8 @@ impl<'a> TreeReader<'a> {
 
     /// Like [`TreeReader::for_each_node`], and checks the separator invariant of the module
     /// docs on every node: entry 0 keyed exactly the node's lower bound (0 on the leftmost
-    /// spine), every entry and leaf key inside the node's range `[lo, hi)`. The first
+    /// spine), every entry and leaf key inside the node's range `[lo, hi)`, no empty leaf
+    /// below the root (which `scan` refuses). The first
     /// violation is returned as a `Corrupted` error naming the node; `f` has been called for
     /// every node read until then. For fsck.
     pub fn validate(&self, tree: &Tree, f: &mut dyn FnMut(u64, u16) -> Result<()>) -> Result<()> {
@@ -501,6 +551,10 @@ impl<'a> TreeReader<'a> {
             };
             if v.is_leaf() {
                 if ranges {
+                    if v.count == 0 && block != tree.root {
+                        // No writer leaves one, and scans refuse it (see `scan`).
+                        return Err(self.corrupt(tree, format!("node {block}: empty leaf")));
+                    }
                     if let Some((k, _)) = v.records().find(|r| r.0 < lo || !below(r.0, hi)) {
                         return Err(out_of_range("key", k));
                     }
@@ -873,14 +927,18 @@ pub fn remove(
             rekey_left_spine(tx, r, tree, child, Some(node.level - 1), lo)?;
         }
     }
-    // Collapse a root with a single child.
+    // Collapse a root with a single child. Each promoted child must sit one level below the
+    // node it replaces, so a hostile chain of single-entry nodes (even one pointing back at
+    // itself) ends in an error after at most MAX_TREE_LEVEL steps.
     let old_root = tree.root;
+    let mut level = None;
     loop {
-        let root = r.read_node(tree, tree.root, None)?;
+        let root = r.read_node(tree, tree.root, level)?;
         match root.body {
             Body::Internal(entries) if entries.len() == 1 => {
                 alloc.free_node(tx, tree.owner, tree.root)?;
                 tree.root = entries[0].1;
+                level = Some(root.level - 1);
             }
             _ => break,
         }

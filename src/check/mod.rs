@@ -23,8 +23,28 @@ use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
 };
 use crate::fs::{InodeTable, read_state, read_superblock};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+
+/// Longest path kept for messages (PATH_MAX). A deeper path keeps its last part after "…",
+/// so the memory the checker and repair spend on paths grows with the number of inodes, not
+/// with the depth of the directory tree times its size (a chain of 10,000 directories with
+/// long names would otherwise hold gigabytes of paths).
+pub const MESSAGE_PATH_MAX: usize = 4096;
+
+/// `base/name` for messages, at most [`MESSAGE_PATH_MAX`] bytes.
+pub fn join_path(base: &str, name: &[u8]) -> String {
+    let sep = if base.ends_with('/') { "" } else { "/" };
+    let p = format!("{base}{sep}{}", String::from_utf8_lossy(name));
+    if p.len() <= MESSAGE_PATH_MAX {
+        return p;
+    }
+    let mut cut = p.len() - (MESSAGE_PATH_MAX - '…'.len_utf8());
+    while !p.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("…{}", &p[cut..])
+}
 
 /// Kinds of damage, so fsck can pick a repair.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +216,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             true
         });
     }
+    let orphan_set: HashSet<u64> = orphans.iter().copied().collect();
     for &o in &orphans {
         match inodes.get(&o) {
             Some(i) if i.nlink == 0 && i.flags & inode_flags::ORPHAN != 0 => {}
@@ -289,7 +310,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
                 Err(e) => c.problem(ProblemKind::BadInode(ino), format!("inode {ino}: {e}")),
             }
         }
-        if i.nlink == 0 && !orphans.contains(&ino) {
+        if i.nlink == 0 && !orphan_set.contains(&ino) {
             c.problem(
                 ProblemKind::Orphan(ino),
                 format!("inode {ino} has no links and is not on the orphan list"),
@@ -325,7 +346,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
         }
         let mut subdirs = 0u32;
         for (name, child, kind) in entries.iter().cloned() {
-            let child_path = format!("{path}/{}", String::from_utf8_lossy(&name));
+            let child_path = join_path(&path, &name);
             let Some(ci) = inodes.get(&child).copied() else {
                 c.problem(
                     ProblemKind::BadEntry {
@@ -404,7 +425,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     }
     for &ino in &sorted {
         let i = inodes[&ino];
-        if ino == ROOT_INO || ino == DEFERRED_FREE_INO || orphans.contains(&ino) {
+        if ino == ROOT_INO || ino == DEFERRED_FREE_INO || orphan_set.contains(&ino) {
             continue;
         }
         if !reached.contains_key(&ino) {

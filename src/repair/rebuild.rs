@@ -203,8 +203,7 @@ impl<'a> Rebuild<'a> {
     /// Path of an inode for messages.
     fn path_of(&self, dir: u64, name: &[u8]) -> String {
         let base = self.dir_paths.get(&dir).map_or("?", String::as_str);
-        let sep = if base.ends_with('/') { "" } else { "/" };
-        format!("{base}{sep}{}", String::from_utf8_lossy(name))
+        crate::check::join_path(base, name)
     }
 
     pub(super) fn run(mut self) -> Result<()> {

@@ -484,3 +484,239 @@ pub fn damages() -> Vec<Damage> {
         },
     ]
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile trees: nodes that each pass per-node validation but together form a DAG (one
+// child under every entry, `MAX_TREE_LEVEL` levels deep: ~254^7 root-to-leaf paths), leaves
+// out of key order, or a cycle across levels. Written over the image built above.
+
+/// Entries an internal node can hold.
+pub const NODE_ENTRIES: usize = (BLOCK as usize - 32) / 16;
+
+/// The trees a hostile shape can replace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The directory tree of /big (300 entries, two levels).
+    Dir,
+    /// The extent tree of /frag (150 extents, two levels).
+    Extents,
+    /// The orphan list (one orphan, a single leaf).
+    Orphans,
+}
+
+/// The shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Levels 1..=MAX_TREE_LEVEL, every node's entries all pointing at the node below; the
+    /// bottom is a real leaf of the tree.
+    Dag,
+    /// The same over an empty leaf (no key ever repeats).
+    DagOfEmptyLeaves,
+    /// Two leaves in the wrong order under one root (each node on its own is valid).
+    OutOfOrder,
+    /// A chain of internal nodes down to a real leaf, where every node's second entry points
+    /// back at the top: a cycle across levels.
+    Cycle,
+}
+
+impl Image {
+    /// The first `n` free data blocks, marked used (so a mount never hands them out).
+    pub fn take_blocks(&mut self, n: usize) -> Vec<u64> {
+        let blocks: Vec<u64> = (self.g.meta_end..self.g.block_count)
+            .filter(|&b| !self.bit(b))
+            .take(n)
+            .collect();
+        assert_eq!(blocks.len(), n, "no room for the crafted nodes");
+        for &b in &blocks {
+            self.set_bit(b, true);
+        }
+        blocks
+    }
+
+    /// Writes a node: `entries` (key, child) for an internal node, or a leaf's encoded
+    /// records (`count` of them in `leaf`).
+    pub fn put_node(
+        &mut self,
+        block: u64,
+        (kind, owner): (pmfs::format::TreeKind, u64),
+        level: u16,
+        entries: &[(u64, u64)],
+        leaf: (u16, &[u8]),
+    ) {
+        let mut h = pmfs::format::NodeHeader::new(kind, level, owner);
+        let mut body = Vec::new();
+        if level > 0 {
+            for (k, c) in entries {
+                body.extend_from_slice(&k.to_le_bytes());
+                body.extend_from_slice(&c.to_le_bytes());
+            }
+            h.count = entries.len() as u16;
+        } else {
+            body.extend_from_slice(leaf.1);
+            h.count = leaf.0;
+        }
+        h.used = body.len() as u32;
+        let o = (block * BLOCK) as usize;
+        self.bytes[o..o + BLOCK as usize].fill(0);
+        self.bytes[o..o + 32].copy_from_slice(h.as_bytes());
+        self.bytes[o + 32..o + 32 + body.len()].copy_from_slice(&body);
+    }
+
+    /// (kind, owner, root) of a target tree.
+    pub fn tree_of(&self, t: Target) -> (pmfs::format::TreeKind, u64, u64) {
+        use pmfs::format::TreeKind;
+        match t {
+            Target::Dir => {
+                let (ino, i) = self.inode("/big");
+                (TreeKind::Directory, ino, i.tree_root)
+            }
+            Target::Extents => {
+                let (ino, i) = self.inode("/frag");
+                (TreeKind::Extents, ino, i.tree_root)
+            }
+            Target::Orphans => (
+                TreeKind::Directory,
+                pmfs::format::NULL_INO,
+                self.state().orphan_head,
+            ),
+        }
+    }
+
+    fn state(&self) -> pmfs::format::FsState {
+        let o = pmfs::format::STATE_OFFSET as usize;
+        pmfs::format::FsState::read_from_bytes(&self.bytes[o..o + 64]).unwrap()
+    }
+
+    /// Points a target at a new root (the inode or the state record resealed).
+    pub fn set_root(&mut self, t: Target, root: u64) {
+        match t {
+            Target::Dir | Target::Extents => {
+                let path = if t == Target::Dir { "/big" } else { "/frag" };
+                let (ino, mut i) = self.inode(path);
+                i.tree_root = root;
+                self.put_inode(ino, i, true);
+            }
+            Target::Orphans => {
+                let mut st = self.state();
+                st.orphan_head = root;
+                st.seal();
+                let o = pmfs::format::STATE_OFFSET as usize;
+                self.bytes[o..o + 64].copy_from_slice(st.as_bytes());
+            }
+        }
+    }
+
+    /// The leftmost leaf of a target tree.
+    pub fn first_leaf(&self, t: Target) -> u64 {
+        let mut b = self.tree_of(t).2;
+        loop {
+            let (level, children) = self.node(b);
+            if level == 0 {
+                return b;
+            }
+            b = children[0];
+        }
+    }
+
+    /// Replaces a target tree by a hostile shape.
+    pub fn make_hostile(&mut self, t: Target, shape: Shape) {
+        let (kind, owner, root) = self.tree_of(t);
+        let id = (kind, owner);
+        let top = pmfs::format::MAX_TREE_LEVEL;
+        // Keys strictly increasing inside every node, entry 0 keyed 0.
+        let keys = |n: usize| (0..n as u64).map(|j| j << 50);
+        match shape {
+            Shape::Dag | Shape::DagOfEmptyLeaves => {
+                let blocks = self.take_blocks(usize::from(top) + 1);
+                let mut below = if shape == Shape::Dag {
+                    self.first_leaf(t)
+                } else {
+                    self.put_node(blocks[0], id, 0, &[], (0, &[]));
+                    blocks[0]
+                };
+                for level in 1..=top {
+                    let b = blocks[usize::from(level)];
+                    let entries: Vec<(u64, u64)> = keys(NODE_ENTRIES).map(|k| (k, below)).collect();
+                    self.put_node(b, id, level, &entries, (0, &[]));
+                    below = b;
+                }
+                self.set_root(t, below);
+            }
+            Shape::OutOfOrder => {
+                if t == Target::Orphans {
+                    // One more leaf, keyed above the real orphan, placed first.
+                    let b = self.take_blocks(2);
+                    let mut rec = 1_000_000u64.to_le_bytes().to_vec();
+                    rec.extend_from_slice(&0u16.to_le_bytes());
+                    self.put_node(b[0], id, 0, &[], (1, &rec));
+                    self.put_node(b[1], id, 1, &[(0, b[0]), (1 << 50, root)], (0, &[]));
+                    self.set_root(t, b[1]);
+                } else {
+                    // Swap the root's first two children.
+                    let (level, children) = self.node(root);
+                    assert!(
+                        level == 1 && children.len() >= 2,
+                        "{t:?}: {level} {children:?}"
+                    );
+                    self.put_u64(root * BLOCK + 32 + 8, children[1]);
+                    self.put_u64(root * BLOCK + 32 + 16 + 8, children[0]);
+                }
+            }
+            Shape::Cycle => {
+                let blocks = self.take_blocks(usize::from(top));
+                let leaf = self.first_leaf(t);
+                let top_block = blocks[usize::from(top) - 1];
+                let mut below = leaf;
+                for level in 1..=top {
+                    let b = blocks[usize::from(level) - 1];
+                    self.put_node(b, id, level, &[(0, below), (1 << 50, top_block)], (0, &[]));
+                    below = b;
+                }
+                self.set_root(t, top_block);
+            }
+        }
+    }
+}
+
+/// Runs `f` under a deadline: past it the whole test process aborts with a message (a hang
+/// is a failure, never a CI timeout).
+pub fn within<T>(what: &str, secs: u64, f: impl FnOnce() -> T) -> T {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let name = what.to_string();
+    let dog = std::thread::spawn(move || {
+        if rx.recv_timeout(std::time::Duration::from_secs(secs))
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        {
+            eprintln!("{name}: still running after {secs} s: aborting");
+            std::process::abort();
+        }
+    });
+    let out = f();
+    let _ = tx.send(());
+    dog.join().unwrap();
+    out
+}
+
+/// Peak resident memory of this process in KiB (VmHWM), after resetting it to the current
+/// resident size where the kernel allows (`/proc/self/clear_refs`, 5).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
