@@ -695,19 +695,32 @@ impl Fs {
             true
         })?;
         for ino in inos {
-            self.shrink_orphan(ino)?;
-            let g = self.lock_all(&[ino]);
-            let mut tx = self.begin(&g, LockSet::STATE.freeing())?;
-            if let Ok(mut inode) = self.inodes.read(ino) {
-                if inode.nlink == 0 {
-                    self.release_contents(&mut tx, ino, &mut inode)?;
-                    self.free_inode(&mut tx, ino, &mut inode)?;
-                }
+            match self.free_orphan_at_mount(ino) {
+                Ok(()) => {}
+                // One damaged orphan must not keep the whole file system from mounting:
+                // it stays on the list (its blocks stay in use) for fsck to repair.
+                Err(e @ Error::Corrupted { .. }) => log::error!(
+                    "orphan inode {ino} could not be freed ({e}); it stays on the orphan \
+                     list until fsck.pmfs -y repairs it"
+                ),
+                Err(e) => return Err(e),
             }
-            self.orphan_remove(&mut tx, ino)?;
-            tx.commit()?;
         }
         Ok(())
+    }
+
+    fn free_orphan_at_mount(&self, ino: u64) -> Result<()> {
+        self.shrink_orphan(ino)?;
+        let g = self.lock_all(&[ino]);
+        let mut tx = self.begin(&g, LockSet::STATE.freeing())?;
+        if let Ok(mut inode) = self.inodes.read(ino) {
+            if inode.nlink == 0 {
+                self.release_contents(&mut tx, ino, &mut inode)?;
+                self.free_inode(&mut tx, ino, &mut inode)?;
+            }
+        }
+        self.orphan_remove(&mut tx, ino)?;
+        tx.commit()
     }
 
     /// Orphans currently recorded (for fsck and tests).
