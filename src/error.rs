@@ -83,11 +83,13 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Self::Device(_) | Self::Format(_) | Self::Corrupted { .. } => libc::EIO,
-            // Operations that can free or map without bound run in steps (src/fs/data.rs,
-            // `punch_in_steps`); a transaction that still overflows its slot is a bug of
-            // ours, not a file too large: EIO, and the adapter logs it.
             // Fail-stop after a failed commit or rollback: the mount is read-only now.
             Self::Journal(JournalError::Poisoned) => libc::EROFS,
+            // After FS_IOC_SHUTDOWN every operation fails with EIO, as on XFS and ext4.
+            Self::Journal(JournalError::ShutDown) => libc::EIO,
+            // Operations that can free or map without bound run in steps (src/fs/data.rs,
+            // `punch_in_steps`), so a transaction that still overflows its slot (TooLarge)
+            // is a bug of ours, not a file too large: EIO, which the adapter logs.
             Self::Journal(_) | Self::Internal(_) => libc::EIO,
             Self::Alloc(AllocError::NoSpace) | Self::NoSpace | Self::NoInodes => libc::ENOSPC,
             Self::Alloc(_) => libc::EIO,

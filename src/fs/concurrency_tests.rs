@@ -832,3 +832,71 @@ fn stress_more_threads_than_slots_with_a_watchdog_and_a_model() {
     );
     stress(seed, 8, ops);
 }
+
+/// FS_IOC_SHUTDOWN: from the call on every operation fails with EIO (reads too), threads
+/// waiting for a slot are released, and the next mount finds everything that committed.
+#[test]
+fn shut_down_stops_every_operation_and_the_next_mount_has_what_committed() {
+    let (media, fs) = new_fs(64 * MIB);
+    let f = fs.mknod(&C, ROOT_INO, b"kept", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, b"committed").unwrap();
+    // Writers racing the shutdown: each operation either committed or failed with EIO.
+    let progress = Progress::default();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<Box<dyn FnOnce() + Send>> = (0..8)
+        .map(|t| {
+            let (fs, progress, acked) = (Arc::clone(&fs), progress.clone(), Arc::clone(&acked));
+            Box::new(move || {
+                for i in 0.. {
+                    let name = format!("t{t}-{i}");
+                    match fs.mknod(&C, ROOT_INO, name.as_bytes(), 0o100644, 0) {
+                        Ok(_) => acked.lock().push(name),
+                        Err(e) => {
+                            assert_eq!(e.errno(), libc::EIO, "{e}");
+                            return;
+                        }
+                    }
+                    progress.tick();
+                }
+            }) as Box<dyn FnOnce() + Send>
+        })
+        .collect();
+    let stopper = {
+        let fs = Arc::clone(&fs);
+        Box::new(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            fs.shut_down();
+        }) as Box<dyn FnOnce() + Send>
+    };
+    run_watched(
+        "shutdown",
+        &progress,
+        workers.into_iter().chain([stopper]).collect(),
+    );
+    for e in [
+        fs.getattr(f.ino).unwrap_err(),
+        fs.lookup(ROOT_INO, b"kept").unwrap_err(),
+        fs.read(f.ino, 0, 10, &mut |_| {}).unwrap_err(),
+        fs.write(&C, f.ino, 0, b"x").map(drop).unwrap_err(),
+        fs.readdir(ROOT_INO, 0, &mut |_, _, _, _| false)
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+    }
+    fs.shutdown().unwrap(); // unmount after a shutdown is quiet
+    drop(fs);
+    let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
+    let a = fs.lookup(ROOT_INO, b"kept").unwrap();
+    let mut back = Vec::new();
+    fs.read(a.ino, 0, 100, &mut |d| back.extend_from_slice(d))
+        .unwrap();
+    assert_eq!(back, b"committed");
+    for name in acked.lock().iter() {
+        assert!(
+            fs.lookup(ROOT_INO, name.as_bytes()).is_ok(),
+            "{name} was acknowledged"
+        );
+    }
+    fs.shutdown().unwrap();
+    check_clean(&media);
+}

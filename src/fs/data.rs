@@ -67,6 +67,7 @@ impl Fs {
         size: u32,
         reply: &mut dyn FnMut(&[u8]),
     ) -> Result<()> {
+        self.check_alive()?;
         let atime_due = {
             let _g = self.read_lock(ino);
             let i = self.inodes.read(ino)?;
@@ -856,6 +857,7 @@ impl Fs {
 
     /// LSEEK with SEEK_DATA / SEEK_HOLE (others are answered by the kernel).
     pub fn lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<i64> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
         // lseek(2): SEEK_DATA/SEEK_HOLE at a negative offset or at/after the end is ENXIO.
@@ -907,6 +909,7 @@ impl Fs {
     /// FSYNC: every reply is already durable; in msync mode make the page cache of the
     /// mapping reach the media.
     pub fn fsync(&self, ino: u64) -> Result<()> {
+        self.check_alive()?;
         let _ = self.getattr(ino)?;
         if self.media.persistence() == crate::device::PersistenceMode::Msync {
             self.media.sync_all()?;

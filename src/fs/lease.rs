@@ -268,6 +268,7 @@ impl Fs {
 
     /// Every extent of a regular file (for `pmfs layout`).
     pub fn layout(&self, ino: u64) -> Result<Vec<MappedExtent>> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
         if !i.is_reg() {

@@ -370,7 +370,9 @@ impl Fs {
 
     /// Marks the file system clean and makes everything durable (unmount).
     pub fn shutdown(&self) -> Result<()> {
-        if self.options.read_only {
+        if self.options.read_only || self.journal.is_shut_down() {
+            // Shut down on request: stay as the shutdown left it (not marked clean); the
+            // next mount recovers.
             return Ok(());
         }
         {
@@ -467,11 +469,30 @@ impl Fs {
     }
 
     fn check_writable(&self) -> Result<()> {
+        self.check_alive()?;
         if self.options.read_only || self.journal.is_poisoned() {
             Err(Error::ReadOnly)
         } else {
             Ok(())
         }
+    }
+
+    /// Fails every operation, reads included, once the file system was shut down on
+    /// request ([`Fs::shut_down`]), as XFS and ext4 do.
+    fn check_alive(&self) -> Result<()> {
+        if self.journal.is_shut_down() {
+            Err(crate::journal::JournalError::ShutDown.into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// FS_IOC_SHUTDOWN: stops the file system until it is mounted again. Every reply
+    /// already was durable, so there is nothing to flush: from now on every operation fails
+    /// with EIO, and the next mount finds what committed (recovery rolls back whatever was
+    /// in flight).
+    pub fn shut_down(&self) {
+        self.journal.shut_down();
     }
 
     /// Reads an inode in use.
@@ -488,6 +509,7 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         Ok(Attr::from_inode(ino, &self.inodes.read(ino)?))
     }
@@ -522,6 +544,7 @@ impl Fs {
     /// counted under the inode's lock, so a concurrent reap either sees it or has already
     /// freed the inode (and this open fails with NotFound).
     pub fn open(&self, ino: u64) -> Result<Attr> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let a = Attr::from_inode(ino, &self.inodes.read(ino)?);
         #[cfg(test)]

@@ -52,6 +52,7 @@ impl Fs {
     /// (which write-locks both and frees the child when nobody references it) either comes
     /// first, and the name is gone, or sees the reference and keeps the inode as an orphan.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        self.check_alive()?;
         if name == b"." {
             // The kernel resolves a file handle (open_by_handle_at, NFS export) whose inode
             // it no longer caches by looking up "." in that inode, whatever its type.
@@ -217,6 +218,7 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
         if !i.is_symlink() {
@@ -636,6 +638,7 @@ impl Fs {
     /// READDIR: entries from `offset` (0 = start; 1 = after "."; 2 = after ".."; k + 3 =
     /// after the entry with key k). `f` returns true when the reply buffer is full.
     pub fn readdir(&self, ino: u64, offset: i64, f: &mut ReaddirFn<'_>) -> Result<()> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let d = self.dir_inode(ino)?;
         if offset < 1 && f(ino, 1, file_type::S_IFDIR, b".") {
@@ -768,6 +771,7 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
         let attrs = xattr::load(self.media.as_ref(), &self.geometry, ino, &i)?;
@@ -779,6 +783,7 @@ impl Fs {
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        self.check_alive()?;
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
         let mut out = Vec::new();

@@ -93,6 +93,9 @@ pub struct PmfsFuse {
     poller: Option<Arc<spin::Poller>>,
 }
 
+/// FS_IOC_SHUTDOWN (XFS_IOC_GOINGDOWN): `_IOR('X', 125, __u32)`.
+const FS_IOC_SHUTDOWN: u32 = 0x8004_587d;
+
 /// The reply to an error: logs it (debug; damage also at warn) and maps it to errno.
 fn errno(op: &str, ino: u64, e: &Error) -> Errno {
     let code = e.errno();
@@ -856,7 +859,7 @@ impl Filesystem for PmfsFuse {
 
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: IoctlFlags,
@@ -866,8 +869,22 @@ impl Filesystem for PmfsFuse {
         reply: ReplyIoctl,
     ) {
         self.begin();
-        // Only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never reach FUSE or
-        // are not ours.
+        if cmd == FS_IOC_SHUTDOWN {
+            // As XFS: only the administrator may stop the file system. The flags (flush
+            // first or not) make no difference: every reply was durable already. FUSE
+            // passes no input for this _IOR command, so they are not even seen.
+            if req.uid() != 0 {
+                return reply.error(Errno::from_i32(libc::EPERM));
+            }
+            log::warn!(
+                "FS_IOC_SHUTDOWN by pid {}: the file system stops",
+                req.pid()
+            );
+            self.fs.shut_down();
+            return reply.ioctl(0, &[]);
+        }
+        // Otherwise only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never
+        // reach FUSE or are not ours.
         if cmd != crate::device::dax::PMFS_IOC_MAP
             || out_size as usize != crate::device::dax::IOCTL_SIZE
         {

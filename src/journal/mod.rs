@@ -59,6 +59,10 @@ pub enum JournalError {
     /// until the file system is mounted again.
     #[error("the journal stopped after a failed commit or rollback (remount to recover)")]
     Poisoned,
+    /// The file system was shut down on request (FS_IOC_SHUTDOWN): nothing changes any
+    /// more until it is mounted again.
+    #[error("the file system was shut down")]
+    ShutDown,
 }
 
 /// What recovery found and did.
@@ -87,6 +91,8 @@ pub struct Journal {
     available: Condvar,
     /// Set once a commit or rollback failed (see the module docs); never cleared.
     poisoned: AtomicBool,
+    /// Set by [`Journal::shut_down`]: the stop was asked for, not caused by a failure.
+    shut_down: AtomicBool,
 }
 
 impl Journal {
@@ -113,6 +119,7 @@ impl Journal {
                 free: Mutex::new(free),
                 available: Condvar::new(),
                 poisoned: AtomicBool::new(false),
+                shut_down: AtomicBool::new(false),
             },
             report,
         ))
@@ -191,6 +198,32 @@ impl Journal {
         // Wake every waiter: they must see the poison instead of waiting for this slot.
         let _free = self.free.lock();
         self.available.notify_all();
+    }
+
+    /// Stops the journal on request (FS_IOC_SHUTDOWN): every later store fails with
+    /// [`JournalError::ShutDown`]. A transaction in flight fails at its next store and rolls
+    /// back (or commits, if it was committing); what committed stays committed.
+    pub fn shut_down(&self) {
+        self.shut_down.store(true, Ordering::Release);
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            log::warn!("journal: shut down on request; no more changes until the next mount");
+        }
+        let _free = self.free.lock();
+        self.available.notify_all();
+    }
+
+    /// True once [`Journal::shut_down`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::Acquire)
+    }
+
+    /// The error a stopped journal gives.
+    fn stopped(&self) -> JournalError {
+        if self.is_shut_down() {
+            JournalError::ShutDown
+        } else {
+            JournalError::Poisoned
+        }
     }
 
     /// Test hook: poisons the journal as a failed commit would.
@@ -363,7 +396,7 @@ impl<'j> Tx<'j> {
         if self.slot.is_none() {
             self.on_abort.clear();
             self.on_commit.clear();
-            return Err(JournalError::Poisoned);
+            return Err(self.journal.stopped());
         }
         match self.commit_inner() {
             Ok(()) => {
@@ -429,7 +462,8 @@ impl<'j> Tx<'j> {
     /// Makes sure the slot is open (odd generation) before the first record.
     fn ensure_open(&mut self) -> Result<&mut Slot, JournalError> {
         let media = &self.journal.media;
-        let slot = self.slot.as_mut().ok_or(JournalError::Poisoned)?;
+        let journal = self.journal;
+        let slot = self.slot.as_mut().ok_or_else(|| journal.stopped())?;
         if !self.open {
             let opened = slot.generation.checked_add(1).ok_or_else(|| {
                 FormatError::corrupted("journal", "slot generation at its maximum")
