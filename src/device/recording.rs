@@ -26,6 +26,9 @@ struct Inner {
     events: Vec<Event>,
     recording: bool,
     fences: usize,
+    /// Failpoint: flushes that may still succeed before every flush fails (`None`: all
+    /// succeed). A failed flush is how a real device reports a media error.
+    flushes_left: Option<u64>,
 }
 
 /// An in-memory [`Media`] that logs stores, flushes and fences.
@@ -51,9 +54,16 @@ impl RecordingDevice {
                 events: Vec::new(),
                 recording: false,
                 fences: 0,
+                flushes_left: None,
             }),
             size,
         }
+    }
+
+    /// Failpoint: after `n` more successful flushes every flush fails with an I/O error,
+    /// until `fail_flushes_after(None)` (tests of fail-stop: a failed commit or rollback).
+    pub fn fail_flushes_after(&self, n: Option<u64>) {
+        self.inner.lock().flushes_left = n;
     }
 
     /// Starts recording: the current image becomes the durable base, the log is emptied.
@@ -278,6 +288,16 @@ impl Media for RecordingDevice {
     fn flush(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         check_range(offset, len, self.size)?;
         let mut g = self.inner.lock();
+        match g.flushes_left {
+            Some(0) => {
+                return Err(DeviceError::Io {
+                    path: "recording device".into(),
+                    source: std::io::Error::other("injected flush failure (failpoint)"),
+                });
+            }
+            Some(n) => g.flushes_left = Some(n - 1),
+            None => {}
+        }
         self.record(&mut g, Event::Flush { offset, len });
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use super::failpoint;
 use super::*;
-use crate::device::{DeviceError, PersistenceMode, RecordingDevice};
+use crate::device::RecordingDevice;
 use crate::mkfs::{MkfsOptions, format};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -388,77 +388,18 @@ fn an_open_racing_the_last_release_of_an_unlinked_file_keeps_its_data() {
     check_clean(&media);
 }
 
-/// A device whose flushes fail once armed (a media error at commit).
-#[derive(Debug)]
-struct FailingFlush {
-    inner: Arc<dyn Media>,
-    armed: AtomicBool,
-}
-
-impl Media for FailingFlush {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn persistence(&self) -> PersistenceMode {
-        self.inner.persistence()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.inner.write(offset, data)
-    }
-    fn write_nt(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.inner.write_nt(offset, data)
-    }
-    fn zero_nt(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        self.inner.zero_nt(offset, len)
-    }
-    fn flush(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        if self.armed.load(Ordering::Acquire) {
-            return Err(DeviceError::Io {
-                path: "failing-flush".into(),
-                source: std::io::Error::other("injected flush failure"),
-            });
-        }
-        self.inner.flush(offset, len)
-    }
-    fn fence(&self) {
-        self.inner.fence();
-    }
-    fn load_u64(&self, offset: u64) -> Result<u64, DeviceError> {
-        self.inner.load_u64(offset)
-    }
-    fn store_u64(&self, offset: u64, value: u64) -> Result<(), DeviceError> {
-        self.inner.store_u64(offset, value)
-    }
-    fn fetch_or_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
-        self.inner.fetch_or_u64(offset, mask)
-    }
-    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
-        self.inner.fetch_and_u64(offset, mask)
-    }
-    fn sync_all(&self) -> Result<(), DeviceError> {
-        self.inner.sync_all()
-    }
-}
-
 /// Issue item 6: a failed commit or rollback returned its slot, in an unknown state, to
 /// the free list, and the mount carried on.
 #[test]
 fn a_failed_commit_stops_every_later_change_and_the_next_mount_recovers() {
-    let inner: Arc<dyn Media> = Arc::new(RecordingDevice::new(64 * MIB));
-    format(inner.as_ref(), &MkfsOptions::default()).unwrap();
-    let failing = Arc::new(FailingFlush {
-        inner: Arc::clone(&inner),
-        armed: AtomicBool::new(false),
-    });
-    let media: Arc<dyn Media> = Arc::clone(&failing) as Arc<dyn Media>;
-    let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
+    let dev = Arc::new(RecordingDevice::new(64 * MIB));
+    format(dev.as_ref(), &MkfsOptions::default()).unwrap();
+    let inner: Arc<dyn Media> = dev.clone();
+    let fs = Fs::mount(Arc::clone(&inner), MountOptions::default()).unwrap();
     fs.mknod(&C, ROOT_INO, b"before", 0o100644, 0).unwrap();
-    failing.armed.store(true, Ordering::Release);
+    dev.fail_flushes_after(Some(0));
     assert!(fs.mknod(&C, ROOT_INO, b"during", 0o100644, 0).is_err());
-    failing.armed.store(false, Ordering::Release);
+    dev.fail_flushes_after(None);
     // The media works again, but this mount stays stopped: read-only, reads still served.
     assert!(fs.is_read_only());
     let e = fs.mknod(&C, ROOT_INO, b"after", 0o100644, 0).unwrap_err();

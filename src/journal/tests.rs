@@ -232,3 +232,72 @@ fn hostile_record_outside_metadata_is_refused() {
     dev.write(slot + RECORDS_OFFSET, h.as_bytes()).unwrap();
     assert!(recover(dev.as_ref(), &g).is_err());
 }
+
+/// Fail-stop, commit side: a flush that fails during commit poisons the journal. Neither
+/// hook runs (what the transaction allocated stays taken, what it freed stays unusable),
+/// every later transaction fails at its first store, none waits for the lost slot, and
+/// recovery at the next open rolls the transaction back.
+#[test]
+fn a_failed_commit_poisons_the_journal_and_recovery_rolls_it_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (dev, g) = setup();
+    let j = open(&dev, g);
+    let a = g.bitmap_offset() + 4096 * 5;
+    let (committed, aborted) = (AtomicBool::new(false), AtomicBool::new(false));
+    let mut tx = j.begin();
+    tx.write(a, &[7; 64]).unwrap();
+    tx.on_commit(|| committed.store(true, Ordering::SeqCst));
+    tx.on_abort(|| aborted.store(true, Ordering::SeqCst));
+    dev.fail_flushes_after(Some(0));
+    assert!(matches!(tx.commit(), Err(JournalError::Device(_))));
+    assert!(j.is_poisoned());
+    assert!(!committed.load(Ordering::SeqCst) && !aborted.load(Ordering::SeqCst));
+    dev.fail_flushes_after(None);
+    // More transactions than slots: each fails at once, none waits.
+    for _ in 0..2 * g.journal_slots {
+        let mut tx = j.begin();
+        assert!(matches!(tx.write(a, &[1; 8]), Err(JournalError::Poisoned)));
+        assert!(matches!(tx.commit(), Err(JournalError::Poisoned)));
+    }
+    drop(j);
+    let (_, report) = Journal::open(dev.clone(), g).unwrap();
+    assert_eq!(
+        report.rolled_back, 1,
+        "its rollback failed too: recovery does it"
+    );
+    let mut buf = [1u8; 64];
+    dev.read(a, &mut buf).unwrap();
+    assert_eq!(
+        buf, [0; 64],
+        "the failed transaction is rolled back by recovery"
+    );
+}
+
+/// Fail-stop, rollback side: a rollback whose undo cannot be flushed poisons the journal
+/// and leaves the slot open on the media, where recovery finishes the rollback.
+#[test]
+fn a_failed_rollback_poisons_the_journal_and_recovery_finishes_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (dev, g) = setup();
+    let j = open(&dev, g);
+    let a = g.bitmap_offset() + 4096 * 5;
+    let aborted = AtomicBool::new(false);
+    {
+        let mut tx = j.begin();
+        tx.write(a, &[7; 64]).unwrap();
+        tx.on_abort(|| aborted.store(true, Ordering::SeqCst));
+        dev.fail_flushes_after(Some(0));
+    } // dropped: the rollback's flushes fail
+    assert!(j.is_poisoned());
+    assert!(
+        !aborted.load(Ordering::SeqCst),
+        "abort hooks must not run after a failed rollback"
+    );
+    dev.fail_flushes_after(None);
+    drop(j);
+    let (_, report) = Journal::open(dev.clone(), g).unwrap();
+    assert_eq!(report.rolled_back, 1, "the slot was left open for recovery");
+    let mut buf = [1u8; 64];
+    dev.read(a, &mut buf).unwrap();
+    assert_eq!(buf, [0; 64]);
+}
