@@ -103,6 +103,11 @@ fn race_round(m: &Mount, round: usize, len: usize, separate_writer: bool) {
     };
     let wmark = 0x5752_0000_0000_0000 | (round as u64) << 32 | 0x1111;
     let smark = 0x5354_0000_0000_0000 | (round as u64) << 32 | 0x2222;
+    let how = if separate_writer {
+        "separate"
+    } else {
+        "same-descriptor"
+    };
     let progress = AtomicU64::new(0);
     let started = AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -149,10 +154,8 @@ fn race_round(m: &Mount, round: usize, len: usize, separate_writer: bool) {
         smark,
     );
     assert_eq!(
-        bad,
-        0,
-        "round {round} ({len} bytes, {} writer): {bad} wrong words seen through the mapping: {shown:?}",
-        if separate_writer { "separate" } else { "same-descriptor" }
+        bad, 0,
+        "round {round} ({len} bytes, {how} writer): {bad} wrong words seen through the mapping: {shown:?}"
     );
     // ...and through read(2) after it was written back and unmapped.
     map.flush().unwrap();
@@ -170,10 +173,8 @@ fn race_round(m: &Mount, round: usize, len: usize, separate_writer: bool) {
         smark,
     );
     assert_eq!(
-        bad,
-        0,
-        "round {round} ({len} bytes, {} writer): {bad} wrong words read back with read(2): {shown:?}",
-        if separate_writer { "separate" } else { "same-descriptor" }
+        bad, 0,
+        "round {round} ({len} bytes, {how} writer): {bad} wrong words read back with read(2): {shown:?}"
     );
     fs::remove_file(&path).unwrap();
 }
