@@ -51,8 +51,11 @@ const MAX_BACKGROUND: u16 = 64;
 /// How file data meets the kernel page cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CacheMode {
-    /// `FOPEN_DIRECT_IO`: no page cache; pmem is the cache. Each read is answered from a copy
-    /// of the mapping's bytes; shared mmap still works through `FUSE_DIRECT_IO_ALLOW_MMAP`.
+    /// `FOPEN_DIRECT_IO` for read-only opens: no page cache; pmem is the cache. Each read is
+    /// answered from a copy of the mapping's bytes; shared mmap still works through
+    /// `FUSE_DIRECT_IO_ALLOW_MMAP`. Opens that can write use the page cache, write-through,
+    /// so that write(2) and stores through a shared mapping never undo each other
+    /// ([`PmfsFuse::fopen_flags`]).
     #[default]
     Direct,
     /// Ordinary page-cache I/O with `FOPEN_KEEP_CACHE` (nothing changes a file behind the
@@ -187,16 +190,35 @@ impl PmfsFuse {
         Arc::clone(&self.clean)
     }
 
-    /// The open flags of a regular file.
-    fn fopen_flags(&self) -> FopenFlags {
+    /// The open flags of a regular file opened with open(2)'s `flags`.
+    ///
+    /// `cache=direct` gives direct I/O (`FOPEN_DIRECT_IO`) only to read-only opens: an open
+    /// that can write uses the page cache, write-through (every write(2) still reaches pmem
+    /// before it returns, as FUSE_WRITEBACK_CACHE is never negotiated). The reason is shared
+    /// mmap (issue 15, xfstests generic/346). A mapping always lives in the page cache, and
+    /// a direct write only writes back and invalidates the pages of its range before it is
+    /// sent (fuse_direct_io: filemap_write_and_wait_range, invalidate_inode_pages2_range);
+    /// nothing keeps a store through a mapping from faulting the page back in, with the
+    /// bytes from before the write, while the write is on its way. That page, dirtied by
+    /// the store, is later written back whole and puts the old bytes back over the written
+    /// ones; notify_inval_inode cannot repair it, as invalidating a dirty page writes it
+    /// back first (invalidate_inode_pages2_range launders it). Writes through the page
+    /// cache meet the mapping's stores in the same pages instead, under the page lock. The
+    /// open flags are fixed at open, and any open that can write could also map the file
+    /// (or the file could be mapped through another open), so the rule is by access mode:
+    /// only opens that cannot write keep direct I/O, whose reads write back dirty mapped
+    /// pages of their range first (FUSE_DIRECT_IO_ALLOW_MMAP) and so see every store.
+    /// Opens that can write get no `FOPEN_KEEP_CACHE`: each drops the cached pages, which
+    /// stores through a direct mapping ([`crate::dax`]) may have made stale.
+    fn fopen_flags(&self, flags: i32) -> FopenFlags {
         // No FLUSH on close: flush has nothing to do (every write is durable on reply, and
         // locks are the kernel's own), so it would only be a round trip.
         let common = FopenFlags::FOPEN_NOFLUSH;
         match self.cache {
-            // The core serialises writes to one inode itself, so the kernel need not.
-            CacheMode::Direct => {
-                common | FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            CacheMode::Direct if flags & libc::O_ACCMODE == libc::O_RDONLY => {
+                common | FopenFlags::FOPEN_DIRECT_IO
             }
+            CacheMode::Direct => common,
             CacheMode::Page => common | FopenFlags::FOPEN_KEEP_CACHE,
         }
     }
@@ -556,10 +578,10 @@ impl Filesystem for PmfsFuse {
         self.reply_entry("link", ino.0, r, reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.begin();
         match self.fs.open(ino.0) {
-            Ok(_) => reply.opened(self.new_fh(), self.fopen_flags()),
+            Ok(_) => reply.opened(self.new_fh(), self.fopen_flags(flags.0)),
             Err(e) => reply.error(errno("open", ino.0, &e)),
         }
     }
@@ -824,7 +846,7 @@ impl Filesystem for PmfsFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         self.begin();
@@ -842,7 +864,7 @@ impl Filesystem for PmfsFuse {
                 &file_attr(&a),
                 Generation(a.generation),
                 self.new_fh(),
-                self.fopen_flags(),
+                self.fopen_flags(flags),
             ),
             Err(e) => {
                 // The kernel never learns of the entry: give back the reference mknod counted.

@@ -27,8 +27,9 @@ pub const HELP: &[(&str, &str)] = &[
     ("ro / rw", "mount read-only / read-write (default rw)"),
     (
         "cache=direct|page",
-        "direct (default): no kernel page cache, reads served straight from pmem; \
-         page: ordinary page-cache I/O",
+        "direct (default): read-only opens bypass the kernel page cache, reads served \
+         straight from pmem; opens that can write use it, write-through (shared mmap stays \
+         coherent with write(2)); page: ordinary page-cache I/O for every open",
     ),
     (
         "threads=N",
