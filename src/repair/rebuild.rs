@@ -28,13 +28,14 @@ use super::tree;
 use super::{Action, Class, RepairMode};
 use crate::device::Media;
 use crate::error::{Error, Result};
+use crate::format::dirent::{DirEntry as Entry, name_hash};
 use crate::format::{
-    CHUNK_BLOCKS, DEFERRED_FREE_INO, DIRENT_FIXED, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
+    CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
     INLINE_EXTENTS, INODE_BITMAP_OFFSET, INODE_INLINE_LEN, INODE_SIZE, INODES_PER_CHUNK, Inode,
     MAX_FILE_SIZE, NULL_INO, ROOT_INO, STATE_OFFSET, TreeKind, USABLE_INODES_PER_CHUNK,
     blocks_to_bytes, extent_flags, file_type, inode_flags,
 };
-use crate::fs::{InodeTable, check_name, name_hash, read_state};
+use crate::fs::{InodeTable, read_state};
 use crate::journal::{Journal, Tx};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -43,49 +44,6 @@ use zerocopy::{FromBytes, IntoBytes};
 const EXTENT_LEN: usize = size_of::<ExtentRecord>();
 /// Name of the directory unreachable inodes are moved to.
 pub const LOST_FOUND: &[u8] = b"lost+found";
-
-#[derive(Clone, Debug)]
-struct Entry {
-    key: u64,
-    ino: u64,
-    kind: u8,
-    name: Vec<u8>,
-}
-
-fn decode_entry(key: u64, p: &[u8]) -> Option<Entry> {
-    if p.len() < DIRENT_FIXED {
-        return None;
-    }
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&p[..8]);
-    let ino = u64::from_le_bytes(w);
-    let len = usize::from(p[9]);
-    let name = p.get(DIRENT_FIXED..DIRENT_FIXED + len)?;
-    if p.len() != DIRENT_FIXED + len
-        || ino == 0
-        || check_name(name).is_err()
-        || name == b"."
-        || name == b".."
-        || key >> 16 != name_hash(name)
-    {
-        return None;
-    }
-    Some(Entry {
-        key,
-        ino,
-        kind: p[8],
-        name: name.to_vec(),
-    })
-}
-
-fn encode_entry(e: &Entry) -> Vec<u8> {
-    let mut p = Vec::with_capacity(DIRENT_FIXED + e.name.len());
-    p.extend_from_slice(&e.ino.to_le_bytes());
-    p.push(e.kind);
-    p.push(e.name.len() as u8);
-    p.extend_from_slice(&e.name);
-    p
-}
 
 fn type_byte(i: &Inode) -> u8 {
     (i.file_type() >> 12) as u8
@@ -587,7 +545,7 @@ impl<'a> Rebuild<'a> {
         let mut entries = Vec::with_capacity(total);
         let mut names: HashSet<Vec<u8>> = HashSet::new();
         for (k, p) in &w.records {
-            if let Some(e) = decode_entry(*k, p) {
+            if let Ok(e) = Entry::decode(*k, p) {
                 if names.insert(e.name.clone()) {
                     entries.push(e);
                 }
@@ -1070,11 +1028,8 @@ impl<'a> Rebuild<'a> {
                 }
             } else if it.rebuild_dir {
                 it.entries.sort_unstable_by_key(|e| e.key);
-                let recs: Vec<(u64, Vec<u8>)> = it
-                    .entries
-                    .iter()
-                    .map(|e| (e.key, encode_entry(e)))
-                    .collect();
+                let recs: Vec<(u64, Vec<u8>)> =
+                    it.entries.iter().map(|e| (e.key, e.payload())).collect();
                 built = tree::build(TreeKind::Directory, ino, &recs, &mut alloc)?;
                 it.inode.tree_root = built.root;
             }
