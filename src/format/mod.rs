@@ -6,6 +6,7 @@
 //! read from the device is trusted: every decoder here validates before returning.
 
 pub mod dirent;
+pub mod extent;
 mod geometry;
 mod structs;
 

@@ -33,7 +33,7 @@ use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
     INLINE_EXTENTS, INODE_BITMAP_OFFSET, INODE_INLINE_LEN, INODE_SIZE, INODES_PER_CHUNK, Inode,
     MAX_FILE_SIZE, NULL_INO, ROOT_INO, STATE_OFFSET, TreeKind, USABLE_INODES_PER_CHUNK,
-    blocks_to_bytes, extent_flags, file_type, inode_flags,
+    blocks_to_bytes, file_type, inode_flags,
 };
 use crate::fs::{InodeTable, read_state};
 use crate::journal::{Journal, Tx};
@@ -41,7 +41,6 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use zerocopy::{FromBytes, IntoBytes};
 
-const EXTENT_LEN: usize = size_of::<ExtentRecord>();
 /// Name of the directory unreachable inodes are moved to.
 pub const LOST_FOUND: &[u8] = b"lost+found";
 
@@ -445,34 +444,22 @@ impl<'a> Rebuild<'a> {
             if n > INLINE_EXTENTS {
                 damage = Some(format!("{n} inline extents"));
             }
-            for i in 0..n.min(INLINE_EXTENTS) {
-                if let Ok(r) = ExtentRecord::read_from_bytes(
-                    &inode.inline[i * EXTENT_LEN..(i + 1) * EXTENT_LEN],
-                ) {
-                    raw.push((None, r));
-                }
-            }
+            raw.extend(inode.inline_extents().map(|r| (None, r)));
         }
         let mut kept: Vec<ExtentRecord> = Vec::with_capacity(raw.len());
         let mut prev_end = 0u64;
         for (key, r) in raw {
             let len = u64::from(r.len);
-            let why = if r.len == 0 || r.flags & !extent_flags::ALL != 0 {
-                Some("an invalid extent")
-            } else if key.is_some_and(|k| k != r.file_block) {
-                Some("an extent under the wrong key")
-            } else if r
-                .file_block
-                .checked_add(len)
-                .is_none_or(|e| e > MAX_FILE_SIZE >> 12)
-            {
-                Some("an extent beyond the largest file size")
-            } else if !self.g.is_data_range(r.dev_block, len) {
-                Some("an extent outside the data area")
+            let valid = match key {
+                Some(k) => r.validate_keyed(k, &self.g),
+                None => r.validate(&self.g),
+            };
+            let why = if let Err(d) = valid {
+                Some(d.to_string())
             } else if r.file_block < prev_end {
-                Some("overlapping extents")
+                Some("overlapping extents".into())
             } else if self.claimed.any(r.dev_block, len) {
-                Some("an extent on blocks another object uses")
+                Some("an extent on blocks another object uses".into())
             } else {
                 None
             };
@@ -1007,12 +994,7 @@ impl<'a> Rebuild<'a> {
             let mut alloc = || Self::alloc_block(claimed, cursor, &g);
             if let Some(map) = it.new_map.take() {
                 if map.len() <= INLINE_EXTENTS {
-                    it.inode.inline = [0; INODE_INLINE_LEN];
-                    for (k, r) in map.iter().enumerate() {
-                        it.inode.inline[k * EXTENT_LEN..(k + 1) * EXTENT_LEN]
-                            .copy_from_slice(r.as_bytes());
-                    }
-                    it.inode.inline_count = map.len() as u32;
+                    it.inode.set_inline_extents(&map);
                     it.inode.flags &= !inode_flags::TREE;
                     it.inode.tree_root = 0;
                 } else {
@@ -1021,8 +1003,7 @@ impl<'a> Rebuild<'a> {
                         .map(|r| (r.file_block, r.as_bytes().to_vec()))
                         .collect();
                     built = tree::build(TreeKind::Extents, ino, &recs, &mut alloc)?;
-                    it.inode.inline = [0; INODE_INLINE_LEN];
-                    it.inode.inline_count = 0;
+                    it.inode.set_inline_extents(&[]);
                     it.inode.flags |= inode_flags::TREE;
                     it.inode.tree_root = built.root;
                 }
