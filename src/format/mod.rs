@@ -8,6 +8,7 @@
 pub mod dirent;
 pub mod extent;
 mod geometry;
+pub mod node;
 mod structs;
 
 pub use geometry::Geometry;
