@@ -174,14 +174,7 @@ fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64)
 
 /// A fresh inode (sealed).
 fn new_inode(mode: u16, nlink: u32, parent: u64, now_ns: i64) -> Inode {
-    let mut ino = Inode::empty();
-    ino.mode = mode;
-    ino.nlink = nlink;
-    ino.atime_ns = now_ns;
-    ino.mtime_ns = now_ns;
-    ino.ctime_ns = now_ns;
-    ino.btime_ns = now_ns;
-    ino.generation = 1;
+    let mut ino = Inode::new(mode, nlink, now_ns, 1);
     ino.parent = parent;
     ino.seal();
     ino

@@ -357,7 +357,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
                 );
                 continue;
             };
-            if u16::from(kind) << 12 != ci.file_type() {
+            if kind != crate::format::dirent::type_byte(ci.mode) {
                 c.problem(
                     ProblemKind::BadEntry {
                         dir,

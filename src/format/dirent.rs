@@ -19,6 +19,12 @@ pub fn name_hash(name: &[u8]) -> u64 {
     h >> 18
 }
 
+/// The file-type byte of an entry naming an inode of `mode`: `S_IFMT >> 12` (the `DT_*`
+/// value).
+pub fn type_byte(mode: u16) -> u8 {
+    ((mode & super::file_type::S_IFMT) >> 12) as u8
+}
+
 /// Why a name cannot be stored in a directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -98,6 +104,11 @@ impl DirEntry {
             kind: rest[0],
             name: name.to_vec(),
         })
+    }
+
+    /// The file type the entry records, as `S_IFMT` bits.
+    pub fn file_type(&self) -> u16 {
+        u16::from(self.kind) << 12
     }
 
     /// The record's payload.

@@ -173,7 +173,7 @@ impl InodeTable {
     /// The generation a new inode in slot `ino` carries: one more than the slot's last, or,
     /// for a slot never used (a new chunk, perhaps one given back and grown again), the
     /// clock, so an (inode, generation) pair a file handle kept is never handed out again.
-    fn next_generation(&self, ino: u64) -> u64 {
+    pub fn next_generation(&self, ino: u64) -> u64 {
         match self.old_generation(ino) {
             0 => u64::try_from(crate::fs::now_ns()).unwrap_or(1).max(1),
             old => old.wrapping_add(1).max(1),

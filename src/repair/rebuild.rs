@@ -28,7 +28,7 @@ use super::tree;
 use super::{Action, Class, RepairMode};
 use crate::device::Media;
 use crate::error::{Error, Result};
-use crate::format::dirent::{DirEntry as Entry, name_hash};
+use crate::format::dirent::{self, DirEntry as Entry, name_hash};
 use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
     INLINE_EXTENTS, INODE_BITMAP_OFFSET, INODE_INLINE_LEN, INODE_SIZE, INODES_PER_CHUNK, Inode,
@@ -45,7 +45,7 @@ use zerocopy::{FromBytes, IntoBytes};
 pub const LOST_FOUND: &[u8] = b"lost+found";
 
 fn type_byte(i: &Inode) -> u8 {
-    (i.file_type() >> 12) as u8
+    dirent::type_byte(i.mode)
 }
 
 fn type_name(i: &Inode) -> &'static str {
@@ -194,11 +194,10 @@ impl<'a> Rebuild<'a> {
         Ok(raw)
     }
 
-    fn old_generation(&self, ino: u64) -> u64 {
-        self.raw_inode(ino)
-            .ok()
-            .and_then(|r| Inode::read_from_bytes(&r).ok())
-            .map_or(0, |i| i.generation)
+    /// The generation an inode the repair creates in slot `ino` gets: the core's rule
+    /// (`InodeTable::next_generation`).
+    fn next_generation(&self, ino: u64) -> u64 {
+        self.table.next_generation(ino)
     }
 
     fn decode_inodes(&mut self) -> Result<()> {
@@ -263,7 +262,7 @@ impl<'a> Rebuild<'a> {
                 &self.claimed,
             )?;
             let keep = w.damage.is_none() && !w.nodes.is_empty();
-            let mut i = new_dir_inode(0o755, ROOT_INO, self.old_generation(ROOT_INO));
+            let mut i = new_dir_inode(0o755, ROOT_INO, self.next_generation(ROOT_INO));
             if keep {
                 i.tree_root = old_root;
             }
@@ -288,10 +287,12 @@ impl<'a> Rebuild<'a> {
             .get(&DEFERRED_FREE_INO)
             .is_some_and(|i| i.inode.is_reg());
         if !deferred_ok && self.allow(Class::Inodes) {
-            let mut i = Inode::empty();
-            i.mode = file_type::S_IFREG;
-            i.nlink = 1;
-            i.generation = self.old_generation(DEFERRED_FREE_INO).wrapping_add(1);
+            let i = Inode::new(
+                file_type::S_IFREG,
+                1,
+                crate::fs::now_ns(),
+                self.next_generation(DEFERRED_FREE_INO),
+            );
             self.free.remove(&DEFERRED_FREE_INO);
             self.untouchable.remove(&DEFERRED_FREE_INO);
             let mut item = Item::new(i);
@@ -707,7 +708,7 @@ impl<'a> Rebuild<'a> {
             );
             return None;
         };
-        let mut item = Item::new(new_dir_inode(0o700, ROOT_INO, self.old_generation(ino)));
+        let mut item = Item::new(new_dir_inode(0o700, ROOT_INO, self.next_generation(ino)));
         item.dirty = true;
         item.created = true;
         item.rebuild_dir = true;
@@ -1051,20 +1052,17 @@ impl<'a> Rebuild<'a> {
 }
 
 fn type_byte_dir() -> u8 {
-    (file_type::S_IFDIR >> 12) as u8
+    dirent::type_byte(file_type::S_IFDIR)
 }
 
-fn new_dir_inode(perm: u16, parent: u64, old_generation: u64) -> Inode {
-    let now = crate::fs::now_ns();
-    let mut i = Inode::empty();
-    i.mode = file_type::S_IFDIR | perm;
-    i.nlink = 2;
+fn new_dir_inode(perm: u16, parent: u64, generation: u64) -> Inode {
+    let mut i = Inode::new(
+        file_type::S_IFDIR | perm,
+        2,
+        crate::fs::now_ns(),
+        generation,
+    );
     i.parent = parent;
-    i.atime_ns = now;
-    i.mtime_ns = now;
-    i.ctime_ns = now;
-    i.btime_ns = now;
-    i.generation = old_generation.wrapping_add(1).max(1);
     i
 }
 
