@@ -18,7 +18,8 @@
 
 use crate::btree::{Tree, TreeReader};
 use crate::device::Media;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::format::bitmap;
 use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
 };
@@ -108,22 +109,21 @@ impl Checker<'_> {
     /// Marks blocks as referenced by `owner`.
     fn mark(&mut self, first: u64, count: u64, owner: &str) {
         for b in first..first + count {
-            let (w, bit) = ((b / 64) as usize, b % 64);
-            if w >= self.refs.len() {
+            if b >= self.refs.len() as u64 * 64 {
                 self.problem(
                     ProblemKind::DoubleUse { block: b },
                     format!("block {b} of {owner} is outside the device"),
                 );
                 return;
             }
-            if self.refs[w] & (1 << bit) != 0 {
+            if bitmap::get(&self.refs, b) {
                 self.problem(
                     ProblemKind::DoubleUse { block: b },
                     format!("block {b} of {owner} is also used by another object"),
                 );
                 return;
             }
-            self.refs[w] |= 1 << bit;
+            bitmap::set(&mut self.refs, b);
         }
     }
 
@@ -187,9 +187,11 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     for chunk in table.chunk_blocks() {
         c.mark(chunk, CHUNK_BLOCKS, "inode table");
     }
-    for b in geometry.block_count..(words as u64 * 64) {
-        c.refs[(b / 64) as usize] |= 1 << (b % 64);
-    }
+    bitmap::set_range(
+        &mut c.refs,
+        geometry.block_count,
+        words as u64 * 64 - geometry.block_count,
+    );
 
     // Every allocated inode.
     let mut inodes: HashMap<u64, Inode> = HashMap::new();
@@ -455,8 +457,8 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     }
 
     // The bitmap must equal the referenced blocks.
-    let mut bitmap = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
-    media.read(geometry.bitmap_offset(), &mut bitmap)?;
+    let mut on_media = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
+    media.read(geometry.bitmap_offset(), &mut on_media)?;
     let mut run: Option<(bool, u64, u64)> = None; // (leaked?, first, count)
     let flush = |c: &mut Checker<'_>, run: Option<(bool, u64, u64)>| {
         if let Some((leaked, first, count)) = run {
@@ -479,8 +481,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             }
         }
     };
-    for (w, chunk) in bitmap.chunks_exact(8).enumerate().take(words) {
-        let on_disk = u64::from_le_bytes(chunk.try_into().map_err(|_| Error::Invalid)?);
+    for (w, on_disk) in bitmap::le_words(&on_media).enumerate().take(words) {
         let want = c.refs[w];
         c.report.used_blocks += u64::from(want.count_ones());
         let mut diff = on_disk ^ want;
