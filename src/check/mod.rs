@@ -23,7 +23,8 @@ use crate::format::bitmap;
 use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
 };
-use crate::fs::{InodeTable, read_state, read_superblock};
+use crate::fs::InodeTable;
+use crate::meta::{read_state, read_superblock};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -168,7 +169,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
         refs: vec![0; words],
         report: Report::default(),
     };
-    match crate::fs::read_backup_superblock(media) {
+    match crate::meta::read_backup_superblock(media) {
         Ok((b, _)) if b.uuid == sb.uuid && b.block_count == sb.block_count => {}
         _ => c.problem(
             ProblemKind::Backup,

@@ -35,8 +35,9 @@ use crate::format::{
     MAX_FILE_SIZE, NULL_INO, ROOT_INO, STATE_OFFSET, TreeKind, USABLE_INODES_PER_CHUNK,
     blocks_to_bytes, file_type, inode_flags,
 };
-use crate::fs::{InodeTable, read_state};
+use crate::fs::InodeTable;
 use crate::journal::{Journal, Tx};
+use crate::meta::read_state;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use zerocopy::{FromBytes, IntoBytes};
