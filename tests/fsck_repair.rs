@@ -220,13 +220,12 @@ fn a_crash_during_repair_is_repaired_by_the_next_run() {
 /// to give a never-used slot generation 1 (and a damaged slot its raw generation + 1).
 #[test]
 fn repair_creates_inodes_with_the_cores_generation_rule() {
-    let base = common::build();
-    let mut img = base.clone();
-    for d in common::damages() {
-        if d.name == "unreachable" {
-            (d.apply)(&mut img);
-        }
-    }
+    let mut img = common::build();
+    let unreachable = common::damages()
+        .into_iter()
+        .find(|d| d.name == "unreachable")
+        .unwrap();
+    (unreachable.apply)(&mut img);
     let media = img.media();
     let before = pmfs::fs::now_ns() as u64;
     let report = diagnose(&media).unwrap();

@@ -383,15 +383,21 @@ mod tests {
         assert!(NodeView::parse(img.block(), TreeKind::Directory, 3, None).is_err());
     }
 
+    /// The strict parse's fault and the lenient parse's (body, fault) for one image.
+    fn both(img: &NodeImage, kind: TreeKind, owner: u64) -> (NodeDamage, LenientBody, NodeDamage) {
+        let strict = NodeView::parse(img.block(), kind, owner, None).unwrap_err();
+        let (_, body, note) = parse_lenient(img.block(), kind, owner, None).unwrap();
+        (strict, body, note.unwrap())
+    }
+
     #[test]
     fn strict_refuses_what_lenient_salvages() {
         let img = leaf(&[(5, b"x"), (1, b"y"), (9, b"z")]);
+        let (strict, body, note) = both(&img, TreeKind::Directory, 7);
         assert_eq!(
-            NodeView::parse(img.block(), TreeKind::Directory, 7, None).unwrap_err(),
-            NodeDamage::LeafOrder
+            (strict, note),
+            (NodeDamage::LeafOrder, NodeDamage::LeafOrder)
         );
-        let (_, body, note) = parse_lenient(img.block(), TreeKind::Directory, 7, None).unwrap();
-        assert_eq!(note, Some(NodeDamage::LeafOrder));
         assert!(matches!(body, LenientBody::Leaf(r) if r == [(5, b"x".to_vec())]));
         // A count larger than the records.
         let mut b = Vec::new();
@@ -406,12 +412,11 @@ mod tests {
         push_entry(&mut body, 4, 100);
         push_entry(&mut body, 2, 101);
         let img = NodeImage::new(TreeKind::Extents, 3, 1, 2, &body).unwrap();
+        let (strict, body, note) = both(&img, TreeKind::Extents, 3);
         assert_eq!(
-            NodeView::parse(img.block(), TreeKind::Extents, 3, None).unwrap_err(),
-            NodeDamage::InternalOrder
+            (strict, note),
+            (NodeDamage::InternalOrder, NodeDamage::InternalOrder)
         );
-        let (_, body, note) = parse_lenient(img.block(), TreeKind::Extents, 3, None).unwrap();
-        assert_eq!(note, Some(NodeDamage::InternalOrder));
         assert!(matches!(body, LenientBody::Internal(e) if e.len() == 2));
         assert!(NodeImage::new(TreeKind::Extents, 3, 0, 1, &[0; CAPACITY + 1]).is_none());
     }

@@ -155,18 +155,23 @@ pub(crate) fn build(
     let mut body: Vec<u8> = Vec::new();
     let mut count = 0usize;
     let mut first_key = 0u64;
+    // Writes the leaf in `body` and notes it for the level above.
+    let mut leaf = |body: &mut Vec<u8>, count: &mut usize, first_key: u64| -> Result<()> {
+        let block = alloc()?;
+        out.nodes
+            .push((block, node_image(kind, owner, 0, *count, body)?));
+        level_nodes.push((first_key, block));
+        body.clear();
+        *count = 0;
+        Ok(())
+    };
     for (k, p) in records {
         let rec = LEAF_RECORD_HEADER + p.len();
         if rec > CAPACITY {
             return Err(Error::corrupted("tree record", owner, "payload too large"));
         }
         if count > 0 && body.len() + rec > LEAF_FILL {
-            let block = alloc()?;
-            out.nodes
-                .push((block, node_image(kind, owner, 0, count, &body)?));
-            level_nodes.push((first_key, block));
-            body.clear();
-            count = 0;
+            leaf(&mut body, &mut count, first_key)?;
         }
         if count == 0 {
             first_key = *k;
@@ -174,10 +179,7 @@ pub(crate) fn build(
         push_record(&mut body, *k, p);
         count += 1;
     }
-    let block = alloc()?;
-    out.nodes
-        .push((block, node_image(kind, owner, 0, count, &body)?));
-    level_nodes.push((first_key, block));
+    leaf(&mut body, &mut count, first_key)?;
     // Internal levels. Each node is keyed in its parent by its first key, which is also its
     // own entry 0, except on the leftmost spine: the tree covers every key, so the first
     // node of each level is keyed 0 (the separator invariant, btree's module docs). Keyed by
