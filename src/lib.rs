@@ -7,6 +7,7 @@
 //! - [`journal`]: undo-logged transactions ([`journal::Tx`] is the only way to change
 //!   metadata).
 //! - [`alloc`]: the block allocator with its 2 MiB-aware policy.
+//! - [`meta`]: readers of the fixed metadata (superblocks, state record).
 //! - [`mkfs`]: formatting a device.
 
 pub mod alloc;
@@ -19,6 +20,7 @@ pub mod fs;
 pub mod fuse;
 pub mod journal;
 pub mod lockorder;
+pub mod meta;
 pub mod mkfs;
 pub mod repair;
 

@@ -10,6 +10,7 @@
 //! leaves either no valid superblock at all, or a complete new file system.
 
 use crate::device::{DeviceError, Media};
+use crate::format::bitmap;
 use crate::format::{
     BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, COMPAT_SUPPORTED, DEFERRED_FREE_INO,
     FORMAT_VERSION, FormatError, FsState, Geometry, INCOMPAT_SUPPORTED, INODE_BITMAP_OFFSET,
@@ -174,14 +175,7 @@ fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64)
 
 /// A fresh inode (sealed).
 fn new_inode(mode: u16, nlink: u32, parent: u64, now_ns: i64) -> Inode {
-    let mut ino = Inode::empty();
-    ino.mode = mode;
-    ino.nlink = nlink;
-    ino.atime_ns = now_ns;
-    ino.mtime_ns = now_ns;
-    ino.ctime_ns = now_ns;
-    ino.btime_ns = now_ns;
-    ino.generation = 1;
+    let mut ino = Inode::new(mode, nlink, now_ns, 1);
     ino.parent = parent;
     ino.seal();
     ino
@@ -216,9 +210,7 @@ impl Writer<'_> {
             let byte0 = bit / 8;
             let mut buf = vec![0u8; (piece_end.div_ceil(8) - byte0) as usize];
             self.media.read(base + byte0, &mut buf)?;
-            for b in bit..piece_end {
-                buf[(b / 8 - byte0) as usize] |= 1 << (b % 8);
-            }
+            bitmap::set_in_bytes(&mut buf, bit - byte0 * 8, piece_end - bit);
             self.write(base + byte0, &buf)?;
             bit = piece_end;
         }
@@ -306,7 +298,7 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         .into_iter()
         .chain(USABLE_INODES_PER_CHUNK..INODES_PER_CHUNK)
     {
-        ibitmap[(slot / 8) as usize] |= 1 << (slot % 8);
+        bitmap::set_in_bytes(&mut ibitmap, slot, 1);
     }
     w.write(chunk + INODE_BITMAP_OFFSET, &ibitmap)?;
     let mut root = new_inode(file_type::S_IFDIR | 0o755, 2, ROOT_INO, opts.now_ns);
@@ -357,7 +349,7 @@ mod tests {
     }
 
     fn bit(bytes: &[u8], b: u64) -> bool {
-        bytes[(b / 8) as usize] & (1 << (b % 8)) != 0
+        bitmap::get_in_bytes(bytes, b)
     }
 
     /// Formats a device of `size` bytes and checks every structure mkfs writes.

@@ -275,7 +275,7 @@ fn run(args: &Args) -> u8 {
     };
     let media: Arc<dyn Media> = Arc::new(dev);
     if args.verbose
-        && let Ok((sb, g)) = pmfs::fs::read_superblock(media.as_ref())
+        && let Ok((sb, g)) = pmfs::meta::read_superblock(media.as_ref())
     {
         println!(
             "{shown}: pmfs version {}, UUID {}, label '{}', {} blocks of 4 KiB, {} journal slots, {} persistence",

@@ -23,7 +23,7 @@
 //! aside for them, sharded into per-thread arenas; `FirstFit` is a naive first fit over the
 //! whole bitmap for comparison.
 
-mod bits;
+use crate::format::bitmap as bits;
 mod first_fit;
 mod huge;
 #[cfg(test)]

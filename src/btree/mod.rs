@@ -42,17 +42,17 @@
 
 use crate::device::Media;
 use crate::error::{Error, Result};
+use crate::format::node::{
+    CAPACITY, NodeImage, NodeView as View, Records, encode_record, push_entry, record_header,
+    route_by,
+};
 use crate::format::{
-    BLOCK_SIZE, Geometry, INTERNAL_ENTRY, LEAF_RECORD_HEADER, MAX_TREE_LEVEL, NodeHeader, TreeKind,
-    blocks_to_bytes, check_node,
+    BLOCK_SIZE, Geometry, INTERNAL_ENTRY, LEAF_RECORD_HEADER, MAX_TREE_LEVEL, TreeKind,
+    blocks_to_bytes,
 };
 use crate::journal::Tx;
 use std::collections::HashSet;
-use zerocopy::{FromBytes, IntoBytes};
 
-const HEADER: usize = size_of::<NodeHeader>();
-/// Bytes available for records or entries in a node.
-const CAPACITY: usize = BLOCK_SIZE as usize - HEADER;
 /// Largest payload of a leaf record.
 pub const MAX_PAYLOAD: usize = 512;
 
@@ -78,74 +78,6 @@ const BLOCK: usize = BLOCK_SIZE as usize;
 /// The bytes of one node, copied out of the device: every read works on a private copy, never
 /// on the shared mapping another thread may be changing.
 type NodeBytes = [u8; BLOCK];
-
-/// Decodes a leaf record header at the start of `rest`: (key, payload length).
-fn record_header(rest: &[u8]) -> Option<(u64, usize)> {
-    let key = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-    let len = u16::from_le_bytes(rest.get(8..LEAF_RECORD_HEADER)?.try_into().ok()?);
-    Some((key, usize::from(len)))
-}
-
-/// The leaf records in encoded form (`key u64, len u16, payload`), in key order. Once a node's
-/// records were validated by [`TreeReader::view`] every record lies inside the bytes, so the
-/// iterator simply stops at anything that does not parse.
-#[derive(Clone, Copy, Debug)]
-struct Records<'b> {
-    rest: &'b [u8],
-}
-
-impl<'b> Iterator for Records<'b> {
-    /// (key, payload)
-    type Item = (u64, &'b [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let (key, len) = record_header(self.rest)?;
-        let payload = self
-            .rest
-            .get(LEAF_RECORD_HEADER..LEAF_RECORD_HEADER + len)?;
-        self.rest = self.rest.get(LEAF_RECORD_HEADER + len..)?;
-        Some((key, payload))
-    }
-}
-
-/// A validated node, borrowed from a [`NodeBytes`] copy.
-#[derive(Clone, Copy, Debug)]
-struct View<'b> {
-    level: u16,
-    count: usize,
-    /// The used bytes after the header: records of a leaf, or entries of an internal node.
-    data: &'b [u8],
-}
-
-impl<'b> View<'b> {
-    fn is_leaf(&self) -> bool {
-        self.level == 0
-    }
-
-    fn records(&self) -> Records<'b> {
-        Records { rest: self.data }
-    }
-
-    /// Internal entry `i`: (key, child). Validated nodes have `count` whole entries.
-    fn entry(&self, i: usize) -> (u64, u64) {
-        let at = i * INTERNAL_ENTRY;
-        let word = |o: usize| {
-            self.data
-                .get(o..o + 8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_le_bytes)
-        };
-        (word(at), word(at + 8))
-    }
-
-    fn route(&self, key: u64) -> usize {
-        route_by(self.count, |i| self.entry(i).0, key)
-    }
-
-    fn entries(&self) -> Vec<(u64, u64)> {
-        (0..self.count).map(|i| self.entry(i)).collect()
-    }
-}
 
 /// A node decoded for modification. A leaf keeps its records encoded, exactly as on the
 /// device, so changing one record moves bytes instead of allocating a buffer per record.
@@ -182,15 +114,6 @@ fn find_record(bytes: &[u8], key: u64) -> Slot {
     Slot::Absent { offset }
 }
 
-fn encode_record(key: u64, payload: &[u8]) -> impl Iterator<Item = u8> + '_ {
-    // MAX_PAYLOAD (checked by the callers) fits a u16.
-    let len = payload.len() as u16;
-    key.to_le_bytes()
-        .into_iter()
-        .chain(len.to_le_bytes())
-        .chain(payload.iter().copied())
-}
-
 impl Node {
     fn from_view(v: &View<'_>) -> Self {
         let body = if v.is_leaf() {
@@ -199,7 +122,7 @@ impl Node {
                 bytes: v.data.to_vec(),
             }
         } else {
-            Body::Internal(v.entries())
+            Body::Internal(v.entries().collect())
         };
         Node {
             level: v.level,
@@ -227,21 +150,6 @@ impl Node {
             Body::Internal(e) => e.first().map(|e| e.0),
         }
     }
-}
-
-/// Index of the child to follow for `key` among `count` increasing entry keys: the last
-/// entry whose key is <= `key`, or 0.
-fn route_by(count: usize, key_of: impl Fn(usize) -> u64, key: u64) -> usize {
-    let (mut lo, mut hi) = (0, count);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if key_of(mid) <= key {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo.saturating_sub(1)
 }
 
 fn route(entries: &[(u64, u64)], key: u64) -> usize {
@@ -279,57 +187,16 @@ impl<'a> TreeReader<'a> {
         }
         self.media.read(blocks_to_bytes(block), buf)?;
         let buf: &'b NodeBytes = buf;
-        let (h, rest) =
-            NodeHeader::read_from_prefix(buf).map_err(|_| self.corrupt(tree, "short node"))?;
-        check_node(&h, tree.kind, tree.owner, level)
+        let v = View::parse(buf, tree.kind, tree.owner, level)
             .map_err(|e| self.corrupt(tree, e.to_string()))?;
-        let used = h.used as usize;
-        let data = rest
-            .get(..used)
-            .ok_or_else(|| self.corrupt(tree, "used beyond node"))?;
-        let count = usize::from(h.count);
-        let v = View {
-            level: h.level,
-            count,
-            data,
-        };
-        if v.is_leaf() {
-            let mut at = 0usize;
-            let mut last: Option<u64> = None;
-            for _ in 0..count {
-                let (key, len) = data
-                    .get(at..)
-                    .and_then(record_header)
-                    .ok_or_else(|| self.corrupt(tree, "record beyond used bytes"))?;
-                if data
-                    .get(at + LEAF_RECORD_HEADER..at + LEAF_RECORD_HEADER + len)
-                    .is_none()
-                {
-                    return Err(self.corrupt(tree, "payload beyond used bytes"));
-                }
-                if last.is_some_and(|k| k >= key) {
-                    return Err(self.corrupt(tree, "leaf keys out of order"));
-                }
-                last = Some(key);
-                at += LEAF_RECORD_HEADER + len;
-            }
-            if at != used {
-                return Err(self.corrupt(tree, "leaf used bytes do not match records"));
-            }
-        } else {
-            if count * INTERNAL_ENTRY != used || count == 0 {
-                return Err(self.corrupt(tree, "internal node size"));
-            }
-            for i in 0..count {
-                let (key, child) = v.entry(i);
-                if i > 0 && v.entry(i - 1).0 >= key {
-                    return Err(self.corrupt(tree, "internal keys out of order"));
-                }
-                if !self.geometry.is_data_range(child, 1) {
-                    return Err(
-                        self.corrupt(tree, format!("child block {child} outside the data area"))
-                    );
-                }
+        if !v.is_leaf() {
+            if let Some((_, child)) = v
+                .entries()
+                .find(|&(_, c)| !self.geometry.is_data_range(c, 1))
+            {
+                return Err(
+                    self.corrupt(tree, format!("child block {child} outside the data area"))
+                );
             }
         }
         Ok(v)
@@ -406,7 +273,7 @@ impl<'a> TreeReader<'a> {
                 let i = if first_leaf { v.route(from) } else { 0 };
                 let (_, child) = v.entry(i);
                 at = (child, Some(v.level - 1));
-                stack.push((v.entries(), i, v.level));
+                stack.push((v.entries().collect(), i, v.level));
                 continue;
             }
             if v.count == 0 && !stack.is_empty() {
@@ -594,26 +461,20 @@ impl<'a> TreeReader<'a> {
 /// Writes `node` at `block` through the transaction. `fresh` nodes were allocated by this
 /// transaction, so their old contents need no undo record.
 fn write_node(tx: &mut Tx<'_>, tree: &Tree, block: u64, node: &Node, fresh: bool) -> Result<()> {
-    let mut buf = [0u8; BLOCK];
-    let mut h = NodeHeader::new(tree.kind, node.level, tree.owner);
-    h.count = u16::try_from(node.len())
-        .map_err(|_| Error::corrupted("tree node", tree.owner, "count"))?;
-    let used = node.encoded_len();
-    h.used = u32::try_from(used).map_err(|_| Error::corrupted("tree node", tree.owner, "used"))?;
-    let body = buf
-        .get_mut(HEADER..HEADER + used)
-        .ok_or_else(|| Error::corrupted("tree node", tree.owner, "node overflow"))?;
-    match &node.body {
-        Body::Leaf { bytes, .. } => body.copy_from_slice(bytes),
-        Body::Internal(entries) => {
-            for ((k, c), out) in entries.iter().zip(body.chunks_exact_mut(INTERNAL_ENTRY)) {
-                out[..8].copy_from_slice(&k.to_le_bytes());
-                out[8..].copy_from_slice(&c.to_le_bytes());
+    let mut entries = Vec::new();
+    let body = match &node.body {
+        Body::Leaf { bytes, .. } => bytes,
+        Body::Internal(e) => {
+            entries.reserve(e.len() * INTERNAL_ENTRY);
+            for &(k, c) in e {
+                push_entry(&mut entries, k, c);
             }
+            &entries
         }
-    }
-    buf[..HEADER].copy_from_slice(h.as_bytes());
-    let encoded = &buf[..HEADER + used];
+    };
+    let image = NodeImage::new(tree.kind, tree.owner, node.level, node.len(), body)
+        .ok_or_else(|| Error::corrupted("tree node", tree.owner, "node overflow"))?;
+    let encoded = image.used();
     let off = blocks_to_bytes(block);
     if fresh {
         tx.write_new(off, encoded)?;
@@ -635,7 +496,7 @@ fn split(node: &mut Node) -> Node {
             let last = count.saturating_sub(1);
             let mut acc = 0;
             let mut at = last;
-            for (i, (_, p)) in (Records { rest: bytes }).enumerate() {
+            for (i, (_, p)) in Records::new(bytes).enumerate() {
                 acc += LEAF_RECORD_HEADER + p.len();
                 if acc >= total / 2 {
                     at = (i + 1).min(last);
@@ -643,7 +504,7 @@ fn split(node: &mut Node) -> Node {
                 }
             }
             let at = at.max(1);
-            let byte_at: usize = (Records { rest: bytes })
+            let byte_at: usize = Records::new(bytes)
                 .take(at)
                 .map(|(_, p)| LEAF_RECORD_HEADER + p.len())
                 .sum();

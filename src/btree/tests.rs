@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::device::RecordingDevice;
+use crate::format::node::HEADER;
 use crate::journal::{Journal, format_slots};
 use parking_lot::Mutex;
 use proptest::prelude::*;

@@ -18,11 +18,13 @@
 
 use crate::btree::{Tree, TreeReader};
 use crate::device::Media;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::format::bitmap;
 use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
 };
-use crate::fs::{InodeTable, read_state, read_superblock};
+use crate::fs::InodeTable;
+use crate::meta::{read_state, read_superblock};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -108,22 +110,21 @@ impl Checker<'_> {
     /// Marks blocks as referenced by `owner`.
     fn mark(&mut self, first: u64, count: u64, owner: &str) {
         for b in first..first + count {
-            let (w, bit) = ((b / 64) as usize, b % 64);
-            if w >= self.refs.len() {
+            if b >= self.refs.len() as u64 * 64 {
                 self.problem(
                     ProblemKind::DoubleUse { block: b },
                     format!("block {b} of {owner} is outside the device"),
                 );
                 return;
             }
-            if self.refs[w] & (1 << bit) != 0 {
+            if bitmap::get(&self.refs, b) {
                 self.problem(
                     ProblemKind::DoubleUse { block: b },
                     format!("block {b} of {owner} is also used by another object"),
                 );
                 return;
             }
-            self.refs[w] |= 1 << bit;
+            bitmap::set(&mut self.refs, b);
         }
     }
 
@@ -168,7 +169,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
         refs: vec![0; words],
         report: Report::default(),
     };
-    match crate::fs::read_backup_superblock(media) {
+    match crate::meta::read_backup_superblock(media) {
         Ok((b, _)) if b.uuid == sb.uuid && b.block_count == sb.block_count => {}
         _ => c.problem(
             ProblemKind::Backup,
@@ -187,9 +188,11 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     for chunk in table.chunk_blocks() {
         c.mark(chunk, CHUNK_BLOCKS, "inode table");
     }
-    for b in geometry.block_count..(words as u64 * 64) {
-        c.refs[(b / 64) as usize] |= 1 << (b % 64);
-    }
+    bitmap::set_range(
+        &mut c.refs,
+        geometry.block_count,
+        words as u64 * 64 - geometry.block_count,
+    );
 
     // Every allocated inode.
     let mut inodes: HashMap<u64, Inode> = HashMap::new();
@@ -357,7 +360,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
                 );
                 continue;
             };
-            if u16::from(kind) << 12 != ci.file_type() {
+            if kind != crate::format::dirent::type_byte(ci.mode) {
                 c.problem(
                     ProblemKind::BadEntry {
                         dir,
@@ -455,8 +458,8 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     }
 
     // The bitmap must equal the referenced blocks.
-    let mut bitmap = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
-    media.read(geometry.bitmap_offset(), &mut bitmap)?;
+    let mut on_media = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
+    media.read(geometry.bitmap_offset(), &mut on_media)?;
     let mut run: Option<(bool, u64, u64)> = None; // (leaked?, first, count)
     let flush = |c: &mut Checker<'_>, run: Option<(bool, u64, u64)>| {
         if let Some((leaked, first, count)) = run {
@@ -479,8 +482,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             }
         }
     };
-    for (w, chunk) in bitmap.chunks_exact(8).enumerate().take(words) {
-        let on_disk = u64::from_le_bytes(chunk.try_into().map_err(|_| Error::Invalid)?);
+    for (w, on_disk) in bitmap::le_words(&on_media).enumerate().take(words) {
         let want = c.refs[w];
         c.report.used_blocks += u64::from(want.count_ones());
         let mut diff = on_disk ^ want;

@@ -5,7 +5,11 @@
 //! little-endian, with explicit padding, and are read with `zerocopy` (no pointer casts). Nothing
 //! read from the device is trusted: every decoder here validates before returning.
 
+pub mod bitmap;
+pub mod dirent;
+pub mod extent;
 mod geometry;
+pub mod node;
 mod structs;
 
 pub use geometry::Geometry;

@@ -322,6 +322,21 @@ impl Inode {
         Self::new_zeroed()
     }
 
+    /// A new inode of `mode` with `nlink` links, all four timestamps `now_ns` and
+    /// `generation`; every other field zero (unsealed). The one constructor of mkfs, the core
+    /// and the repair.
+    pub fn new(mode: u16, nlink: u32, now_ns: i64, generation: u64) -> Self {
+        let mut i = Self::empty();
+        i.mode = mode;
+        i.nlink = nlink;
+        i.atime_ns = now_ns;
+        i.mtime_ns = now_ns;
+        i.ctime_ns = now_ns;
+        i.btime_ns = now_ns;
+        i.generation = generation;
+        i
+    }
+
     /// Decodes an inode slot and checks its checksum and basic field validity.
     pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
         let (ino, _) = Self::read_from_prefix(bytes)

@@ -9,67 +9,24 @@
 
 use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::error::{Error, Result};
-use crate::format::{DIRENT_FIXED, NAME_MAX, TreeKind};
+use crate::format::TreeKind;
+use crate::format::dirent::{self, NameError};
 use crate::journal::Tx;
 
-/// A directory entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirEntry {
-    pub key: u64,
-    pub ino: u64,
-    /// File type: S_IFMT bits >> 12.
-    pub kind: u8,
-    pub name: Vec<u8>,
-}
+pub use crate::format::dirent::{DirEntry, name_hash};
 
-/// Hash of a name: the top 46 bits of FNV-1a 64 (stable: part of the format).
-pub fn name_hash(name: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in name {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h >> 18
-}
-
-/// Checks a name from a user: 1..=255 bytes, no '/' or NUL, not "." or "..".
+/// Checks a name from a user: the format's rule for a stored name
+/// ([`dirent::check_name`]: 1..=255 bytes, no '/' or NUL, not "." or "..").
 pub fn check_name(name: &[u8]) -> Result<()> {
-    if name.len() > NAME_MAX {
-        return Err(Error::NameTooLong);
-    }
-    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
-        return Err(Error::Invalid);
-    }
-    Ok(())
-}
-
-fn encode(ino: u64, kind: u8, name: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(DIRENT_FIXED + name.len());
-    p.extend_from_slice(&ino.to_le_bytes());
-    p.push(kind);
-    p.push(name.len() as u8);
-    p.extend_from_slice(name);
-    p
+    dirent::check_name(name).map_err(|e| match e {
+        NameError::TooLong => Error::NameTooLong,
+        _ => Error::Invalid,
+    })
 }
 
 fn decode(dir: u64, key: u64, p: &[u8]) -> Result<DirEntry> {
-    let bad = || Error::corrupted("directory entry", dir, format!("key {key:#x}"));
-    if p.len() < DIRENT_FIXED {
-        return Err(bad());
-    }
-    let ino = u64::from_le_bytes(p[..8].try_into().map_err(|_| bad())?);
-    let len = usize::from(p[9]);
-    let name = p.get(DIRENT_FIXED..DIRENT_FIXED + len).ok_or_else(bad)?;
-    if name.is_empty() || p.len() != DIRENT_FIXED + len || key >> 16 != name_hash(name) || ino == 0
-    {
-        return Err(bad());
-    }
-    Ok(DirEntry {
-        key,
-        ino,
-        kind: p[8],
-        name: name.to_vec(),
-    })
+    DirEntry::decode(key, p)
+        .map_err(|why| Error::corrupted("directory entry", dir, format!("key {key:#x}: {why}")))
 }
 
 pub fn tree(dir: u64, root: u64) -> Tree {
@@ -130,7 +87,7 @@ pub fn insert(
         return Err(Error::NoSpace);
     }
     let key = h << 16 | next_seq;
-    btree::insert(tx, r, alloc, t, key, &encode(ino, kind, name))?;
+    btree::insert(tx, r, alloc, t, key, &dirent::payload(ino, kind, name))?;
     Ok(key)
 }
 
@@ -144,7 +101,14 @@ pub fn replace(
     ino: u64,
     kind: u8,
 ) -> Result<()> {
-    btree::insert(tx, r, alloc, t, entry.key, &encode(ino, kind, &entry.name))
+    btree::insert(
+        tx,
+        r,
+        alloc,
+        t,
+        entry.key,
+        &dirent::payload(ino, kind, &entry.name),
+    )
 }
 
 /// Removes the entry with `key`.

@@ -3,13 +3,10 @@
 
 use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::error::{Error, Result};
-use crate::format::{
-    ExtentRecord, INLINE_EXTENTS, Inode, MAX_FILE_SIZE, TreeKind, extent_flags, inode_flags,
-};
+use crate::format::extent::ExtentDamage;
+use crate::format::{ExtentRecord, INLINE_EXTENTS, Inode, TreeKind, inode_flags};
 use crate::journal::Tx;
-use zerocopy::{FromBytes, IntoBytes};
-
-const REC: usize = size_of::<ExtentRecord>();
+use zerocopy::IntoBytes;
 
 pub fn tree(ino: u64, inode: &Inode) -> Tree {
     Tree {
@@ -23,41 +20,19 @@ fn is_tree(inode: &Inode) -> bool {
     inode.flags & inode_flags::TREE != 0
 }
 
-fn validate(
-    r: &TreeReader<'_>,
-    ino: u64,
-    rec: ExtentRecord,
-    key: Option<u64>,
-) -> Result<ExtentRecord> {
-    let ok = rec.len > 0
-        && rec.flags & !extent_flags::ALL == 0
-        && key.is_none_or(|k| k == rec.file_block)
-        && rec
-            .file_block
-            .checked_add(u64::from(rec.len))
-            .is_some_and(|e| e <= MAX_FILE_SIZE >> 12)
-        && r.geometry.is_data_range(rec.dev_block, u64::from(rec.len));
-    if ok {
-        Ok(rec)
-    } else {
-        Err(Error::corrupted("extent", ino, format!("{rec:?}")))
-    }
+fn damaged(ino: u64, rec: &ExtentRecord, why: ExtentDamage) -> Error {
+    Error::corrupted("extent", ino, format!("{why}: {rec:?}"))
 }
 
 fn inline(r: &TreeReader<'_>, ino: u64, inode: &Inode) -> Result<Vec<ExtentRecord>> {
-    let n = inode.inline_count as usize;
-    if n > INLINE_EXTENTS {
+    if inode.inline_count as usize > INLINE_EXTENTS {
         return Err(Error::corrupted("inode", ino, "too many inline extents"));
     }
-    let mut out: Vec<ExtentRecord> = Vec::with_capacity(n);
-    for i in 0..n {
-        let rec = ExtentRecord::read_from_bytes(&inode.inline[i * REC..(i + 1) * REC])
-            .map_err(|_| Error::corrupted("inode", ino, "inline extent"))?;
-        let rec = validate(r, ino, rec, None)?;
-        if out
-            .last()
-            .is_some_and(|p| p.file_block + u64::from(p.len) > rec.file_block)
-        {
+    let mut out: Vec<ExtentRecord> = Vec::with_capacity(inode.inline_count as usize);
+    for rec in inode.inline_extents() {
+        rec.validate(r.geometry)
+            .map_err(|why| damaged(ino, &rec, why))?;
+        if out.last().is_some_and(|p| p.file_end() > rec.file_block) {
             return Err(Error::corrupted("inode", ino, "inline extents overlap"));
         }
         out.push(rec);
@@ -66,17 +41,14 @@ fn inline(r: &TreeReader<'_>, ino: u64, inode: &Inode) -> Result<Vec<ExtentRecor
 }
 
 fn set_inline(inode: &mut Inode, recs: &[ExtentRecord]) {
-    inode.inline = [0; crate::format::INODE_INLINE_LEN];
-    for (i, r) in recs.iter().enumerate() {
-        inode.inline[i * REC..(i + 1) * REC].copy_from_slice(r.as_bytes());
-    }
-    inode.inline_count = recs.len() as u32;
+    inode.set_inline_extents(recs);
 }
 
 fn decode(r: &TreeReader<'_>, ino: u64, key: u64, p: &[u8]) -> Result<ExtentRecord> {
-    let rec = ExtentRecord::read_from_bytes(p)
-        .map_err(|_| Error::corrupted("extent", ino, "record size"))?;
-    validate(r, ino, rec, Some(key))
+    ExtentRecord::from_leaf(key, p, r.geometry).map_err(|why| match why {
+        ExtentDamage::Size => Error::corrupted("extent", ino, "record size"),
+        why => Error::corrupted("extent", ino, format!("{why}: key {key:#x}")),
+    })
 }
 
 /// The extent with the greatest file block <= `fblock`.

@@ -5,6 +5,7 @@
 use crate::alloc::{AllocRequest, BlockAllocator};
 use crate::device::Media;
 use crate::error::{Error, Result};
+use crate::format::bitmap;
 use crate::format::{
     BLOCK_SIZE, CHUNK_BLOCKS, CHUNK_SIZE, FIRST_USER_INO, Geometry, INODE_BITMAP_OFFSET,
     INODE_BITMAP_SLOTS, INODE_SIZE, INODES_PER_CHUNK, ITABLE_DIR_ENTRIES, Inode,
@@ -60,10 +61,17 @@ impl Drop for InodeReservation<'_> {
     }
 }
 
+/// The inode bitmap of a chunk with no inode in use: only the bitmap's own slots are set.
+fn fresh_chunk_bitmap() -> [u64; BITMAP_WORDS] {
+    let mut words = [0u64; BITMAP_WORDS];
+    bitmap::set_range(&mut words, USABLE_INODES_PER_CHUNK, INODE_BITMAP_SLOTS);
+    words
+}
+
 /// Returns an inode slot to the in-memory free index.
 fn release_slot(free: &Mutex<FreeIndex>, chunk: usize, slot: u64) {
     let mut f = free.lock();
-    f.bitmaps[chunk][(slot / 64) as usize] &= !(1 << (slot % 64));
+    bitmap::clear_range(&mut f.bitmaps[chunk], slot, 1);
     f.free_counts[chunk] += 1;
 }
 
@@ -144,7 +152,7 @@ impl InodeTable {
         let free = self.free.lock();
         free.bitmaps
             .get(chunk)
-            .is_some_and(|b| b[(slot / 64) as usize] & (1 << (slot % 64)) != 0)
+            .is_some_and(|b| bitmap::get(b, slot))
     }
 
     /// Reads and validates an inode in use.
@@ -173,7 +181,7 @@ impl InodeTable {
     /// The generation a new inode in slot `ino` carries: one more than the slot's last, or,
     /// for a slot never used (a new chunk, perhaps one given back and grown again), the
     /// clock, so an (inode, generation) pair a file handle kept is never handed out again.
-    fn next_generation(&self, ino: u64) -> u64 {
+    pub fn next_generation(&self, ino: u64) -> u64 {
         match self.old_generation(ino) {
             0 => u64::try_from(crate::fs::now_ns()).unwrap_or(1).max(1),
             old => old.wrapping_add(1).max(1),
@@ -268,7 +276,7 @@ impl InodeTable {
         let free = Arc::clone(&self.free);
         tx.on_commit(move || {
             let mut f = free.lock();
-            f.bitmaps[chunk][(slot / 64) as usize] &= !(1 << (slot % 64));
+            bitmap::clear_range(&mut f.bitmaps[chunk], slot, 1);
             f.free_counts[chunk] += 1;
         });
         Ok(())
@@ -311,10 +319,7 @@ impl InodeTable {
             INODE_BITMAP_SLOTS,
         )?;
         tx.commit()?;
-        let mut words = [0u64; BITMAP_WORDS];
-        for slot in USABLE_INODES_PER_CHUNK..INODES_PER_CHUNK {
-            words[(slot / 64) as usize] |= 1 << (slot % 64);
-        }
+        let words = fresh_chunk_bitmap();
         self.chunks.write().push(range.start);
         let mut f = self.free.lock();
         f.bitmaps.push(words);
@@ -372,11 +377,7 @@ impl InodeTable {
             let free = Arc::clone(&self.free);
             tx.on_abort(move || {
                 let mut f = free.lock();
-                let mut words = [0u64; BITMAP_WORDS];
-                for slot in USABLE_INODES_PER_CHUNK..INODES_PER_CHUNK {
-                    words[(slot / 64) as usize] |= 1 << (slot % 64);
-                }
-                f.bitmaps[last] = words;
+                f.bitmaps[last] = fresh_chunk_bitmap();
                 f.free_counts[last] = USABLE_INODES_PER_CHUNK;
             });
             // The table ends at the first zero entry of its directory.

@@ -23,6 +23,7 @@ mod refs;
 mod txn;
 mod xattr;
 
+pub use crate::meta::{read_backup_superblock, read_state, read_superblock};
 pub use dir::{check_name, name_hash};
 pub use inode::InodeTable;
 pub use lease::MappedExtent;
@@ -38,8 +39,8 @@ use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, FsState, Geometry, Inode, NULL_INO, ROOT_INO,
-    STATE_OFFSET, SUPERBLOCK_OFFSET, Superblock, TreeKind, file_type, inode_flags,
+    BLOCK_SIZE, FsState, Geometry, Inode, NULL_INO, ROOT_INO, STATE_OFFSET, Superblock, TreeKind,
+    file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
@@ -276,30 +277,6 @@ pub fn list_dir(r: &TreeReader<'_>, tree: &Tree, out: &mut Vec<(Vec<u8>, u64, u8
         out.push((e.name, e.ino, e.kind));
         true
     })
-}
-
-/// Reads and validates the superblock, geometry and state record of a device.
-pub fn read_superblock(media: &dyn Media) -> Result<(Superblock, Geometry)> {
-    let mut buf = vec![0u8; size_of::<Superblock>()];
-    media.read(SUPERBLOCK_OFFSET, &mut buf)?;
-    let sb = Superblock::decode(&buf)?;
-    let geometry = Geometry::from_superblock(&sb, media.size())?;
-    Ok((sb, geometry))
-}
-
-/// Reads the backup superblock (fsck uses it when the primary is damaged).
-pub fn read_backup_superblock(media: &dyn Media) -> Result<(Superblock, Geometry)> {
-    let mut buf = vec![0u8; size_of::<Superblock>()];
-    media.read(BACKUP_SUPERBLOCK_OFFSET, &mut buf)?;
-    let sb = Superblock::decode(&buf)?;
-    let geometry = Geometry::from_superblock(&sb, media.size())?;
-    Ok((sb, geometry))
-}
-
-pub fn read_state(media: &dyn Media) -> Result<FsState> {
-    let mut buf = vec![0u8; size_of::<FsState>()];
-    media.read(STATE_OFFSET, &mut buf)?;
-    Ok(FsState::decode(&buf)?)
 }
 
 impl Fs {

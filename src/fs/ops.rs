@@ -6,6 +6,7 @@ use super::xattr;
 use super::{Attr, Ctx, Fs, SetAttr, SetTime, now_ns};
 use crate::alloc::{AllocRequest, BlockRange};
 use crate::error::{Error, Result};
+use crate::format::dirent::type_byte;
 use crate::format::{
     BLOCK_SIZE, INODE_INLINE_LEN, Inode, ROOT_INO, SYMLINK_MAX, XATTR_VALUE_MAX, blocks_to_bytes,
     file_type, inode_flags,
@@ -22,10 +23,6 @@ pub const RENAME_NOREPLACE: u32 = 1;
 pub const RENAME_EXCHANGE: u32 = 2;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
-
-fn type_byte(mode: u16) -> u8 {
-    ((mode & file_type::S_IFMT) >> 12) as u8
-}
 
 impl Fs {
     fn find(&self, dir_ino: u64, dir_inode: &Inode, name: &[u8]) -> Result<Option<DirEntry>> {
@@ -80,24 +77,17 @@ impl Fs {
     }
 
     fn new_inode(&self, ctx: &Ctx, parent: &Inode, mode: u32, generation: u64) -> Inode {
-        let now = now_ns();
-        let mut i = Inode::empty();
         let mut mode = mode as u16;
-        i.gid = ctx.gid;
+        let mut gid = ctx.gid;
         if parent.mode & 0o2000 != 0 {
-            i.gid = parent.gid;
+            gid = parent.gid;
             if mode & file_type::S_IFMT == file_type::S_IFDIR {
                 mode |= 0o2000;
             }
         }
-        i.mode = mode;
+        let mut i = Inode::new(mode, 1, now_ns(), generation);
         i.uid = ctx.uid;
-        i.nlink = 1;
-        i.atime_ns = now;
-        i.mtime_ns = now;
-        i.ctime_ns = now;
-        i.btime_ns = now;
-        i.generation = generation;
+        i.gid = gid;
         i
     }
 
@@ -654,7 +644,7 @@ impl Fs {
             from,
             &mut |e| {
                 let next = (e.key + 3) as i64;
-                !f(e.ino, next, u16::from(e.kind) << 12, &e.name)
+                !f(e.ino, next, e.file_type(), &e.name)
             },
         )
     }

@@ -850,3 +850,40 @@ fn a_full_file_system_can_always_be_emptied() {
         fs.shutdown().unwrap();
     }
 }
+
+/// "." and ".." are never stored: the core refuses them as new names, so every entry it
+/// writes passes the strict entry decoder that the checker and the repair share
+/// (`format::dirent`). Before, `mknod(parent, "..")` stored an entry named "..", which
+/// readdir listed next to the real one and fsck's repair dropped.
+#[test]
+fn dot_names_are_never_stored() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    for name in [&b"."[..], b".."] {
+        assert!(matches!(
+            fs.mknod(&C, ROOT_INO, name, 0o100644, 0),
+            Err(Error::Invalid)
+        ));
+        assert!(matches!(
+            fs.mkdir(&C, ROOT_INO, name, 0o755),
+            Err(Error::Invalid)
+        ));
+        assert!(matches!(
+            fs.link(f.ino, ROOT_INO, name),
+            Err(Error::Invalid)
+        ));
+        assert!(matches!(
+            fs.rename(ROOT_INO, b"f", ROOT_INO, name, 0),
+            Err(Error::Invalid)
+        ));
+    }
+    let mut names = Vec::new();
+    fs.readdir(ROOT_INO, 0, &mut |_, _, _, n| {
+        names.push(n.to_vec());
+        false
+    })
+    .unwrap();
+    assert_eq!(names, [&b"."[..], b"..", b"f"]);
+    check(&fs);
+}

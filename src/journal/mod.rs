@@ -29,6 +29,7 @@
 //! read-only mount; the next mount's recovery rolls back whatever the slot still holds.
 
 use crate::device::{DeviceError, Media};
+use crate::format::bitmap::{byte_span as bit_span, try_for_each_media_word as for_each_word};
 use crate::format::{
     FormatError, Geometry, SLOT_MAGIC, STATE_OFFSET, SlotHeader, UndoHeader, UndoKind,
 };
@@ -609,37 +610,6 @@ pub fn record_crc(header: &UndoHeader, payload: &[u8]) -> u32 {
     hasher.update(h.as_bytes());
     hasher.update(payload);
     hasher.digest() as u32
-}
-
-/// Byte span touched by bits `first..first + count` of the bitmap at `base`, whole words.
-fn bit_span(base: u64, first: u64, count: u64) -> (u64, u64) {
-    let first_word = first / 64;
-    let last_word = (first + count - 1) / 64;
-    (base + first_word * 8, (last_word - first_word + 1) * 8)
-}
-
-/// Calls `f(word_offset, mask)` for each 64-bit word covering bits `first..first + count`.
-fn for_each_word(
-    base: u64,
-    first: u64,
-    count: u64,
-    mut f: impl FnMut(u64, u64) -> Result<(), DeviceError>,
-) -> Result<(), DeviceError> {
-    let end = first + count;
-    let mut bit = first;
-    while bit < end {
-        let word = bit / 64;
-        let lo = bit % 64;
-        let hi = (end - word * 64).min(64);
-        let mask = if hi - lo == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        f(base + word * 8, mask)?;
-        bit = (word + 1) * 64;
-    }
-    Ok(())
 }
 
 /// A validated undo record.

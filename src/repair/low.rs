@@ -13,7 +13,7 @@ use crate::format::{
     Inode, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_OFFSET, SlotHeader,
     Superblock, blocks_to_bytes,
 };
-use crate::fs::{read_backup_superblock, read_state, read_superblock};
+use crate::meta::{read_backup_superblock, read_state, read_superblock};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 const SB_LEN: usize = size_of::<Superblock>();

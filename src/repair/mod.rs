@@ -20,7 +20,7 @@
 //! crash in the middle of a repair therefore never makes things worse; running fsck again
 //! finishes the job.
 
-mod bits;
+use crate::format::bitmap as bits;
 mod cow;
 mod low;
 mod rebuild;
@@ -33,8 +33,9 @@ use crate::check::{Problem, ProblemKind, Report, check};
 use crate::device::Media;
 use crate::error::Result;
 use crate::format::{BLOCK_SIZE, Geometry, STATE_OFFSET};
-use crate::fs::{InodeTable, read_state, read_superblock};
+use crate::fs::InodeTable;
 use crate::journal::Journal;
+use crate::meta::{read_state, read_superblock};
 use std::sync::Arc;
 
 /// Classes of problems and of the repairs that fix them. fsck asks about (or allows) repairs
@@ -397,21 +398,7 @@ pub fn quick_check(media: &Arc<dyn Media>) -> Result<Option<Summary>> {
 fn used_blocks(media: &dyn Media, g: &Geometry) -> Result<u64> {
     let mut buf = vec![0u8; (g.bitmap_blocks * BLOCK_SIZE) as usize];
     media.read(g.bitmap_offset(), &mut buf)?;
-    let mut used = 0u64;
-    for (w, c) in buf.chunks_exact(8).enumerate() {
-        let first = w as u64 * 64;
-        if first >= g.block_count {
-            break;
-        }
-        let mut b = [0u8; 8];
-        b.copy_from_slice(c);
-        let mut word = u64::from_le_bytes(b);
-        if first + 64 > g.block_count {
-            word &= (1u64 << (g.block_count - first)) - 1;
-        }
-        used += u64::from(word.count_ones());
-    }
-    Ok(used)
+    Ok(bits::count_set_in_bytes(&buf, g.block_count))
 }
 
 /// Marks the file system clean after a full check found nothing left to repair (the state

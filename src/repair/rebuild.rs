@@ -28,67 +28,25 @@ use super::tree;
 use super::{Action, Class, RepairMode};
 use crate::device::Media;
 use crate::error::{Error, Result};
+use crate::format::dirent::{self, DirEntry as Entry, name_hash};
 use crate::format::{
-    CHUNK_BLOCKS, DEFERRED_FREE_INO, DIRENT_FIXED, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
+    CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
     INLINE_EXTENTS, INODE_BITMAP_OFFSET, INODE_INLINE_LEN, INODE_SIZE, INODES_PER_CHUNK, Inode,
     MAX_FILE_SIZE, NULL_INO, ROOT_INO, STATE_OFFSET, TreeKind, USABLE_INODES_PER_CHUNK,
-    blocks_to_bytes, extent_flags, file_type, inode_flags,
+    blocks_to_bytes, file_type, inode_flags,
 };
-use crate::fs::{InodeTable, check_name, name_hash, read_state};
+use crate::fs::InodeTable;
 use crate::journal::{Journal, Tx};
+use crate::meta::read_state;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use zerocopy::{FromBytes, IntoBytes};
 
-const EXTENT_LEN: usize = size_of::<ExtentRecord>();
 /// Name of the directory unreachable inodes are moved to.
 pub const LOST_FOUND: &[u8] = b"lost+found";
 
-#[derive(Clone, Debug)]
-struct Entry {
-    key: u64,
-    ino: u64,
-    kind: u8,
-    name: Vec<u8>,
-}
-
-fn decode_entry(key: u64, p: &[u8]) -> Option<Entry> {
-    if p.len() < DIRENT_FIXED {
-        return None;
-    }
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&p[..8]);
-    let ino = u64::from_le_bytes(w);
-    let len = usize::from(p[9]);
-    let name = p.get(DIRENT_FIXED..DIRENT_FIXED + len)?;
-    if p.len() != DIRENT_FIXED + len
-        || ino == 0
-        || check_name(name).is_err()
-        || name == b"."
-        || name == b".."
-        || key >> 16 != name_hash(name)
-    {
-        return None;
-    }
-    Some(Entry {
-        key,
-        ino,
-        kind: p[8],
-        name: name.to_vec(),
-    })
-}
-
-fn encode_entry(e: &Entry) -> Vec<u8> {
-    let mut p = Vec::with_capacity(DIRENT_FIXED + e.name.len());
-    p.extend_from_slice(&e.ino.to_le_bytes());
-    p.push(e.kind);
-    p.push(e.name.len() as u8);
-    p.extend_from_slice(&e.name);
-    p
-}
-
 fn type_byte(i: &Inode) -> u8 {
-    (i.file_type() >> 12) as u8
+    dirent::type_byte(i.mode)
 }
 
 fn type_name(i: &Inode) -> &'static str {
@@ -237,11 +195,10 @@ impl<'a> Rebuild<'a> {
         Ok(raw)
     }
 
-    fn old_generation(&self, ino: u64) -> u64 {
-        self.raw_inode(ino)
-            .ok()
-            .and_then(|r| Inode::read_from_bytes(&r).ok())
-            .map_or(0, |i| i.generation)
+    /// The generation an inode the repair creates in slot `ino` gets: the core's rule
+    /// (`InodeTable::next_generation`).
+    fn next_generation(&self, ino: u64) -> u64 {
+        self.table.next_generation(ino)
     }
 
     fn decode_inodes(&mut self) -> Result<()> {
@@ -306,7 +263,7 @@ impl<'a> Rebuild<'a> {
                 &self.claimed,
             )?;
             let keep = w.damage.is_none() && !w.nodes.is_empty();
-            let mut i = new_dir_inode(0o755, ROOT_INO, self.old_generation(ROOT_INO));
+            let mut i = new_dir_inode(0o755, ROOT_INO, self.next_generation(ROOT_INO));
             if keep {
                 i.tree_root = old_root;
             }
@@ -331,10 +288,12 @@ impl<'a> Rebuild<'a> {
             .get(&DEFERRED_FREE_INO)
             .is_some_and(|i| i.inode.is_reg());
         if !deferred_ok && self.allow(Class::Inodes) {
-            let mut i = Inode::empty();
-            i.mode = file_type::S_IFREG;
-            i.nlink = 1;
-            i.generation = self.old_generation(DEFERRED_FREE_INO).wrapping_add(1);
+            let i = Inode::new(
+                file_type::S_IFREG,
+                1,
+                crate::fs::now_ns(),
+                self.next_generation(DEFERRED_FREE_INO),
+            );
             self.free.remove(&DEFERRED_FREE_INO);
             self.untouchable.remove(&DEFERRED_FREE_INO);
             let mut item = Item::new(i);
@@ -487,34 +446,22 @@ impl<'a> Rebuild<'a> {
             if n > INLINE_EXTENTS {
                 damage = Some(format!("{n} inline extents"));
             }
-            for i in 0..n.min(INLINE_EXTENTS) {
-                if let Ok(r) = ExtentRecord::read_from_bytes(
-                    &inode.inline[i * EXTENT_LEN..(i + 1) * EXTENT_LEN],
-                ) {
-                    raw.push((None, r));
-                }
-            }
+            raw.extend(inode.inline_extents().map(|r| (None, r)));
         }
         let mut kept: Vec<ExtentRecord> = Vec::with_capacity(raw.len());
         let mut prev_end = 0u64;
         for (key, r) in raw {
             let len = u64::from(r.len);
-            let why = if r.len == 0 || r.flags & !extent_flags::ALL != 0 {
-                Some("an invalid extent")
-            } else if key.is_some_and(|k| k != r.file_block) {
-                Some("an extent under the wrong key")
-            } else if r
-                .file_block
-                .checked_add(len)
-                .is_none_or(|e| e > MAX_FILE_SIZE >> 12)
-            {
-                Some("an extent beyond the largest file size")
-            } else if !self.g.is_data_range(r.dev_block, len) {
-                Some("an extent outside the data area")
+            let valid = match key {
+                Some(k) => r.validate_keyed(k, &self.g),
+                None => r.validate(&self.g),
+            };
+            let why = if let Err(d) = valid {
+                Some(d.to_string())
             } else if r.file_block < prev_end {
-                Some("overlapping extents")
+                Some("overlapping extents".into())
             } else if self.claimed.any(r.dev_block, len) {
-                Some("an extent on blocks another object uses")
+                Some("an extent on blocks another object uses".into())
             } else {
                 None
             };
@@ -587,7 +534,7 @@ impl<'a> Rebuild<'a> {
         let mut entries = Vec::with_capacity(total);
         let mut names: HashSet<Vec<u8>> = HashSet::new();
         for (k, p) in &w.records {
-            if let Some(e) = decode_entry(*k, p) {
+            if let Ok(e) = Entry::decode(*k, p) {
                 if names.insert(e.name.clone()) {
                     entries.push(e);
                 }
@@ -762,7 +709,7 @@ impl<'a> Rebuild<'a> {
             );
             return None;
         };
-        let mut item = Item::new(new_dir_inode(0o700, ROOT_INO, self.old_generation(ino)));
+        let mut item = Item::new(new_dir_inode(0o700, ROOT_INO, self.next_generation(ino)));
         item.dirty = true;
         item.created = true;
         item.rebuild_dir = true;
@@ -1049,12 +996,7 @@ impl<'a> Rebuild<'a> {
             let mut alloc = || Self::alloc_block(claimed, cursor, &g);
             if let Some(map) = it.new_map.take() {
                 if map.len() <= INLINE_EXTENTS {
-                    it.inode.inline = [0; INODE_INLINE_LEN];
-                    for (k, r) in map.iter().enumerate() {
-                        it.inode.inline[k * EXTENT_LEN..(k + 1) * EXTENT_LEN]
-                            .copy_from_slice(r.as_bytes());
-                    }
-                    it.inode.inline_count = map.len() as u32;
+                    it.inode.set_inline_extents(&map);
                     it.inode.flags &= !inode_flags::TREE;
                     it.inode.tree_root = 0;
                 } else {
@@ -1063,18 +1005,14 @@ impl<'a> Rebuild<'a> {
                         .map(|r| (r.file_block, r.as_bytes().to_vec()))
                         .collect();
                     built = tree::build(TreeKind::Extents, ino, &recs, &mut alloc)?;
-                    it.inode.inline = [0; INODE_INLINE_LEN];
-                    it.inode.inline_count = 0;
+                    it.inode.set_inline_extents(&[]);
                     it.inode.flags |= inode_flags::TREE;
                     it.inode.tree_root = built.root;
                 }
             } else if it.rebuild_dir {
                 it.entries.sort_unstable_by_key(|e| e.key);
-                let recs: Vec<(u64, Vec<u8>)> = it
-                    .entries
-                    .iter()
-                    .map(|e| (e.key, encode_entry(e)))
-                    .collect();
+                let recs: Vec<(u64, Vec<u8>)> =
+                    it.entries.iter().map(|e| (e.key, e.payload())).collect();
                 built = tree::build(TreeKind::Directory, ino, &recs, &mut alloc)?;
                 it.inode.tree_root = built.root;
             }
@@ -1115,20 +1053,17 @@ impl<'a> Rebuild<'a> {
 }
 
 fn type_byte_dir() -> u8 {
-    (file_type::S_IFDIR >> 12) as u8
+    dirent::type_byte(file_type::S_IFDIR)
 }
 
-fn new_dir_inode(perm: u16, parent: u64, old_generation: u64) -> Inode {
-    let now = crate::fs::now_ns();
-    let mut i = Inode::empty();
-    i.mode = file_type::S_IFDIR | perm;
-    i.nlink = 2;
+fn new_dir_inode(perm: u16, parent: u64, generation: u64) -> Inode {
+    let mut i = Inode::new(
+        file_type::S_IFDIR | perm,
+        2,
+        crate::fs::now_ns(),
+        generation,
+    );
     i.parent = parent;
-    i.atime_ns = now;
-    i.mtime_ns = now;
-    i.ctime_ns = now;
-    i.btime_ns = now;
-    i.generation = old_generation.wrapping_add(1).max(1);
     i
 }
 

@@ -12,15 +12,14 @@ use super::bits::Bits;
 use crate::btree::{Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
+use crate::format::node::{
+    CAPACITY, LenientBody, NodeImage, parse_lenient, push_entry, push_record,
+};
 use crate::format::{
-    BLOCK_SIZE, Geometry, INTERNAL_ENTRY, LEAF_RECORD_HEADER, MAX_TREE_LEVEL, NodeHeader, TreeKind,
-    blocks_to_bytes, check_node,
+    BLOCK_SIZE, Geometry, INTERNAL_ENTRY, LEAF_RECORD_HEADER, MAX_TREE_LEVEL, TreeKind,
+    blocks_to_bytes,
 };
 use std::collections::HashSet;
-use zerocopy::{FromBytes, IntoBytes};
-
-const HEADER: usize = size_of::<NodeHeader>();
-const CAPACITY: usize = BLOCK_SIZE as usize - HEADER;
 /// Fill leaves to this many bytes, leaving room for a few inserts before the first split.
 const LEAF_FILL: usize = CAPACITY * 7 / 8;
 /// Children per internal node when building.
@@ -42,74 +41,6 @@ impl Walk {
         if self.damage.is_none() {
             self.damage = Some(why);
         }
-    }
-}
-
-enum Body {
-    Leaf(Vec<(u64, Vec<u8>)>),
-    Internal(Vec<(u64, u64)>),
-}
-
-/// Decodes a node; a leaf that goes bad part-way keeps its records up to the damage.
-fn parse(
-    buf: &[u8],
-    kind: TreeKind,
-    owner: u64,
-    level: Option<u16>,
-) -> std::result::Result<(u16, Body, Option<String>), String> {
-    let (h, rest) = NodeHeader::read_from_prefix(buf).map_err(|_| "short node".to_string())?;
-    check_node(&h, kind, owner, level).map_err(|e| e.to_string())?;
-    let data = rest
-        .get(..h.used as usize)
-        .ok_or_else(|| "used bytes beyond the node".to_string())?;
-    let count = usize::from(h.count);
-    if h.level == 0 {
-        let mut recs: Vec<(u64, Vec<u8>)> = Vec::with_capacity(count);
-        let mut at = 0usize;
-        for _ in 0..count {
-            let Some(hdr) = data.get(at..at + LEAF_RECORD_HEADER) else {
-                return Ok((0, Body::Leaf(recs), Some("record beyond used bytes".into())));
-            };
-            let mut k = [0u8; 8];
-            k.copy_from_slice(&hdr[..8]);
-            let key = u64::from_le_bytes(k);
-            let len = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
-            let Some(p) = data.get(at + LEAF_RECORD_HEADER..at + LEAF_RECORD_HEADER + len) else {
-                return Ok((
-                    0,
-                    Body::Leaf(recs),
-                    Some("payload beyond used bytes".into()),
-                ));
-            };
-            if recs.last().is_some_and(|(prev, _)| *prev >= key) {
-                return Ok((0, Body::Leaf(recs), Some("leaf keys out of order".into())));
-            }
-            recs.push((key, p.to_vec()));
-            at += LEAF_RECORD_HEADER + len;
-        }
-        let note = (at != data.len()).then(|| "leaf used bytes do not match its records".into());
-        Ok((0, Body::Leaf(recs), note))
-    } else {
-        if count == 0 || count * INTERNAL_ENTRY != data.len() {
-            return Err("internal node size".into());
-        }
-        let mut entries = Vec::with_capacity(count);
-        let mut note = None;
-        for c in data.chunks_exact(INTERNAL_ENTRY) {
-            let mut k = [0u8; 8];
-            k.copy_from_slice(&c[..8]);
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&c[8..]);
-            let key = u64::from_le_bytes(k);
-            if entries
-                .last()
-                .is_some_and(|(prev, _): &(u64, u64)| *prev >= key)
-            {
-                note = Some("internal keys out of order".into());
-            }
-            entries.push((key, u64::from_le_bytes(b)));
-        }
-        Ok((h.level, Body::Internal(entries), note))
     }
 }
 
@@ -144,7 +75,7 @@ pub(super) fn walk(
             continue;
         }
         media.read(blocks_to_bytes(block), &mut buf)?;
-        let (lvl, body, note) = match parse(&buf, kind, owner, level) {
+        let (lvl, body, note) = match parse_lenient(&buf, kind, owner, level) {
             Ok(x) => x,
             Err(e) => {
                 w.damaged(format!("node {block}: {e}"));
@@ -156,7 +87,7 @@ pub(super) fn walk(
         }
         w.nodes.push(block);
         match body {
-            Body::Leaf(recs) => {
+            LenientBody::Leaf(recs) => {
                 if let (Some((prev, _)), Some((k, _))) = (w.records.last(), recs.first()) {
                     if *prev >= *k {
                         w.damaged(format!("node {block}: key {k:#x} out of order"));
@@ -166,7 +97,7 @@ pub(super) fn walk(
                 // the wrong place, and their records are still this tree's. Sorted below.
                 w.records.extend(recs);
             }
-            Body::Internal(entries) => {
+            LenientBody::Internal(entries) => {
                 for &(_, child) in entries.iter().rev() {
                     stack.push((child, Some(lvl - 1)));
                 }
@@ -188,15 +119,16 @@ pub(super) fn walk(
 }
 
 /// Encodes one node image.
-fn node_image(kind: TreeKind, owner: u64, level: u16, count: usize, body: &[u8]) -> Vec<u8> {
-    let mut h = NodeHeader::new(kind, level, owner);
-    h.count = count as u16;
-    h.used = body.len() as u32;
-    let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
-    buf.extend_from_slice(h.as_bytes());
-    buf.extend_from_slice(body);
-    buf.resize(BLOCK_SIZE as usize, 0);
-    buf
+fn node_image(
+    kind: TreeKind,
+    owner: u64,
+    level: u16,
+    count: usize,
+    body: &[u8],
+) -> Result<Vec<u8>> {
+    NodeImage::new(kind, owner, level, count, body)
+        .map(|n| n.block().to_vec())
+        .ok_or_else(|| Error::corrupted("tree node", owner, "node overflow"))
 }
 
 /// A freshly built tree: its root and the node images to write at their blocks.
@@ -223,31 +155,31 @@ pub(crate) fn build(
     let mut body: Vec<u8> = Vec::new();
     let mut count = 0usize;
     let mut first_key = 0u64;
+    // Writes the leaf in `body` and notes it for the level above.
+    let mut leaf = |body: &mut Vec<u8>, count: &mut usize, first_key: u64| -> Result<()> {
+        let block = alloc()?;
+        out.nodes
+            .push((block, node_image(kind, owner, 0, *count, body)?));
+        level_nodes.push((first_key, block));
+        body.clear();
+        *count = 0;
+        Ok(())
+    };
     for (k, p) in records {
         let rec = LEAF_RECORD_HEADER + p.len();
         if rec > CAPACITY {
             return Err(Error::corrupted("tree record", owner, "payload too large"));
         }
         if count > 0 && body.len() + rec > LEAF_FILL {
-            let block = alloc()?;
-            out.nodes
-                .push((block, node_image(kind, owner, 0, count, &body)));
-            level_nodes.push((first_key, block));
-            body.clear();
-            count = 0;
+            leaf(&mut body, &mut count, first_key)?;
         }
         if count == 0 {
             first_key = *k;
         }
-        body.extend_from_slice(&k.to_le_bytes());
-        body.extend_from_slice(&(p.len() as u16).to_le_bytes());
-        body.extend_from_slice(p);
+        push_record(&mut body, *k, p);
         count += 1;
     }
-    let block = alloc()?;
-    out.nodes
-        .push((block, node_image(kind, owner, 0, count, &body)));
-    level_nodes.push((first_key, block));
+    leaf(&mut body, &mut count, first_key)?;
     // Internal levels. Each node is keyed in its parent by its first key, which is also its
     // own entry 0, except on the leftmost spine: the tree covers every key, so the first
     // node of each level is keyed 0 (the separator invariant, btree's module docs). Keyed by
@@ -264,13 +196,12 @@ pub(crate) fn build(
         let mut next = Vec::new();
         for group in level_nodes.chunks(FANOUT) {
             let mut body = Vec::with_capacity(group.len() * INTERNAL_ENTRY);
-            for (k, b) in group {
-                body.extend_from_slice(&k.to_le_bytes());
-                body.extend_from_slice(&b.to_le_bytes());
+            for &(k, b) in group {
+                push_entry(&mut body, k, b);
             }
             let block = alloc()?;
             out.nodes
-                .push((block, node_image(kind, owner, level, group.len(), &body)));
+                .push((block, node_image(kind, owner, level, group.len(), &body)?));
             next.push((group[0].0, block));
         }
         level_nodes = next;

@@ -423,6 +423,17 @@ fn unreachable_dir(img: &mut Image) {
     img.bytes[at + 10] = b'z';
 }
 
+fn dot_entry(img: &mut Image) {
+    // /a/b's entry "c" renamed "." with the key of that name: a record every other rule
+    // accepts. The core never stores "." or "..", and the one entry decoder refuses them, so
+    // fsck reports the entry and its repair drops it (/a/b/c goes to lost+found).
+    let c = img.ino["/a/b/c"];
+    let at = img.find_entry(c, b"c");
+    img.bytes[at + 10] = b'.';
+    let key = pmfs::format::dirent::name_hash(b".") << 16;
+    img.bytes[at - 10..at - 2].copy_from_slice(&key.to_le_bytes());
+}
+
 fn truncated(img: &mut Image) {
     img.bytes.truncate((40 * MIB) as usize);
 }
@@ -470,6 +481,7 @@ pub fn damages() -> Vec<Damage> {
         d("block-count", "block count", block_count),
         d("orphan", "orphan", orphan_not_orphan),
         d("unreachable", "not reachable", unreachable_dir),
+        d("dot-entry", "are not stored", dot_entry),
         Damage {
             name: "truncated",
             expect: "truncated",
