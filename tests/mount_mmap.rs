@@ -9,15 +9,11 @@
 //! bytes back over the written ones.
 
 #![allow(clippy::unwrap_used)]
-#![allow(
-    unsafe_code,
-    reason = "stores and loads through a shared file mapping are raw-pointer accesses"
-)]
 
 mod common;
 
 use common::*;
-use memmap2::MmapRaw;
+use pmfs::device::SharedFileMapping;
 use std::fs::{self, File, OpenOptions as FileOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -31,20 +27,6 @@ const STORE_AT: usize = 3 * BLOCK / 4;
 
 /// No marker landing for this long is a hang.
 const STALL: Duration = Duration::from_secs(15);
-
-fn store_u64(map: &MmapRaw, at: usize, v: u64) {
-    assert!(at % 8 == 0 && at + 8 <= map.len());
-    // SAFETY: `at` is 8-aligned and inside the live mapping (checked above); the mapping is
-    // only ever touched through raw volatile accesses, never through references, so the
-    // kernel and the other thread changing other bytes of it aliases nothing.
-    unsafe { map.as_mut_ptr().add(at).cast::<u64>().write_volatile(v) }
-}
-
-fn load_u64(map: &MmapRaw, at: usize) -> u64 {
-    assert!(at % 8 == 0 && at + 8 <= map.len());
-    // SAFETY: as in `store_u64`.
-    unsafe { map.as_ptr().add(at).cast::<u64>().read_volatile() }
-}
 
 /// What a checked file must hold at 8-byte word `at`.
 fn expected(at: usize, wmark: u64, smark: u64) -> u64 {
@@ -90,12 +72,12 @@ fn race_round(m: &Mount, round: usize, len: usize, separate_writer: bool) {
     // Zero-fill through a mapping first, as holetest does: the page cache then holds the
     // file's pages, dirty, when the race starts.
     {
-        let fill = MmapRaw::map_raw(&file).unwrap();
+        let fill = SharedFileMapping::map(&file).unwrap();
         for at in (0..len).step_by(8) {
-            store_u64(&fill, at, 0);
+            fill.store_u64(at, 0);
         }
     }
-    let map = MmapRaw::map_raw(&file).unwrap();
+    let map = SharedFileMapping::map(&file).unwrap();
     let writer = if separate_writer {
         FileOptions::new().write(true).open(&path).unwrap()
     } else {
@@ -128,7 +110,7 @@ fn race_round(m: &Mount, round: usize, len: usize, separate_writer: bool) {
                 while started.load(Ordering::Acquire) < block {
                     std::thread::yield_now();
                 }
-                store_u64(map, block + STORE_AT, smark);
+                map.store_u64(block + STORE_AT, smark);
                 progress.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -149,7 +131,7 @@ fn race_round(m: &Mount, round: usize, len: usize, separate_writer: bool) {
 
     // Through the mapping, before it is written back...
     let (bad, shown) = wrong_words(
-        (0..len).step_by(8).map(|at| (at, load_u64(&map, at))),
+        (0..len).step_by(8).map(|at| (at, map.load_u64(at))),
         wmark,
         smark,
     );

@@ -36,9 +36,15 @@ pub mod dax;
 )]
 mod mmap;
 mod recording;
+#[allow(
+    unsafe_code,
+    reason = "volatile word access to a shared file mapping that others change meanwhile"
+)]
+mod shared;
 
 pub use mmap::{Device, DeviceKind, OpenOptions, create_image};
 pub use recording::{CrashImages, RecordingDevice};
+pub use shared::SharedFileMapping;
 
 use std::fmt;
 use std::io;
