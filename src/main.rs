@@ -588,29 +588,38 @@ fn remount(cli: &Cli, opts: &Options) -> Result<(), Failure> {
 /// `pmfs layout FILE...`: one line per extent, `FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS`,
 /// byte counts in decimal, FLAGS `unwritten` or `-` (FS_IOC_FIEMAP does not pass through
 /// FUSE, so this asks the daemon with pmfs's own ioctl).
+///
+/// It behaves as the coreutils do with their output and their arguments: a reader that
+/// goes away (`| head`) ends it quietly with the status of a SIGPIPE death (141, as the shell
+/// shows it), any other failed write (`> /dev/full`) is one line and status 1, and anything
+/// but a regular file is refused from its `stat`, without opening it for I/O (a FIFO would
+/// block the open; a device would be opened by its driver).
 fn layout(files: &[std::ffi::OsString]) -> ExitCode {
-    if files.is_empty() || files.iter().any(|f| f == "-h" || f == "--help") {
-        println!(
-            "Usage: pmfs layout FILE...\n\nPrints each extent of a file on a pmfs mount, one line per \
-             extent:\n  FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS\nin bytes (decimal); FLAGS is \
-             `unwritten` for preallocated space, `-` otherwise. With several files, each \
-             block starts with `FILE:`."
-        );
-        return if files.is_empty() {
-            ExitCode::from(EXIT_USAGE)
-        } else {
-            ExitCode::SUCCESS
+    const HELP: &str = "Usage: pmfs layout FILE...\n\nPrints each extent of a file on a pmfs \
+        mount, one line per extent:\n  FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS\nin bytes \
+        (decimal); FLAGS is `unwritten` for preallocated space, `-` otherwise. With several \
+        files, each block starts with `FILE:`. Only regular files on a pmfs mount have a \
+        layout.\n\nExit status: 0 success, 1 a file had no layout to show or the output \
+        could not be written, 2 usage error.\n";
+    if files.iter().any(|f| f == "-h" || f == "--help") {
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(HELP.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => output_failed(&e),
         };
     }
+    if files.is_empty() {
+        eprint!("pmfs layout: no FILE given\n\n{HELP}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut status = ExitCode::SUCCESS;
     for f in files {
-        let path = std::path::Path::new(f);
-        let result = std::fs::File::open(path)
-            .and_then(|file| pmfs::dax::query(&file, 0, 0, u64::MAX >> 1).map(|(_, e)| e));
-        match result {
-            Ok(entries) => {
+        let path = Path::new(f);
+        let written = match extents_of(path) {
+            Ok(entries) => (|| -> std::io::Result<()> {
                 if files.len() > 1 {
-                    println!("{}:", path.display());
+                    writeln!(out, "{}:", path.display())?;
                 }
                 for e in entries {
                     let flags = if e.flags & pmfs::dax::ENTRY_UNWRITTEN != 0 {
@@ -618,19 +627,92 @@ fn layout(files: &[std::ffi::OsString]) -> ExitCode {
                     } else {
                         "-"
                     };
-                    println!("{} {} {} {flags}", e.file_offset, e.device_offset, e.len);
+                    writeln!(
+                        out,
+                        "{} {} {} {flags}",
+                        e.file_offset, e.device_offset, e.len
+                    )?;
                 }
-            }
-            Err(e) => {
-                let why = if e.raw_os_error() == Some(libc::ENOTTY) {
-                    "not a file on a pmfs mount".to_string()
-                } else {
-                    e.to_string()
-                };
+                Ok(())
+            })(),
+            Err(why) => {
+                // What was printed so far comes first, as it would unbuffered.
+                let flushed = out.flush();
                 eprintln!("pmfs: {}: {why}", path.display());
                 status = ExitCode::FAILURE;
+                flushed
             }
+        };
+        if let Err(e) = written {
+            return output_failed(&e);
         }
     }
-    status
+    match out.flush() {
+        Ok(()) => status,
+        Err(e) => output_failed(&e),
+    }
+}
+
+/// The extents of `path`, or why it has none to show (one phrase, no errno number).
+fn extents_of(path: &Path) -> Result<Vec<pmfs::dax::MapEntry>, String> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
+    let md = std::fs::metadata(path).map_err(|e| os_reason(&e))?;
+    let ft = md.file_type();
+    let kind = if ft.is_file() {
+        None
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO (named pipe)")
+    } else if ft.is_char_device() {
+        Some("a character device")
+    } else if ft.is_block_device() {
+        Some("a block device")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    };
+    if let Some(kind) = kind {
+        return Err(format!(
+            "is {kind}: only regular files on a pmfs mount have a layout"
+        ));
+    }
+    // O_NONBLOCK: should the path be swapped for a FIFO after the stat, the open does not
+    // wait for a writer; the fstat below then refuses it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| os_reason(&e))?;
+    let now = file.metadata().map_err(|e| os_reason(&e))?;
+    if !now.is_file() || now.ino() != md.ino() || now.dev() != md.dev() {
+        return Err("changed while it was opened: try again".into());
+    }
+    match pmfs::dax::query(&file, 0, 0, u64::MAX >> 1) {
+        Ok((_, entries)) => Ok(entries),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+            Err("not a file on a pmfs mount".into())
+        }
+        Err(e) => Err(os_reason(&e)),
+    }
+}
+
+/// An I/O error as a phrase, "No such file or directory", without Rust's "(os error 2)".
+fn os_reason(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// A write to stdout failed. A closed pipe is the reader's choice (`| head`): end quietly
+/// with the status a SIGPIPE death shows in the shell, as coreutils do. Anything else (a
+/// full disk, `> /dev/full`) is one line and a failure.
+fn output_failed(e: &std::io::Error) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::from(128 + libc::SIGPIPE as u8);
+    }
+    eprintln!("pmfs: write error on standard output: {}", os_reason(e));
+    ExitCode::FAILURE
 }

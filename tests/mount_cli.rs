@@ -1,0 +1,170 @@
+//! The command line as a user meets it (issue 14): `pmfs layout` on closed pipes, full
+//! disks and special files; the messages of the tools. Real mounts (root, /dev/fuse).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `cmd` to its end under a deadline (a blocked open must fail the test, not hang it).
+fn run_bounded(cmd: &mut Command) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} did not finish in 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn layout(args: &[&Path], stdout: Stdio) -> Output {
+    run_bounded(
+        Command::new(PMFS)
+            .arg("layout")
+            .args(args)
+            .stdout(stdout)
+            .stderr(Stdio::piped()),
+    )
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn layout_ends_quietly_on_a_closed_pipe_and_fails_on_a_full_disk() {
+    assert!(can_mount());
+    let img = Image::new("layout-pipe", 64 * MIB);
+    let m = Mount::new(&img, "");
+    let file = m.path("data");
+    fs::write(&file, vec![7u8; (4 * MIB) as usize]).unwrap();
+
+    // A pipe whose reader is gone before the first write: EPIPE on every write.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = layout(&[&file], Stdio::from(writer));
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "a closed pipe is not an error to report");
+
+    // As a user types it: more output than a pipe holds, and `head` leaving early.
+    let many: Vec<String> = (0..3000).map(|_| file.display().to_string()).collect();
+    let script = format!(
+        "\"$0\" layout {} | head -n 1 >/dev/null; echo \"status=${{PIPESTATUS[0]}}\"",
+        many.join(" ")
+    );
+    let out = run_bounded(
+        Command::new("bash")
+            .args(["-c", &script, PMFS])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "status=141");
+    assert_eq!(stderr(&out), "", "no message, no backtrace");
+
+    // A full disk: one line, failure.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = layout(&[&file], Stdio::from(full));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "pmfs: write error on standard output: No space left on device\n"
+    );
+
+    // And the normal case still prints the extent.
+    let out = layout(&[&file], Stdio::piped());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("0 "), "{text}");
+    let total: u64 = text
+        .lines()
+        .map(|l| l.split(' ').nth(2).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 4 * MIB, "{text}");
+    m.unmount();
+}
+
+#[test]
+fn layout_refuses_special_files_by_name_and_reason() {
+    assert!(can_mount());
+    let img = Image::new("layout-special", 64 * MIB);
+    let m = Mount::new(&img, "");
+    let good = m.path("good");
+    fs::write(&good, b"some data").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO no one writes to: opening it for reading would block forever.
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fifo_on_pmfs = m.path("fifo");
+    nix::unistd::mkfifo(
+        &fifo_on_pmfs,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let elsewhere = dir.path().join("plain");
+    fs::File::create(&elsewhere)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    let missing = dir.path().join("missing");
+
+    let reason = "only regular files on a pmfs mount have a layout";
+    for (path, want) in [
+        (fifo.as_path(), format!("is a FIFO (named pipe): {reason}")),
+        (
+            fifo_on_pmfs.as_path(),
+            format!("is a FIFO (named pipe): {reason}"),
+        ),
+        (m.mountpoint.as_path(), format!("is a directory: {reason}")),
+        (
+            Path::new("/dev/null"),
+            format!("is a character device: {reason}"),
+        ),
+        (
+            elsewhere.as_path(),
+            "not a file on a pmfs mount".to_string(),
+        ),
+        (missing.as_path(), "No such file or directory".to_string()),
+    ] {
+        let out = layout(&[path], Stdio::piped());
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}: {}",
+            path.display(),
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out), format!("pmfs: {}: {want}\n", path.display()));
+        assert!(out.stdout.is_empty());
+    }
+
+    // Several files: the good one's block is printed, each bad one gets its line, status 1.
+    let out = layout(&[&good, &m.mountpoint], Stdio::piped());
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("{}:\n", good.display())),
+        "{text}"
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+
+    // Usage: no file is a usage error on stderr; --help is on stdout and succeeds.
+    let out = layout(&[], Stdio::piped());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("pmfs layout: no FILE given"));
+    let out = layout(&[Path::new("--help")], Stdio::piped());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Usage: pmfs layout FILE..."));
+    m.unmount();
+}
