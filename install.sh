@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds pmfs in release mode and installs the tool set where Linux looks for it:
-#   /usr/local/sbin/pmfs        the mount daemon (mount.fuse3 runs it for -t fuse.pmfs)
+#   /usr/local/sbin/pmfs        the mount daemon (and `pmfs layout FILE...`)
 #   /usr/local/sbin/mkfs.pmfs   found by mkfs -t pmfs
 #   /usr/local/sbin/fsck.pmfs   found by fsck -t pmfs
 #   /sbin/mount.fuse.pmfs       the mount(8) helper for -t fuse.pmfs and /etc/fstab

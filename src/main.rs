@@ -102,8 +102,14 @@ fn options_help() -> String {
         let _ = writeln!(s, "  {syntax}\n      {meaning}");
     }
     s.push_str(
-        "\nmount(8): `mount -t fuse.pmfs DEVICE MOUNTPOINT` and fstab lines of type fuse.pmfs \
-         run this program through mount.fuse3, which finds it by PATH.\n\
+        "\nmount(8) and /etc/fstab: install.sh installs the helper /sbin/mount.fuse.pmfs, which \
+         mount(8) runs for `mount -t fuse.pmfs DEVICE MOUNTPOINT` and for fstab lines of type \
+         fuse.pmfs; it runs `pmfs DEVICE MOUNTPOINT -o OPTIONS`. (Without that helper, \
+         mount(8) falls back to mount.fuse3, which finds pmfs by PATH.)\n\
+         \n\
+         pmfs layout FILE...: print where a file's extents lie on the device \
+         (`pmfs layout --help`).\n\
+         \n\
          Exit status: 0 success, 1 failure, 2 usage error.",
     );
     s
@@ -116,10 +122,23 @@ fn main() -> ExitCode {
     if args.get(1).is_some_and(|a| a == "layout") {
         return layout(&args[2..]);
     }
-    let matches = Cli::command().after_help(options_help()).get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let parsed = Cli::command()
+        .after_help(options_help())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
-        Err(e) => e.exit(),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            // `pmfs --help > /dev/full` fails as coreutils' --help does.
+            return match e.print().and_then(|()| std::io::stdout().flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => output_failed(&err),
+            };
+        }
     };
     let opts = match Options::parse(&cli.options) {
         Ok(o) => o,
@@ -289,14 +308,15 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     .map_err(|e| Failure(e.to_string()))?;
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
-        media,
+        Arc::clone(&media),
         MountOptions {
             read_only: opts.read_only,
             atime: opts.atime,
             ..MountOptions::default()
         },
     )
-    .map_err(|e| Failure(e.to_string()))?;
+    .map_err(|e| Failure(mount_error(&cli.device, media.as_ref(), &e)))?;
+    drop(media);
 
     let config = session_config(&fsname, opts);
     let threads = config.n_threads.unwrap_or(1);
@@ -363,6 +383,20 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
                 .into(),
         )),
         Err(e) => Err(Failure(format!("FUSE session failed: {e}"))),
+    }
+}
+
+/// Why the mount failed, as one line. A damaged primary superblock next to an intact
+/// backup is what `fsck.pmfs -y` repairs: say so, as e2fsck's "try a backup superblock" does.
+fn mount_error(device: &Path, media: &dyn Media, e: &pmfs::error::Error) -> String {
+    let primary = pmfs::fs::read_superblock(media);
+    match (primary, pmfs::fs::read_backup_superblock(media)) {
+        (Err(bad), Ok(_)) => format!(
+            "the primary superblock is damaged ({bad}), the backup is intact: \
+             'fsck.pmfs -y {}' repairs the primary from it",
+            device.display()
+        ),
+        _ => e.to_string(),
     }
 }
 

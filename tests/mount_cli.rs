@@ -168,3 +168,91 @@ fn layout_refuses_special_files_by_name_and_reason() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("Usage: pmfs layout FILE..."));
     m.unmount();
 }
+
+#[test]
+fn help_names_the_mount_helper_install_sh_installs() {
+    let out = Command::new(PMFS).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let install = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/install.sh")).unwrap();
+    assert!(
+        install.contains("cat > /sbin/mount.fuse.pmfs"),
+        "install.sh changed?"
+    );
+    assert!(
+        help.contains("install.sh installs the helper /sbin/mount.fuse.pmfs"),
+        "{help}"
+    );
+    assert!(help.contains("pmfs layout FILE..."), "{help}");
+    // A help text that cannot be written is a failure, as coreutils' --help is.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(PMFS)
+        .arg("--help")
+        .stdout(Stdio::from(full))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "pmfs: write error on standard output: No space left on device\n"
+    );
+}
+
+#[test]
+fn a_bad_primary_superblock_is_refused_with_the_fsck_that_repairs_it() {
+    let img = Image::new("badsb", 32 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    // Break the primary's magic; the backup (block 1) stays intact.
+    let f = fs::OpenOptions::new().write(true).open(&img.path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"garbage!", 0).unwrap();
+    drop(f);
+    let out = run_bounded(
+        Command::new(PMFS)
+            .arg(&img.path)
+            .arg(dir.path())
+            .arg("-f")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let p = img.path.display();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "pmfs: {p}: the primary superblock is damaged (not a pmfs file system (bad magic)), \
+             the backup is intact: 'fsck.pmfs -y {p}' repairs the primary from it\n"
+        )
+    );
+    // What the message promises: fsck -y restores the primary (when the workspace built it).
+    let fsck = Path::new(PMFS).with_file_name("fsck-pmfs");
+    if fsck.exists() {
+        let st = Command::new(&fsck)
+            .arg("-y")
+            .arg(&img.path)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(1), "fsck -y: errors corrected");
+        let dev = Device::open(&img.path, &OpenOptions::default()).unwrap();
+        pmfs::fs::read_superblock(&dev).unwrap();
+    }
+
+    // Both superblocks gone: not a pmfs file system, and no false promise.
+    fs::write(&img.path, vec![0u8; (32 * MIB) as usize]).unwrap();
+    let out = run_bounded(
+        Command::new(PMFS)
+            .arg(&img.path)
+            .arg(dir.path())
+            .arg("-f")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!("pmfs: {p}: not a pmfs file system (bad magic)\n")
+    );
+}

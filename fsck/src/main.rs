@@ -245,6 +245,24 @@ fn summary_line(media: &Arc<dyn Media>) -> Option<String> {
     ))
 }
 
+/// Why the device cannot be checked, as one line. A device shorter than the file system its
+/// superblock describes (a truncated image) fails deep in the check with an access past its
+/// end; say what the mount says instead.
+fn check_error(media: &dyn Media, e: &pmfs::error::Error) -> String {
+    use pmfs::error::Error;
+    let past_end = |e: &Error| matches!(e, Error::Device(DeviceError::OutOfBounds { .. }));
+    if !past_end(e) {
+        return e.to_string();
+    }
+    match pmfs::fs::read_superblock(media) {
+        Err(sb) if !past_end(&sb) => sb.to_string(),
+        _ => format!(
+            "the device ends after {} bytes, too short for a pmfs file system (truncated image?)",
+            media.size()
+        ),
+    }
+}
+
 fn run(args: &Args) -> u8 {
     let shown = args.device.display().to_string();
     let mode = if args.no {
@@ -303,7 +321,7 @@ fn run(args: &Args) -> u8 {
         Ok(r) => r,
         Err(e) => {
             progress.finish();
-            eprintln!("fsck.pmfs: {shown}: {e}");
+            eprintln!("fsck.pmfs: {shown}: {}", check_error(media.as_ref(), &e));
             return EXIT_OPERATIONAL;
         }
     };
@@ -412,6 +430,13 @@ fn main() -> ExitCode {
             .map(|s| (*s).to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
+        // println! on a stdout that cannot take it (`> /dev/full`, a closed pipe): the
+        // user's problem, not ours; the run stops here, as the exit code says.
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            let why = why.split(" (os error ").next().unwrap_or(why);
+            eprintln!("fsck.pmfs: write error on standard output: {why}");
+            std::process::exit(i32::from(EXIT_OPERATIONAL));
+        }
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))

@@ -359,14 +359,46 @@ fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
     )
 }
 
+/// What a failed write to stdout makes of the run: a closed pipe (`| head`) ends quietly
+/// with the status a SIGPIPE death shows in the shell, as coreutils do; anything else (a
+/// full disk, `> /dev/full`) is one line and a failure, since the output asked for is lost.
+fn output_failed(e: &std::io::Error, what: &str) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::from(128 + 13);
+    }
+    // "No space left on device", without Rust's " (os error 28)".
+    let text = e.to_string();
+    let reason = text.split(" (os error ").next().unwrap_or(&text);
+    let _ = writeln!(std::io::stderr(), "mkfs.pmfs: {what}: {reason}");
+    ExitCode::from(1)
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            return match e.print().and_then(|()| std::io::stdout().flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => output_failed(&err, "write error on standard output"),
+            };
+        }
+    };
     match run(&args) {
         Ok((summary, persistence)) => {
             if !args.quiet {
-                // A closed stdout must not turn success into a panic.
-                let _ = std::io::stdout()
-                    .write_all(report(&args.device, &summary, &persistence).as_bytes());
+                let mut out = std::io::stdout().lock();
+                let text = report(&args.device, &summary, &persistence);
+                if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    let what = format!(
+                        "{}: formatted, but writing the report to standard output failed",
+                        args.device.display()
+                    );
+                    return output_failed(&e, &what);
+                }
             }
             ExitCode::SUCCESS
         }
