@@ -29,7 +29,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use fuser::{Config, MountOption, Session, SessionACL};
 use nix::mount::MsFlags;
 use nix::sys::signal::{SigSet, Signal};
-use pmfs::device::{Device, Media, OpenOptions};
+use pmfs::device::Media;
 use pmfs::fs::{Fs, MountOptions};
 use pmfs::fuse::mountinfo::{self, MountInfo};
 use pmfs::fuse::options::{self, DEFAULT_MAX_THREADS, Flag, Options};
@@ -44,7 +44,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// How long to wait for a previous daemon to release the device (remount right after umount).
+/// How long to wait for a previous daemon to release the device (a mount right after
+/// umount; see `pmfs::cli`). A device that is still mounted is refused at once.
 const WAIT_BUSY: Duration = Duration::from_secs(10);
 
 /// The line the daemon child writes to its stdout once the mount serves requests.
@@ -298,14 +299,8 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
             "auto_unmount cannot pass a device path containing ','".into(),
         ));
     }
-    let device = Device::open(
-        &cli.device,
-        &OpenOptions {
-            read_only: opts.read_only,
-            wait_busy: Some(WAIT_BUSY),
-        },
-    )
-    .map_err(|e| Failure(e.to_string()))?;
+    let device = pmfs::cli::open_device(&cli.device, opts.read_only, WAIT_BUSY, "pmfs")
+        .map_err(|e| Failure(e.to_string()))?;
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
         Arc::clone(&media),

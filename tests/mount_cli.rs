@@ -256,3 +256,142 @@ fn a_bad_primary_superblock_is_refused_with_the_fsck_that_repairs_it() {
         format!("pmfs: {p}: not a pmfs file system (bad magic)\n")
     );
 }
+
+/// One of the workspace's other tools next to the pmfs binary (built by `cargo test
+/// --workspace`), if it is there.
+fn tool(name: &str) -> Option<std::path::PathBuf> {
+    Some(Path::new(PMFS).with_file_name(name)).filter(|p| p.exists())
+}
+
+/// What `mkfs.pmfs -f -q IMG` does, through the binary when it is built.
+fn mkfs_now(img: &Path) {
+    match tool("mkfs-pmfs") {
+        Some(bin) => {
+            let out = Command::new(bin)
+                .args(["-f", "-q"])
+                .arg(img)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "mkfs.pmfs -f: {}", stderr(&out));
+        }
+        None => {
+            let dev = pmfs::cli::open_device(img, false, pmfs::cli::TOOL_WAIT, "test").unwrap();
+            format(&dev, &MkfsOptions::default()).unwrap();
+        }
+    }
+}
+
+/// Issue 14, item 5: the daemon outlives umount(8) by a moment; mkfs, fsck and a new mount
+/// started at once must wait for it instead of failing with "device is busy".
+#[test]
+fn umount_then_at_once_mkfs_fsck_and_mount_work() {
+    assert!(can_mount());
+    let img = Image::new("umount-then", 64 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("m");
+    fs::create_dir(&mp).unwrap();
+    let mp = mp.canonicalize().unwrap();
+    struct Lazy<'a>(&'a Path);
+    impl Drop for Lazy<'_> {
+        fn drop(&mut self) {
+            if is_mounted(self.0) {
+                let _ = Command::new("umount").arg("-l").arg(self.0).status();
+            }
+        }
+    }
+    let _guard = Lazy(&mp);
+    let mount = || {
+        // As a user mounts: the daemon detaches.
+        let out = Command::new(PMFS)
+            .arg(&img.path)
+            .arg(&mp)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+    };
+    let umount = || {
+        let st = Command::new("umount").arg(&mp).status().unwrap();
+        assert!(st.success(), "umount");
+    };
+    for round in 0..4 {
+        mount();
+        fs::write(mp.join("f"), vec![round as u8; (8 * MIB) as usize]).unwrap();
+        umount();
+        mkfs_now(&img.path);
+
+        mount();
+        fs::write(mp.join("g"), b"after mkfs").unwrap();
+        umount();
+        if let Some(fsck) = tool("fsck-pmfs") {
+            let out = Command::new(fsck)
+                .arg("-fy")
+                .arg(&img.path)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "fsck -fy: {}", stderr(&out));
+        }
+
+        mount();
+        umount();
+        // And a mount right after an umount.
+        mount();
+        assert_eq!(fs::read(mp.join("g")).unwrap(), b"after mkfs");
+        umount();
+    }
+}
+
+#[test]
+fn a_held_device_is_waited_for_and_a_mounted_one_refused_at_once() {
+    assert!(can_mount());
+    let img = Image::new("held", 64 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("m");
+    fs::create_dir(&mp).unwrap();
+    // Another program (this test) holds the device for a second, unmounted.
+    let held = Device::open(&img.path, &OpenOptions::default()).unwrap();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(held);
+    });
+    let log = dir.path().join("daemon.log");
+    let mut child = Command::new(PMFS)
+        .arg(&img.path)
+        .arg(&mp)
+        .arg("-f")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mp = mp.canonicalize().unwrap();
+    wait_until("the mount after the wait", || is_mounted(&mp));
+    releaser.join().unwrap();
+    // Not a terminal: the wait is silent (mkfs/tests/mkfs_output.rs sees the line on one).
+    assert_eq!(fs::read_to_string(&log).unwrap(), "");
+
+    // Mounted: a second mount is refused without waiting.
+    let mp2 = dir.path().join("m2");
+    fs::create_dir(&mp2).unwrap();
+    let t = Instant::now();
+    let out = run_bounded(
+        Command::new(PMFS)
+            .arg(&img.path)
+            .arg(&mp2)
+            .arg("-f")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "pmfs: {}: device is busy: already mounted or in use\n",
+            img.path.display()
+        )
+    );
+    let st = Command::new("umount").arg(&mp).status().unwrap();
+    assert!(st.success());
+    assert!(child.wait().unwrap().success());
+}

@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use pmfs::check::Report;
-use pmfs::device::{Device, DeviceError, Media, OpenOptions};
+use pmfs::device::{DeviceError, Media};
 use pmfs::repair::{self, Class, RepairMode};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -280,17 +280,16 @@ fn run(args: &Args) -> u8 {
         Mode::Check
     };
     let read_only = mode == Mode::Check;
-    let opts = OpenOptions {
-        read_only,
-        wait_busy: None,
-    };
-    let dev = match Device::open(&args.device, &opts) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("fsck.pmfs: {}", device_error(&e));
-            return EXIT_OPERATIONAL;
-        }
-    };
+    // Right after `umount` the old daemon may still hold the device for a moment: wait
+    // for it (bounded, and said on stderr if it takes long), unless the device is mounted.
+    let dev =
+        match pmfs::cli::open_device(&args.device, read_only, pmfs::cli::TOOL_WAIT, "fsck.pmfs") {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("fsck.pmfs: {}", device_error(&e));
+                return EXIT_OPERATIONAL;
+            }
+        };
     let media: Arc<dyn Media> = Arc::new(dev);
     if args.verbose
         && let Ok((sb, g)) = pmfs::fs::read_superblock(media.as_ref())

@@ -1,7 +1,7 @@
 //! `mkfs.pmfs`: formats a persistent-memory device, or an image file, for pmfs.
 
 use clap::Parser;
-use pmfs::device::{Device, DeviceError, Media, OpenOptions, create_image};
+use pmfs::device::{DeviceError, Media, create_image};
 use pmfs::format::{
     BLOCK_SIZE, LABEL_LEN, MIN_DEVICE_SIZE, SUPERBLOCK_MAGIC, format_uuid, parse_uuid,
 };
@@ -302,7 +302,10 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
     if let Some(size) = &args.size {
         create_image(path, size.bytes).map_err(|e| device_error(path, &e))?;
     }
-    let dev = Device::open(path, &OpenOptions::default()).map_err(|e| device_error(path, &e))?;
+    // Right after `umount` the old daemon may still hold the device for a moment: wait for
+    // it (bounded, and said on stderr if it takes long), unless the device is mounted.
+    let dev = pmfs::cli::open_device(path, false, pmfs::cli::TOOL_WAIT, "mkfs.pmfs")
+        .map_err(|e| device_error(path, &e))?;
     if dev.size() < MIN_DEVICE_SIZE {
         return Err(format!(
             "{shown}: too small ({}): {min}",

@@ -96,3 +96,39 @@ fn a_closed_pipe_ends_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Right after `umount` the old daemon may hold the device a moment longer: mkfs waits for
+/// it, and on a terminal says so (run under script(1), which gives it one).
+#[test]
+fn a_held_device_is_waited_for_and_the_wait_said_on_a_terminal() {
+    let img = image_path("held");
+    let p = img.0.to_str().unwrap();
+    let out = mkfs(&["-q", "-s", "32M", p], Stdio::null());
+    assert!(out.status.success());
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipping the terminal half: no script(1)");
+        return;
+    }
+    let held = pmfs::device::Device::open(&img.0, &pmfs::device::OpenOptions::default()).unwrap();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        drop(held);
+    });
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("'{BIN}' -f -q '{p}'"))
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    releaser.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success(), "{said}");
+    assert_eq!(
+        said,
+        format!(
+            "mkfs.pmfs: {p}: in use by another program (a pmfs daemon still exiting after \
+             umount?): waiting up to 5 s for it to let go\n"
+        )
+    );
+}
