@@ -402,8 +402,6 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
         // The mount source is the device path byte for byte, so `findmnt -S DEVICE` and
         // `umount DEVICE` find the mount.
         MountOption::FSName(fsname.to_string()),
-        // No subtype: the mount's type reads plain `fuse`, which is what xfstests's FUSE
-        // mode (and `df -T` users of FUSE file systems) expect; the source names the device.
         MountOption::DefaultPermissions,
         if opts.read_only {
             MountOption::RO
@@ -434,6 +432,16 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
     }
     if opts.auto_unmount {
         mo.push(MountOption::AutoUnmount);
+    }
+    // The type `fuse.pmfs`: mount(8) chooses the helper for `mount -o remount DIR` by the
+    // type mountinfo shows, and only this one leads it to /sbin/mount.fuse.pmfs (or to
+    // mount.fuse3 -t fuse.pmfs, which runs pmfs); for plain `fuse` it runs mount.fuse3, which
+    // would execute the source (the device path) as a program. fuser's direct mount(2)
+    // drops MountOption::Subtype, so it goes as a kernel option, which FUSE parses itself
+    // (and fusermount3 too, for mounts through it). `nosubtype` keeps plain `fuse` for
+    // xfstests's FUSE mode, which compares df -T's type column with `fuse`.
+    if opts.subtype {
+        mo.push(MountOption::CUSTOM("subtype=pmfs".into()));
     }
     let mut config = Config::default();
     config.mount_options = mo;

@@ -395,3 +395,116 @@ fn a_held_device_is_waited_for_and_a_mounted_one_refused_at_once() {
     assert!(st.success());
     assert!(child.wait().unwrap().success());
 }
+
+/// Run in a private mount namespace (`unshare -m`), so that what it mounts over the system's
+/// directories is seen by nothing else: puts a `pmfs` that runs the binary under test where
+/// mount.fuse3's shell finds it (/usr/local/sbin), and either hides any installed
+/// /sbin/mount.fuse.pmfs (so mount(8) falls back to mount.fuse3) or installs install.sh's
+/// helper in its place; then mounts one of three ways and remounts through mount(8).
+const REMOUNT_SCRIPT: &str = r#"
+set -u
+PMFS=$1; IMG=$2; MP=$3; HOW=$4; HELPER=$5; WORK=$6
+mount -t tmpfs tmpfs /usr/local/sbin
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$PMFS" > /usr/local/sbin/pmfs
+chmod 755 /usr/local/sbin/pmfs
+if [ "$HELPER" = none ]; then
+    [ -e /sbin/mount.fuse.pmfs ] && mount --bind /dev/null /sbin/mount.fuse.pmfs
+else
+    # /sbin/mount.fuse.pmfs = $HELPER, next to everything else /usr/sbin holds.
+    mkdir -p "$WORK/orig" "$WORK/sbin"
+    mount --bind /usr/sbin "$WORK/orig"
+    mount -t tmpfs tmpfs "$WORK/sbin"
+    for f in "$WORK"/orig/*; do ln -s "$f" "$WORK/sbin/${f##*/}"; done
+    rm -f "$WORK/sbin/mount.fuse.pmfs"
+    cp "$HELPER" "$WORK/sbin/mount.fuse.pmfs"
+    chmod 755 "$WORK/sbin/mount.fuse.pmfs"
+    mount --bind "$WORK/sbin" /usr/sbin
+fi
+trap 'umount -l "$MP" 2>/dev/null' EXIT
+case $HOW in
+    pmfs) "$PMFS" "$IMG" "$MP" || exit 1 ;;
+    mount) mount -t fuse.pmfs "$IMG" "$MP" || exit 1 ;;
+    fstab)
+        printf '%s %s fuse.pmfs defaults,nofail 0 0\n' "$IMG" "$MP" > "$WORK/fstab"
+        mount --bind "$WORK/fstab" /etc/fstab
+        mount "$MP" || exit 1 ;;
+esac
+echo "type $(findmnt -n -o FSTYPE "$MP")"
+mount -o remount,ro "$MP"; echo "remount,ro $?"
+echo "options $(findmnt -n -o OPTIONS "$MP" | cut -d, -f1)"
+if echo x 2>/dev/null > "$MP/f"; then echo "write ok"; else echo "write refused"; fi
+mount -o remount,rw "$MP"; echo "remount,rw $?"
+if echo x > "$MP/f"; then echo "write ok"; else echo "write refused"; fi
+mount -o remount,noatime "$MP"; echo "remount,noatime $?"
+findmnt -n -o OPTIONS "$MP" | tr , '\n' | grep -x noatime
+umount "$MP"; echo "umount $?"
+"#;
+
+/// Issue 14, item 1: `mount -o remount,ro|rw|noatime DIR` through a real mount(8), whether
+/// the mount was made by `pmfs`, by `mount -t fuse.pmfs` or from fstab, with install.sh's
+/// helper installed or only mount.fuse3.
+#[test]
+fn mount_8_remounts_however_the_mount_was_made() {
+    assert!(can_mount());
+    for tool in ["unshare", "mount", "findmnt", "/sbin/mount.fuse3"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(found, "this test needs {tool}");
+    }
+    let img = Image::new("remount", 64 * MIB);
+    let work = tempfile::tempdir().unwrap();
+    let mp = work.path().join("m");
+    fs::create_dir(&mp).unwrap();
+    // install.sh's helper, as it writes it, pointed at the binary under test.
+    let install = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/install.sh")).unwrap();
+    let start = install.find("<<HELPER\n").unwrap() + "<<HELPER\n".len();
+    let end = start + install[start..].find("\nHELPER\n").unwrap();
+    let helper_text = install[start..end]
+        .replace("$prefix/sbin/pmfs", PMFS)
+        .replace("\\$", "$");
+    assert!(
+        helper_text.contains(&format!("exec {PMFS} \"$@\"")),
+        "{helper_text}"
+    );
+    let helper = work.path().join("mount.fuse.pmfs");
+    fs::write(&helper, helper_text).unwrap();
+    for how in ["pmfs", "mount", "fstab"] {
+        for with in ["none", helper.to_str().unwrap()] {
+            let ns = work.path().join(format!("ns-{how}-{}", with.len()));
+            fs::create_dir(&ns).unwrap();
+            let out = run_bounded(
+                Command::new("unshare")
+                    .args([
+                        "-m",
+                        "--propagation",
+                        "private",
+                        "sh",
+                        "-c",
+                        REMOUNT_SCRIPT,
+                        "sh",
+                    ])
+                    .arg(PMFS)
+                    .arg(&img.path)
+                    .arg(&mp)
+                    .arg(how)
+                    .arg(with)
+                    .arg(&ns)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            );
+            let said = String::from_utf8_lossy(&out.stdout);
+            let case = format!("mounted by {how}, helper {with}: {said}{}", stderr(&out));
+            assert!(out.status.success(), "{case}");
+            assert_eq!(
+                said,
+                "type fuse.pmfs\nremount,ro 0\noptions ro\nwrite refused\nremount,rw 0\n\
+                 write ok\nremount,noatime 0\nnoatime\numount 0\n",
+                "{case}"
+            );
+        }
+    }
+}
