@@ -955,10 +955,16 @@ fn shutdown_ioctl_stops_the_mount_and_the_next_mount_recovers() {
     eio(fs::write(m.path("after"), b"x"), "create after shutdown");
     eio(fs::read(m.path("before")).map(drop), "read after shutdown");
     // A name the kernel has never seen (nothing cached): the lookup itself fails.
-    eio(fs::metadata(m.path("never-seen")).map(drop), "lookup after shutdown");
+    eio(
+        fs::metadata(m.path("never-seen")).map(drop),
+        "lookup after shutdown",
+    );
     m.unmount();
     let m = Mount::new(&img, "");
-    assert_eq!(fs::read(m.path("before")).unwrap(), b"written before the shutdown");
+    assert_eq!(
+        fs::read(m.path("before")).unwrap(),
+        b"written before the shutdown"
+    );
     assert!(!m.path("after").exists());
     fs::write(m.path("after"), b"writable again").unwrap();
     m.unmount();
