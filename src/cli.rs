@@ -1,5 +1,5 @@
 //! What the three command-line tools (`pmfs`, `mkfs.pmfs`, `fsck.pmfs`) share: opening the
-//! device the way a user expects right after `umount`.
+//! device the way a user expects right after `umount`, and a progress line on terminals.
 //!
 //! A pmfs mount's type is plain `fuse` (or `fuse.pmfs`), for which the kernel neither sends
 //! the daemon a DESTROY nor waits for it at unmount (only `fuseblk` mounts do both): umount(2)
@@ -14,6 +14,8 @@ use crate::device::{Device, DeviceError, OpenOptions};
 use crate::fuse::mountinfo;
 use std::io::IsTerminal as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a tool waits silently before saying that it waits: a daemon exiting after
@@ -82,4 +84,85 @@ pub fn mounted(path: &Path) -> bool {
                 _ => false,
             }
         })
+}
+
+/// A one-line status on stderr while a long phase runs (`mkfs.pmfs: IMG: formatting | 2s`),
+/// redrawn four times a second and erased at the end; only on a terminal, and only once
+/// the phase has lasted [`progress_delay`], so short runs and scripts see nothing.
+#[derive(Debug)]
+pub struct Progress {
+    state: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a phase runs before [`Progress`] shows it: 1 s, or `PMFS_PROGRESS_DELAY`
+/// seconds (as git's GIT_PROGRESS_DELAY; 0 shows it at once).
+pub fn progress_delay() -> Duration {
+    std::env::var("PMFS_PROGRESS_DELAY")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(Duration::from_secs(1), Duration::from_secs_f64)
+}
+
+impl Progress {
+    /// Starts showing `label: PHASE` (see [`Progress::phase`]) on a terminal.
+    pub fn start(label: String) -> Self {
+        let state = Arc::new(Mutex::new(String::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let delay = progress_delay();
+        let thread = std::io::stderr().is_terminal().then(|| {
+            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut shown = false;
+                let spin = ['|', '/', '-', '\\'];
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = start.elapsed();
+                    if t >= delay {
+                        let phase = state.lock().map(|s| s.clone()).unwrap_or_default();
+                        eprint!(
+                            "\r{label}: {phase} {} {:.0}s \x1b[K",
+                            spin[k % 4],
+                            t.as_secs_f64()
+                        );
+                        k += 1;
+                        shown = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                if shown {
+                    eprint!("\r\x1b[K");
+                }
+            })
+        });
+        Self {
+            state,
+            stop,
+            thread,
+        }
+    }
+
+    /// What is being done now ("checking", "formatting", ...).
+    pub fn phase(&self, p: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = p.to_string();
+        }
+    }
+
+    /// Stops and erases the line (also on drop).
+    pub fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }

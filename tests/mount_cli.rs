@@ -508,3 +508,26 @@ fn mount_8_remounts_however_the_mount_was_made() {
         }
     }
 }
+
+/// Issue 14, item 6: install.sh on a fresh machine (empty package lists) and its build
+/// progress. Running it would change the system (it installs into /sbin), so this reads it.
+#[test]
+fn install_sh_updates_package_lists_and_shows_the_build() {
+    let install = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/install.sh")).unwrap();
+    let update = install.find("apt-get update").expect("apt-get update");
+    let get = install.find("apt-get install").expect("apt-get install");
+    assert!(update < get, "the update comes before the install");
+    let build = install
+        .lines()
+        .find(|l| l.trim_start().starts_with("cargo build"))
+        .expect("a cargo build line");
+    assert!(
+        !build.contains("--quiet") && !build.contains(" -q"),
+        "{build}"
+    );
+    let status = Command::new("bash")
+        .args(["-n", concat!(env!("CARGO_MANIFEST_DIR"), "/install.sh")])
+        .status()
+        .unwrap();
+    assert!(status.success(), "install.sh parses");
+}

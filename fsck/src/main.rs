@@ -4,14 +4,14 @@
 
 use clap::Parser;
 use pmfs::check::Report;
+use pmfs::cli::Progress;
 use pmfs::device::{DeviceError, Media};
 use pmfs::repair::{self, Class, RepairMode};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// fsck(8) exit codes (they add up: 5 = some errors corrected, some left).
 const EXIT_CLEAN: u8 = 0;
@@ -83,71 +83,6 @@ enum Mode {
     Yes,
     Preen,
     Ask,
-}
-
-/// A one-line status on stderr while a long phase runs (terminals only).
-struct Progress {
-    state: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(device: String) -> Self {
-        let state = Arc::new(Mutex::new(String::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::io::stderr().is_terminal().then(|| {
-            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                let mut shown = false;
-                let spin = ['|', '/', '-', '\\'];
-                let mut k = 0usize;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(250));
-                    let t = start.elapsed();
-                    if t < Duration::from_secs(1) || stop.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let phase = state.lock().map(|s| s.clone()).unwrap_or_default();
-                    eprint!(
-                        "\r{device}: {phase} {} {:.0}s \x1b[K",
-                        spin[k % 4],
-                        t.as_secs_f64()
-                    );
-                    k += 1;
-                    shown = true;
-                }
-                if shown {
-                    eprint!("\r\x1b[K");
-                }
-            })
-        });
-        Self {
-            state,
-            stop,
-            thread,
-        }
-    }
-
-    fn phase(&self, p: &str) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = p.to_string();
-        }
-    }
-
-    fn finish(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.finish();
-    }
 }
 
 fn device_error(e: &DeviceError) -> String {
@@ -313,7 +248,7 @@ fn run(args: &Args) -> u8 {
         );
         return EXIT_CLEAN;
     }
-    let mut progress = Progress::start(shown.clone());
+    let mut progress = Progress::start(format!("fsck.pmfs: {shown}"));
     progress.phase("checking");
     let t0 = Instant::now();
     let report = match repair::diagnose(&media) {
@@ -361,7 +296,7 @@ fn run(args: &Args) -> u8 {
         println!("{shown}: {} left unrepaired", plural(n, "problem"));
         return EXIT_UNCORRECTED;
     }
-    let mut progress = Progress::start(shown.clone());
+    let mut progress = Progress::start(format!("fsck.pmfs: {shown}"));
     progress.phase("repairing");
     let t1 = Instant::now();
     let result = repair::repair(&media, &report, allowed);

@@ -299,9 +299,14 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
             }
         }
     }
+    // Allocating a large image and formatting a large device take seconds: say so on a
+    // terminal (nothing is shown elsewhere, nor for runs shorter than a second).
+    let mut progress = pmfs::cli::Progress::start(format!("mkfs.pmfs: {shown}"));
     if let Some(size) = &args.size {
+        progress.phase(&format!("allocating {}", human(size.bytes, 2)));
         create_image(path, size.bytes).map_err(|e| device_error(path, &e))?;
     }
+    progress.phase("waiting for the device");
     // Right after `umount` the old daemon may still hold the device for a moment: wait for
     // it (bounded, and said on stderr if it takes long), unless the device is mounted.
     let dev = pmfs::cli::open_device(path, false, pmfs::cli::TOOL_WAIT, "mkfs.pmfs")
@@ -329,8 +334,11 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
         uuid: args.uuid,
         now_ns: now_ns(),
     };
+    progress.phase("formatting");
     let summary = format(&dev, &opts).map_err(|e| format!("{shown}: {e}"))?;
+    progress.phase("writing back");
     dev.sync_all().map_err(|e| device_error(path, &e))?;
+    progress.finish();
     Ok((summary, dev.persistence().to_string()))
 }
 

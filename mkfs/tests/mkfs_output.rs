@@ -118,6 +118,7 @@ fn a_held_device_is_waited_for_and_the_wait_said_on_a_terminal() {
         .args(["-q", "-e", "-c"])
         .arg(format!("'{BIN}' -f -q '{p}'"))
         .arg("/dev/null")
+        .env("PMFS_PROGRESS_DELAY", "60")
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -130,5 +131,62 @@ fn a_held_device_is_waited_for_and_the_wait_said_on_a_terminal() {
             "mkfs.pmfs: {p}: in use by another program (a pmfs daemon still exiting after \
              umount?): waiting up to 5 s for it to let go\n"
         )
+    );
+}
+
+/// Progress: on a terminal a status line, redrawn and erased at the end; elsewhere nothing.
+/// (PMFS_PROGRESS_DELAY=0 shows it at once; a held device keeps mkfs in one phase long
+/// enough to see it.)
+#[test]
+fn progress_is_shown_on_a_terminal_only() {
+    let img = image_path("progress");
+    let p = img.0.to_str().unwrap();
+    assert!(
+        mkfs(&["-q", "-s", "32M", p], Stdio::null())
+            .status
+            .success()
+    );
+    let hold = || {
+        let held =
+            pmfs::device::Device::open(&img.0, &pmfs::device::OpenOptions::default()).unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            drop(held);
+        })
+    };
+    // Not a terminal: not a byte on stderr.
+    let releaser = hold();
+    let out = Command::new(BIN)
+        .args(["-f", "-q", p])
+        .env("PMFS_PROGRESS_DELAY", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    releaser.join().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipping the terminal half: no script(1)");
+        return;
+    }
+    let releaser = hold();
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("'{BIN}' -f -q '{p}'"))
+        .arg("/dev/null")
+        .env("PMFS_PROGRESS_DELAY", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    releaser.join().unwrap();
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("\rmkfs.pmfs: {p}: waiting for the device ")),
+        "{said:?}"
+    );
+    assert!(
+        said.ends_with("\r\x1b[K"),
+        "the line is erased at the end: {said:?}"
     );
 }
