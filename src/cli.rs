@@ -1,9 +1,9 @@
 //! What the three command-line tools (`pmfs`, `mkfs.pmfs`, `fsck.pmfs`) share: opening the
 //! device the way a user expects right after `umount`, and a progress line on terminals.
 //!
-//! A pmfs mount's type is plain `fuse` (or `fuse.pmfs`), for which the kernel neither sends
-//! the daemon a DESTROY nor waits for it at unmount (only `fuseblk` mounts do both): umount(2)
-//! returns once the connection is cut, and the daemon then notices, marks the file system
+//! A pmfs mount's type is `fuse.pmfs` (plain `fuse` with nosubtype), for which the kernel
+//! never sends the daemon a DESTROY nor waits for it at unmount (only `fuseblk` mounts do):
+//! umount(2) returns once the connection is cut, and the daemon then notices, marks the file system
 //! clean and closes the device, which takes a few milliseconds, more on a loaded machine.
 //! A tool started in that window finds the device locked. So the tools wait for the lock,
 //! for a bounded time, unless the device is still mounted (then waiting cannot help and the
