@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds pmfs in release mode and installs the tool set where Linux looks for it:
-#   /usr/local/sbin/pmfs        the mount daemon (mount.fuse3 runs it for -t fuse.pmfs)
+#   /usr/local/sbin/pmfs        the mount daemon (and `pmfs layout FILE...`)
 #   /usr/local/sbin/mkfs.pmfs   found by mkfs -t pmfs
 #   /usr/local/sbin/fsck.pmfs   found by fsck -t pmfs
 #   /sbin/mount.fuse.pmfs       the mount(8) helper for -t fuse.pmfs and /etc/fstab
@@ -15,10 +15,16 @@ need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 if [ ${#need[@]} -gt 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    # A fresh machine has empty package lists: without the update the install finds nothing.
+    echo "pmfs: installing ${need[*]} (apt-get update, then apt-get install)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
 fi
 
-cargo build --release --workspace --quiet
+# Cargo shows its progress (a bar on a terminal, one line per crate otherwise): a first
+# build takes minutes, and silence for that long looks like a hang.
+echo "pmfs: building in release mode (a first build takes about 3 minutes on 2 CPUs)"
+cargo build --release --workspace
 install -d "$prefix/sbin"
 install -m 755 target/release/pmfs "$prefix/sbin/pmfs"
 install -m 755 target/release/mkfs-pmfs "$prefix/sbin/mkfs.pmfs"

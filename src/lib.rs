@@ -13,6 +13,7 @@
 pub mod alloc;
 pub mod btree;
 pub mod check;
+pub mod cli;
 pub mod device;
 pub mod error;
 pub mod format;

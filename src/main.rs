@@ -29,7 +29,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use fuser::{Config, MountOption, Session, SessionACL};
 use nix::mount::MsFlags;
 use nix::sys::signal::{SigSet, Signal};
-use pmfs::device::{Device, Media, OpenOptions};
+use pmfs::device::Media;
 use pmfs::fs::{Fs, MountOptions};
 use pmfs::fuse::mountinfo::{self, MountInfo};
 use pmfs::fuse::options::{self, DEFAULT_MAX_THREADS, Flag, Options};
@@ -44,7 +44,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// How long to wait for a previous daemon to release the device (remount right after umount).
+/// How long to wait for a previous daemon to release the device (a mount right after
+/// umount; see `pmfs::cli`). A device that is still mounted is refused at once.
 const WAIT_BUSY: Duration = Duration::from_secs(10);
 
 /// The line the daemon child writes to its stdout once the mount serves requests.
@@ -102,8 +103,14 @@ fn options_help() -> String {
         let _ = writeln!(s, "  {syntax}\n      {meaning}");
     }
     s.push_str(
-        "\nmount(8): `mount -t fuse.pmfs DEVICE MOUNTPOINT` and fstab lines of type fuse.pmfs \
-         run this program through mount.fuse3, which finds it by PATH.\n\
+        "\nmount(8) and /etc/fstab: install.sh installs the helper /sbin/mount.fuse.pmfs, which \
+         mount(8) runs for `mount -t fuse.pmfs DEVICE MOUNTPOINT` and for fstab lines of type \
+         fuse.pmfs; it runs `pmfs DEVICE MOUNTPOINT -o OPTIONS`. (Without that helper, \
+         mount(8) falls back to mount.fuse3, which finds pmfs by PATH.)\n\
+         \n\
+         pmfs layout FILE...: print where a file's extents lie on the device \
+         (`pmfs layout --help`).\n\
+         \n\
          Exit status: 0 success, 1 failure, 2 usage error.",
     );
     s
@@ -116,10 +123,23 @@ fn main() -> ExitCode {
     if args.get(1).is_some_and(|a| a == "layout") {
         return layout(&args[2..]);
     }
-    let matches = Cli::command().after_help(options_help()).get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let parsed = Cli::command()
+        .after_help(options_help())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
-        Err(e) => e.exit(),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            // `pmfs --help > /dev/full` fails as coreutils' --help does.
+            return match e.print().and_then(|()| std::io::stdout().flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => output_failed(&err),
+            };
+        }
     };
     let opts = match Options::parse(&cli.options) {
         Ok(o) => o,
@@ -279,24 +299,19 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
             "auto_unmount cannot pass a device path containing ','".into(),
         ));
     }
-    let device = Device::open(
-        &cli.device,
-        &OpenOptions {
-            read_only: opts.read_only,
-            wait_busy: Some(WAIT_BUSY),
-        },
-    )
-    .map_err(|e| Failure(e.to_string()))?;
+    let device = pmfs::cli::open_device(&cli.device, opts.read_only, WAIT_BUSY, "pmfs")
+        .map_err(|e| Failure(e.to_string()))?;
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
-        media,
+        Arc::clone(&media),
         MountOptions {
             read_only: opts.read_only,
             atime: opts.atime,
             ..MountOptions::default()
         },
     )
-    .map_err(|e| Failure(e.to_string()))?;
+    .map_err(|e| Failure(mount_error(&cli.device, media.as_ref(), &e)))?;
+    drop(media);
 
     let config = session_config(&fsname, opts);
     let threads = config.n_threads.unwrap_or(1);
@@ -366,6 +381,20 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     }
 }
 
+/// Why the mount failed, as one line. A damaged primary superblock next to an intact
+/// backup is what `fsck.pmfs -y` repairs: say so, as e2fsck's "try a backup superblock" does.
+fn mount_error(device: &Path, media: &dyn Media, e: &pmfs::error::Error) -> String {
+    let primary = pmfs::fs::read_superblock(media);
+    match (primary, pmfs::fs::read_backup_superblock(media)) {
+        (Err(bad), Ok(_)) => format!(
+            "the primary superblock is damaged ({bad}), the backup is intact: \
+             'fsck.pmfs -y {}' repairs the primary from it",
+            device.display()
+        ),
+        _ => e.to_string(),
+    }
+}
+
 /// The fuser session configuration for `opts`.
 fn session_config(fsname: &str, opts: &Options) -> Config {
     let root = nix::unistd::geteuid().is_root();
@@ -373,8 +402,6 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
         // The mount source is the device path byte for byte, so `findmnt -S DEVICE` and
         // `umount DEVICE` find the mount.
         MountOption::FSName(fsname.to_string()),
-        // No subtype: the mount's type reads plain `fuse`, which is what xfstests's FUSE
-        // mode (and `df -T` users of FUSE file systems) expect; the source names the device.
         MountOption::DefaultPermissions,
         if opts.read_only {
             MountOption::RO
@@ -405,6 +432,16 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
     }
     if opts.auto_unmount {
         mo.push(MountOption::AutoUnmount);
+    }
+    // The type `fuse.pmfs`: mount(8) chooses the helper for `mount -o remount DIR` by the
+    // type mountinfo shows, and only this one leads it to /sbin/mount.fuse.pmfs (or to
+    // mount.fuse3 -t fuse.pmfs, which runs pmfs); for plain `fuse` it runs mount.fuse3, which
+    // would execute the source (the device path) as a program. fuser's direct mount(2)
+    // drops MountOption::Subtype, so it goes as a kernel option, which FUSE parses itself
+    // (and fusermount3 too, for mounts through it). `nosubtype` keeps plain `fuse` for
+    // xfstests's FUSE mode, which compares df -T's type column with `fuse`.
+    if opts.subtype {
+        mo.push(MountOption::CUSTOM("subtype=pmfs".into()));
     }
     let mut config = Config::default();
     config.mount_options = mo;
@@ -588,29 +625,38 @@ fn remount(cli: &Cli, opts: &Options) -> Result<(), Failure> {
 /// `pmfs layout FILE...`: one line per extent, `FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS`,
 /// byte counts in decimal, FLAGS `unwritten` or `-` (FS_IOC_FIEMAP does not pass through
 /// FUSE, so this asks the daemon with pmfs's own ioctl).
+///
+/// It behaves as the coreutils do with their output and their arguments: a reader that
+/// goes away (`| head`) ends it quietly with the status of a SIGPIPE death (141, as the shell
+/// shows it), any other failed write (`> /dev/full`) is one line and status 1, and anything
+/// but a regular file is refused from its `stat`, without opening it for I/O (a FIFO would
+/// block the open; a device would be opened by its driver).
 fn layout(files: &[std::ffi::OsString]) -> ExitCode {
-    if files.is_empty() || files.iter().any(|f| f == "-h" || f == "--help") {
-        println!(
-            "Usage: pmfs layout FILE...\n\nPrints each extent of a file on a pmfs mount, one line per \
-             extent:\n  FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS\nin bytes (decimal); FLAGS is \
-             `unwritten` for preallocated space, `-` otherwise. With several files, each \
-             block starts with `FILE:`."
-        );
-        return if files.is_empty() {
-            ExitCode::from(EXIT_USAGE)
-        } else {
-            ExitCode::SUCCESS
+    const HELP: &str = "Usage: pmfs layout FILE...\n\nPrints each extent of a file on a pmfs \
+        mount, one line per extent:\n  FILE_OFFSET DEVICE_OFFSET LENGTH FLAGS\nin bytes \
+        (decimal); FLAGS is `unwritten` for preallocated space, `-` otherwise. With several \
+        files, each block starts with `FILE:`. Only regular files on a pmfs mount have a \
+        layout.\n\nExit status: 0 success, 1 a file had no layout to show or the output \
+        could not be written, 2 usage error.\n";
+    if files.iter().any(|f| f == "-h" || f == "--help") {
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(HELP.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => output_failed(&e),
         };
     }
+    if files.is_empty() {
+        eprint!("pmfs layout: no FILE given\n\n{HELP}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut status = ExitCode::SUCCESS;
     for f in files {
-        let path = std::path::Path::new(f);
-        let result = std::fs::File::open(path)
-            .and_then(|file| pmfs::dax::query(&file, 0, 0, u64::MAX >> 1).map(|(_, e)| e));
-        match result {
-            Ok(entries) => {
+        let path = Path::new(f);
+        let written = match extents_of(path) {
+            Ok(entries) => (|| -> std::io::Result<()> {
                 if files.len() > 1 {
-                    println!("{}:", path.display());
+                    writeln!(out, "{}:", path.display())?;
                 }
                 for e in entries {
                     let flags = if e.flags & pmfs::dax::ENTRY_UNWRITTEN != 0 {
@@ -618,19 +664,92 @@ fn layout(files: &[std::ffi::OsString]) -> ExitCode {
                     } else {
                         "-"
                     };
-                    println!("{} {} {} {flags}", e.file_offset, e.device_offset, e.len);
+                    writeln!(
+                        out,
+                        "{} {} {} {flags}",
+                        e.file_offset, e.device_offset, e.len
+                    )?;
                 }
-            }
-            Err(e) => {
-                let why = if e.raw_os_error() == Some(libc::ENOTTY) {
-                    "not a file on a pmfs mount".to_string()
-                } else {
-                    e.to_string()
-                };
+                Ok(())
+            })(),
+            Err(why) => {
+                // What was printed so far comes first, as it would unbuffered.
+                let flushed = out.flush();
                 eprintln!("pmfs: {}: {why}", path.display());
                 status = ExitCode::FAILURE;
+                flushed
             }
+        };
+        if let Err(e) = written {
+            return output_failed(&e);
         }
     }
-    status
+    match out.flush() {
+        Ok(()) => status,
+        Err(e) => output_failed(&e),
+    }
+}
+
+/// The extents of `path`, or why it has none to show (one phrase, no errno number).
+fn extents_of(path: &Path) -> Result<Vec<pmfs::dax::MapEntry>, String> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
+    let md = std::fs::metadata(path).map_err(|e| os_reason(&e))?;
+    let ft = md.file_type();
+    let kind = if ft.is_file() {
+        None
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO (named pipe)")
+    } else if ft.is_char_device() {
+        Some("a character device")
+    } else if ft.is_block_device() {
+        Some("a block device")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    };
+    if let Some(kind) = kind {
+        return Err(format!(
+            "is {kind}: only regular files on a pmfs mount have a layout"
+        ));
+    }
+    // O_NONBLOCK: should the path be swapped for a FIFO after the stat, the open does not
+    // wait for a writer; the fstat below then refuses it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| os_reason(&e))?;
+    let now = file.metadata().map_err(|e| os_reason(&e))?;
+    if !now.is_file() || now.ino() != md.ino() || now.dev() != md.dev() {
+        return Err("changed while it was opened: try again".into());
+    }
+    match pmfs::dax::query(&file, 0, 0, u64::MAX >> 1) {
+        Ok((_, entries)) => Ok(entries),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+            Err("not a file on a pmfs mount".into())
+        }
+        Err(e) => Err(os_reason(&e)),
+    }
+}
+
+/// An I/O error as a phrase, "No such file or directory", without Rust's "(os error 2)".
+fn os_reason(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// A write to stdout failed. A closed pipe is the reader's choice (`| head`): end quietly
+/// with the status a SIGPIPE death shows in the shell, as coreutils do. Anything else (a
+/// full disk, `> /dev/full`) is one line and a failure.
+fn output_failed(e: &std::io::Error) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::from(128 + libc::SIGPIPE as u8);
+    }
+    eprintln!("pmfs: write error on standard output: {}", os_reason(e));
+    ExitCode::FAILURE
 }

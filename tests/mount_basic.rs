@@ -616,7 +616,10 @@ fn daemonises_and_unmounts_cleanly_on_sigterm() {
         img.path.as_os_str(),
         "mount source is the device path"
     );
-    assert_eq!(info.fstype, "fuse", "plain fuse, as xfstests expects");
+    assert_eq!(
+        info.fstype, "fuse.pmfs",
+        "mount(8) finds the remount helper by it"
+    );
     fs::write(mp.join("file"), b"served by the daemon").unwrap();
 
     let pid = daemon_pid(&mp).expect("the daemon process");
@@ -697,7 +700,10 @@ fn mount_helper_convention_and_remount() {
         String::from_utf8_lossy(&out.stderr)
     );
     let info = mountinfo::find(&mp).unwrap().unwrap();
-    assert_eq!(info.fstype, "fuse", "plain fuse, as xfstests expects");
+    assert_eq!(
+        info.fstype, "fuse.pmfs",
+        "mount(8) finds the remount helper by it"
+    );
     // mount.fuse3 asks for dev,suid, mount(8)'s defaults
     assert!(!info.has_mount_option("nosuid"), "{}", info.mount_options);
     fs::write(mp.join("f"), b"1").unwrap();
@@ -904,12 +910,13 @@ fn posix_acls_are_enforced_inherited_and_kept_in_step_with_the_mode() {
 }
 
 /// Regression from xfstests (generic/184, 306, 434, 633): a root mount gets mount(8)'s
-/// defaults dev,suid, and the type reads plain `fuse` (xfstests's FUSE mode needs both).
+/// defaults dev,suid, and with `nosubtype` the type reads plain `fuse` (xfstests's FUSE mode
+/// needs both; local.config passes nosubtype). Without it the type is `fuse.pmfs`.
 #[test]
 fn root_mounts_are_dev_suid_and_typed_fuse() {
     assert!(can_mount());
     let img = Image::new("devsuid", 64 * MIB);
-    let m = Mount::new(&img, "");
+    let m = Mount::new(&img, "nosubtype");
     let info = mountinfo::find(&m.mountpoint).unwrap().unwrap();
     assert_eq!(info.fstype, "fuse");
     assert!(!info.has_mount_option("nosuid"), "{}", info.mount_options);
@@ -917,6 +924,7 @@ fn root_mounts_are_dev_suid_and_typed_fuse() {
     m.unmount();
     let m = Mount::new(&img, "nosuid,nodev");
     let info = mountinfo::find(&m.mountpoint).unwrap().unwrap();
+    assert_eq!(info.fstype, "fuse.pmfs");
     assert!(info.has_mount_option("nosuid") && info.has_mount_option("nodev"));
     m.unmount();
 }

@@ -4,14 +4,14 @@
 
 use clap::Parser;
 use pmfs::check::Report;
-use pmfs::device::{Device, DeviceError, Media, OpenOptions};
+use pmfs::cli::Progress;
+use pmfs::device::{DeviceError, Media};
 use pmfs::repair::{self, Class, RepairMode};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// fsck(8) exit codes (they add up: 5 = some errors corrected, some left).
 const EXIT_CLEAN: u8 = 0;
@@ -83,71 +83,6 @@ enum Mode {
     Yes,
     Preen,
     Ask,
-}
-
-/// A one-line status on stderr while a long phase runs (terminals only).
-struct Progress {
-    state: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(device: String) -> Self {
-        let state = Arc::new(Mutex::new(String::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::io::stderr().is_terminal().then(|| {
-            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                let mut shown = false;
-                let spin = ['|', '/', '-', '\\'];
-                let mut k = 0usize;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(250));
-                    let t = start.elapsed();
-                    if t < Duration::from_secs(1) || stop.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let phase = state.lock().map(|s| s.clone()).unwrap_or_default();
-                    eprint!(
-                        "\r{device}: {phase} {} {:.0}s \x1b[K",
-                        spin[k % 4],
-                        t.as_secs_f64()
-                    );
-                    k += 1;
-                    shown = true;
-                }
-                if shown {
-                    eprint!("\r\x1b[K");
-                }
-            })
-        });
-        Self {
-            state,
-            stop,
-            thread,
-        }
-    }
-
-    fn phase(&self, p: &str) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = p.to_string();
-        }
-    }
-
-    fn finish(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.finish();
-    }
 }
 
 fn device_error(e: &DeviceError) -> String {
@@ -245,6 +180,24 @@ fn summary_line(media: &Arc<dyn Media>) -> Option<String> {
     ))
 }
 
+/// Why the device cannot be checked, as one line. A device shorter than the file system its
+/// superblock describes (a truncated image) fails deep in the check with an access past its
+/// end; say what the mount says instead.
+fn check_error(media: &dyn Media, e: &pmfs::error::Error) -> String {
+    use pmfs::error::Error;
+    let past_end = |e: &Error| matches!(e, Error::Device(DeviceError::OutOfBounds { .. }));
+    if !past_end(e) {
+        return e.to_string();
+    }
+    match pmfs::fs::read_superblock(media) {
+        Err(sb) if !past_end(&sb) => sb.to_string(),
+        _ => format!(
+            "the device ends after {} bytes, too short for a pmfs file system (truncated image?)",
+            media.size()
+        ),
+    }
+}
+
 fn run(args: &Args) -> u8 {
     let shown = args.device.display().to_string();
     let mode = if args.no {
@@ -262,17 +215,16 @@ fn run(args: &Args) -> u8 {
         Mode::Check
     };
     let read_only = mode == Mode::Check;
-    let opts = OpenOptions {
-        read_only,
-        wait_busy: None,
-    };
-    let dev = match Device::open(&args.device, &opts) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("fsck.pmfs: {}", device_error(&e));
-            return EXIT_OPERATIONAL;
-        }
-    };
+    // Right after `umount` the old daemon may still hold the device for a moment: wait
+    // for it (bounded, and said on stderr if it takes long), unless the device is mounted.
+    let dev =
+        match pmfs::cli::open_device(&args.device, read_only, pmfs::cli::TOOL_WAIT, "fsck.pmfs") {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("fsck.pmfs: {}", device_error(&e));
+                return EXIT_OPERATIONAL;
+            }
+        };
     let media: Arc<dyn Media> = Arc::new(dev);
     if args.verbose
         && let Ok((sb, g)) = pmfs::meta::read_superblock(media.as_ref())
@@ -296,14 +248,14 @@ fn run(args: &Args) -> u8 {
         );
         return EXIT_CLEAN;
     }
-    let mut progress = Progress::start(shown.clone());
+    let mut progress = Progress::start(format!("fsck.pmfs: {shown}"));
     progress.phase("checking");
     let t0 = Instant::now();
     let report = match repair::diagnose(&media) {
         Ok(r) => r,
         Err(e) => {
             progress.finish();
-            eprintln!("fsck.pmfs: {shown}: {e}");
+            eprintln!("fsck.pmfs: {shown}: {}", check_error(media.as_ref(), &e));
             return EXIT_OPERATIONAL;
         }
     };
@@ -344,7 +296,7 @@ fn run(args: &Args) -> u8 {
         println!("{shown}: {} left unrepaired", plural(n, "problem"));
         return EXIT_UNCORRECTED;
     }
-    let mut progress = Progress::start(shown.clone());
+    let mut progress = Progress::start(format!("fsck.pmfs: {shown}"));
     progress.phase("repairing");
     let t1 = Instant::now();
     let result = repair::repair(&media, &report, allowed);
@@ -412,6 +364,13 @@ fn main() -> ExitCode {
             .map(|s| (*s).to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
+        // println! on a stdout that cannot take it (`> /dev/full`, a closed pipe): the
+        // user's problem, not ours; the run stops here, as the exit code says.
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            let why = why.split(" (os error ").next().unwrap_or(why);
+            eprintln!("fsck.pmfs: write error on standard output: {why}");
+            std::process::exit(i32::from(EXIT_OPERATIONAL));
+        }
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))

@@ -1,7 +1,7 @@
 //! `mkfs.pmfs`: formats a persistent-memory device, or an image file, for pmfs.
 
 use clap::Parser;
-use pmfs::device::{Device, DeviceError, Media, OpenOptions, create_image};
+use pmfs::device::{DeviceError, Media, create_image};
 use pmfs::format::{
     BLOCK_SIZE, LABEL_LEN, MIN_DEVICE_SIZE, SUPERBLOCK_MAGIC, format_uuid, parse_uuid,
 };
@@ -299,10 +299,18 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
             }
         }
     }
+    // Allocating a large image and formatting a large device take seconds: say so on a
+    // terminal (nothing is shown elsewhere, nor for runs shorter than a second).
+    let mut progress = pmfs::cli::Progress::start(format!("mkfs.pmfs: {shown}"));
     if let Some(size) = &args.size {
+        progress.phase(&format!("allocating {}", human(size.bytes, 2)));
         create_image(path, size.bytes).map_err(|e| device_error(path, &e))?;
     }
-    let dev = Device::open(path, &OpenOptions::default()).map_err(|e| device_error(path, &e))?;
+    progress.phase("waiting for the device");
+    // Right after `umount` the old daemon may still hold the device for a moment: wait for
+    // it (bounded, and said on stderr if it takes long), unless the device is mounted.
+    let dev = pmfs::cli::open_device(path, false, pmfs::cli::TOOL_WAIT, "mkfs.pmfs")
+        .map_err(|e| device_error(path, &e))?;
     if dev.size() < MIN_DEVICE_SIZE {
         return Err(format!(
             "{shown}: too small ({}): {min}",
@@ -326,8 +334,11 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
         uuid: args.uuid,
         now_ns: now_ns(),
     };
+    progress.phase("formatting");
     let summary = format(&dev, &opts).map_err(|e| format!("{shown}: {e}"))?;
+    progress.phase("writing back");
     dev.sync_all().map_err(|e| device_error(path, &e))?;
+    progress.finish();
     Ok((summary, dev.persistence().to_string()))
 }
 
@@ -359,14 +370,46 @@ fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
     )
 }
 
+/// What a failed write to stdout makes of the run: a closed pipe (`| head`) ends quietly
+/// with the status a SIGPIPE death shows in the shell, as coreutils do; anything else (a
+/// full disk, `> /dev/full`) is one line and a failure, since the output asked for is lost.
+fn output_failed(e: &std::io::Error, what: &str) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::from(128 + 13);
+    }
+    // "No space left on device", without Rust's " (os error 28)".
+    let text = e.to_string();
+    let reason = text.split(" (os error ").next().unwrap_or(&text);
+    let _ = writeln!(std::io::stderr(), "mkfs.pmfs: {what}: {reason}");
+    ExitCode::from(1)
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            return match e.print().and_then(|()| std::io::stdout().flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => output_failed(&err, "write error on standard output"),
+            };
+        }
+    };
     match run(&args) {
         Ok((summary, persistence)) => {
             if !args.quiet {
-                // A closed stdout must not turn success into a panic.
-                let _ = std::io::stdout()
-                    .write_all(report(&args.device, &summary, &persistence).as_bytes());
+                let mut out = std::io::stdout().lock();
+                let text = report(&args.device, &summary, &persistence);
+                if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    let what = format!(
+                        "{}: formatted, but writing the report to standard output failed",
+                        args.device.display()
+                    );
+                    return output_failed(&e, &what);
+                }
             }
             ExitCode::SUCCESS
         }

@@ -66,6 +66,11 @@ pub const HELP: &[(&str, &str)] = &[
         "with mount -o remount: change ro/rw and the mount flags of a mounted pmfs",
     ),
     (
+        "nosubtype",
+        "mount with the plain type `fuse` instead of `fuse.pmfs` (xfstests's FUSE mode \
+         needs it); mount -o remount of such a mount needs -t fuse.pmfs",
+    ),
+    (
         "defaults, auto, noauto, user, nouser, users, nofail, _netdev, atime, diratime, \
          nodiratime, comment=..., x-...",
         "fstab options, accepted and ignored",
@@ -112,6 +117,10 @@ pub struct Options {
     pub allow_root: bool,
     pub auto_unmount: bool,
     pub remount: bool,
+    /// The mount's type is `fuse.pmfs` (true, the default) or plain `fuse` (`nosubtype`).
+    /// mount(8) picks the helper for `mount -o remount DIR` by that type: only `fuse.pmfs`
+    /// leads it to pmfs.
+    pub subtype: bool,
     /// Mount flags given explicitly, last spelling wins: (flag, on).
     pub flags: Vec<(Flag, bool)>,
     pub dirsync: bool,
@@ -131,6 +140,7 @@ impl Default for Options {
             allow_root: false,
             auto_unmount: false,
             remount: false,
+            subtype: true,
             flags: Vec::new(),
             dirsync: false,
             given: Vec::new(),
@@ -218,6 +228,16 @@ impl Options {
                     })?;
                 return Ok(());
             }
+            "subtype" => {
+                if value != Some("pmfs") {
+                    return Err(OptionError(format!(
+                        "bad mount option '{opt}': the subtype is pmfs (or nosubtype for \
+                         plain fuse)"
+                    )));
+                }
+                self.subtype = true;
+                return Ok(());
+            }
             // Options fstab and mount(8) pass to every helper; nothing to do here.
             "comment" => return Ok(()),
             // FUSE's own superblock options: mount(8) copies them from mountinfo into the
@@ -240,6 +260,7 @@ impl Options {
             "default_permissions" => {}
             "auto_unmount" => self.auto_unmount = true,
             "remount" => self.remount = true,
+            "nosubtype" => self.subtype = false,
             "dev" => self.set_flag(Flag::Dev, true),
             "nodev" => self.set_flag(Flag::Dev, false),
             "suid" => self.set_flag(Flag::Suid, true),
@@ -326,5 +347,14 @@ mod tests {
         ])
         .unwrap();
         assert!(o.remount && o.read_only);
+    }
+
+    #[test]
+    fn subtype() {
+        assert!(Options::default().subtype);
+        assert!(!Options::parse(&["nosubtype"]).unwrap().subtype);
+        assert!(Options::parse(&["nosubtype,subtype=pmfs"]).unwrap().subtype);
+        assert!(Options::parse(&["subtype=ext4"]).is_err());
+        assert!(Options::parse(&["subtype"]).is_err());
     }
 }

@@ -81,7 +81,7 @@ impl Drop for Image {
 pub fn is_mounted(dir: &Path) -> bool {
     mountinfo::find(dir)
         .unwrap()
-        .is_some_and(|m| m.fstype == "fuse")
+        .is_some_and(|m| m.fstype == "fuse.pmfs" || m.fstype == "fuse")
 }
 
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
