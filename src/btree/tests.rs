@@ -588,10 +588,9 @@ fn four_levels_drained_and_refilled() {
     m.refill(2000, 100, "four levels");
 }
 
-#[test]
-fn bulk_built_tree_takes_inserts_below_its_minimum() {
-    let f = fixture();
-    let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
+/// A tree of 30,000 records (keys 1,000,000 + 64 i, 100-byte payloads) made by fsck's bulk
+/// builder, written to the device, with its model.
+fn bulk_built(f: &Fixture, kind: TreeKind, owner: u64) -> Modelled<'_> {
     let records: Vec<(u64, Vec<u8>)> = (0..30_000u64)
         .map(|i| {
             let k = 1_000_000 + i * 64;
@@ -599,17 +598,25 @@ fn bulk_built_tree_takes_inserts_below_its_minimum() {
         })
         .collect();
     let mut tx = f.journal.begin();
-    let built = crate::repair::tree::build(TreeKind::Directory, 15, &records, &mut || {
-        f.alloc.alloc_node(&mut tx, 15)
+    let built = crate::repair::tree::build(kind, owner, &records, &mut || {
+        f.alloc.alloc_node(&mut tx, owner)
     })
     .unwrap();
     tx.commit().unwrap();
     for (block, image) in &built.nodes {
         f.dev.write(blocks_to_bytes(*block), image).unwrap();
     }
-    let mut m = Modelled::new(&f, TreeKind::Directory, 15);
+    let mut m = Modelled::new(f, kind, owner);
     m.tree.root = built.root;
     m.model = records.into_iter().collect();
+    m
+}
+
+#[test]
+fn bulk_built_tree_takes_inserts_below_its_minimum() {
+    let f = fixture();
+    let r = TreeReader::new(f.dev.as_ref(), &f.geometry);
+    let mut m = bulk_built(&f, TreeKind::Directory, 15);
     assert!(
         r.read_node(&m.tree, m.tree.root, None).unwrap().level >= 2,
         "a three-level tree"
@@ -740,24 +747,7 @@ fn insert_heals_a_tree_keyed_by_older_versions() {
     // a collapsing root used to leave it: check reports it, and inserts below the minimum
     // rekey entry 0 on their way down instead of misplacing a split.
     let f = fixture();
-    let records: Vec<(u64, Vec<u8>)> = (0..30_000u64)
-        .map(|i| {
-            let k = 1_000_000 + i * 64;
-            (k, payload(k, 100))
-        })
-        .collect();
-    let mut tx = f.journal.begin();
-    let built = crate::repair::tree::build(TreeKind::Extents, 16, &records, &mut || {
-        f.alloc.alloc_node(&mut tx, 16)
-    })
-    .unwrap();
-    tx.commit().unwrap();
-    for (block, image) in &built.nodes {
-        f.dev.write(blocks_to_bytes(*block), image).unwrap();
-    }
-    let mut m = Modelled::new(&f, TreeKind::Extents, 16);
-    m.tree.root = built.root;
-    m.model = records.into_iter().collect();
+    let mut m = bulk_built(&f, TreeKind::Extents, 16);
     let r = m.reader();
     let mut block = m.tree.root;
     let mut spine = 0;
