@@ -830,6 +830,13 @@ fn a_full_file_system_can_always_be_emptied() {
         fs.rmdir(ROOT_INO, b"fill").unwrap();
         fs.forget(d.ino, 1);
         let after = fs.statfs();
+        eprintln!(
+            "{name}: free blocks {} of {} fresh, inodes in use {} ({} fresh)",
+            after.bfree,
+            fresh.bfree,
+            after.files - after.ffree,
+            fresh.files - fresh.ffree
+        );
         assert!(
             after.bfree + fresh.blocks / 100 >= fresh.bfree,
             "{name}: {} of {} free blocks came back",
