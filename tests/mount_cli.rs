@@ -399,27 +399,27 @@ fn a_held_device_is_waited_for_and_a_mounted_one_refused_at_once() {
 /// Run in a private mount namespace (`unshare -m`), so that what it mounts over the system's
 /// directories is seen by nothing else: puts a `pmfs` that runs the binary under test where
 /// mount.fuse3's shell finds it (/usr/local/sbin), and either hides any installed
-/// /sbin/mount.fuse.pmfs (so mount(8) falls back to mount.fuse3) or installs install.sh's
-/// helper in its place; then mounts one of three ways and remounts through mount(8).
+/// /sbin/mount.fuse.pmfs (so mount(8) falls back to mount.fuse3; a bind of /dev/null over it
+/// is not hiding: mount(8) then runs /dev/null) or installs install.sh's helper in its
+/// place; then mounts one of three ways and remounts through mount(8).
 const REMOUNT_SCRIPT: &str = r#"
 set -u
 PMFS=$1; IMG=$2; MP=$3; HOW=$4; HELPER=$5; WORK=$6
 mount -t tmpfs tmpfs /usr/local/sbin
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$PMFS" > /usr/local/sbin/pmfs
 chmod 755 /usr/local/sbin/pmfs
-if [ "$HELPER" = none ]; then
-    [ -e /sbin/mount.fuse.pmfs ] && mount --bind /dev/null /sbin/mount.fuse.pmfs
-else
-    # /sbin/mount.fuse.pmfs = $HELPER, next to everything else /usr/sbin holds.
-    mkdir -p "$WORK/orig" "$WORK/sbin"
-    mount --bind /usr/sbin "$WORK/orig"
-    mount -t tmpfs tmpfs "$WORK/sbin"
-    for f in "$WORK"/orig/*; do ln -s "$f" "$WORK/sbin/${f##*/}"; done
-    rm -f "$WORK/sbin/mount.fuse.pmfs"
+# A /usr/sbin (= /sbin) with everything it holds but mount.fuse.pmfs: none at all (mount(8)
+# then falls back to mount.fuse3, even where install.sh installed one), or $HELPER.
+mkdir -p "$WORK/orig" "$WORK/sbin"
+mount --bind /usr/sbin "$WORK/orig"
+mount -t tmpfs tmpfs "$WORK/sbin"
+for f in "$WORK"/orig/*; do ln -s "$f" "$WORK/sbin/${f##*/}"; done
+rm -f "$WORK/sbin/mount.fuse.pmfs"
+if [ "$HELPER" != none ]; then
     cp "$HELPER" "$WORK/sbin/mount.fuse.pmfs"
     chmod 755 "$WORK/sbin/mount.fuse.pmfs"
-    mount --bind "$WORK/sbin" /usr/sbin
 fi
+mount --bind "$WORK/sbin" /usr/sbin
 trap 'umount -l "$MP" 2>/dev/null' EXIT
 case $HOW in
     pmfs) "$PMFS" "$IMG" "$MP" || exit 1 ;;
