@@ -12,6 +12,13 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Opens wait out a lock that another test thread's fork holds a copy of until the child
+/// execs (the harness forks children all the time); a real holder is still refused.
+const WAIT_FOR_FORKS: pmfs::device::OpenOptions = pmfs::device::OpenOptions {
+    read_only: false,
+    wait_busy: Some(std::time::Duration::from_secs(10)),
+};
+
 /// Runs `cmd` to its end under a deadline (a blocked open must fail the test, not hang it).
 fn run_bounded(cmd: &mut Command) -> Output {
     let mut child = cmd.stdin(Stdio::null()).spawn().unwrap();
@@ -236,7 +243,7 @@ fn a_bad_primary_superblock_is_refused_with_the_fsck_that_repairs_it() {
             .status()
             .unwrap();
         assert_eq!(st.code(), Some(1), "fsck -y: errors corrected");
-        let dev = Device::open(&img.path, &OpenOptions::default()).unwrap();
+        let dev = Device::open(&img.path, &WAIT_FOR_FORKS).unwrap();
         pmfs::fs::read_superblock(&dev).unwrap();
     }
 
@@ -349,7 +356,7 @@ fn a_held_device_is_waited_for_and_a_mounted_one_refused_at_once() {
     let mp = dir.path().join("m");
     fs::create_dir(&mp).unwrap();
     // Another program (this test) holds the device for a second, unmounted.
-    let held = Device::open(&img.path, &OpenOptions::default()).unwrap();
+    let held = Device::open(&img.path, &WAIT_FOR_FORKS).unwrap();
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(1));
         drop(held);

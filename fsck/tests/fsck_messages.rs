@@ -2,10 +2,17 @@
 //! they say what the mount says, never an internal detail such as an out-of-bounds access.
 #![allow(clippy::unwrap_used)]
 
-use pmfs::device::{Device, OpenOptions, create_image};
+use pmfs::device::{Device, create_image};
 use pmfs::mkfs::{MkfsOptions, format};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// Opens wait out a lock that another test thread's fork holds a copy of until the child
+/// execs (the harness forks children all the time); a real holder is still refused.
+const WAIT_FOR_FORKS: pmfs::device::OpenOptions = pmfs::device::OpenOptions {
+    read_only: false,
+    wait_busy: Some(std::time::Duration::from_secs(10)),
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fsck-pmfs");
 
@@ -26,7 +33,7 @@ fn formatted(name: &str, size: u64) -> ImageFile {
     let path = dir.join(format!("pmfs-fsck-msg-{}-{name}.img", std::process::id()));
     let _ = std::fs::remove_file(&path);
     create_image(&path, size).unwrap();
-    let dev = Device::open(&path, &OpenOptions::default()).unwrap();
+    let dev = Device::open(&path, &WAIT_FOR_FORKS).unwrap();
     format(&dev, &MkfsOptions::default()).unwrap();
     drop(dev);
     ImageFile(path)
@@ -56,7 +63,7 @@ fn an_image_truncated_to_4_kib_is_called_truncated_as_the_mount_does() {
     f.set_len(4096).unwrap();
     drop(f);
     // What the mount reports for this device (the superblock's own check).
-    let dev = Device::open(&img.0, &OpenOptions::default()).unwrap();
+    let dev = Device::open(&img.0, &WAIT_FOR_FORKS).unwrap();
     let said = pmfs::fs::read_superblock(&dev).unwrap_err().to_string();
     drop(dev);
     assert!(said.contains("(truncated image?)"), "{said}");

@@ -5,6 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// Opens wait out a lock that another test thread's fork holds a copy of until the child
+/// execs (the harness forks children all the time); a real holder is still refused.
+const WAIT_FOR_FORKS: pmfs::device::OpenOptions = pmfs::device::OpenOptions {
+    read_only: false,
+    wait_busy: Some(std::time::Duration::from_secs(10)),
+};
+
 const BIN: &str = env!("CARGO_BIN_EXE_mkfs-pmfs");
 
 struct ImageFile(PathBuf);
@@ -109,7 +116,7 @@ fn a_held_device_is_waited_for_and_the_wait_said_on_a_terminal() {
         eprintln!("skipping the terminal half: no script(1)");
         return;
     }
-    let held = pmfs::device::Device::open(&img.0, &pmfs::device::OpenOptions::default()).unwrap();
+    let held = pmfs::device::Device::open(&img.0, &WAIT_FOR_FORKS).unwrap();
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_secs(1));
         drop(held);
@@ -147,8 +154,7 @@ fn progress_is_shown_on_a_terminal_only() {
             .success()
     );
     let hold = || {
-        let held =
-            pmfs::device::Device::open(&img.0, &pmfs::device::OpenOptions::default()).unwrap();
+        let held = pmfs::device::Device::open(&img.0, &WAIT_FOR_FORKS).unwrap();
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(800));
             drop(held);
