@@ -7,7 +7,9 @@
 //! - [`journal`]: undo-logged transactions ([`journal::Tx`] is the only way to change
 //!   metadata).
 //! - [`alloc`]: the block allocator with its 2 MiB-aware policy.
-//! - [`meta`]: readers of the fixed metadata (superblocks, state record).
+//! - [`meta`]: the metadata objects (superblocks, state record, inode table, directories,
+//!   extent maps, xattr areas) that the core, the checker and the repair share.
+//! - [`lockorder`]: the global lock order and its debug-build check.
 //! - [`mkfs`]: formatting a device.
 
 pub mod alloc;

@@ -70,14 +70,7 @@ pub enum MkfsError {
     LabelNul,
 }
 
-/// The current time in nanoseconds since the Unix epoch (negative before it).
-pub fn now_ns() -> i64 {
-    let now = std::time::SystemTime::now();
-    match now.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
-    }
-}
+pub use crate::meta::now_ns;
 
 /// First block of the first inode-table chunk: the first 2 MiB-aligned chunk at or after
 /// `meta_end`.

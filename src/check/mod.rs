@@ -23,7 +23,7 @@ use crate::format::bitmap;
 use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
 };
-use crate::fs::InodeTable;
+use crate::meta::InodeTable;
 use crate::meta::{read_state, read_superblock};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -245,9 +245,9 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
                     root: i.tree_root,
                 };
                 c.mark_tree(&t, &owner);
-                crate::fs::file_extents(media, &geometry, ino, &i)
+                crate::meta::file_extents(media, &geometry, ino, &i)
             } else {
-                crate::fs::file_extents(media, &geometry, ino, &i)
+                crate::meta::file_extents(media, &geometry, ino, &i)
             };
             match exts {
                 Ok(exts) => {
@@ -304,7 +304,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             }
         }
         if i.xattr_block != 0 {
-            match crate::fs::load_xattrs(media, &geometry, ino, &i) {
+            match crate::meta::load_xattrs(media, &geometry, ino, &i) {
                 Ok(_) => c.mark(
                     i.xattr_block,
                     u64::from(i.xattr_blocks),
@@ -341,7 +341,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             root: d.tree_root,
         };
         let mut entries = Vec::new();
-        if let Err(e) = crate::fs::list_dir(&c.reader(), &t, &mut entries) {
+        if let Err(e) = crate::meta::list_dir(&c.reader(), &t, &mut entries) {
             c.problem(
                 ProblemKind::BadTree(dir),
                 format!("directory {path}/ (inode {dir}): {e}"),

@@ -12,20 +12,18 @@
 //! the write lock, so a reference is never taken on an inode that is being freed.
 
 mod data;
-mod dir;
-mod extent;
 #[cfg(test)]
 mod failpoint;
-mod inode;
 mod lease;
 mod ops;
 mod refs;
 mod txn;
-mod xattr;
 
-pub use crate::meta::{read_backup_superblock, read_state, read_superblock};
-pub use dir::{check_name, name_hash};
-pub use inode::InodeTable;
+pub use crate::meta::{
+    InodeTable, check_name, file_extents, list_dir, load_xattrs, name_hash, now_ns,
+    read_backup_superblock, read_state, read_superblock,
+};
+use crate::meta::{dir, extent, xattr};
 pub use lease::MappedExtent;
 pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
 
@@ -46,7 +44,6 @@ use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
 use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use txn::{LockSet, MetaTx, StripeGuards, StripeRead};
 
 /// Lock stripes for inodes.
@@ -188,14 +185,6 @@ struct Refs {
     opens: u64,
 }
 
-/// Nanoseconds since the epoch, now.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// A mounted pmfs.
 #[derive(Debug)]
 pub struct Fs {
@@ -249,34 +238,6 @@ impl NodeAllocator for Nodes<'_> {
         )?;
         Ok(())
     }
-}
-
-/// Every extent of a regular file, validated (for the checker and `pmfs layout`).
-pub fn file_extents(
-    media: &dyn Media,
-    geometry: &Geometry,
-    ino: u64,
-    inode: &Inode,
-) -> Result<Vec<crate::format::ExtentRecord>> {
-    extent::all(&TreeReader::new(media, geometry), ino, inode)
-}
-
-/// The xattrs of an inode, validated.
-pub fn load_xattrs(
-    media: &dyn Media,
-    geometry: &Geometry,
-    ino: u64,
-    inode: &Inode,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    xattr::load(media, geometry, ino, inode)
-}
-
-/// Every entry of a directory tree as (name, inode, type byte), validated.
-pub fn list_dir(r: &TreeReader<'_>, tree: &Tree, out: &mut Vec<(Vec<u8>, u64, u8)>) -> Result<()> {
-    dir::list(r, tree, 0, &mut |e| {
-        out.push((e.name, e.ino, e.kind));
-        true
-    })
 }
 
 impl Fs {

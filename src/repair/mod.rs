@@ -33,8 +33,8 @@ use crate::check::{Problem, ProblemKind, Report, check};
 use crate::device::Media;
 use crate::error::Result;
 use crate::format::{BLOCK_SIZE, Geometry, STATE_OFFSET};
-use crate::fs::InodeTable;
 use crate::journal::Journal;
+use crate::meta::InodeTable;
 use crate::meta::{read_state, read_superblock};
 use std::sync::Arc;
 

@@ -35,8 +35,8 @@ use crate::format::{
     MAX_FILE_SIZE, NULL_INO, ROOT_INO, STATE_OFFSET, TreeKind, USABLE_INODES_PER_CHUNK,
     blocks_to_bytes, file_type, inode_flags,
 };
-use crate::fs::InodeTable;
 use crate::journal::{Journal, Tx};
+use crate::meta::InodeTable;
 use crate::meta::read_state;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -291,7 +291,7 @@ impl<'a> Rebuild<'a> {
             let i = Inode::new(
                 file_type::S_IFREG,
                 1,
-                crate::fs::now_ns(),
+                crate::meta::now_ns(),
                 self.next_generation(DEFERRED_FREE_INO),
             );
             self.free.remove(&DEFERRED_FREE_INO);
@@ -394,7 +394,7 @@ impl<'a> Rebuild<'a> {
         }
         if inode.xattr_block != 0 {
             let n = u64::from(inode.xattr_blocks);
-            let ok = crate::fs::load_xattrs(self.media.as_ref(), &self.g, ino, &inode).is_ok()
+            let ok = crate::meta::load_xattrs(self.media.as_ref(), &self.g, ino, &inode).is_ok()
                 && !self.claimed.any(inode.xattr_block, n);
             if ok {
                 self.claimed.set_range(inode.xattr_block, n);
@@ -1060,7 +1060,7 @@ fn new_dir_inode(perm: u16, parent: u64, generation: u64) -> Inode {
     let mut i = Inode::new(
         file_type::S_IFDIR | perm,
         2,
-        crate::fs::now_ns(),
+        crate::meta::now_ns(),
         generation,
     );
     i.parent = parent;

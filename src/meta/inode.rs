@@ -183,7 +183,7 @@ impl InodeTable {
     /// clock, so an (inode, generation) pair a file handle kept is never handed out again.
     pub fn next_generation(&self, ino: u64) -> u64 {
         match self.old_generation(ino) {
-            0 => u64::try_from(crate::fs::now_ns()).unwrap_or(1).max(1),
+            0 => u64::try_from(super::now_ns()).unwrap_or(1).max(1),
             old => old.wrapping_add(1).max(1),
         }
     }
