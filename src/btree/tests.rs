@@ -48,22 +48,7 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let size = 32 << 20;
-    let dev = Arc::new(RecordingDevice::new(size));
-    let geometry = Geometry::for_device_size(size).unwrap();
-    format_slots(dev.as_ref(), &geometry).unwrap();
-    let media: Arc<dyn Media> = dev.clone();
-    let journal = Journal::open(media, geometry).unwrap().0;
-    let alloc = TestAlloc {
-        next: Mutex::new(geometry.meta_end + 10),
-        ..Default::default()
-    };
-    Fixture {
-        dev,
-        geometry,
-        journal,
-        alloc,
-    }
+    fixture_of(32 << 20)
 }
 
 fn payload(key: u64, len: usize) -> Vec<u8> {

@@ -12,6 +12,7 @@ use crate::format::{
     file_type, inode_flags,
 };
 use crate::journal::Tx;
+use crate::lockorder::{Rank, Ranked};
 use std::collections::HashMap;
 
 /// A readdir consumer: (inode, next offset, S_IFMT type bits, name) -> buffer full.
@@ -63,9 +64,23 @@ impl Fs {
         }
         loop {
             let child = {
-                let _g = self.read_lock(parent);
-                self.resolve(parent, name)?
+                let rank = Ranked::acquire(Rank::Stripes);
+                let ps = Self::stripe(parent);
+                let parent_guard = self.stripes[ps].read();
+                let child = self.resolve(parent, name)?;
+                let cs = Self::stripe(child);
+                if cs >= ps {
+                    // The child's stripe comes after the parent's (or is it): take it too,
+                    // in order, without letting go and looking the name up again.
+                    let child_guard = (cs != ps).then(|| self.stripes[cs].read());
+                    let attr = Attr::from_inode(child, &self.inodes.read(child)?);
+                    self.add_lookup(child);
+                    drop((child_guard, parent_guard, rank));
+                    return Ok(attr);
+                }
+                child
             };
+            // The child's stripe comes first: let go, take both in order, look again.
             let _g = self.read_lock_pair(parent, child);
             if self.resolve(parent, name)? != child {
                 continue; // changed while we were not holding the locks
