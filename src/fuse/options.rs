@@ -46,7 +46,8 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     (
         "allow_other / allow_root",
-        "let other users / root use the mount (allow_other is the default as root)",
+        "let other users / root use the mount (allow_other is the default for root, and for \
+         other users where /etc/fuse.conf has user_allow_other)",
     ),
     (
         "default_permissions",
