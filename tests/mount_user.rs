@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 const USER: u32 = 65534;
 const OTHER: u32 = 65533;
 
+/// The PATH of the commands run as a user.
+const USER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 /// How long one command may run before the test fails.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -151,7 +154,8 @@ impl UserSystem {
             "--clear-groups",
             "--",
         ]);
-        c.0.arg(program);
+        // The PATH a login gives a user: root's may lead to programs under /root.
+        c.0.arg(program).env("PATH", USER_PATH);
         c
     }
 
@@ -410,6 +414,34 @@ fn a_user_formats_mounts_fills_and_unmounts_a_file_system_of_their_own() {
     wait_until("the daemon has exited", || sys.processes().is_empty());
     assert!(sys.mount_at(&mp).is_none());
     fsck_clean(&sys, &img);
+
+    // FS_IOC_SHUTDOWN is root's and the mount owner's: another user is refused (EPERM),
+    // the owner stops the mount (then reads fail with EIO) and can still unmount it.
+    sys.as_user(USER, PMFS).arg(&img).arg(&mp).exits_with(0);
+    let shutdown = "import fcntl,os,struct,sys\n\
+        fd=os.open(sys.argv[1],os.O_RDONLY)\n\
+        fcntl.ioctl(fd,0x8004587d,struct.pack('I',0))\n";
+    let err = sys
+        .as_user(OTHER, "python3")
+        .args(["-c", shutdown])
+        .arg(&mp)
+        .exits_with(1);
+    assert!(err.contains("PermissionError"), "{err}");
+    assert_eq!(
+        sys.as_user(USER, "cat").arg(mp.join("f")).succeeds(),
+        "mine\n"
+    );
+    sys.as_user(USER, "python3")
+        .args(["-c", shutdown])
+        .arg(&mp)
+        .succeeds();
+    let err = sys.as_user(USER, "cat").arg(mp.join("f")).exits_with(1);
+    assert!(err.contains("Input/output error"), "{err}");
+    sys.as_user(USER, "fusermount3")
+        .arg("-u")
+        .arg(&mp)
+        .succeeds();
+    wait_until("the daemon has exited", || sys.processes().is_empty());
 }
 
 /// Where /etc/fuse.conf does not let users use allow_other: asking for it is refused with a
