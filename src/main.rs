@@ -111,6 +111,10 @@ fn options_help() -> String {
          fuse.pmfs; it runs `pmfs DEVICE MOUNTPOINT -o OPTIONS`. (Without that helper, \
          mount(8) falls back to mount.fuse3, which finds pmfs by PATH.)\n\
          \n\
+         As a user other than root, pmfs mounts through fusermount3 (package fuse3), as \
+         libfuse does; unmount with fusermount3 -u MOUNTPOINT. allow_other then needs \
+         user_allow_other in /etc/fuse.conf.\n\
+         \n\
          pmfs layout FILE...: print where a file's extents lie on the device \
          (`pmfs layout --help`).\n\
          \n\

@@ -165,8 +165,7 @@ impl UserSystem {
         table
             .lines()
             .filter_map(mountinfo::parse_line)
-            .filter(|m| m.mount_point == mp)
-            .last()
+            .rfind(|m| m.mount_point == mp)
     }
 
     /// Processes in the namespace other than its holder (the daemons the test started).
