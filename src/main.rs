@@ -492,49 +492,54 @@ fn fuse_device_for_user() -> Result<(), Failure> {
 /// Who may use the mount besides its owner. allow_other is the default for root, as with
 /// kernel file systems (default_permissions, always on, still checks every access against
 /// the modes), and for other users where /etc/fuse.conf allows them allow_other
-/// (`user_allow_other`); where it does not, a user's mount is the user's alone, and asking
-/// for allow_other or allow_root is refused with the reason rather than dropped.
+/// (`user_allow_other`); where it does not, a user's mount is the user's alone, and what
+/// needs allow_other is refused with the reason rather than dropped: allow_other,
+/// allow_root (allow_other to the kernel, narrowed by fuser), and auto_unmount, since
+/// fusermount3 unmounts a dead mount only if it may look at it (it opens the mount point,
+/// as root, and unmounts on ENOTCONN; without allow_other FUSE answers EACCES).
 fn session_acl(opts: &Options, root: bool) -> Result<SessionACL, Failure> {
     let users_may = if root {
         Ok(true)
     } else {
         fusermount::user_allow_other()
     };
-    let asked = opts.allow_other == Some(true) || opts.allow_root;
-    let other = match users_may {
-        Ok(true) => opts.allow_other.unwrap_or(true),
-        Ok(false) if asked => {
-            let which = if opts.allow_other == Some(true) {
-                "allow_other"
+    let asked = [
+        (opts.allow_other == Some(true), "allow_other"),
+        (opts.allow_root, "allow_root"),
+        (opts.auto_unmount, "auto_unmount"),
+    ]
+    .into_iter()
+    .find_map(|(given, name)| given.then_some(name));
+    let other = match (users_may, asked) {
+        // allow_root alone narrows the default to root (and the owner).
+        (Ok(true), _) => opts.allow_other.unwrap_or(!opts.allow_root),
+        (Ok(false), Some(which)) => {
+            let what = if which == "auto_unmount" {
+                "it needs allow_other (fusermount3 must be let in to see that the mount died), \
+                 which a user other than root may use"
             } else {
-                "allow_root"
+                "a user other than root may use it"
             };
             return Err(Failure(format!(
-                "-o {which}: a user other than root may use it only where {FUSE_CONF} has a \
-                 line 'user_allow_other' (ask the administrator, or mount without it: then \
-                 only you can use the mount)"
+                "-o {which}: {what} only where {FUSE_CONF} has a line 'user_allow_other' (ask \
+                 the administrator, or mount without it: then only you can use the mount)"
             )));
         }
-        Ok(false) => false,
+        (Ok(false), None) => false,
         // Unreadable: fusermount3, which can read it, decides on what was asked for;
         // nothing more is asked for by default.
-        Err(e) => {
+        (Err(e), _) => {
             log::info!("{FUSE_CONF}: {e}: allow_other only if asked for");
             opts.allow_other == Some(true)
         }
     };
-    // fuser mounts with auto_unmount through fusermount3 only for a mount that lets others
-    // in: as root that is allow_other unless allow_root says otherwise. A user's
-    // fusermount3 needs no such thing.
-    Ok(
-        if other || (root && opts.auto_unmount && !opts.allow_root) {
-            SessionACL::All
-        } else if opts.allow_root {
-            SessionACL::RootAndOwner
-        } else {
-            SessionACL::Owner
-        },
-    )
+    Ok(if other || (opts.auto_unmount && !opts.allow_root) {
+        SessionACL::All
+    } else if opts.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    })
 }
 
 /// The fuser session configuration for `opts`, mounted by root (`root`) or by another user.

@@ -441,11 +441,30 @@ fn a_user_formats_mounts_fills_and_unmounts_a_file_system_of_their_own() {
         .arg(&mp)
         .succeeds();
     wait_until("the daemon has exited", || sys.processes().is_empty());
+
+    // auto_unmount: once the daemon dies, the fusermount3 it left running takes the mount
+    // away (and the next mount recovers the file system).
+    sys.as_user(USER, PMFS)
+        .arg(&img)
+        .arg(&mp)
+        .args(["-o", "auto_unmount"])
+        .exits_with(0);
+    assert_eq!(
+        sys.as_user(USER, "cat").arg(mp.join("f")).succeeds(),
+        "mine\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sys.daemon()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("fusermount3 has unmounted", || sys.mount_at(&mp).is_none());
+    wait_until("fusermount3 has exited", || sys.processes().is_empty());
 }
 
 /// Where /etc/fuse.conf does not let users use allow_other: asking for it is refused with a
 /// line that names the file, and the default mount is the user's alone (not even root gets
-/// in, as FUSE has it). SIGTERM to a user's daemon unmounts through fusermount3 and leaves a
+/// in, as FUSE has it); so is auto_unmount, which needs allow_other. SIGTERM to a user's daemon unmounts through fusermount3 and leaves a
 /// clean file system. A device the user may not write is refused with the reason.
 #[test]
 fn without_user_allow_other_a_users_mount_is_their_own_and_sigterm_unmounts_it() {
@@ -455,7 +474,15 @@ fn without_user_allow_other_a_users_mount_is_their_own_and_sigterm_unmounts_it()
     let mp = user_mountpoint(&sys, "m");
     let shown = img.display();
 
-    for asked in ["allow_other", "allow_root"] {
+    for (asked, what) in [
+        ("allow_other", "a user other than root may use it"),
+        ("allow_root", "a user other than root may use it"),
+        (
+            "auto_unmount",
+            "it needs allow_other (fusermount3 must be let in to see that the mount died), \
+             which a user other than root may use",
+        ),
+    ] {
         let err = sys
             .as_user(USER, PMFS)
             .arg(&img)
@@ -465,9 +492,9 @@ fn without_user_allow_other_a_users_mount_is_their_own_and_sigterm_unmounts_it()
         assert_eq!(
             err,
             format!(
-                "pmfs: {shown}: -o {asked}: a user other than root may use it only where \
-                 /etc/fuse.conf has a line 'user_allow_other' (ask the administrator, or \
-                 mount without it: then only you can use the mount)\n"
+                "pmfs: {shown}: -o {asked}: {what} only where /etc/fuse.conf has a line \
+                 'user_allow_other' (ask the administrator, or mount without it: then only \
+                 you can use the mount)\n"
             )
         );
         assert!(sys.mount_at(&mp).is_none());

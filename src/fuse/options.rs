@@ -55,7 +55,8 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     (
         "auto_unmount",
-        "unmount automatically if the daemon dies (through fusermount3)",
+        "unmount automatically if the daemon dies (through fusermount3; implies allow_other, \
+         which a user other than root needs user_allow_other in /etc/fuse.conf for)",
     ),
     (
         "dev / nodev, suid / nosuid, exec / noexec",
