@@ -308,6 +308,7 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     // refuse the mount is checked before the device is opened.
     let root = nix::unistd::geteuid().is_root();
     if !root {
+        fusermount::binary().map_err(Failure)?;
         fuse_device_for_user()?;
     }
     // fuser passes fsname to its fusermount3 (auto_unmount as root) unescaped.

@@ -572,3 +572,34 @@ fn where_dev_fuse_is_roots_alone_a_user_is_told_so() {
     assert!(sys.mount_at(&mp).is_none());
     assert!(fs::read(&img).unwrap() == before, "the image was changed");
 }
+
+/// Without fusermount3 a user cannot mount: one line says what to install, before the
+/// device is touched. (fusermount3 is hidden in the namespace under an empty bind mount.)
+#[test]
+fn without_fusermount3_a_user_is_told_to_install_it() {
+    let sys = UserSystem::new(0o666, CONF_ALLOWING_OTHER);
+    let img = sys.path("user.img");
+    user_mkfs(&sys, &img);
+    let before = fs::read(&img).unwrap();
+    let mp = user_mountpoint(&sys, "m");
+    for dir in USER_PATH.split(':') {
+        let helper = Path::new(dir).join("fusermount3");
+        if helper.is_file() {
+            sys.root(&["mount", "--bind", "/dev/null"])
+                .arg(&helper)
+                .succeeds();
+        }
+    }
+    let err = sys.as_user(USER, PMFS).arg(&img).arg(&mp).exits_with(1);
+    assert_eq!(
+        err,
+        format!(
+            "pmfs: {}: fusermount3 is not installed (not in PATH, nor in /usr/bin, /bin, \
+             /usr/local/bin): a user other than root mounts through it; install the fuse3 \
+             package\n",
+            img.display()
+        )
+    );
+    assert!(sys.mount_at(&mp).is_none());
+    assert!(fs::read(&img).unwrap() == before, "the image was changed");
+}
