@@ -9,8 +9,10 @@
 //!    error on the shared stderr. Re-executing rather than forking keeps the daemon free of
 //!    any fork-after-threads hazard, with no raw fork call.
 //! 3. Mount: open the device exclusively (waiting up to 10 s for a previous daemon of the same
-//!    device to let go), `Fs::mount`, then `fuser::Session::new`, which mounts and completes
-//!    the INIT handshake in this thread, before any worker thread exists.
+//!    device to let go), `Fs::mount`, then mount and complete the INIT handshake in this
+//!    thread, before any worker thread exists: as root `fuser::Session::new` (mount(2));
+//!    as any other user through fusermount3, as libfuse does (`pmfs::fuse::fusermount`),
+//!    then `fuser::Session::from_fd`.
 //! 4. Serve with N worker threads. SIGTERM/SIGINT/SIGHUP unmount (lazily if busy); an
 //!    unmount from outside (`umount`, `fusermount3 -u`) ends the session the same way. Either
 //!    way `Filesystem::destroy` marks the file system clean, and the exit status says whether
@@ -31,6 +33,7 @@ use nix::mount::MsFlags;
 use nix::sys::signal::{SigSet, Signal};
 use pmfs::device::Media;
 use pmfs::fs::{Fs, MountOptions};
+use pmfs::fuse::fusermount::{self, FUSE_CONF};
 use pmfs::fuse::mountinfo::{self, MountInfo};
 use pmfs::fuse::options::{self, DEFAULT_MAX_THREADS, Flag, Options};
 use pmfs::fuse::{CacheMode, PmfsFuse};
@@ -107,6 +110,10 @@ fn options_help() -> String {
          mount(8) runs for `mount -t fuse.pmfs DEVICE MOUNTPOINT` and for fstab lines of type \
          fuse.pmfs; it runs `pmfs DEVICE MOUNTPOINT -o OPTIONS`. (Without that helper, \
          mount(8) falls back to mount.fuse3, which finds pmfs by PATH.)\n\
+         \n\
+         As a user other than root, pmfs mounts through fusermount3 (package fuse3), as \
+         libfuse does; unmount with fusermount3 -u MOUNTPOINT. allow_other then needs \
+         user_allow_other in /etc/fuse.conf.\n\
          \n\
          pmfs layout FILE...: print where a file's extents lie on the device \
          (`pmfs layout --help`).\n\
@@ -192,7 +199,9 @@ fn set_read_ahead(minor: u32) {
     let path = format!("/sys/class/bdi/0:{minor}/read_ahead_kb");
     match std::fs::write(&path, PAGE_CACHE_READ_AHEAD_KB.to_string()) {
         Ok(()) => log::debug!("{path}: {PAGE_CACHE_READ_AHEAD_KB}"),
-        Err(e) => log::info!("readahead stays at the kernel default ({path}: {e})"),
+        Err(e) => {
+            log::info!("readahead stays at the kernel default ({path}: {e}; raising it needs root)")
+        }
     }
 }
 
@@ -294,13 +303,23 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
         .to_str()
         .ok_or_else(|| Failure("the device path must be valid UTF-8".into()))?
         .to_string();
-    if fsname.contains(',') && opts.auto_unmount {
+    // Only root mounts with mount(2) itself: FUSE needs CAP_SYS_ADMIN for that, and
+    // /dev/fuse may be root's alone. Everyone else goes through fusermount3. Whatever can
+    // refuse the mount is checked before the device is opened.
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        fusermount::binary().map_err(Failure)?;
+        fuse_device_for_user()?;
+    }
+    // fuser passes fsname to its fusermount3 (auto_unmount as root) unescaped.
+    if root && fsname.contains(',') && opts.auto_unmount {
         return Err(Failure(
             "auto_unmount cannot pass a device path containing ','".into(),
         ));
     }
+    let config = session_config(&fsname, opts, root)?;
     let device = pmfs::cli::open_device(&cli.device, opts.read_only, WAIT_BUSY, "pmfs")
-        .map_err(|e| Failure(e.to_string()))?;
+        .map_err(|e| Failure(open_error(&cli.device, opts.read_only, &e)))?;
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
         Arc::clone(&media),
@@ -313,15 +332,39 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     .map_err(|e| Failure(mount_error(&cli.device, media.as_ref(), &e)))?;
     drop(media);
 
-    let config = session_config(&fsname, opts);
     let threads = config.n_threads.unwrap_or(1);
     let mut fuse = PmfsFuse::new(fs, opts.cache);
     let poller =
         (opts.spin_us > 0).then(|| fuse.poll_for(Duration::from_micros(opts.spin_us), threads));
     let clean = fuse.clean_flag();
     let notifier = fuse.notifier_slot();
-    let mut session = Session::new(fuse, &mountpoint, &config)
-        .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
+    let (session, unmounter, _auto_unmount) = if root {
+        let mut session = Session::new(fuse, &mountpoint, &config)
+            .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
+        let unmounter = Unmounter::Session(session.unmount_callable());
+        (session, unmounter, None)
+    } else {
+        let options: Vec<String> = fusermount_options(&config);
+        let mounted = fusermount::mount(&mountpoint, &options).map_err(|e| {
+            Failure(format!(
+                "mounting on {} through fusermount3: {e}",
+                mountpoint.display()
+            ))
+        })?;
+        for said in &mounted.warnings {
+            eprintln!("pmfs: {}: fusermount3: {said}", cli.device.display());
+        }
+        let session =
+            Session::from_fd(fuse, mounted.fuse, config.acl, config.clone()).map_err(|e| {
+                // Mounted, but no daemon will serve it: take the mount away again.
+                let _ = fusermount::unmount(&mountpoint, true);
+                Failure(format!(
+                    "starting the FUSE session on {}: {e}",
+                    mountpoint.display()
+                ))
+            })?;
+        (session, Unmounter::Fusermount, mounted.auto_unmount)
+    };
     // Before the workers start: handlers may need it to invalidate cached attributes.
     let _ = notifier.set(session.notifier());
     if let Some(poller) = &poller {
@@ -352,7 +395,6 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
         if opts.read_only { ", read-only" } else { "" }
     );
 
-    let unmounter = session.unmount_callable();
     {
         let mountpoint = mountpoint.clone();
         std::thread::Builder::new()
@@ -395,9 +437,114 @@ fn mount_error(device: &Path, media: &dyn Media, e: &pmfs::error::Error) -> Stri
     }
 }
 
-/// The fuser session configuration for `opts`.
-fn session_config(fsname: &str, opts: &Options) -> Config {
-    let root = nix::unistd::geteuid().is_root();
+/// Why the device cannot be opened, as one phrase. Permission is the one a user meets:
+/// the daemon opens the device as the user who runs it.
+fn open_error(device: &Path, read_only: bool, e: &pmfs::device::DeviceError) -> String {
+    match e {
+        pmfs::device::DeviceError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            let access = if read_only {
+                "read access to it"
+            } else {
+                "read and write access to it (or mount with -o ro)"
+            };
+            format!(
+                "{}: permission denied: the user who mounts needs {access}",
+                device.display()
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// fusermount3 opens /dev/fuse as the user it mounts for (the device's mode is the
+/// administrator's say over who may use FUSE), as the clones of the session's workers do.
+/// Where only root may open it, say so in terms a user can act on, not as fusermount3's bare
+/// "Permission denied".
+fn fuse_device_for_user() -> Result<(), Failure> {
+    const DEV_FUSE: &str = "/dev/fuse";
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(DEV_FUSE)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(DEV_FUSE)
+                .map(|m| format!(" (mode {:04o})", m.permissions().mode() & 0o7777))
+                .unwrap_or_default();
+            Err(Failure(format!(
+                "mounting as a user other than root needs read and write access to \
+                 {DEV_FUSE}, which this system gives only to root{mode}: the administrator \
+                 can open it to users with 'chmod 0666 {DEV_FUSE}', the mode the fuse3 \
+                 package's udev rule sets"
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Failure(format!(
+            "{DEV_FUSE} does not exist: the kernel's FUSE module is not loaded \
+             (modprobe fuse, as root)"
+        ))),
+        Err(e) => Err(Failure(format!("{DEV_FUSE}: {}", os_reason(&e)))),
+    }
+}
+
+/// Who may use the mount besides its owner. allow_other is the default for root, as with
+/// kernel file systems (default_permissions, always on, still checks every access against
+/// the modes), and for other users where /etc/fuse.conf allows them allow_other
+/// (`user_allow_other`); where it does not, a user's mount is the user's alone, and what
+/// needs allow_other is refused with the reason rather than dropped: allow_other,
+/// allow_root (allow_other to the kernel, narrowed by fuser), and auto_unmount, since
+/// fusermount3 unmounts a dead mount only if it may look at it (it opens the mount point,
+/// as root, and unmounts on ENOTCONN; without allow_other FUSE answers EACCES).
+fn session_acl(opts: &Options, root: bool) -> Result<SessionACL, Failure> {
+    let users_may = if root {
+        Ok(true)
+    } else {
+        fusermount::user_allow_other()
+    };
+    let asked = [
+        (opts.allow_other == Some(true), "allow_other"),
+        (opts.allow_root, "allow_root"),
+        (opts.auto_unmount, "auto_unmount"),
+    ]
+    .into_iter()
+    .find_map(|(given, name)| given.then_some(name));
+    let other = match (users_may, asked) {
+        // allow_root alone narrows the default to root (and the owner).
+        (Ok(true), _) => opts.allow_other.unwrap_or(!opts.allow_root),
+        (Ok(false), Some(which)) => {
+            let what = if which == "auto_unmount" {
+                "it needs allow_other (fusermount3 must be let in to see that the mount died), \
+                 which a user other than root may use"
+            } else {
+                "a user other than root may use it"
+            };
+            return Err(Failure(format!(
+                "-o {which}: {what} only where {FUSE_CONF} has a line 'user_allow_other' (ask \
+                 the administrator, or mount without it: then only you can use the mount)"
+            )));
+        }
+        (Ok(false), None) => false,
+        // Unreadable: fusermount3, which can read it, decides on what was asked for;
+        // nothing more is asked for by default.
+        (Err(e), _) => {
+            log::info!("{FUSE_CONF}: {e}: allow_other only if asked for");
+            opts.allow_other == Some(true)
+        }
+    };
+    Ok(if other || (opts.auto_unmount && !opts.allow_root) {
+        SessionACL::All
+    } else if opts.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    })
+}
+
+/// The fuser session configuration for `opts`, mounted by root (`root`) or by another user.
+fn session_config(fsname: &str, opts: &Options, root: bool) -> Result<Config, Failure> {
     let mut mo = vec![
         // The mount source is the device path byte for byte, so `findmnt -S DEVICE` and
         // `umount DEVICE` find the mount.
@@ -445,21 +592,57 @@ fn session_config(fsname: &str, opts: &Options) -> Config {
     }
     let mut config = Config::default();
     config.mount_options = mo;
-    config.acl = if opts.allow_other.unwrap_or(root) || (opts.auto_unmount && !opts.allow_root) {
-        SessionACL::All
-    } else if opts.allow_root {
-        SessionACL::RootAndOwner
-    } else {
-        SessionACL::Owner
-    };
+    config.acl = session_acl(opts, root)?;
     config.n_threads = Some(opts.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(DEFAULT_MAX_THREADS)
     }));
     // One /dev/fuse file per worker (FUSE_DEV_IOC_CLONE): less contention on the queue lock.
+    // A clone opens /dev/fuse anew, which a user's daemon may do too (checked before).
     config.clone_fd = true;
-    config
+    Ok(config)
+}
+
+/// The options of `config` as fusermount3 takes them: the mount options, and allow_other
+/// when anyone but the owner may use the mount (fuser restricts allow_root to root itself).
+fn fusermount_options(config: &Config) -> Vec<String> {
+    let mut options: Vec<String> = config
+        .mount_options
+        .iter()
+        .map(fusermount::option_text)
+        .collect();
+    if config.acl != SessionACL::Owner {
+        options.push("allow_other".into());
+    }
+    options
+}
+
+/// How the signal thread unmounts: through fuser's session for a mount made with mount(2)
+/// (root), through fusermount3 for a user's.
+#[derive(Debug)]
+enum Unmounter {
+    Session(fuser::SessionUnmounter),
+    Fusermount,
+}
+
+impl Unmounter {
+    /// Unmounts; fails while the mount is busy.
+    fn unmount(&mut self, mountpoint: &Path) -> Result<(), String> {
+        match self {
+            Self::Session(u) => u.unmount().map_err(|e| e.to_string()),
+            Self::Fusermount => fusermount::unmount(mountpoint, false),
+        }
+    }
+
+    /// Detaches the mount from the tree now; it lives on until its last open file closes.
+    fn detach(&self, mountpoint: &Path) -> Result<(), String> {
+        match self {
+            Self::Session(_) => nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| e.to_string()),
+            Self::Fusermount => fusermount::unmount(mountpoint, true),
+        }
+    }
 }
 
 /// Tells the waiting parent that the mount is ready, then lets go of its stdio so nothing
@@ -497,12 +680,7 @@ fn termination_signals() -> SigSet {
 /// Waits for SIGTERM/SIGINT/SIGHUP and unmounts. The session then ends in the main thread
 /// (destroy marks the file system clean). A second signal while a lazy unmount waits for
 /// open files exits at once, leaving the file system to the next mount's recovery.
-fn signal_loop(
-    signals: &SigSet,
-    mut unmounter: fuser::SessionUnmounter,
-    mountpoint: &Path,
-    conn: Option<u32>,
-) {
+fn signal_loop(signals: &SigSet, mut unmounter: Unmounter, mountpoint: &Path, conn: Option<u32>) {
     let first = AtomicBool::new(true);
     loop {
         let sig = match signals.wait() {
@@ -517,11 +695,11 @@ fn signal_loop(
             std::process::exit(i32::from(EXIT_FAILURE));
         }
         log::info!("{sig:?}: unmounting {}", mountpoint.display());
-        match unmounter.unmount() {
+        match unmounter.unmount(mountpoint) {
             Ok(()) => continue,
             Err(e) => log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display()),
         }
-        if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+        if let Err(e) = unmounter.detach(mountpoint) {
             log::warn!("lazy unmount {}: {e}", mountpoint.display());
         }
         // The lazily detached mount lives until its last open file closes. Abort the FUSE
@@ -617,8 +795,16 @@ fn remount(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     if atime_given && atime != pmfs::fs::AtimeMode::Noatime {
         log::info!("the daemon keeps the atime mode it was mounted with");
     }
-    nix::mount::mount(None::<&str>, &mountpoint, None::<&str>, flags, None::<&str>)
-        .map_err(|e| Failure(format!("remount {}: {e}", mountpoint.display())))?;
+    nix::mount::mount(None::<&str>, &mountpoint, None::<&str>, flags, None::<&str>).map_err(
+        |e| match e {
+            nix::errno::Errno::EPERM if !nix::unistd::geteuid().is_root() => Failure(format!(
+                "remount {}: only root can change the flags of a mount (unmount with \
+                 fusermount3 -u and mount again with the new options)",
+                mountpoint.display()
+            )),
+            e => Failure(format!("remount {}: {e}", mountpoint.display())),
+        },
+    )?;
     Ok(())
 }
 

@@ -30,6 +30,50 @@ pub struct MkfsOptions {
     pub uuid: Option<[u8; 16]>,
     /// Creation time, nanoseconds since the Unix epoch (see [`now_ns`]).
     pub now_ns: i64,
+    /// Owner and permissions of the root directory.
+    pub root: RootDir,
+}
+
+/// The root directory's owner and permission bits, as mke2fs's `-E root_owner=UID:GID`
+/// (the inode has room for them: a format needs no new field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootDir {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits only (`0o7777` at most: set-id, sticky and rwx); the type is a
+    /// directory.
+    pub mode: u16,
+}
+
+/// Permission bits of a root directory nobody chose: `rwxr-xr-x`, as mke2fs.
+pub const DEFAULT_ROOT_MODE: u16 = 0o755;
+
+impl Default for RootDir {
+    /// Owned by root, mode 0755.
+    fn default() -> Self {
+        Self {
+            uid: 0,
+            gid: 0,
+            mode: DEFAULT_ROOT_MODE,
+        }
+    }
+}
+
+impl RootDir {
+    /// The default owner for a format by the calling process: its real uid and gid when it
+    /// is not root, so that a user can mount and fill the file system they made; 0:0 for
+    /// root (mke2fs's behaviour up to 1.42, which issue 14 asks for).
+    pub fn for_caller() -> Self {
+        let uid = nix::unistd::getuid();
+        if uid.is_root() {
+            return Self::default();
+        }
+        Self {
+            uid: uid.as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            mode: DEFAULT_ROOT_MODE,
+        }
+    }
 }
 
 /// What a format produced (or would produce on a device of a given geometry).
@@ -54,6 +98,8 @@ pub struct MkfsSummary {
     pub metadata_percent: f64,
     pub uuid: [u8; 16],
     pub label: String,
+    /// The root directory as written ([`summary_for`] assumes [`RootDir::default`]).
+    pub root: RootDir,
 }
 
 /// Why a format failed.
@@ -68,6 +114,8 @@ pub enum MkfsError {
     LabelTooLong,
     #[error("label contains a NUL byte")]
     LabelNul,
+    #[error("root directory mode {0:#o} has bits outside 07777")]
+    RootMode(u16),
 }
 
 pub use crate::meta::now_ns;
@@ -115,7 +163,8 @@ pub fn random_uuid() -> Result<[u8; 16], MkfsError> {
 }
 
 /// The summary of a format of `geometry`, computed without touching a device (so the figures
-/// of any device size can be shown or tested). [`format`] returns exactly this.
+/// of any device size can be shown or tested). [`format`] returns exactly this, with the
+/// root directory it was given.
 pub fn summary_for(
     geometry: &Geometry,
     uuid: [u8; 16],
@@ -137,6 +186,7 @@ pub fn summary_for(
         metadata_percent: metadata_bytes as f64 * 100.0 / size_bytes as f64,
         uuid,
         label: label.to_owned(),
+        root: RootDir::default(),
     })
 }
 
@@ -223,13 +273,19 @@ impl Writer<'_> {
 /// Formats `media`: writes a fresh, empty file system over whatever it held.
 pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, MkfsError> {
     let label = encode_label(&opts.label)?;
+    if opts.root.mode & !0o7777 != 0 {
+        return Err(MkfsError::RootMode(opts.root.mode));
+    }
     let g = Geometry::for_device_size(media.size())?;
     let chunk0 = first_itable_chunk(&g)?;
     let uuid = match opts.uuid {
         Some(u) => u,
         None => random_uuid()?,
     };
-    let summary = summary_for(&g, uuid, &opts.label)?;
+    let summary = MkfsSummary {
+        root: opts.root,
+        ..summary_for(&g, uuid, &opts.label)?
+    };
     let sb = superblock(&g, uuid, label, opts.now_ns);
     let sb_len = size_of::<Superblock>() as u64;
     let mut w = Writer {
@@ -294,7 +350,14 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         bitmap::set_in_bytes(&mut ibitmap, slot, 1);
     }
     w.write(chunk + INODE_BITMAP_OFFSET, &ibitmap)?;
-    let mut root = new_inode(file_type::S_IFDIR | 0o755, 2, ROOT_INO, opts.now_ns);
+    let mut root = new_inode(
+        file_type::S_IFDIR | opts.root.mode,
+        2,
+        ROOT_INO,
+        opts.now_ns,
+    );
+    root.uid = opts.root.uid;
+    root.gid = opts.root.gid;
     root.flags = inode_flags::TREE; // as every directory: its entries are in a B+tree
     root.seal();
     w.write(chunk + ROOT_INO * INODE_SIZE, root.as_bytes())?;
@@ -324,6 +387,7 @@ mod tests {
             label: label.into(),
             uuid: Some(UUID),
             now_ns: 1_700_000_000_123_456_789,
+            root: RootDir::default(),
         }
     }
 
@@ -458,6 +522,47 @@ mod tests {
             assert!(s.free_blocks > 0);
             drop(fs);
         }
+    }
+
+    /// The root directory gets the owner and mode asked for, fsck finds it consistent, the
+    /// core serves it; a mode with bits beyond 07777 is refused before anything is written.
+    #[test]
+    fn root_owner_and_mode() {
+        let d = std::sync::Arc::new(RecordingDevice::new(16 * MIB));
+        let root = RootDir {
+            uid: 1000,
+            gid: 4_000_000_000,
+            mode: 0o1770,
+        };
+        let s = format(d.as_ref(), &MkfsOptions { root, ..opts("") }).unwrap();
+        assert_eq!(s.root, root);
+        let media: std::sync::Arc<dyn Media> = d;
+        let report = crate::check::check(&media).unwrap();
+        assert!(report.problems.is_empty(), "{:#?}", report.problems);
+        let fs = crate::fs::Fs::mount(media, crate::fs::MountOptions::default()).unwrap();
+        let attr = fs.getattr(ROOT_INO).unwrap();
+        assert_eq!(
+            (attr.uid, attr.gid, attr.mode),
+            (1000, 4_000_000_000, u32::from(file_type::S_IFDIR | 0o1770))
+        );
+        drop(fs);
+
+        let d = RecordingDevice::new(16 * MIB);
+        let bad = RootDir {
+            mode: 0o10755,
+            ..RootDir::default()
+        };
+        assert!(matches!(
+            format(
+                &d,
+                &MkfsOptions {
+                    root: bad,
+                    ..opts("")
+                }
+            ),
+            Err(MkfsError::RootMode(0o10755))
+        ));
+        assert_eq!(ones(&d.snapshot()), 0);
     }
 
     #[test]

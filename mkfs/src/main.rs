@@ -5,7 +5,7 @@ use pmfs::device::{DeviceError, Media, create_image};
 use pmfs::format::{
     BLOCK_SIZE, LABEL_LEN, MIN_DEVICE_SIZE, SUPERBLOCK_MAGIC, format_uuid, parse_uuid,
 };
-use pmfs::mkfs::{MkfsOptions, MkfsSummary, format, now_ns};
+use pmfs::mkfs::{MkfsOptions, MkfsSummary, RootDir, format, now_ns};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,9 @@ Examples:
   mkfs.pmfs -f -q -s 512M disk.img          reformat (or create) a 512 MiB image, silently
   mkfs.pmfs -U 0b7c2f6e-5d1a-4f3c-9e8b-2a4d6c8e0f12 /dev/dax0.0
                                             format with a given UUID
+  mkfs.pmfs --root-owner 1000:1000 --root-mode 0700 /dev/dax0.0
+                                            a file system user 1000 owns (and mounts:
+                                            pmfs DEVICE MNT as that user)
 
 Exit status: 0 formatted, 1 refused or failed, 2 bad usage.";
 
@@ -82,6 +85,29 @@ struct Args {
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
+
+    /// Owner of the root directory, numeric UID:GID (default: yours; 0:0 as root)
+    ///
+    /// Owner of the root directory, as numeric UID:GID (e.g. 1000:1000). By default the
+    /// root directory belongs to whoever runs mkfs.pmfs: its real user and group when that
+    /// is not root, so a user can format an image, mount it (pmfs IMG MNT) and write to it;
+    /// 0:0 when root formats.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_owner_arg, conflicts_with = "extended")]
+    root_owner: Option<(u32, u32)>,
+
+    /// Permission bits of the root directory, in octal (default 0755)
+    ///
+    /// Permission bits of the root directory, in octal: rwx for owner, group and others, and
+    /// the set-user-ID, set-group-ID and sticky bits (e.g. 0700, 2775, 1777); default 0755.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode_arg)]
+    root_mode: Option<u16>,
+
+    /// Extended options, as mke2fs: root_owner[=UID:GID]
+    ///
+    /// Extended options, comma-separated, as mke2fs spells them. root_owner[=UID:GID] is
+    /// --root-owner; root_owner alone means your own user and group.
+    #[arg(short = 'E', value_name = "OPTIONS", value_parser = parse_extended_arg)]
+    extended: Option<(u32, u32)>,
 }
 
 /// A size argument: its value and the text the user wrote (for messages).
@@ -167,6 +193,70 @@ fn parse_uuid_arg(s: &str) -> Result<[u8; 16], String> {
     parse_uuid(s)
         .filter(|_| dashes_ok)
         .ok_or_else(|| "not a UUID: expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx".into())
+}
+
+/// A numeric user or group ID: decimal, below 2^32 - 1 (which chown reads as "unchanged"
+/// and no account can have).
+fn parse_id(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u32>().ok().filter(|&id| id != u32::MAX)
+}
+
+fn parse_owner_arg(s: &str) -> Result<(u32, u32), String> {
+    s.split_once(':')
+        .and_then(|(u, g)| Some((parse_id(u)?, parse_id(g)?)))
+        .ok_or_else(|| {
+            "expected UID:GID, two numbers below 4294967295 such as 1000:1000".to_string()
+        })
+}
+
+fn parse_mode_arg(s: &str) -> Result<u16, String> {
+    let bad = || "expected an octal mode such as 0755, at most 07777".to_string();
+    if s.is_empty() || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(bad());
+    }
+    u16::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(bad)
+}
+
+/// `-E OPTIONS`: the one extended option there is, root_owner[=UID:GID], as mke2fs's.
+fn parse_extended_arg(s: &str) -> Result<(u32, u32), String> {
+    let mut owner = None;
+    for opt in s.split(',') {
+        owner = Some(match opt.split_once('=') {
+            None if opt == "root_owner" => {
+                let me = RootDir::for_caller();
+                (me.uid, me.gid)
+            }
+            Some(("root_owner", value)) => {
+                parse_owner_arg(value).map_err(|e| format!("root_owner={value}: {e}"))?
+            }
+            _ => {
+                return Err(format!(
+                    "unknown extended option '{opt}' (there is only root_owner[=UID:GID])"
+                ));
+            }
+        });
+    }
+    owner.ok_or_else(|| "no extended option given".to_string())
+}
+
+/// The root directory the arguments ask for.
+fn root_dir(args: &Args) -> RootDir {
+    let caller = RootDir::for_caller();
+    let (uid, gid) = args
+        .root_owner
+        .or(args.extended)
+        .unwrap_or((caller.uid, caller.gid));
+    RootDir {
+        uid,
+        gid,
+        mode: args.root_mode.unwrap_or(caller.mode),
+    }
 }
 
 /// `bytes` in binary units with `decimals` decimals ("1.00 GiB").
@@ -333,6 +423,7 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
         label: args.label.clone().unwrap_or_default(),
         uuid: args.uuid,
         now_ns: now_ns(),
+        root: root_dir(args),
     };
     progress.phase("formatting");
     let summary = format(&dev, &opts).map_err(|e| format!("{shown}: {e}"))?;
@@ -355,6 +446,7 @@ fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
          \x20 metadata        {} ({})\n\
          \x20 uuid            {}\n\
          \x20 label           {}\n\
+         \x20 root directory  owner {}:{}, mode {:04o}\n\
          \x20 persistence     {}\n",
         path.display(),
         human(s.size_bytes, 2),
@@ -366,6 +458,9 @@ fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
         percent(s.metadata_percent),
         format_uuid(&s.uuid),
         label,
+        s.root.uid,
+        s.root.gid,
+        s.root.mode,
         persistence,
     )
 }
@@ -472,6 +567,65 @@ mod tests {
         assert!(parse_label(&"x".repeat(65)).is_err());
     }
 
+    #[test]
+    fn root_owner_and_mode_arguments() {
+        assert_eq!(parse_owner_arg("1000:100"), Ok((1000, 100)));
+        assert_eq!(parse_owner_arg("0:0"), Ok((0, 0)));
+        assert_eq!(parse_owner_arg("4294967294:7"), Ok((4_294_967_294, 7)));
+        for bad in [
+            "",
+            "1000",
+            "1000:",
+            ":1000",
+            "a:b",
+            "-1:0",
+            "1:2:3",
+            "4294967295:0",
+            "1 :2",
+            "+1:2",
+            "99999999999:0",
+        ] {
+            assert!(parse_owner_arg(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_mode_arg("755"), Ok(0o755));
+        assert_eq!(parse_mode_arg("0700"), Ok(0o700));
+        assert_eq!(parse_mode_arg("1777"), Ok(0o1777));
+        assert_eq!(parse_mode_arg("07777"), Ok(0o7777));
+        for bad in ["", "0o755", "8", "10000", "rwx", "-755", "0x1ff"] {
+            assert!(parse_mode_arg(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_extended_arg("root_owner=5:6"), Ok((5, 6)));
+        let me = RootDir::for_caller();
+        assert_eq!(parse_extended_arg("root_owner"), Ok((me.uid, me.gid)));
+        assert_eq!(
+            parse_extended_arg("root_owner=5:6,root_owner=7:8"),
+            Ok((7, 8))
+        );
+        assert!(parse_extended_arg("root_owner=x").is_err());
+        assert_eq!(
+            parse_extended_arg("lazy_itable_init=1").unwrap_err(),
+            "unknown extended option 'lazy_itable_init=1' (there is only root_owner[=UID:GID])"
+        );
+
+        let parse = |argv: &[&str]| {
+            Args::try_parse_from(std::iter::once("mkfs.pmfs").chain(argv.iter().copied()))
+        };
+        let a = parse(&["--root-owner", "1:2", "--root-mode", "0700", "x"]).unwrap();
+        assert_eq!(
+            root_dir(&a),
+            RootDir {
+                uid: 1,
+                gid: 2,
+                mode: 0o700
+            }
+        );
+        let a = parse(&["-E", "root_owner=3:4", "x"]).unwrap();
+        assert_eq!((root_dir(&a).uid, root_dir(&a).gid), (3, 4));
+        assert_eq!(root_dir(&a).mode, 0o755);
+        assert_eq!(root_dir(&parse(&["x"]).unwrap()), RootDir::for_caller());
+        assert!(parse(&["-E", "root_owner=3:4", "--root-owner", "1:2", "x"]).is_err());
+    }
+
     fn signature_of(image: &RecordingDevice) -> Option<String> {
         existing_signature(&mut |off, buf| image.read(off, buf).is_ok())
     }
@@ -517,6 +671,10 @@ mod tests {
         assert!(text.contains("8188 now, up to 4167692"));
         assert!(text.contains("6.0 MiB (0.59%)"), "{text}");
         assert!(text.contains("label           (none)"));
+        assert!(
+            text.contains("root directory  owner 0:0, mode 0755\n"),
+            "{text}"
+        );
         let g = Geometry::for_device_size(64 << 30).unwrap();
         let s = summary_for(&g, [0x11; 16], "big").unwrap();
         let text = report(Path::new("x"), &s, "msync");

@@ -22,13 +22,17 @@ impl Drop for ImageFile {
     }
 }
 
-fn image_path(name: &str) -> ImageFile {
-    let dir = if Path::new("/dev/shm").is_dir() {
+/// Where test images go: /dev/shm, or the temp dir without it.
+fn scratch_dir() -> PathBuf {
+    if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
-    };
-    let path = dir.join(format!("pmfs-mkfs-out-{}-{name}.img", std::process::id()));
+    }
+}
+
+fn image_path(name: &str) -> ImageFile {
+    let path = scratch_dir().join(format!("pmfs-mkfs-out-{}-{name}.img", std::process::id()));
     let _ = std::fs::remove_file(&path);
     ImageFile(path)
 }
@@ -195,4 +199,175 @@ fn progress_is_shown_on_a_terminal_only() {
         said.ends_with("\r\x1b[K"),
         "the line is erased at the end: {said:?}"
     );
+}
+
+/// The root directory's (uid, gid, mode) in the image at `path`, as the core reads it.
+fn root_dir_of(path: &Path) -> (u32, u32, u32) {
+    let dev = pmfs::device::Device::open(path, &WAIT_FOR_FORKS).unwrap();
+    let media: std::sync::Arc<dyn pmfs::device::Media> = std::sync::Arc::new(dev);
+    let fs = pmfs::fs::Fs::mount(
+        media,
+        pmfs::fs::MountOptions {
+            read_only: true,
+            ..pmfs::fs::MountOptions::default()
+        },
+    )
+    .unwrap();
+    let a = fs.getattr(pmfs::format::ROOT_INO).unwrap();
+    (a.uid, a.gid, a.mode)
+}
+
+const DIR_MODE: u32 = 0o040000;
+
+/// Issue 14, item 2: the root directory's owner and mode. Root's format is root's unless it
+/// says otherwise (`--root-owner`, `-E root_owner=`, `--root-mode`); the report says which.
+#[test]
+fn root_owner_and_mode_as_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test formats as root and as another user: it needs root"
+    );
+    let img = image_path("root-owner");
+    let p = img.0.to_str().unwrap();
+    let out = mkfs(&["-s", "32M", p], Stdio::piped());
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("  root directory  owner 0:0, mode 0755\n")
+    );
+    assert_eq!(root_dir_of(&img.0), (0, 0, DIR_MODE | 0o755));
+
+    let out = mkfs(
+        &["-f", "--root-owner", "1234:5678", "--root-mode", "2770", p],
+        Stdio::piped(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("  root directory  owner 1234:5678, mode 2770\n")
+    );
+    assert_eq!(root_dir_of(&img.0), (1234, 5678, DIR_MODE | 0o2770));
+
+    // mke2fs's spelling; root_owner alone is the caller, root here.
+    assert!(
+        mkfs(&["-q", "-f", "-E", "root_owner=7:8", p], Stdio::null())
+            .status
+            .success()
+    );
+    assert_eq!(root_dir_of(&img.0), (7, 8, DIR_MODE | 0o755));
+    assert!(
+        mkfs(&["-q", "-f", "-E", "root_owner", p], Stdio::null())
+            .status
+            .success()
+    );
+    assert_eq!(root_dir_of(&img.0).0, 0);
+
+    // Bad values: clap's one error line (then its hint), status 2, nothing formatted.
+    let before = std::fs::read(&img.0).unwrap();
+    for (args, said) in [
+        (
+            &["--root-owner", "1000"][..],
+            "error: invalid value '1000' for '--root-owner <UID:GID>': expected UID:GID, two \
+             numbers below 4294967295 such as 1000:1000",
+        ),
+        (
+            &["--root-owner=-1:0"][..],
+            "error: invalid value '-1:0' for '--root-owner <UID:GID>': expected UID:GID, two \
+             numbers below 4294967295 such as 1000:1000",
+        ),
+        (
+            &["--root-mode", "0800"][..],
+            "error: invalid value '0800' for '--root-mode <MODE>': expected an octal mode such \
+             as 0755, at most 07777",
+        ),
+        (
+            &["--root-mode", "17777"][..],
+            "error: invalid value '17777' for '--root-mode <MODE>': expected an octal mode such \
+             as 0755, at most 07777",
+        ),
+        (
+            &["-E", "root_owner=1:x"][..],
+            "error: invalid value 'root_owner=1:x' for '-E <OPTIONS>': root_owner=1:x: expected \
+             UID:GID, two numbers below 4294967295 such as 1000:1000",
+        ),
+        (
+            &["-E", "stride=4"][..],
+            "error: invalid value 'stride=4' for '-E <OPTIONS>': unknown extended option \
+             'stride=4' (there is only root_owner[=UID:GID])",
+        ),
+    ] {
+        let argv: Vec<&str> = [&["-f"][..], args, &[p][..]].concat();
+        let out = mkfs(&argv, Stdio::null());
+        assert_eq!(out.status.code(), Some(2), "{argv:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().next(), Some(said), "{argv:?}: {err}");
+    }
+    assert!(
+        std::fs::read(&img.0).unwrap() == before,
+        "a refusal changed the image"
+    );
+}
+
+/// A user's format is the user's: the root directory belongs to the caller's real uid and
+/// gid (so the user can mount it and write), unless `--root-owner` / `-E root_owner=` say
+/// otherwise. Run as uid 65534 through setpriv, in a directory every user may write.
+#[test]
+fn a_users_format_gives_the_user_the_root_directory() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test formats as root and as another user: it needs root"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("pmfs-mkfs-user-")
+        .tempdir_in(scratch_dir())
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let img = dir.path().join("user.img");
+    let as_user = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                BIN,
+            ])
+            .args(args)
+            .arg(&img)
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv (util-linux) runs mkfs.pmfs as another user")
+    };
+    let out = as_user(&["-s", "32M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("  root directory  owner 65534:65534, mode 0755\n")
+    );
+    assert_eq!(root_dir_of(&img), (65534, 65534, DIR_MODE | 0o755));
+    let out = as_user(&["-q", "-f", "-E", "root_owner=0:0", "--root-mode", "1777"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(root_dir_of(&img), (0, 0, DIR_MODE | 0o1777));
+    let out = as_user(&["-q", "-f", "--root-owner", "10:20"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(root_dir_of(&img), (10, 20, DIR_MODE | 0o755));
 }

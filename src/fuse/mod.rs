@@ -15,6 +15,7 @@
 
 pub mod acl;
 pub mod attr;
+pub mod fusermount;
 pub mod ioctl;
 pub mod mountinfo;
 pub mod options;
@@ -94,6 +95,8 @@ pub struct PmfsFuse {
     /// Switches the session threads between polling and sleeping (`spin=`); `None` = never
     /// poll.
     poller: Option<Arc<spin::Poller>>,
+    /// The user the daemon runs as: the mount's owner, who may shut it down as root may.
+    owner_uid: u32,
 }
 
 /// FS_IOC_SHUTDOWN (XFS_IOC_GOINGDOWN): `_IOR('X', 125, __u32)`.
@@ -133,6 +136,7 @@ impl PmfsFuse {
             leases: ioctl::LeaseTable::default(),
             notifier: Arc::new(std::sync::OnceLock::new()),
             poller: None,
+            owner_uid: nix::unistd::geteuid().as_raw(),
         }
     }
 
@@ -892,10 +896,11 @@ impl Filesystem for PmfsFuse {
     ) {
         self.begin();
         if cmd == FS_IOC_SHUTDOWN {
-            // As XFS: only the administrator may stop the file system. The flags (flush
-            // first or not) make no difference: every reply was durable already. FUSE
-            // passes no input for this _IOR command, so they are not even seen.
-            if req.uid() != 0 {
+            // As XFS, only the administrator may stop the file system, and so may the user
+            // who mounted it (who may as well unmount it or stop the daemon). The flags
+            // (flush first or not) make no difference: every reply was durable already.
+            // FUSE passes no input for this _IOR command, so they are not even seen.
+            if req.uid() != 0 && req.uid() != self.owner_uid {
                 return reply.error(Errno::from_i32(libc::EPERM));
             }
             log::warn!(

@@ -46,7 +46,8 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     (
         "allow_other / allow_root",
-        "let other users / root use the mount (allow_other is the default as root)",
+        "let other users / root use the mount (allow_other is the default for root, and for \
+         other users where /etc/fuse.conf has user_allow_other)",
     ),
     (
         "default_permissions",
@@ -54,7 +55,8 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     (
         "auto_unmount",
-        "unmount automatically if the daemon dies (through fusermount3)",
+        "unmount automatically if the daemon dies (through fusermount3; implies allow_other, \
+         which a user other than root needs user_allow_other in /etc/fuse.conf for)",
     ),
     (
         "dev / nodev, suid / nosuid, exec / noexec",

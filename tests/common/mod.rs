@@ -11,7 +11,7 @@
 
 pub use pmfs::device::{Device, OpenOptions, create_image};
 pub use pmfs::fuse::mountinfo;
-pub use pmfs::mkfs::{MkfsOptions, format, now_ns};
+pub use pmfs::mkfs::{MkfsOptions, RootDir, format, now_ns};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,6 +65,7 @@ impl Image {
                 label: name.into(),
                 uuid: None,
                 now_ns: now_ns(),
+                root: RootDir::default(),
             },
         )
         .unwrap();
