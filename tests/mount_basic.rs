@@ -969,3 +969,41 @@ fn shutdown_ioctl_stops_the_mount_and_the_next_mount_recovers() {
     fs::write(m.path("after"), b"writable again").unwrap();
     m.unmount();
 }
+
+/// Set-ID bits through the kernel: the mount negotiates FUSE_HANDLE_KILLPRIV_V2, so the
+/// kernel leaves clearing them to the daemon (and skips a GETXATTR before each write). An
+/// unprivileged write and an unprivileged truncate must each still clear them, as seen by
+/// the next stat; root's keep them.
+#[test]
+fn unprivileged_write_and_truncate_clear_setid_bits_through_the_kernel() {
+    use std::os::unix::process::CommandExt;
+    if !can_mount() {
+        return;
+    }
+    let img = Image::new("setid", 64 * MIB);
+    let m = Mount::new(&img, "");
+    let f = m.path("f");
+    let mode = || fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
+    let as_nobody = |script: &str| {
+        let st = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(&f)
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    fs::write(&f, b"0123456789").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+    fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"root").unwrap();
+    assert_eq!(mode(), 0o6777, "root's write keeps the bits");
+    as_nobody("printf x >> \"$1\"");
+    assert_eq!(mode(), 0o777, "an unprivileged write clears both");
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+    assert_eq!(mode(), 0o6777);
+    as_nobody("truncate -s 3 \"$1\"");
+    assert_eq!(mode(), 0o777, "an unprivileged truncate clears both");
+    assert_eq!(fs::metadata(&f).unwrap().len(), 3);
+    m.unmount();
+}

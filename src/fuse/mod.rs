@@ -158,9 +158,9 @@ impl PmfsFuse {
     }
 
     /// True when a data change by this caller will clear set-user/group-ID bits: the
-    /// kernel must then be told that its cached attributes are stale (it does not clear
-    /// them itself on direct writes and fallocate, and fuser 0.18 cannot negotiate
-    /// HANDLE_KILLPRIV_V2).
+    /// kernel must then be told that its cached attributes are stale (under
+    /// HANDLE_KILLPRIV_V2 it leaves the clearing to the daemon, and a WRITE or FALLOCATE
+    /// reply carries no attributes).
     fn clears_privs(&self, req: &Request, ino: u64) -> bool {
         req.uid() != 0 && self.fs.getattr(ino).is_ok_and(|a| a.mode & 0o6000 != 0)
     }
@@ -351,8 +351,9 @@ impl Filesystem for PmfsFuse {
         // Deliberately absent: FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS (the kernel locks locally,
         // which is right: no other node shares this file system); FUSE_OVER_IO_URING (fuser
         // 0.18 has no io_uring loop); FUSE_WRITEBACK_CACHE (writes are synchronous and durable
-        // on reply); FUSE_HANDLE_KILLPRIV_V2 and FUSE_SETXATTR_EXT (fuser 0.18 does not pass
-        // the bits they add to SETATTR/OPEN/SETXATTR); FUSE_PASSTHROUGH (it maps offset X of a
+        // on reply); FUSE_SETXATTR_EXT (fuser 0.18 does not pass the bits it adds to
+        // SETXATTR); FUSE_ATOMIC_O_TRUNC (its FUSE_OPEN_KILL_SUIDGID bit is not passed
+        // either, so truncation stays a SETATTR); FUSE_PASSTHROUGH (it maps offset X of a
         // file to offset X of a backing file, which pmfs's layout is not).
         for flag in [
             InitFlags::FUSE_ASYNC_READ,
@@ -365,6 +366,13 @@ impl Filesystem for PmfsFuse {
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_MAX_PAGES,
+            // The daemon clears set-user/group-ID on write, truncate, fallocate and chown
+            // (`Fs::write`, `Fs::setattr`) without the kernel's flag bits, which fuser 0.18
+            // does not pass: the rule is the kernel's, applied to the caller's uid and primary
+            // gid. In return the kernel sets SB_NOSEC, so a write no longer costs a GETXATTR
+            // of security.capability first (the kernel still checks it once after each
+            // attribute refresh, and after any security.* xattr is set).
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             want(config, flag);
         }
