@@ -9,7 +9,8 @@
 #   --million       always run the 1,000,000-file part (mount time, daemon RSS)
 #   --no-million    never run it (default: run it if the time budget allows)
 #   --size SIZE     size of the emulated pmem image (default 6G, 4G if memory is short)
-#   --only LIST     comma-separated subset of: tmpfs,ext4,bindfs,pmfs-direct,pmfs-page, and
+#   --only LIST     comma-separated subset of: tmpfs,ext4,bindfs,pmfs-direct,pmfs-page,
+#                   pmfs-writeback (cache=writeback), and
 #                   pmfs-nospin (cache=direct with spin=0: what polling /dev/fuse buys; not
 #                   in the default list)
 #   --no-build      use the existing target/release binaries as they are
@@ -25,7 +26,7 @@ REPEATS=3
 RUNTIME=1
 MILLION=auto
 PMEM_SIZE=
-ONLY="tmpfs,ext4,bindfs,pmfs-direct,pmfs-page"
+ONLY="tmpfs,ext4,bindfs,pmfs-direct,pmfs-page,pmfs-writeback"
 BUILD=1
 BUDGET=${BENCH_BUDGET:-600}
 META_FILES=20000
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
         --size) PMEM_SIZE=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -325,9 +326,11 @@ setup_pmfs() { # mode
 setup_pmfs-direct() { setup_pmfs cache=direct; }
 setup_pmfs-page() { setup_pmfs cache=page; }
 setup_pmfs-nospin() { setup_pmfs cache=direct,spin=0; }
+setup_pmfs-writeback() { setup_pmfs cache=writeback; }
 teardown_pmfs-direct() { pmfs_umount; }
 teardown_pmfs-page() { pmfs_umount; }
 teardown_pmfs-nospin() { pmfs_umount; }
+teardown_pmfs-writeback() { pmfs_umount; }
 
 # ---------------------------------------------------------------------------------------------
 # The tree to untar: ~40,000 small files from /usr (duplicated if the machine has fewer).

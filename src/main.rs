@@ -381,7 +381,7 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
         .flatten()
         .filter(|m| m.fstype.starts_with("fuse"))
         .map(|m| m.minor);
-    if opts.cache == CacheMode::Page {
+    if matches!(opts.cache, CacheMode::Page | CacheMode::Writeback) {
         if let Some(minor) = conn {
             set_read_ahead(minor);
         }

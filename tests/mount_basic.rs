@@ -969,3 +969,98 @@ fn shutdown_ioctl_stops_the_mount_and_the_next_mount_recovers() {
     fs::write(m.path("after"), b"writable again").unwrap();
     m.unmount();
 }
+
+/// Set-ID bits through the kernel: the mount negotiates FUSE_HANDLE_KILLPRIV_V2, so the
+/// kernel leaves clearing them to the daemon (and skips a GETXATTR before each write). An
+/// unprivileged write and an unprivileged truncate must each still clear them, as seen by
+/// the next stat; root's keep them.
+#[test]
+fn unprivileged_write_and_truncate_clear_setid_bits_through_the_kernel() {
+    use std::os::unix::process::CommandExt;
+    if !can_mount() {
+        return;
+    }
+    let img = Image::new("setid", 64 * MIB);
+    let m = Mount::new(&img, "");
+    let f = m.path("f");
+    let mode = || fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
+    let as_nobody = |script: &str| {
+        let st = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(&f)
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    fs::write(&f, b"0123456789").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+    fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"root").unwrap();
+    assert_eq!(mode(), 0o6777, "root's write keeps the bits");
+    as_nobody("printf x >> \"$1\"");
+    assert_eq!(mode(), 0o777, "an unprivileged write clears both");
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+    assert_eq!(mode(), 0o6777);
+    as_nobody("truncate -s 3 \"$1\"");
+    assert_eq!(mode(), 0o777, "an unprivileged truncate clears both");
+    assert_eq!(fs::metadata(&f).unwrap().len(), 3);
+    m.unmount();
+}
+
+/// `cache=writeback` runs with the kernel's writeback cache: write(2) completes in the page
+/// cache, and fsync, msync and unmount are what make data durable (as on a disk file
+/// system). After a kill -9 of the daemon, every byte written before a completed fsync or
+/// msync is on the device, sizes included; data written without either reaches it at
+/// unmount.
+#[test]
+fn writeback_cache_data_is_durable_after_fsync_msync_and_unmount() {
+    use pmfs::device::SharedFileMapping;
+    if !can_mount() {
+        return;
+    }
+    let img = Image::new("wbcache", 64 * MIB);
+    let synced = pattern(1, (3 * MIB + 5) as usize);
+    let words: Vec<u64> = (0..MIB / 8).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    {
+        let mut m = Mount::new(&img, "cache=writeback");
+        let mut f = File::create(m.path("fsynced")).unwrap();
+        f.write_all(&synced).unwrap();
+        f.sync_all().unwrap();
+        let f = FileOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.path("mapped"))
+            .unwrap();
+        f.set_len(MIB).unwrap();
+        let map = SharedFileMapping::map(&f).unwrap();
+        for (k, w) in words.iter().enumerate() {
+            map.store_u64(k * 8, *w);
+        }
+        map.flush().unwrap();
+        let mut child = m.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(map);
+    }
+    let m = Mount::new(&img, "");
+    assert!(fs::read(m.path("fsynced")).unwrap() == synced, "fsync'd data lost");
+    let mapped = fs::read(m.path("mapped")).unwrap();
+    assert_eq!(mapped.len() as u64, MIB);
+    let got: Vec<u64> = mapped
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert!(got == words, "msync'd stores lost");
+    m.unmount();
+
+    let plain = pattern(3, (2 * MIB + 77) as usize);
+    let m = Mount::new(&img, "cache=writeback");
+    fs::write(m.path("plain"), &plain).unwrap();
+    m.unmount();
+    let m = Mount::new(&img, "");
+    assert!(fs::read(m.path("plain")).unwrap() == plain, "data lost at unmount");
+    m.unmount();
+}

@@ -45,7 +45,7 @@ pub(super) struct Piece {
 /// set-group-ID when the group may execute or the caller is not in the file's group (the
 /// kernel's setattr_should_drop_suidgid; FUSE passes only the primary group, so that is the
 /// group checked).
-fn kill_privs(ctx: &Ctx, i: &mut Inode) {
+pub(super) fn kill_privs(ctx: &Ctx, i: &mut Inode) {
     if ctx.uid != 0 && i.mode & 0o6000 != 0 {
         i.mode &= !0o4000;
         if i.mode & 0o010 != 0 || ctx.gid != i.gid {

@@ -25,6 +25,18 @@ pub const RENAME_EXCHANGE: u32 = 2;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
 
+/// chown of anything but a directory clears set-user-ID always, and set-group-ID when the
+/// group may execute or the caller is neither privileged nor in the file's group (the
+/// kernel's chown_common and setattr_should_drop_sgid; FUSE passes only the caller's primary
+/// group). This runs for every chown that names an owner or a group, changed or not, as the
+/// kernel's does.
+fn kill_privs_on_chown(ctx: &Ctx, old_gid: u32, i: &mut Inode) {
+    i.mode &= !0o4000;
+    if i.mode & 0o010 != 0 || (ctx.uid != 0 && ctx.gid != old_gid) {
+        i.mode &= !0o2000;
+    }
+}
+
 impl Fs {
     fn find(&self, dir_ino: u64, dir_inode: &Inode, name: &[u8]) -> Result<Option<DirEntry>> {
         dir::lookup(
@@ -719,21 +731,24 @@ impl Fs {
         if let Some(mode) = s.mode {
             i.mode = (i.mode & file_type::S_IFMT) | (mode as u16 & 0o7777);
         }
-        let owner_change = s.uid.is_some_and(|u| u != i.uid) || s.gid.is_some_and(|g| g != i.gid);
+        let old_gid = i.gid;
         if let Some(uid) = s.uid {
             i.uid = uid;
         }
         if let Some(gid) = s.gid {
             i.gid = gid;
         }
-        if owner_change && !i.is_dir() && s.mode.is_none() {
-            // chown clears set-user-ID, and set-group-ID when group-executable.
-            i.mode &= !0o4000;
-            if i.mode & 0o010 != 0 {
-                i.mode &= !0o2000;
+        // The daemon clears set-user/group-ID itself (FUSE_HANDLE_KILLPRIV_V2: the kernel
+        // then leaves it to us and sends no mode with the change). An explicit mode wins:
+        // it is what the caller, or an older kernel doing the clearing itself, asked for.
+        if s.mode.is_none() && !i.is_dir() {
+            if s.uid.is_some() || s.gid.is_some() {
+                kill_privs_on_chown(ctx, old_gid, &mut i);
+            }
+            if s.size.is_some() {
+                super::data::kill_privs(ctx, &mut i);
             }
         }
-        let _ = ctx;
         if let Some(size) = s.size {
             if i.is_dir() {
                 return Err(Error::IsDir);

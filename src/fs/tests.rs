@@ -614,6 +614,132 @@ fn unprivileged_data_changes_clear_setid_bits() {
     assert_eq!(fs.getattr(f.ino).unwrap().mode & 0o7777, 0o2666);
 }
 
+/// Under FUSE_HANDLE_KILLPRIV_V2 the kernel sends truncate and chown without a mode and
+/// leaves set-ID clearing to the daemon: truncate by an unprivileged caller clears as a
+/// write does; chown of a non-directory clears set-user-ID always (named owner unchanged or
+/// not), set-group-ID when group-executable or the caller is outside the file's group; an
+/// explicit mode in the same request wins; directories keep their bits.
+#[test]
+fn truncate_and_chown_clear_setid_bits_as_the_kernel_would() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let user = Ctx {
+        uid: 1000,
+        gid: 1000,
+        pid: 1,
+    };
+    let mode = |ino| fs.getattr(ino).unwrap().mode & 0o7777;
+    let set = |ctx: &Ctx, ino, s: SetAttr| fs.setattr(ctx, ino, &s).unwrap();
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o106666, 0).unwrap().ino;
+    set(
+        &C,
+        f,
+        SetAttr {
+            size: Some(10),
+            ..Default::default()
+        },
+    );
+    assert_eq!(mode(f), 0o6666, "root's truncate keeps the bits");
+    set(
+        &user,
+        f,
+        SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    );
+    assert_eq!(mode(f), 0o666, "an unprivileged truncate clears both");
+
+    set(
+        &C,
+        f,
+        SetAttr {
+            mode: Some(0o6666),
+            ..Default::default()
+        },
+    );
+    set(
+        &C,
+        f,
+        SetAttr {
+            uid: Some(0),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        mode(f),
+        0o2666,
+        "chown to the same owner clears set-user-ID"
+    );
+    set(
+        &C,
+        f,
+        SetAttr {
+            mode: Some(0o6676),
+            ..Default::default()
+        },
+    );
+    set(
+        &C,
+        f,
+        SetAttr {
+            gid: Some(1000),
+            ..Default::default()
+        },
+    );
+    assert_eq!(mode(f), 0o676, "group-executable: set-group-ID goes too");
+    set(
+        &C,
+        f,
+        SetAttr {
+            mode: Some(0o6666),
+            uid: Some(1000),
+            ..Default::default()
+        },
+    );
+    assert_eq!(mode(f), 0o6666, "an explicit mode wins");
+    set(
+        &C,
+        f,
+        SetAttr {
+            gid: Some(2000),
+            ..Default::default()
+        },
+    );
+    set(
+        &C,
+        f,
+        SetAttr {
+            mode: Some(0o2666),
+            ..Default::default()
+        },
+    );
+    set(
+        &user,
+        f,
+        SetAttr {
+            gid: Some(2000),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        mode(f),
+        0o666,
+        "a caller outside the file's group loses set-group-ID"
+    );
+
+    let d = fs.mkdir(&C, ROOT_INO, b"d", 0o2775).unwrap().ino;
+    set(
+        &C,
+        d,
+        SetAttr {
+            uid: Some(1000),
+            ..Default::default()
+        },
+    );
+    assert_eq!(mode(d), 0o2775, "directories keep set-group-ID");
+}
+
 /// A file of 20,000 one-block extents (2 blocks apart), on its own 256 MiB device.
 fn fragmented_file(extents: u64) -> (Arc<dyn Media>, Fs, u64, u64) {
     let media = new_media(256 * MIB);

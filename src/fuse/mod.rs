@@ -60,8 +60,15 @@ pub enum CacheMode {
     #[default]
     Direct,
     /// Ordinary page-cache I/O with `FOPEN_KEEP_CACHE` (nothing changes a file behind the
-    /// kernel's back, so its cache stays valid across opens).
+    /// kernel's back, so its cache stays valid across opens), write-through: every write(2)
+    /// is durable when it returns.
     Page,
+    /// `Page` plus the kernel's writeback cache (`FUSE_WRITEBACK_CACHE`): write(2)
+    /// completes in memory and the kernel writes pages back in large requests; written data
+    /// is durable after fsync, msync, sync or unmount, as on a disk file system. Costs
+    /// requests on metadata-heavy work: a FLUSH at every close and a SETATTR of the times
+    /// the kernel kept.
+    Writeback,
 }
 
 impl CacheMode {
@@ -70,6 +77,7 @@ impl CacheMode {
         match self {
             Self::Direct => "direct",
             Self::Page => "page",
+            Self::Writeback => "writeback",
         }
     }
 }
@@ -162,9 +170,9 @@ impl PmfsFuse {
     }
 
     /// True when a data change by this caller will clear set-user/group-ID bits: the
-    /// kernel must then be told that its cached attributes are stale (it does not clear
-    /// them itself on direct writes and fallocate, and fuser 0.18 cannot negotiate
-    /// HANDLE_KILLPRIV_V2).
+    /// kernel must then be told that its cached attributes are stale (under
+    /// HANDLE_KILLPRIV_V2 it leaves the clearing to the daemon, and a WRITE or FALLOCATE
+    /// reply carries no attributes).
     fn clears_privs(&self, req: &Request, ino: u64) -> bool {
         req.uid() != 0 && self.fs.getattr(ino).is_ok_and(|a| a.mode & 0o6000 != 0)
     }
@@ -198,7 +206,7 @@ impl PmfsFuse {
     ///
     /// `cache=direct` gives direct I/O (`FOPEN_DIRECT_IO`) only to read-only opens: an open
     /// that can write uses the page cache, write-through (every write(2) still reaches pmem
-    /// before it returns, as FUSE_WRITEBACK_CACHE is never negotiated). The reason is shared
+    /// before it returns: this mode never negotiates FUSE_WRITEBACK_CACHE). The reason is shared
     /// mmap (issue 15, xfstests generic/346). A mapping always lives in the page cache, and
     /// a direct write only writes back and invalidates the pages of its range before it is
     /// sent (fuse_direct_io: filemap_write_and_wait_range, invalidate_inode_pages2_range);
@@ -223,7 +231,7 @@ impl PmfsFuse {
                 common | FopenFlags::FOPEN_DIRECT_IO
             }
             CacheMode::Direct => common,
-            CacheMode::Page => common | FopenFlags::FOPEN_KEEP_CACHE,
+            CacheMode::Page | CacheMode::Writeback => common | FopenFlags::FOPEN_KEEP_CACHE,
         }
     }
 
@@ -354,9 +362,9 @@ impl Filesystem for PmfsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Deliberately absent: FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS (the kernel locks locally,
         // which is right: no other node shares this file system); FUSE_OVER_IO_URING (fuser
-        // 0.18 has no io_uring loop); FUSE_WRITEBACK_CACHE (writes are synchronous and durable
-        // on reply); FUSE_HANDLE_KILLPRIV_V2 and FUSE_SETXATTR_EXT (fuser 0.18 does not pass
-        // the bits they add to SETATTR/OPEN/SETXATTR); FUSE_PASSTHROUGH (it maps offset X of a
+        // 0.18 has no io_uring loop); FUSE_SETXATTR_EXT (fuser 0.18 does not pass the bits it adds to
+        // SETXATTR); FUSE_ATOMIC_O_TRUNC (its FUSE_OPEN_KILL_SUIDGID bit is not passed
+        // either, so truncation stays a SETATTR); FUSE_PASSTHROUGH (it maps offset X of a
         // file to offset X of a backing file, which pmfs's layout is not).
         for flag in [
             InitFlags::FUSE_ASYNC_READ,
@@ -369,11 +377,22 @@ impl Filesystem for PmfsFuse {
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_MAX_PAGES,
+            // The daemon clears set-user/group-ID on write, truncate, fallocate and chown
+            // (`Fs::write`, `Fs::setattr`) without the kernel's flag bits, which fuser 0.18
+            // does not pass: the rule is the kernel's, applied to the caller's uid and primary
+            // gid. In return the kernel sets SB_NOSEC, so a write no longer costs a GETXATTR
+            // of security.capability first (the kernel still checks it once after each
+            // attribute refresh, and after any security.* xattr is set).
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             want(config, flag);
         }
-        if self.cache == CacheMode::Direct {
-            want(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        match self.cache {
+            CacheMode::Direct => want(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP),
+            CacheMode::Page => {}
+            // fsync, msync, sync and unmount write dirty pages back before they ask the
+            // daemon, and every WRITE is durable on reply, so they stay real operations.
+            CacheMode::Writeback => want(config, InitFlags::FUSE_WRITEBACK_CACHE),
         }
         // POSIX ACLs: the kernel enforces them (the mount has default_permissions); the
         // umask becomes ours to apply, since a default ACL replaces it.

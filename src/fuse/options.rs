@@ -26,10 +26,12 @@ pub const MAX_SPIN_US: u64 = 100_000;
 pub const HELP: &[(&str, &str)] = &[
     ("ro / rw", "mount read-only / read-write (default rw)"),
     (
-        "cache=direct|page",
+        "cache=direct|page|writeback",
         "direct (default): read-only opens bypass the kernel page cache, reads served \
          straight from pmem; opens that can write use it, write-through (shared mmap stays \
-         coherent with write(2)); page: ordinary page-cache I/O for every open",
+         coherent with write(2)); page: ordinary page-cache I/O for every open, \
+         write-through; writeback: page plus the kernel's writeback cache (write(2) \
+         completes in memory; data durable after fsync, msync, sync or unmount)",
     ),
     (
         "threads=N",
@@ -199,9 +201,10 @@ impl Options {
                 self.cache = match value {
                     Some("direct") => CacheMode::Direct,
                     Some("page") => CacheMode::Page,
+                    Some("writeback") => CacheMode::Writeback,
                     _ => {
                         return Err(OptionError(format!(
-                            "bad mount option '{opt}': cache must be direct or page"
+                            "bad mount option '{opt}': cache must be direct, page or writeback"
                         )));
                     }
                 };
@@ -300,6 +303,9 @@ mod tests {
         assert_eq!(o.cache, CacheMode::Page);
         assert_eq!(o.threads, Some(3));
         assert_eq!(o.atime, AtimeMode::Noatime);
+        let o = Options::parse(&["cache=writeback"]).unwrap();
+        assert_eq!(o.cache, CacheMode::Writeback);
+        assert!(Options::parse(&["cache=wb"]).is_err());
         let o = Options::parse(&["ro", "rw,strictatime"]).unwrap();
         assert!(!o.read_only);
         assert_eq!(o.atime, AtimeMode::Strictatime);
