@@ -301,6 +301,21 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     }
     let device = pmfs::cli::open_device(&cli.device, opts.read_only, WAIT_BUSY, "pmfs")
         .map_err(|e| Failure(e.to_string()))?;
+    if device.is_sparse() && !opts.read_only {
+        let note = format!(
+            "{}: sparse image: its space is allocated as pmfs uses it, so writes fail with \
+             ENOSPC once the file system holding it is full (whatever df says of pmfs)",
+            cli.device.display()
+        );
+        // Said once, where the user sees it: the terminal of `pmfs` (the detached daemon's
+        // stderr is still that terminal until it reports the mount), else the log.
+        if cli.daemon_child {
+            eprintln!("pmfs: {note}");
+            log::info!("{note}");
+        } else {
+            log::warn!("{note}");
+        }
+    }
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
         Arc::clone(&media),
@@ -391,7 +406,13 @@ fn mount_error(device: &Path, media: &dyn Media, e: &pmfs::error::Error) -> Stri
              'fsck.pmfs -y {}' repairs the primary from it",
             device.display()
         ),
-        _ => e.to_string(),
+        _ => match e {
+            pmfs::error::Error::Device(pmfs::device::DeviceError::NoSpace(_)) => format!(
+                "{e}: the metadata and the blocks in use cannot be backed; free space there, \
+                 or mount read-only (-o ro)"
+            ),
+            _ => e.to_string(),
+        },
     }
 }
 
