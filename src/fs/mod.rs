@@ -30,6 +30,8 @@ pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
+mod sparse_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::alloc::{AllocRequest, BlockAllocator, BlockRange};
