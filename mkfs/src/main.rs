@@ -611,6 +611,67 @@ mod tests {
         }
 
         #[test]
+        fn sparse_images_allocate_only_the_metadata() {
+            use std::os::unix::fs::MetadataExt;
+            let d = dir();
+            let img = d.path().join("sparse.img");
+            let p = img.to_str().unwrap();
+            let (s, _) = mkfs(&["--sparse", "-s", "1G", p]).unwrap();
+            assert_eq!(s.size_bytes, 1 << 30);
+            let md = std::fs::metadata(&img).unwrap();
+            assert_eq!(md.len(), 1 << 30);
+            assert!(md.blocks() * 512 < 16 << 20, "{} blocks", md.blocks());
+            // Growing keeps it sparse; --sparse means nothing without --size.
+            mkfs(&["-f", "--sparse", "-s", "2G", p]).unwrap();
+            let md = std::fs::metadata(&img).unwrap();
+            assert_eq!(md.len(), 2 << 30);
+            assert!(md.blocks() * 512 < 32 << 20, "{} blocks", md.blocks());
+            let err = mkfs(&["-f", "--sparse", p]).unwrap_err();
+            assert!(err.contains("--size"), "{err}");
+        }
+
+        /// A tmpfs of 32 MiB on a temporary directory, unmounted (lazily) on drop.
+        struct SmallStore(tempfile::TempDir);
+
+        impl Drop for SmallStore {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+
+        /// Issue 14 item 4: an image larger than the free space below is refused with a
+        /// pointer to --sparse, and --sparse makes it.
+        #[test]
+        fn an_image_beyond_the_free_space_needs_sparse() {
+            assert!(
+                nix::unistd::geteuid().is_root(),
+                "this test mounts a tmpfs: it needs root"
+            );
+            let store = SmallStore(tempfile::tempdir().unwrap());
+            nix::mount::mount(
+                Some("tmpfs"),
+                store.0.path(),
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("size=32M"),
+            )
+            .unwrap();
+            let img = store.0.path().join("big.img");
+            let p = img.to_str().unwrap();
+            let err = mkfs(&["-s", "1G", p]).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "{p}: no space for an image of 1073741824 bytes (--sparse creates it \
+                     without allocating its space up front)"
+                )
+            );
+            assert!(!img.exists(), "a refused new image is removed");
+            mkfs(&["--sparse", "-s", "1G", p]).unwrap();
+            assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 30);
+        }
+
+        #[test]
         fn missing_and_small() {
             let d = dir();
             let img = d.path().join("none.img");
