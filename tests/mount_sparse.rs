@@ -130,12 +130,14 @@ fn sparse_image_beyond_its_store_gives_enospc_and_fstrim_gives_space_back() {
     // pmfs itself is far from full: the limit was the store below.
     let st = nix::sys::statvfs::statvfs(&m.mountpoint).unwrap();
     assert!(st.blocks_available() * st.fragment_size() > 512 * MIB);
-    assert_eq!(fs::read(m.path("keep")).unwrap(), keep);
+    assert!(
+        fs::read(m.path("keep")).unwrap() == keep,
+        "keep reads back changed"
+    );
     for i in 0..filled {
-        assert_eq!(
-            fs::read(m.path(&format!("fill{i}"))).unwrap(),
-            pattern(4 * MIB as usize, i as u8),
-            "fill{i}"
+        assert!(
+            fs::read(m.path(&format!("fill{i}"))).unwrap() == pattern(4 * MIB as usize, i as u8),
+            "fill{i} reads back changed"
         );
     }
 
@@ -165,12 +167,18 @@ fn sparse_image_beyond_its_store_gives_enospc_and_fstrim_gives_space_back() {
         after + 32 * MIB <= before,
         "the image still holds {after} of {before} bytes"
     );
-    assert_eq!(fs::read(m.path("keep")).unwrap(), keep);
+    assert!(
+        fs::read(m.path("keep")).unwrap() == keep,
+        "keep reads back changed"
+    );
 
     // The space is there again: the chunks punched are allocated again on reuse.
     let again = pattern(24 * MIB as usize, 7);
     fs::write(m.path("again"), &again).unwrap();
-    assert_eq!(fs::read(m.path("again")).unwrap(), again);
+    assert!(
+        fs::read(m.path("again")).unwrap() == again,
+        "again reads back changed"
+    );
     m.unmount();
 
     let dev = Device::open(

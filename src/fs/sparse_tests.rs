@@ -85,14 +85,14 @@ fn every_store_on_a_sparse_image_lands_in_reserved_space() {
         new_file(&fs, d, &format!("f{i}"));
     }
     assert!(fs.inode_table().capacity(0) > first_chunk, "the table grew");
-    assert_eq!(read_all(&fs, big), data);
+    assert!(read_all(&fs, big) == data, "big reads back changed");
     check(&fs);
     fs.shutdown().unwrap();
     drop(fs);
     // A new mount (a new process: nothing is known reserved) reserves what is in use.
     dev.model_sparse();
     let fs = mount(&dev);
-    assert_eq!(read_all(&fs, big), data);
+    assert!(read_all(&fs, big) == data, "big reads back changed");
     fs.unlink(ROOT_INO, b"big").unwrap();
     let again = new_file(&fs, ROOT_INO, "again");
     fs.write(&C, again, 0, &pattern(5 * MIB, 9)).unwrap();
@@ -123,12 +123,12 @@ fn a_full_backing_store_is_enospc_and_rolls_back_cleanly() {
     assert_eq!(e.errno(), libc::ENOSPC, "{e}");
     assert_eq!(dev.reserved_chunks(), reserved);
     assert!(!fs.is_read_only(), "ENOSPC is not a failed commit");
-    assert_eq!(read_all(&fs, keep), kept);
+    assert!(read_all(&fs, keep) == kept, "keep reads back changed");
     check(&fs);
     dev.fail_reserves(false);
     let data = pattern(4 * MIB, 3);
     fs.write(&C, f, 0, &data).unwrap();
-    assert_eq!(read_all(&fs, f), data);
+    assert!(read_all(&fs, f) == data, "f reads back changed");
     check(&fs);
 }
 
@@ -174,14 +174,14 @@ fn fitrim_hands_free_chunks_back_and_they_are_reserved_again_on_reuse() {
         "{} of {before} chunks still reserved",
         dev.reserved_chunks()
     );
-    assert_eq!(read_all(&fs, keep), kept);
+    assert!(read_all(&fs, keep) == kept, "keep reads back changed");
     check(&fs);
     // The chunks are reserved again when handed out: the model would refuse the stores
     // otherwise.
     let again = new_file(&fs, ROOT_INO, "again");
     let data = pattern(20 * MIB, 8);
     fs.write(&C, again, 0, &data).unwrap();
-    assert_eq!(read_all(&fs, again), data);
+    assert!(read_all(&fs, again) == data, "again reads back changed");
     // A range and a minimum: only chunks inside the range, runs of at least `minlen`.
     fs.unlink(ROOT_INO, b"again").unwrap();
     let part = fs.trim(8 * MIB + 1, 8 * MIB, 0).unwrap();
@@ -221,4 +221,75 @@ fn fitrim_arguments_and_media_that_cannot_discard() {
     let media: Arc<dyn Media> = dev.clone();
     let fs = Fs::mount(media, ro).unwrap();
     assert_eq!(fs.trim(0, u64::MAX, 0).unwrap_err().errno(), libc::EROFS);
+}
+
+/// FITRIM racing writers and deleters: a chunk is never punched while handed out (the
+/// model would zero a live file's data or refuse its stores), every file reads back.
+#[test]
+fn fitrim_racing_writers_never_punches_a_chunk_in_use() {
+    use super::concurrency_tests::{Progress, run_watched};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dev = sparse_device(128 * MIB);
+    let fs = Arc::new(mount(&dev));
+    let progress = Progress::default();
+    let writers_done = Arc::new(AtomicU64::new(0));
+    let trimmed = Arc::new(AtomicU64::new(0));
+    const WRITERS: u64 = 4;
+    let mut workers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    for w in 0..WRITERS {
+        let (fs, progress, done) = (Arc::clone(&fs), progress.clone(), Arc::clone(&writers_done));
+        workers.push(Box::new(move || {
+            // Counted when the writer ends, also by a panic: the trimmer stops then.
+            struct Done(Arc<AtomicU64>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(done);
+            for i in 0..30u64 {
+                let name = format!("w{w}-{i}");
+                let ino = new_file(&fs, ROOT_INO, &name);
+                // Small files, whole chunks, and files that cross the 2 MiB mark.
+                let len = [10_000, 2 * MIB + 4096, 5 * MIB][(i % 3) as usize];
+                let data = pattern(len, (w * 31 + i) as u8);
+                fs.write(&C, ino, 0, &data).unwrap();
+                assert!(read_all(&fs, ino) == data, "{name} reads back changed");
+                if i % 5 != 0 {
+                    fs.unlink(ROOT_INO, name.as_bytes()).unwrap();
+                }
+                progress.tick();
+            }
+        }));
+    }
+    {
+        let (fs, progress, done, trimmed) = (
+            Arc::clone(&fs),
+            progress.clone(),
+            Arc::clone(&writers_done),
+            Arc::clone(&trimmed),
+        );
+        workers.push(Box::new(move || {
+            while done.load(Ordering::SeqCst) < WRITERS {
+                let n = fs.trim(0, u64::MAX, 0).unwrap();
+                trimmed.fetch_add(n, Ordering::Relaxed);
+                progress.tick();
+            }
+        }));
+    }
+    run_watched("fitrim-race", &progress, workers);
+    assert!(trimmed.load(Ordering::Relaxed) > 0);
+    // The files kept (every fifth) read back after one more trim.
+    fs.trim(0, u64::MAX, 0).unwrap();
+    for w in 0..WRITERS {
+        for i in (0..30u64).step_by(5) {
+            let a = fs.lookup(ROOT_INO, format!("w{w}-{i}").as_bytes()).unwrap();
+            let len = [10_000, 2 * MIB + 4096, 5 * MIB][(i % 3) as usize];
+            assert!(
+                read_all(&fs, a.ino) == pattern(len, (w * 31 + i) as u8),
+                "w{w}-{i} reads back changed"
+            );
+        }
+    }
+    check(&fs);
 }
