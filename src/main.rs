@@ -307,14 +307,9 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
              ENOSPC once the file system holding it is full (whatever df says of pmfs)",
             cli.device.display()
         );
-        // Said once, where the user sees it: the terminal of `pmfs` (the detached daemon's
-        // stderr is still that terminal until it reports the mount), else the log.
-        if cli.daemon_child {
-            eprintln!("pmfs: {note}");
-            log::info!("{note}");
-        } else {
-            log::warn!("{note}");
-        }
+        // Said once, in the log (stderr in the foreground, syslog once detached): a mount
+        // that works prints nothing, as mount(8) and scripts that compare output expect.
+        log::warn!("{note}");
     }
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
