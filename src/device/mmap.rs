@@ -41,6 +41,7 @@
 
 use super::{
     CACHE_LINE, DeviceError, Media, PersistenceMode, RESERVE_CHUNK, check_range, check_word,
+    chunks_inside, chunks_touching,
 };
 use std::ffi::c_void;
 use std::fmt;
@@ -347,11 +348,6 @@ impl Device {
                 _ => return Err(self.io(e)),
             }
         }
-    }
-
-    /// The chunks of `offset..offset + len` (a checked range of positive length).
-    fn chunks_of(offset: u64, len: u64) -> std::ops::Range<u64> {
-        offset / RESERVE_CHUNK..(offset + len).div_ceil(RESERVE_CHUNK)
     }
 
     /// The byte range of `chunks`, clamped to the device.
@@ -702,7 +698,7 @@ impl Media for Device {
         // Mode 0 allocates the holes of the range and leaves allocated blocks (and their
         // bytes) alone; the file already has its size, so nothing else changes. Two threads
         // reserving one chunk at once both allocate it: harmless, it is idempotent.
-        for run in Self::runs(Self::chunks_of(offset, len), |c| !backing.is_backed(c)) {
+        for run in Self::runs(chunks_touching(offset, len), |c| !backing.is_backed(c)) {
             let (start, n) = self.chunk_bytes(&run);
             if let Err(e) = self.fallocate(0, start, n) {
                 if matches!(e, DeviceError::NoSpace(_))
@@ -731,14 +727,7 @@ impl Media for Device {
         let Some(backing) = &self.backing else {
             return Err(DeviceError::NoDiscard);
         };
-        // Only the whole chunks inside the range.
-        let first = offset.div_ceil(RESERVE_CHUNK);
-        let end = if offset + len == self.size {
-            self.size.div_ceil(RESERVE_CHUNK)
-        } else {
-            (offset + len) / RESERVE_CHUNK
-        };
-        let chunks = first..end.max(first);
+        let chunks = chunks_inside(offset, len, self.size);
         // Chunks punched since the open are holes already: no system call for them.
         for run in Self::runs(chunks.clone(), |c| !backing.is_punched(c)) {
             let (start, n) = self.chunk_bytes(&run);
@@ -1250,6 +1239,56 @@ mod tests {
         let e = create_image(&path, 4 * MIB).unwrap_err();
         assert!(matches!(e, DeviceError::Busy(_)), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * MIB);
+    }
+
+    #[test]
+    fn sparse_images_reserve_and_discard_whole_chunks() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("sparse");
+        create_sparse_image(&path, 9 * MIB).unwrap();
+        let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert_eq!(blocks(), 0);
+        let d = open_rw(&path).unwrap();
+        assert!(d.is_sparse() && d.can_discard());
+        // A reservation backs whole chunks; the short last chunk too.
+        d.reserve(3 * MIB, 10).unwrap();
+        assert_eq!(blocks(), 2 * MIB);
+        d.reserve(8 * MIB + 4096, 4096).unwrap();
+        assert_eq!(blocks(), 3 * MIB);
+        d.write(3 * MIB, b"kept").unwrap();
+        // Discard punches only the chunks wholly inside the range, and counts them all.
+        assert_eq!(d.discard(MIB, 3 * MIB).unwrap(), 2 * MIB);
+        assert_eq!(blocks(), MIB);
+        assert_eq!(d.discard(8 * MIB, MIB).unwrap(), MIB);
+        assert_eq!(blocks(), 0);
+        // A punched chunk reads as zeros. (On tmpfs the read fault allocates the page: a
+        // hole of a shared mapping is backed even when only read. pmfs never reads free
+        // space, the only space that is ever a hole.)
+        let mut b = [1u8; 4];
+        d.read(3 * MIB, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        // Reserved again after the punch.
+        d.reserve(2 * MIB, 1).unwrap();
+        assert_eq!(blocks(), 2 * MIB);
+        assert!(matches!(
+            d.reserve(9 * MIB, 1),
+            Err(DeviceError::OutOfBounds { .. })
+        ));
+        drop(d);
+        // Read-only: nothing to reserve or discard.
+        let ro = OpenOptions {
+            read_only: true,
+            wait_busy: None,
+        };
+        let d = Device::open(&path, &ro).unwrap();
+        assert!(d.is_sparse() && !d.can_discard());
+        drop(d);
+        // A preallocated image keeps its allocation.
+        create_image(&path, 9 * MIB).unwrap();
+        let d = open_rw(&path).unwrap();
+        assert!(!d.is_sparse() && !d.can_discard());
+        assert!(matches!(d.discard(0, 2 * MIB), Err(DeviceError::NoDiscard)));
+        d.reserve(0, 9 * MIB).unwrap();
     }
 
     #[test]

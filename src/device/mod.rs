@@ -201,6 +201,25 @@ pub trait Media: Send + Sync + fmt::Debug {
 /// allocator's chunk, so one reservation covers whatever a chunk is split into.
 pub const RESERVE_CHUNK: u64 = 2 << 20;
 
+/// The [`RESERVE_CHUNK`]s that `offset..offset + len` (checked, `len > 0`) touches: what
+/// [`Media::reserve`] backs.
+pub(crate) fn chunks_touching(offset: u64, len: u64) -> std::ops::Range<u64> {
+    offset / RESERVE_CHUNK..(offset + len).div_ceil(RESERVE_CHUNK)
+}
+
+/// The [`RESERVE_CHUNK`]s that lie wholly inside `offset..offset + len` (checked) of a
+/// device of `size` bytes, the short last chunk included when the range reaches the end:
+/// what [`Media::discard`] punches.
+pub(crate) fn chunks_inside(offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
+    let first = offset.div_ceil(RESERVE_CHUNK);
+    let end = if offset + len == size {
+        size.div_ceil(RESERVE_CHUNK)
+    } else {
+        (offset + len) / RESERVE_CHUNK
+    };
+    first..end.max(first)
+}
+
 /// Checks that `offset..offset + len` lies inside a device of `size` bytes.
 pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DeviceError> {
     match offset.checked_add(len) {

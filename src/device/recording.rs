@@ -8,6 +8,7 @@
 
 use super::{
     CACHE_LINE, DeviceError, Media, PersistenceMode, RESERVE_CHUNK, check_range, check_word,
+    chunks_inside, chunks_touching,
 };
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -106,9 +107,9 @@ impl RecordingDevice {
         let Some(reserved) = &g.reserved else {
             return Ok(());
         };
-        let first = offset / RESERVE_CHUNK;
-        let end = (offset + len.max(1)).div_ceil(RESERVE_CHUNK);
-        match (first..end).find(|&c| !reserved.get(c as usize).copied().unwrap_or(false)) {
+        match chunks_touching(offset, len.max(1))
+            .find(|&c| !reserved.get(c as usize).copied().unwrap_or(false))
+        {
             Some(c) => Err(DeviceError::NotReserved(offset.max(c * RESERVE_CHUNK))),
             None => Ok(()),
         }
@@ -402,7 +403,7 @@ impl Media for RecordingDevice {
         if len == 0 {
             return Ok(());
         }
-        let chunks = offset / RESERVE_CHUNK..(offset + len).div_ceil(RESERVE_CHUNK);
+        let chunks = chunks_touching(offset, len);
         let missing = chunks
             .clone()
             .any(|c| !reserved.get(c as usize).copied().unwrap_or(true));
@@ -430,14 +431,8 @@ impl Media for RecordingDevice {
         let Some(reserved) = reserved.as_mut() else {
             return Err(DeviceError::NoDiscard);
         };
-        let first = offset.div_ceil(RESERVE_CHUNK);
-        let end = if offset + len == self.size {
-            self.size.div_ceil(RESERVE_CHUNK)
-        } else {
-            (offset + len) / RESERVE_CHUNK
-        };
         let mut discarded = 0;
-        for c in first..end.max(first) {
+        for c in chunks_inside(offset, len, self.size) {
             if let Some(r) = reserved.get_mut(c as usize) {
                 *r = false;
             }
