@@ -82,6 +82,8 @@ impl Error {
     /// The errno the kernel gets for this error.
     pub fn errno(&self) -> i32 {
         match self {
+            // The file system holding a sparse image is full.
+            Self::Device(DeviceError::NoSpace(_)) => libc::ENOSPC,
             Self::Device(_) | Self::Format(_) | Self::Corrupted { .. } => libc::EIO,
             // Fail-stop after a failed commit or rollback: the mount is read-only now.
             Self::Journal(JournalError::Poisoned) => libc::EROFS,

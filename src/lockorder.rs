@@ -14,7 +14,9 @@
 //! slot, and keeps them until its transaction has committed or rolled back. Nothing may
 //! wait for a slot while holding one. Locks taken only while holding a slot and never
 //! held while waiting for another lock (the allocator's arenas, the inode free index, the
-//! lease and reference tables) are leaves and have no rank.
+//! lease and reference tables) are leaves and have no rank. FITRIM holds the allocator's
+//! chunk lock (a leaf) without a slot, across a hole punch of the image file: a system
+//! call, not a wait for another lock.
 //!
 //! In debug builds (tests, `cargo test` without `--release`) each ranked acquisition is
 //! checked against the ranks the thread holds, and taking one out of order panics with

@@ -320,6 +320,16 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     let config = session_config(&fsname, opts, root)?;
     let device = pmfs::cli::open_device(&cli.device, opts.read_only, WAIT_BUSY, "pmfs")
         .map_err(|e| Failure(open_error(&cli.device, opts.read_only, &e)))?;
+    if device.is_sparse() && !opts.read_only {
+        let note = format!(
+            "{}: sparse image: its space is allocated as pmfs uses it, so writes fail with \
+             ENOSPC once the file system holding it is full (whatever df says of pmfs)",
+            cli.device.display()
+        );
+        // Said once, in the log (stderr in the foreground, syslog once detached): a mount
+        // that works prints nothing, as mount(8) and scripts that compare output expect.
+        log::warn!("{note}");
+    }
     let media: Arc<dyn Media> = Arc::new(device);
     let fs = Fs::mount(
         Arc::clone(&media),
@@ -433,7 +443,13 @@ fn mount_error(device: &Path, media: &dyn Media, e: &pmfs::error::Error) -> Stri
              'fsck.pmfs -y {}' repairs the primary from it",
             device.display()
         ),
-        _ => e.to_string(),
+        _ => match e {
+            pmfs::error::Error::Device(pmfs::device::DeviceError::NoSpace(_)) => format!(
+                "{e}: the metadata and the blocks in use cannot be backed; free space there, \
+                 or mount read-only (-o ro)"
+            ),
+            _ => e.to_string(),
+        },
     }
 }
 

@@ -288,6 +288,10 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     };
     let sb = superblock(&g, uuid, label, opts.now_ns);
     let sb_len = size_of::<Superblock>() as u64;
+    // A sparse image: back everything written below before the first store (a store into
+    // a hole of a full file system raises SIGBUS).
+    media.reserve(0, blocks_to_bytes(g.meta_end))?;
+    media.reserve(blocks_to_bytes(chunk0), blocks_to_bytes(CHUNK_BLOCKS))?;
     let mut w = Writer {
         media,
         dirty: Vec::new(),

@@ -17,7 +17,8 @@
 #
 # Environment: XFSTESTS_DIR (required); PMFS_BIN_DIR (default <repo>/target/release: take
 # the binaries from elsewhere, no build); PMFS_IMAGE_SIZE (default 4G); PMFS_IMAGE_SPARSE=1
-# (sparse images: memory is used only as pmfs writes, instead of 2 x 4 GiB up front);
+# (sparse images, mkfs.pmfs --sparse: memory is used only as pmfs writes, instead of 2 x 4 GiB
+# up front, and FITRIM is supported: it needs a sparse image);
 # PMFS_LOCAL_CONFIG (default: local.config next to this script).
 set -u
 
@@ -126,8 +127,9 @@ for dev in "$TEST_DEV" "$SCRATCH_DEV"; do
 	unmount_dev "$dev"
 	wait_released "$dev" || die "cannot format $dev: still in use"
 	if [ "${PMFS_IMAGE_SPARSE:-0}" = 1 ]; then
-		# Memory is taken only as pmfs touches it (mkfs --size allocates it all up front).
-		rm -f "$dev" && truncate -s "$size" "$dev" && "$MKFS" -f -q "$dev" ||
+		# Memory is taken only as pmfs uses it (mkfs --size alone allocates it all up
+		# front); FITRIM (fstrim, generic/251, 260) hands deleted files' space back.
+		rm -f "$dev" && "$MKFS" -f -q --sparse -s "$size" "$dev" ||
 			die "mkfs.pmfs failed on $dev"
 	else
 		"$MKFS" -f -q -s "$size" "$dev" || die "mkfs.pmfs failed on $dev"

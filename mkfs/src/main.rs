@@ -1,7 +1,7 @@
 //! `mkfs.pmfs`: formats a persistent-memory device, or an image file, for pmfs.
 
 use clap::Parser;
-use pmfs::device::{DeviceError, Media, create_image};
+use pmfs::device::{DeviceError, Media, create_image, create_sparse_image};
 use pmfs::format::{
     BLOCK_SIZE, LABEL_LEN, MIN_DEVICE_SIZE, SUPERBLOCK_MAGIC, format_uuid, parse_uuid,
 };
@@ -31,6 +31,8 @@ Examples:
   mkfs.pmfs -L data /dev/pmem0              format a pmem block device, label it \"data\"
   mkfs.pmfs --size 4G /dev/shm/pm.img       create a 4 GiB image in memory and format it
   mkfs.pmfs -f -q -s 512M disk.img          reformat (or create) a 512 MiB image, silently
+  mkfs.pmfs --sparse -s 1T /srv/pm.img      a 1 TiB image that takes space only as it is
+                                            used (writes fail with ENOSPC if /srv fills up)
   mkfs.pmfs -U 0b7c2f6e-5d1a-4f3c-9e8b-2a4d6c8e0f12 /dev/dax0.0
                                             format with a given UUID
   mkfs.pmfs --root-owner 1000:1000 --root-mode 0700 /dev/dax0.0
@@ -56,12 +58,24 @@ struct Args {
     /// Create DEVICE as an image file of SIZE bytes, or grow it to SIZE (e.g. 512M, 4G, 1T)
     ///
     /// Create DEVICE as an image file of SIZE bytes, or grow an existing image to SIZE; its
-    /// space is allocated up front, so the file system can never hit a full disk below it.
+    /// space is allocated up front, so the file system can never hit a full disk below it
+    /// (see --sparse).
     /// SIZE is a number of bytes with an optional binary suffix K, M, G, T or P (also KiB,
     /// MiB, ...; 1K = 1024), e.g. 512M, 4G, 1.5T; it is rounded down to whole 4 KiB blocks.
     /// pmfs needs at least 16 MiB. Without --size, DEVICE must exist and is used whole.
     #[arg(short, long, value_name = "SIZE", value_parser = parse_size_arg)]
     size: Option<Size>,
+
+    /// With --size: create the image sparse, allocating space only as pmfs uses it
+    ///
+    /// With --size: create (or grow) the image without allocating its space, so it may be
+    /// larger than the free space of the file system holding it (e.g. --size 1T on a small
+    /// disk). Risk: once that file system is full, writes to pmfs fail with ENOSPC (No space
+    /// left on device) even though df shows pmfs space free; pmfs allocates the image's
+    /// space before it uses it, so such a write fails cleanly and nothing is lost. fstrim on
+    /// the mount gives the space of deleted files back to the file system holding the image.
+    #[arg(long, requires = "size")]
+    sparse: bool,
 
     /// Volume label, up to 64 bytes of UTF-8
     #[arg(short = 'L', long, value_name = "LABEL", value_parser = parse_label)]
@@ -393,8 +407,21 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
     // terminal (nothing is shown elsewhere, nor for runs shorter than a second).
     let mut progress = pmfs::cli::Progress::start(format!("mkfs.pmfs: {shown}"));
     if let Some(size) = &args.size {
-        progress.phase(&format!("allocating {}", human(size.bytes, 2)));
-        create_image(path, size.bytes).map_err(|e| device_error(path, &e))?;
+        if args.sparse {
+            create_sparse_image(path, size.bytes).map_err(|e| device_error(path, &e))?;
+        } else {
+            progress.phase(&format!("allocating {}", human(size.bytes, 2)));
+            create_image(path, size.bytes).map_err(|e| {
+                let no_space = matches!(&e, DeviceError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::StorageFull);
+                let msg = device_error(path, &e);
+                if no_space {
+                    format!("{msg} (--sparse creates it without allocating its space up front)")
+                } else {
+                    msg
+                }
+            })?;
+        }
     }
     progress.phase("waiting for the device");
     // Right after `umount` the old daemon may still hold the device for a moment: wait for
@@ -739,6 +766,67 @@ mod tests {
             assert_eq!(s.size_bytes, 48 << 20);
             let err = mkfs(&["-f", "-s", "32M", p]).unwrap_err();
             assert!(err.contains("larger than --size 32M"), "{err}");
+        }
+
+        #[test]
+        fn sparse_images_allocate_only_the_metadata() {
+            use std::os::unix::fs::MetadataExt;
+            let d = dir();
+            let img = d.path().join("sparse.img");
+            let p = img.to_str().unwrap();
+            let (s, _) = mkfs(&["--sparse", "-s", "1G", p]).unwrap();
+            assert_eq!(s.size_bytes, 1 << 30);
+            let md = std::fs::metadata(&img).unwrap();
+            assert_eq!(md.len(), 1 << 30);
+            assert!(md.blocks() * 512 < 16 << 20, "{} blocks", md.blocks());
+            // Growing keeps it sparse; --sparse means nothing without --size.
+            mkfs(&["-f", "--sparse", "-s", "2G", p]).unwrap();
+            let md = std::fs::metadata(&img).unwrap();
+            assert_eq!(md.len(), 2 << 30);
+            assert!(md.blocks() * 512 < 32 << 20, "{} blocks", md.blocks());
+            let err = mkfs(&["-f", "--sparse", p]).unwrap_err();
+            assert!(err.contains("--size"), "{err}");
+        }
+
+        /// A tmpfs of 32 MiB on a temporary directory, unmounted (lazily) on drop.
+        struct SmallStore(tempfile::TempDir);
+
+        impl Drop for SmallStore {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+
+        /// Issue 14 item 4: an image larger than the free space below is refused with a
+        /// pointer to --sparse, and --sparse makes it.
+        #[test]
+        fn an_image_beyond_the_free_space_needs_sparse() {
+            assert!(
+                nix::unistd::geteuid().is_root(),
+                "this test mounts a tmpfs: it needs root"
+            );
+            let store = SmallStore(tempfile::tempdir().unwrap());
+            nix::mount::mount(
+                Some("tmpfs"),
+                store.0.path(),
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("size=32M"),
+            )
+            .unwrap();
+            let img = store.0.path().join("big.img");
+            let p = img.to_str().unwrap();
+            let err = mkfs(&["-s", "1G", p]).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "{p}: no space for an image of 1073741824 bytes (--sparse creates it \
+                     without allocating its space up front)"
+                )
+            );
+            assert!(!img.exists(), "a refused new image is removed");
+            mkfs(&["--sparse", "-s", "1G", p]).unwrap();
+            assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 30);
         }
 
         #[test]

@@ -8,6 +8,7 @@
 use super::BlockRange;
 use super::bits;
 use super::huge::valid_mask;
+use crate::device::DeviceError;
 use crate::format::CHUNK_BLOCKS;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +62,31 @@ impl FirstFitIndex {
             .take(whole)
             .filter(|c| c.len() == per && c.iter().all(|&w| w == u64::MAX))
             .count() as u64
+    }
+
+    /// Whether chunk `c` is whole and free, at the moment of the call.
+    pub(super) fn chunk_is_free(&self, c: u64) -> bool {
+        c < self.block_count / CHUNK_BLOCKS
+            && bits::all_set(&self.state.lock().map, c * CHUNK_BLOCKS, CHUNK_BLOCKS)
+    }
+
+    /// See [`super::BlockAllocator::trim`]: under the one lock every take holds.
+    pub(super) fn trim(
+        &self,
+        chunks: std::ops::Range<u64>,
+        min: u64,
+        discard: &mut dyn FnMut(std::ops::Range<u64>) -> Result<u64, DeviceError>,
+    ) -> Result<u64, DeviceError> {
+        let whole = self.block_count / CHUNK_BLOCKS;
+        super::trim_free_chunks(
+            || self.state.lock(),
+            |s: &parking_lot::MutexGuard<'_, State>, c| {
+                c < whole && bits::all_set(&s.map, c * CHUNK_BLOCKS, CHUNK_BLOCKS)
+            },
+            chunks,
+            min,
+            discard,
+        )
     }
 
     /// Takes blocks for a request (`1 <= min <= n <= block_count`): the run after `goal`

@@ -32,6 +32,7 @@
 
 use super::BlockRange;
 use super::bits;
+use crate::device::DeviceError;
 use crate::format::CHUNK_BLOCKS;
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeSet, HashMap};
@@ -300,6 +301,30 @@ impl HugeIndex {
 
     pub(super) fn free_chunks(&self) -> u64 {
         self.pool.lock().count
+    }
+
+    /// Whether chunk `c` is whole and free (in the pool), at the moment of the call.
+    pub(super) fn chunk_is_free(&self, c: u64) -> bool {
+        self.owner
+            .get(c as usize)
+            .is_some_and(|o| o.load(Ordering::Acquire) == POOL)
+    }
+
+    /// See [`super::BlockAllocator::trim`]: the pool lock is the one every take of a pool
+    /// chunk holds (a chunk leaves the pool only under it).
+    pub(super) fn trim(
+        &self,
+        chunks: std::ops::Range<u64>,
+        min: u64,
+        discard: &mut dyn FnMut(std::ops::Range<u64>) -> Result<u64, DeviceError>,
+    ) -> Result<u64, DeviceError> {
+        super::trim_free_chunks(
+            || self.pool.lock(),
+            |pool: &MutexGuard<'_, Pool>, c| c < pool.chunks && pool.contains(c),
+            chunks,
+            min,
+            discard,
+        )
     }
 
     pub(super) fn arena_count(&self) -> usize {

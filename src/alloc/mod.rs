@@ -120,6 +120,49 @@ impl Index {
     }
 }
 
+/// Whole free chunks FITRIM discards under one hold of the allocator's lock (16 MiB: a
+/// few milliseconds of punching, which allocations of whole chunks wait for).
+const TRIM_BATCH_CHUNKS: u64 = 8;
+
+/// Hands the free chunks of `chunks` to `discard` in runs of consecutive free chunks, each
+/// run of at least `min` chunks (a run cut by a batch boundary continues), at most
+/// [`TRIM_BATCH_CHUNKS`] per call, each call made while holding the lock `lock` returns: the
+/// lock every allocation of a whole free chunk takes, so no chunk is handed out while it is
+/// being discarded. `is_free` tells, under that lock, whether a chunk is whole and free.
+/// Returns the sum of what `discard` returned.
+fn trim_free_chunks<G>(
+    lock: impl Fn() -> G,
+    is_free: impl Fn(&G, u64) -> bool,
+    chunks: std::ops::Range<u64>,
+    min: u64,
+    discard: &mut dyn FnMut(std::ops::Range<u64>) -> Result<u64, DeviceError>,
+) -> Result<u64, DeviceError> {
+    let mut total = 0;
+    let mut pos = chunks.start;
+    // Where the previous batch stopped inside a run long enough to trim.
+    let mut run_goes_on = None;
+    while pos < chunks.end {
+        let guard = lock();
+        let Some(start) = (pos..chunks.end).find(|&c| is_free(&guard, c)) else {
+            break;
+        };
+        let end = (start..chunks.end)
+            .find(|&c| !is_free(&guard, c))
+            .unwrap_or(chunks.end);
+        if end - start < min && run_goes_on != Some(start) {
+            pos = end;
+            run_goes_on = None;
+            continue;
+        }
+        let stop = end.min(start + TRIM_BATCH_CHUNKS);
+        total += discard(start..stop)?;
+        drop(guard);
+        run_goes_on = (stop < end).then_some(stop);
+        pos = stop;
+    }
+    Ok(total)
+}
+
 /// The block allocator of one mounted file system. Shared as an `Arc`; every method takes
 /// `&self` and may be called from any number of threads.
 pub struct BlockAllocator {
@@ -269,6 +312,22 @@ impl BlockAllocator {
             self.index.release(got);
             return Err(AllocError::NoSpace);
         }
+        // A sparse image gets the backing store of the blocks now, before anything can
+        // store into them (a store into a hole of a full file system would raise SIGBUS).
+        // This is the one place blocks are handed out, so file data, extent and directory
+        // nodes and inode-table chunks are all covered; the fixed metadata was reserved at
+        // mkfs and at mount. A failure is ENOSPC for the caller, whose transaction rolls
+        // back; the blocks go back to the index untouched.
+        if let Err(e) = tx
+            .media()
+            .reserve(got.start * BLOCK_SIZE, got.len * BLOCK_SIZE)
+        {
+            self.index.release(got);
+            return Err(match e {
+                DeviceError::NoSpace(_) => AllocError::NoSpace,
+                other => AllocError::Device(other),
+            });
+        }
         // Register the give-back before touching the bitmap: whatever happens from here,
         // a rollback returns the blocks (the rollback undoes the bits first).
         let index = Arc::clone(&self.index);
@@ -331,6 +390,47 @@ impl BlockAllocator {
     /// Blocks the allocator manages: `block_count - meta_end`.
     pub fn data_blocks(&self) -> u64 {
         self.geometry.block_count - self.geometry.meta_end
+    }
+
+    /// FITRIM: hands every run of at least `min_chunks` whole free 2 MiB chunks among
+    /// `chunks` (chunk numbers) to `discard`, holding the allocator's chunk lock during each
+    /// call (at most [`TRIM_BATCH_CHUNKS`] chunks a call), so that none of them is handed
+    /// out while it is discarded. Free blocks in chunks that are partly used are left alone.
+    /// Returns the sum of what `discard` returned.
+    ///
+    /// The lock is a leaf of the lock order (src/lockorder.rs): it is held while `discard`
+    /// runs a system call, never while waiting for another lock, and the caller holds no
+    /// ranked lock and no journal slot.
+    pub fn trim(
+        &self,
+        chunks: std::ops::Range<u64>,
+        min_chunks: u64,
+        discard: &mut dyn FnMut(std::ops::Range<u64>) -> Result<u64, DeviceError>,
+    ) -> Result<u64, DeviceError> {
+        let min = min_chunks.max(1);
+        match self.index.as_ref() {
+            Index::Huge(h) => h.trim(chunks, min, discard),
+            Index::FirstFit(f) => f.trim(chunks, min, discard),
+        }
+    }
+
+    /// Runs of consecutive 2 MiB chunks that hold at least one allocated block (the fixed
+    /// metadata's chunks included): what a mount of a sparse image reserves, so that no
+    /// store into a block in use can fault for want of backing store.
+    pub fn used_chunk_runs(&self) -> Vec<std::ops::Range<u64>> {
+        let chunks = self.geometry.block_count.div_ceil(CHUNK_BLOCKS);
+        let used = |c: u64| match self.index.as_ref() {
+            Index::Huge(h) => !h.chunk_is_free(c),
+            Index::FirstFit(f) => !f.chunk_is_free(c),
+        };
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        for c in (0..chunks).filter(|&c| used(c)) {
+            match runs.last_mut() {
+                Some(r) if r.end == c => r.end = c + 1,
+                _ => runs.push(c..c + 1),
+            }
+        }
+        runs
     }
 
     /// Whole, 2 MiB-aligned chunks whose blocks are all free.

@@ -579,6 +579,15 @@ impl Media for BitmapOnly {
     fn sync_all(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+    fn reserve(&self, _: u64, _: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn can_discard(&self) -> bool {
+        false
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<u64, DeviceError> {
+        Err(DeviceError::NoDiscard)
+    }
 }
 
 #[test]

@@ -39,7 +39,10 @@
 //!   Callers that flush many small ranges pay one system call per flush; that is the price
 //!   of running on a disk, not on pmem.
 
-use super::{CACHE_LINE, DeviceError, Media, PersistenceMode, check_range, check_word};
+use super::{
+    CACHE_LINE, DeviceError, Media, PersistenceMode, RESERVE_CHUNK, check_range, check_word,
+    chunks_inside, chunks_touching,
+};
 use std::ffi::c_void;
 use std::fmt;
 use std::fs::File;
@@ -106,13 +109,93 @@ pub struct Device {
     base: NonNull<u8>,
     /// Length of the device and of the mapping; fits in `usize` (checked at open).
     size: u64,
-    /// Keeps the exclusive lock (flock or O_EXCL) until the device is dropped.
-    _file: File,
+    /// Keeps the exclusive lock (flock or O_EXCL) until the device is dropped; `reserve`
+    /// and `discard` allocate and punch through it.
+    file: File,
     path: PathBuf,
     kind: DeviceKind,
     read_only: bool,
     map_sync: bool,
     mode: PersistenceMode,
+    /// The image file had holes when opened (`st_blocks * 512 < size`).
+    sparse: bool,
+    /// For a sparse image opened read-write: what is known of its backing store.
+    backing: Option<SparseBacking>,
+}
+
+/// What is known about the backing store of a sparse image, one bit per [`RESERVE_CHUNK`]
+/// of the file (the last chunk may be short). A chunk whose `backed` bit is set was
+/// allocated by `reserve` since the open (stores into it cannot fault for want of space); a
+/// chunk whose `punched` bit is set was punched by `discard` since the open (nothing to
+/// give back). Both clear: unknown (the state of every chunk at open). Both set: never.
+///
+/// Reserving and discarding one chunk at the same time is excluded by the callers: the
+/// allocator reserves only chunks it handed out and discards only chunks it holds free.
+#[derive(Debug)]
+struct SparseBacking {
+    backed: Box<[AtomicU64]>,
+    punched: Box<[AtomicU64]>,
+    /// The log has said once that the backing store is full.
+    said_full: std::sync::atomic::AtomicBool,
+}
+
+impl SparseBacking {
+    fn new(chunks: u64) -> Self {
+        let words = || {
+            (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
+        Self {
+            backed: words(),
+            punched: words(),
+            said_full: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn test(bits: &[AtomicU64], c: u64) -> bool {
+        bits.get((c / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c % 64)) != 0)
+    }
+
+    fn set(bits: &[AtomicU64], c: u64, on: bool) {
+        if let Some(w) = bits.get((c / 64) as usize) {
+            if on {
+                w.fetch_or(1 << (c % 64), Ordering::AcqRel);
+            } else {
+                w.fetch_and(!(1 << (c % 64)), Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn is_backed(&self, c: u64) -> bool {
+        Self::test(&self.backed, c)
+    }
+
+    fn is_punched(&self, c: u64) -> bool {
+        Self::test(&self.punched, c)
+    }
+
+    fn mark_backed(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks {
+            Self::set(&self.punched, c, false);
+            Self::set(&self.backed, c, true);
+        }
+    }
+
+    /// Forgets that `chunks` are backed; called before they are punched, so a punch that
+    /// fails half-way leaves them unknown (reserved again on reuse), never falsely backed.
+    fn forget(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks {
+            Self::set(&self.backed, c, false);
+        }
+    }
+
+    fn mark_punched(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks {
+            Self::set(&self.punched, c, true);
+        }
+    }
 }
 
 // SAFETY: `Device` owns its mapping (unmapped only in `Drop`) and every access through
@@ -220,15 +303,76 @@ impl Device {
             Some(m) if map_sync || kind == DeviceKind::DaxDevice || memory_backed => m,
             _ => PersistenceMode::Msync,
         };
+        // st_blocks counts 512-byte units whatever the file system's block size.
+        let sparse = kind == DeviceKind::RegularFile && fmeta.blocks().saturating_mul(512) < size;
+        let backing =
+            (sparse && !opts.read_only).then(|| SparseBacking::new(size.div_ceil(RESERVE_CHUNK)));
         Ok(Self {
             base,
             size,
-            _file: file,
+            file,
             path: path.to_path_buf(),
             kind,
             read_only: opts.read_only,
             map_sync,
             mode,
+            sparse,
+            backing,
+        })
+    }
+
+    /// Whether the device is an image file that had holes when it was opened (made with
+    /// `mkfs.pmfs --sparse`, or copied sparse): its stores need space that the file system
+    /// holding it may not have, so everything that hands out space reserves it first
+    /// ([`Media::reserve`]).
+    pub fn is_sparse(&self) -> bool {
+        self.sparse
+    }
+
+    /// `fallocate(mode)` of `offset..offset + len` of the image file, retried on EINTR.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<(), DeviceError> {
+        // Both fit: `offset + len <= size`, and `size` was checked to fit `usize` and an
+        // off_t (a file's length) at open.
+        let (off, n) = (offset as libc::off_t, len as libc::off_t);
+        loop {
+            // SAFETY: fallocate only reads the descriptor number, which `self.file` keeps
+            // open; it changes the file's allocation, never memory of ours.
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOSPC) => return Err(DeviceError::NoSpace(self.path.clone())),
+                _ => return Err(self.io(e)),
+            }
+        }
+    }
+
+    /// The byte range of `chunks`, clamped to the device.
+    fn chunk_bytes(&self, chunks: &std::ops::Range<u64>) -> (u64, u64) {
+        let start = chunks.start * RESERVE_CHUNK;
+        let end = (chunks.end * RESERVE_CHUNK).min(self.size);
+        (start, end - start)
+    }
+
+    /// Maximal runs of consecutive chunks of `chunks` for which `pick` holds.
+    fn runs(
+        chunks: std::ops::Range<u64>,
+        pick: impl Fn(u64) -> bool,
+    ) -> impl Iterator<Item = std::ops::Range<u64>> {
+        let end = chunks.end;
+        let mut c = chunks.start;
+        std::iter::from_fn(move || {
+            while c < end && !pick(c) {
+                c += 1;
+            }
+            let start = c;
+            while c < end && pick(c) {
+                c += 1;
+            }
+            (start < c).then_some(start..c)
         })
     }
 
@@ -542,6 +686,65 @@ impl Media for Device {
         self.fence();
         Ok(())
     }
+
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size)?;
+        let Some(backing) = &self.backing else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        // Mode 0 allocates the holes of the range and leaves allocated blocks (and their
+        // bytes) alone; the file already has its size, so nothing else changes. Two threads
+        // reserving one chunk at once both allocate it: harmless, it is idempotent.
+        for run in Self::runs(chunks_touching(offset, len), |c| !backing.is_backed(c)) {
+            let (start, n) = self.chunk_bytes(&run);
+            if let Err(e) = self.fallocate(0, start, n) {
+                if matches!(e, DeviceError::NoSpace(_))
+                    && !backing.said_full.swap(true, Ordering::Relaxed)
+                {
+                    log::warn!(
+                        "{}: the file system holding this sparse image is full: writes that \
+                         need new space fail with ENOSPC although pmfs has free blocks",
+                        self.path.display()
+                    );
+                }
+                return Err(e);
+            }
+            backing.mark_backed(run);
+        }
+        Ok(())
+    }
+
+    fn can_discard(&self) -> bool {
+        self.backing.is_some()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<u64, DeviceError> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        let Some(backing) = &self.backing else {
+            return Err(DeviceError::NoDiscard);
+        };
+        let chunks = chunks_inside(offset, len, self.size);
+        // Chunks punched since the open are holes already: no system call for them.
+        for run in Self::runs(chunks.clone(), |c| !backing.is_punched(c)) {
+            let (start, n) = self.chunk_bytes(&run);
+            backing.forget(run.clone());
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start,
+                n,
+            )?;
+            backing.mark_punched(run);
+        }
+        Ok(if chunks.is_empty() {
+            0
+        } else {
+            self.chunk_bytes(&chunks).1
+        })
+    }
 }
 
 /// The kind of device `meta` describes, or why it cannot be used.
@@ -737,6 +940,18 @@ fn map(file: &File, len: usize, align: usize, read_only: bool) -> io::Result<(No
 /// An existing image larger than `size` is refused, never shrunk. The image is locked while
 /// it is being prepared, so a mounted image (whose daemon holds the lock) is refused as busy.
 pub fn create_image(path: &Path, size: u64) -> Result<(), DeviceError> {
+    prepare_image(path, size, true)
+}
+
+/// As [`create_image`], but allocates nothing: a new image is all hole, a grown one gets a
+/// hole at its end (`mkfs.pmfs --sparse`). The file system holding it may then run out of
+/// space while pmfs writes; pmfs reserves space before it hands it out
+/// ([`Media::reserve`]), so that shows as ENOSPC, never as SIGBUS.
+pub fn create_sparse_image(path: &Path, size: u64) -> Result<(), DeviceError> {
+    prepare_image(path, size, false)
+}
+
+fn prepare_image(path: &Path, size: u64, allocate: bool) -> Result<(), DeviceError> {
     if size == 0 || size % PAGE != 0 {
         return Err(unsupported(
             path,
@@ -764,7 +979,7 @@ pub fn create_image(path: &Path, size: u64) -> Result<(), DeviceError> {
         }
         Err(e) => return Err(io_error(path, e)),
     };
-    let result = allocate_image(path, &file, size, len);
+    let result = allocate_image(path, &file, size, len, allocate);
     if result.is_err() && created {
         drop(file);
         let _ = std::fs::remove_file(path);
@@ -777,6 +992,7 @@ fn allocate_image(
     file: &File,
     size: u64,
     len: libc::off_t,
+    allocate: bool,
 ) -> Result<(), DeviceError> {
     lock_exclusive(path, file)?;
     let meta = file.metadata().map_err(|e| io_error(path, e))?;
@@ -791,6 +1007,13 @@ fn allocate_image(
             path,
             "image is larger than --size; refusing to shrink",
         ));
+    }
+    if !allocate {
+        // Grows the file with a hole; an existing image keeps what it has allocated.
+        if meta.len() < size {
+            file.set_len(size).map_err(|e| io_error(path, e))?;
+        }
+        return file.sync_all().map_err(|e| io_error(path, e));
     }
     let no_space = || {
         io_error(
@@ -1016,6 +1239,56 @@ mod tests {
         let e = create_image(&path, 4 * MIB).unwrap_err();
         assert!(matches!(e, DeviceError::Busy(_)), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * MIB);
+    }
+
+    #[test]
+    fn sparse_images_reserve_and_discard_whole_chunks() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("sparse");
+        create_sparse_image(&path, 9 * MIB).unwrap();
+        let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert_eq!(blocks(), 0);
+        let d = open_rw(&path).unwrap();
+        assert!(d.is_sparse() && d.can_discard());
+        // A reservation backs whole chunks; the short last chunk too.
+        d.reserve(3 * MIB, 10).unwrap();
+        assert_eq!(blocks(), 2 * MIB);
+        d.reserve(8 * MIB + 4096, 4096).unwrap();
+        assert_eq!(blocks(), 3 * MIB);
+        d.write(3 * MIB, b"kept").unwrap();
+        // Discard punches only the chunks wholly inside the range, and counts them all.
+        assert_eq!(d.discard(MIB, 3 * MIB).unwrap(), 2 * MIB);
+        assert_eq!(blocks(), MIB);
+        assert_eq!(d.discard(8 * MIB, MIB).unwrap(), MIB);
+        assert_eq!(blocks(), 0);
+        // A punched chunk reads as zeros. (On tmpfs the read fault allocates the page: a
+        // hole of a shared mapping is backed even when only read. pmfs never reads free
+        // space, the only space that is ever a hole.)
+        let mut b = [1u8; 4];
+        d.read(3 * MIB, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        // Reserved again after the punch.
+        d.reserve(2 * MIB, 1).unwrap();
+        assert_eq!(blocks(), 2 * MIB);
+        assert!(matches!(
+            d.reserve(9 * MIB, 1),
+            Err(DeviceError::OutOfBounds { .. })
+        ));
+        drop(d);
+        // Read-only: nothing to reserve or discard.
+        let ro = OpenOptions {
+            read_only: true,
+            wait_busy: None,
+        };
+        let d = Device::open(&path, &ro).unwrap();
+        assert!(d.is_sparse() && !d.can_discard());
+        drop(d);
+        // A preallocated image keeps its allocation.
+        create_image(&path, 9 * MIB).unwrap();
+        let d = open_rw(&path).unwrap();
+        assert!(!d.is_sparse() && !d.can_discard());
+        assert!(matches!(d.discard(0, 2 * MIB), Err(DeviceError::NoDiscard)));
+        d.reserve(0, 9 * MIB).unwrap();
     }
 
     #[test]

@@ -42,7 +42,7 @@ mod recording;
 )]
 mod shared;
 
-pub use mmap::{Device, DeviceKind, OpenOptions, create_image};
+pub use mmap::{Device, DeviceKind, OpenOptions, create_image, create_sparse_image};
 pub use recording::{CrashImages, RecordingDevice};
 pub use shared::SharedFileMapping;
 
@@ -77,6 +77,18 @@ pub enum DeviceError {
     /// A store to a device opened read-only.
     #[error("device is read-only")]
     ReadOnly,
+    /// The file system holding a sparse image has no space left for the blocks asked for
+    /// ([`Media::reserve`]): the file system above reports ENOSPC.
+    #[error("{0}: no space left in the file system holding this sparse image")]
+    NoSpace(PathBuf),
+    /// A store into a range that was never reserved on a device that models a sparse image
+    /// (the recording device of the tests): on a real sparse image that store could raise
+    /// SIGBUS once the backing store is full.
+    #[error("store at offset {0} into a hole that was never reserved")]
+    NotReserved(u64),
+    /// The device cannot hand space back ([`Media::discard`]): it is not a sparse image file.
+    #[error("the device cannot hand space back: it is not a sparse image file")]
+    NoDiscard,
 }
 
 /// How stores are made durable on this device.
@@ -161,6 +173,51 @@ pub trait Media: Send + Sync + fmt::Debug {
     /// Makes everything written so far durable (used at unmount and by `fsync` in msync
     /// mode, where the page cache sits between us and the media).
     fn sync_all(&self) -> Result<(), DeviceError>;
+
+    /// Makes sure the backing store holds every byte of `offset..offset + len`, so that no
+    /// later store into the range can fail for want of space. Only a sparse image file has
+    /// anything to do (it allocates the holes of the range, in whole [`RESERVE_CHUNK`]s of
+    /// the file); a store into a hole of a mapped file whose file system is full raises
+    /// SIGBUS, so everything that hands out space (mkfs, the mount, the block allocator)
+    /// reserves it before the first store. Fails with [`DeviceError::NoSpace`] when the
+    /// backing file system is full. Devices that are memory or pmem themselves (device-DAX,
+    /// block devices, fully allocated images) have nothing to reserve.
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
+
+    /// Whether [`Media::discard`] can hand space back (a sparse image file opened
+    /// read-write).
+    fn can_discard(&self) -> bool;
+
+    /// Hands the backing store of the whole [`RESERVE_CHUNK`]s of `offset..offset + len`
+    /// back to the file system holding the image (punches holes) and returns the bytes of
+    /// those chunks, which are all hole now (as FITRIM counts: every free byte discarded,
+    /// whether or not it was backed before). The range must hold no live data: its bytes
+    /// read as zeros afterwards, and a later [`Media::reserve`] allocates them again.
+    /// [`DeviceError::NoDiscard`] when [`Media::can_discard`] is false.
+    fn discard(&self, offset: u64, len: u64) -> Result<u64, DeviceError>;
+}
+
+/// Granularity of [`Media::reserve`] and [`Media::discard`]: 2 MiB of the device, the
+/// allocator's chunk, so one reservation covers whatever a chunk is split into.
+pub const RESERVE_CHUNK: u64 = 2 << 20;
+
+/// The [`RESERVE_CHUNK`]s that `offset..offset + len` (checked, `len > 0`) touches: what
+/// [`Media::reserve`] backs.
+pub(crate) fn chunks_touching(offset: u64, len: u64) -> std::ops::Range<u64> {
+    offset / RESERVE_CHUNK..(offset + len).div_ceil(RESERVE_CHUNK)
+}
+
+/// The [`RESERVE_CHUNK`]s that lie wholly inside `offset..offset + len` (checked) of a
+/// device of `size` bytes, the short last chunk included when the range reaches the end:
+/// what [`Media::discard`] punches.
+pub(crate) fn chunks_inside(offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
+    let first = offset.div_ceil(RESERVE_CHUNK);
+    let end = if offset + len == size {
+        size.div_ceil(RESERVE_CHUNK)
+    } else {
+        (offset + len) / RESERVE_CHUNK
+    };
+    first..end.max(first)
 }
 
 /// Checks that `offset..offset + len` lies inside a device of `size` bytes.

@@ -6,7 +6,10 @@
 //! it holds its latest value. Non-temporal stores count as flushed. [`CrashImages`] is the set
 //! of images a failure just before a given fence could leave.
 
-use super::{CACHE_LINE, DeviceError, Media, PersistenceMode, check_range, check_word};
+use super::{
+    CACHE_LINE, DeviceError, Media, PersistenceMode, RESERVE_CHUNK, check_range, check_word,
+    chunks_inside, chunks_touching,
+};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 
@@ -29,6 +32,12 @@ struct Inner {
     /// Failpoint: flushes that may still succeed before every flush fails (`None`: all
     /// succeed). A failed flush is how a real device reports a media error.
     flushes_left: Option<u64>,
+    /// The sparse-image model (`model_sparse`): one flag per [`RESERVE_CHUNK`], set while
+    /// the chunk is reserved. `None`: every byte is backed, as on a preallocated image.
+    reserved: Option<Vec<bool>>,
+    /// Failpoint: reserving a chunk that is not reserved yet fails with
+    /// [`DeviceError::NoSpace`] (a full backing store).
+    reserve_fails: bool,
 }
 
 /// An in-memory [`Media`] that logs stores, flushes and fences.
@@ -55,6 +64,8 @@ impl RecordingDevice {
                 recording: false,
                 fences: 0,
                 flushes_left: None,
+                reserved: None,
+                reserve_fails: false,
             }),
             size,
         }
@@ -64,6 +75,44 @@ impl RecordingDevice {
     /// until `fail_flushes_after(None)` (tests of fail-stop: a failed commit or rollback).
     pub fn fail_flushes_after(&self, n: Option<u64>) {
         self.inner.lock().flushes_left = n;
+    }
+
+    /// From now on the device models a sparse image that is all hole: a store into a
+    /// [`RESERVE_CHUNK`] that was not reserved ([`Media::reserve`]) since fails with
+    /// [`DeviceError::NotReserved`] (where a real sparse image could raise SIGBUS), and
+    /// [`Media::discard`] zeroes chunks and forgets their reservation.
+    pub fn model_sparse(&self) {
+        let chunks = self.size.div_ceil(RESERVE_CHUNK) as usize;
+        self.inner.lock().reserved = Some(vec![false; chunks]);
+    }
+
+    /// Failpoint (with [`RecordingDevice::model_sparse`]): while `fail` holds, reserving a
+    /// chunk that is not reserved yet fails with [`DeviceError::NoSpace`], as a sparse image
+    /// on a full file system does.
+    pub fn fail_reserves(&self, fail: bool) {
+        self.inner.lock().reserve_fails = fail;
+    }
+
+    /// Chunks reserved under the sparse model (0 without it).
+    pub fn reserved_chunks(&self) -> usize {
+        let g = self.inner.lock();
+        g.reserved
+            .as_ref()
+            .map_or(0, |r| r.iter().filter(|&&x| x).count())
+    }
+
+    /// Under the sparse model, fails unless every chunk of `offset..offset + len` is
+    /// reserved.
+    fn check_reserved(g: &Inner, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let Some(reserved) = &g.reserved else {
+            return Ok(());
+        };
+        match chunks_touching(offset, len.max(1))
+            .find(|&c| !reserved.get(c as usize).copied().unwrap_or(false))
+        {
+            Some(c) => Err(DeviceError::NotReserved(offset.max(c * RESERVE_CHUNK))),
+            None => Ok(()),
+        }
     }
 
     /// Starts recording: the current image becomes the durable base, the log is emptied.
@@ -172,6 +221,7 @@ impl RecordingDevice {
     fn store(&self, offset: u64, data: &[u8], nt: bool) -> Result<(), DeviceError> {
         check_range(offset, data.len() as u64, self.size)?;
         let mut g = self.inner.lock();
+        Self::check_reserved(&g, offset, data.len() as u64)?;
         let o = offset as usize;
         g.image[o..o + data.len()].copy_from_slice(data);
         let ev = if nt {
@@ -192,6 +242,7 @@ impl RecordingDevice {
     fn rmw(&self, offset: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, DeviceError> {
         check_word(offset, self.size)?;
         let mut g = self.inner.lock();
+        Self::check_reserved(&g, offset, 8)?;
         let o = offset as usize;
         let mut w = [0u8; 8];
         w.copy_from_slice(&g.image[o..o + 8]);
@@ -340,6 +391,59 @@ impl Media for RecordingDevice {
         );
         self.record(&mut g, Event::Fence);
         Ok(())
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size)?;
+        let mut g = self.inner.lock();
+        let fails = g.reserve_fails;
+        let Some(reserved) = g.reserved.as_mut() else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let chunks = chunks_touching(offset, len);
+        let missing = chunks
+            .clone()
+            .any(|c| !reserved.get(c as usize).copied().unwrap_or(true));
+        if missing && fails {
+            return Err(DeviceError::NoSpace("recording device".into()));
+        }
+        for c in chunks {
+            if let Some(r) = reserved.get_mut(c as usize) {
+                *r = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn can_discard(&self) -> bool {
+        self.inner.lock().reserved.is_some()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<u64, DeviceError> {
+        check_range(offset, len, self.size)?;
+        let mut g = self.inner.lock();
+        let Inner {
+            reserved, image, ..
+        } = &mut *g;
+        let Some(reserved) = reserved.as_mut() else {
+            return Err(DeviceError::NoDiscard);
+        };
+        let mut discarded = 0;
+        for c in chunks_inside(offset, len, self.size) {
+            if let Some(r) = reserved.get_mut(c as usize) {
+                *r = false;
+            }
+            // A hole reads as zeros. (Not a logged store: punching is no cache-line store,
+            // and the crash model has nothing to say about it.)
+            let start = (c * RESERVE_CHUNK) as usize;
+            let end = ((c + 1) * RESERVE_CHUNK).min(self.size) as usize;
+            image[start..end].fill(0);
+            discarded += (end - start) as u64;
+        }
+        Ok(discarded)
     }
 }
 

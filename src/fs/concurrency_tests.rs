@@ -37,10 +37,10 @@ fn check_clean(media: &Arc<dyn Media>) {
 
 /// Counts finished operations; the watchdog fails the test when it stops moving.
 #[derive(Clone, Default)]
-struct Progress(Arc<AtomicU64>);
+pub(super) struct Progress(Arc<AtomicU64>);
 
 impl Progress {
-    fn tick(&self) {
+    pub(super) fn tick(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
     fn get(&self) -> u64 {
@@ -51,7 +51,7 @@ impl Progress {
 /// Runs `workers` on their own threads and waits for them; panics (failing the test) if
 /// no worker finishes an operation for [`STALL`], or if a worker panicked. Stuck threads
 /// are left behind: they hold only this test's file system.
-fn run_watched(what: &str, progress: &Progress, workers: Vec<Box<dyn FnOnce() + Send>>) {
+pub(super) fn run_watched(what: &str, progress: &Progress, workers: Vec<Box<dyn FnOnce() + Send>>) {
     let handles: Vec<_> = workers
         .into_iter()
         .enumerate()

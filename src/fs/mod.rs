@@ -30,6 +30,8 @@ pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
+mod sparse_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::alloc::{AllocRequest, BlockAllocator, BlockRange};
@@ -37,8 +39,8 @@ use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, FsState, Geometry, Inode, NULL_INO, ROOT_INO, STATE_OFFSET, Superblock, TreeKind,
-    file_type, inode_flags,
+    BLOCK_SIZE, CHUNK_SIZE, FsState, Geometry, Inode, NULL_INO, ROOT_INO, STATE_OFFSET, Superblock,
+    TreeKind, file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
@@ -57,6 +59,21 @@ const SHRINK_BATCH: usize = 1024;
 /// may add an orphan-tree node, a punch may split an extent, a deferred free adds extents
 /// to the deferred-free inode — a few blocks each, at most one transaction per slot.
 const RESERVE_PER_SLOT: u64 = 64;
+
+/// Reserves ([`Media::reserve`]) the fixed metadata and every chunk that holds a block in
+/// use, so that on a sparse image no store the mount makes into them can fault for want of
+/// backing store (SIGBUS); from here on the allocator reserves each chunk it hands out.
+/// Nothing to do (and no system call) on media that are not sparse images. Fails with
+/// [`DeviceError::NoSpace`](crate::device::DeviceError::NoSpace) when the file system
+/// holding the image is full.
+fn reserve_space_in_use(media: &dyn Media, alloc: &BlockAllocator) -> Result<()> {
+    for run in alloc.used_chunk_runs() {
+        let start = run.start * CHUNK_SIZE;
+        let end = (run.end * CHUNK_SIZE).min(media.size());
+        media.reserve(start, end - start)?;
+    }
+    Ok(())
+}
 
 /// The reserve of a device: [`RESERVE_PER_SLOT`] per slot, at most 1% of the data blocks
 /// (at least 16), so that a full file system can always be emptied.
@@ -262,11 +279,19 @@ impl Fs {
                 ));
             }
         }
+        if !options.read_only {
+            // Recovery stores into the journal and the fixed metadata: back them first (a
+            // sparse image; the chunks in use follow once the allocator knows them).
+            media.reserve(0, geometry.meta_end * BLOCK_SIZE)?;
+        }
         let (journal, recovery) = Journal::open(Arc::clone(&media), geometry)?;
         let state = read_state(media.as_ref())?;
         let alloc =
             BlockAllocator::open_with_policy(media.as_ref(), &geometry, options.alloc_policy)?;
         alloc.set_reserve(reserve_blocks(&geometry));
+        if !options.read_only {
+            reserve_space_in_use(media.as_ref(), &alloc)?;
+        }
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
         let fs = Self {
             media,
@@ -693,6 +718,39 @@ impl Fs {
             true
         })?;
         Ok(inos)
+    }
+
+    /// FITRIM: hands the backing store of the free space in the device bytes
+    /// `start..start + len` back to the file system holding a sparse image, in whole free
+    /// 2 MiB chunks (runs of at least `minlen` bytes); free blocks of chunks that are partly
+    /// in use stay. Returns the bytes discarded (every free byte of those chunks, as ext4
+    /// and XFS count, whether or not it was backed before). Chunks discarded are allocated
+    /// again when the allocator next hands them out ([`Media::reserve`]).
+    ///
+    /// [`Error::NotSupported`] on media that cannot hand space back (device-DAX, block
+    /// devices, fully allocated images: there is nothing to give back without giving up
+    /// the allocation made at mkfs); [`Error::Invalid`] for a start past the end, a length
+    /// below one block, or a minimum larger than the device (as ext4).
+    pub fn trim(&self, start: u64, len: u64, minlen: u64) -> Result<u64> {
+        self.check_writable()?;
+        if !self.media.can_discard() {
+            return Err(Error::NotSupported);
+        }
+        let size = self.geometry.block_count * BLOCK_SIZE;
+        if start >= size || len < BLOCK_SIZE || minlen > size {
+            return Err(Error::Invalid);
+        }
+        let end = start.saturating_add(len).min(size);
+        let chunks = start.div_ceil(CHUNK_SIZE)..end / CHUNK_SIZE;
+        let media = self.media.as_ref();
+        let trimmed = self.alloc.trim(
+            chunks,
+            minlen.div_ceil(CHUNK_SIZE),
+            &mut |run: std::ops::Range<u64>| {
+                media.discard(run.start * CHUNK_SIZE, (run.end - run.start) * CHUNK_SIZE)
+            },
+        )?;
+        Ok(trimmed)
     }
 
     pub fn statfs(&self) -> StatFs {

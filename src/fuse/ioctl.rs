@@ -1,5 +1,5 @@
 //! The pmfs ioctl: extent maps for `pmfs layout` and direct-mapping leases for
-//! `pmfs::dax` (protocol in `crate::device::dax`).
+//! `pmfs::dax` (protocol in `crate::device::dax`); and FITRIM.
 //!
 //! FUSE carries ioctl arguments of a fixed size (the size encoded in the command), so
 //! replies are paged: a request names the first extent it wants. A lease belongs to the
@@ -14,6 +14,27 @@ use crate::fs::{Fs, MappedExtent};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use zerocopy::{FromBytes, IntoBytes};
+
+/// FITRIM: `_IOWR('X', 121, struct fstrim_range)`.
+pub const FITRIM: u32 = 0xc018_5879;
+
+/// `struct fstrim_range` of <linux/fs.h>: bytes of the device, and the reply's `len` is the
+/// number of bytes trimmed.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout)]
+#[repr(C)]
+pub struct FstrimRange {
+    pub start: u64,
+    pub len: u64,
+    pub minlen: u64,
+}
+
+/// Serves one FITRIM call (the caller checked the privilege): trims and returns the
+/// `fstrim_range` to copy back, with `len` the bytes trimmed.
+pub fn fitrim(fs: &Fs, input: &[u8]) -> Result<Vec<u8>, Error> {
+    let (mut range, _) = FstrimRange::read_from_prefix(input).map_err(|_| Error::Invalid)?;
+    range.len = fs.trim(range.start, range.len, range.minlen)?;
+    Ok(range.as_bytes().to_vec())
+}
 
 /// Leases per file handle, and the extent lists of live leases (for paging).
 #[derive(Debug, Default)]

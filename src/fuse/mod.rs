@@ -929,6 +929,17 @@ impl Filesystem for PmfsFuse {
             self.fs.shut_down();
             return reply.ioctl(0, &[]);
         }
+        if cmd == ioctl::FITRIM {
+            // As ext4: discarding is for the administrator (CAP_SYS_ADMIN there; FUSE shows
+            // only the caller's uid).
+            if req.uid() != 0 {
+                return reply.error(Errno::from_i32(libc::EPERM));
+            }
+            return match ioctl::fitrim(&self.fs, in_data) {
+                Ok(data) => reply.ioctl(0, &data),
+                Err(e) => reply.error(errno("FITRIM", ino.0, &e)),
+            };
+        }
         // Otherwise only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never
         // reach FUSE or are not ours.
         if cmd != crate::device::dax::PMFS_IOC_MAP

@@ -66,6 +66,11 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     ("sync / async, dirsync", "the usual mount flags"),
     (
+        "norecovery",
+        "with ro only: mount without recovery (a read-only mount never recovers; one that \
+         needs recovery is refused)",
+    ),
+    (
         "remount",
         "with mount -o remount: change ro/rw and the mount flags of a mounted pmfs",
     ),
@@ -128,6 +133,10 @@ pub struct Options {
     /// Mount flags given explicitly, last spelling wins: (flag, on).
     pub flags: Vec<(Flag, bool)>,
     pub dirsync: bool,
+    /// `norecovery` (with `ro` only, as on ext4 and XFS): a read-only mount never rolls the
+    /// journal back anyway; it refuses a journal that needs recovery rather than show a
+    /// half-done transaction.
+    pub norecovery: bool,
     /// The options as given, for error messages and logs.
     pub given: Vec<String>,
 }
@@ -147,6 +156,7 @@ impl Default for Options {
             subtype: true,
             flags: Vec::new(),
             dirsync: false,
+            norecovery: false,
             given: Vec::new(),
         }
     }
@@ -175,6 +185,11 @@ impl Options {
             for opt in list.as_ref().split(',') {
                 o.apply(opt.trim())?;
             }
+        }
+        if o.norecovery && !o.read_only && !o.remount {
+            return Err(OptionError(
+                "mount option 'norecovery' needs 'ro': a read-write mount always recovers".into(),
+            ));
         }
         Ok(o)
     }
@@ -275,6 +290,7 @@ impl Options {
             "sync" => self.set_flag(Flag::Sync, true),
             "async" => self.set_flag(Flag::Sync, false),
             "dirsync" => self.dirsync = true,
+            "norecovery" => self.norecovery = true,
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nofail" | "_netdev"
             | "atime" | "diratime" | "nodiratime" => {}
             _ => return Err(unknown()),
@@ -294,6 +310,17 @@ mod tests {
         assert!(!o.read_only);
         assert_eq!(o.cache, CacheMode::Direct);
         assert!(!o.flag(Flag::Dev, false));
+    }
+
+    #[test]
+    fn norecovery_only_with_ro() {
+        let o = Options::parse(&["ro,norecovery"]).unwrap();
+        assert!(o.read_only && o.norecovery);
+        let e = Options::parse(&["norecovery"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mount option 'norecovery' needs 'ro': a read-write mount always recovers"
+        );
     }
 
     #[test]

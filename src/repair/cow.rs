@@ -173,6 +173,19 @@ impl Media for CowMedia {
     fn sync_all(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+
+    /// Stores stay in memory: nothing of the base needs backing.
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.check(offset, len)
+    }
+
+    fn can_discard(&self) -> bool {
+        false
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<u64, DeviceError> {
+        Err(DeviceError::NoDiscard)
+    }
 }
 
 #[cfg(test)]

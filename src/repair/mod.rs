@@ -235,6 +235,9 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
         out.report = diagnose(media)?;
         return Ok(out);
     };
+    // The repairs below store into the fixed metadata: back it on a sparse image (new tree
+    // nodes are reserved as they are handed out).
+    media.reserve(0, g.meta_end * crate::format::BLOCK_SIZE)?;
     let low_only = report.problems.iter().all(|p| {
         matches!(
             p.kind,

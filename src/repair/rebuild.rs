@@ -941,12 +941,19 @@ impl<'a> Rebuild<'a> {
         }
     }
 
-    /// Hands out a block no object claims, for a new tree node.
-    fn alloc_block(claimed: &mut Bits, cursor: &mut u64, g: &Geometry) -> Result<u64> {
+    /// Hands out a block no object claims, for a new tree node, reserved first (a sparse
+    /// image's hole would raise SIGBUS at the first store on a full backing store).
+    fn alloc_block(
+        media: &dyn Media,
+        claimed: &mut Bits,
+        cursor: &mut u64,
+        g: &Geometry,
+    ) -> Result<u64> {
         let b = claimed
             .next_clear(*cursor, g.block_count)
             .or_else(|| claimed.next_clear(g.meta_end, g.block_count))
             .ok_or(Error::NoSpace)?;
+        media.reserve(blocks_to_bytes(b), blocks_to_bytes(1))?;
         claimed.set(b);
         *cursor = b + 1;
         Ok(b)
@@ -993,7 +1000,8 @@ impl<'a> Rebuild<'a> {
                 it.new_map = None;
             }
             let (claimed, cursor, g) = (&mut self.claimed, &mut self.cursor, self.g);
-            let mut alloc = || Self::alloc_block(claimed, cursor, &g);
+            let media = self.media.as_ref();
+            let mut alloc = || Self::alloc_block(media, claimed, cursor, &g);
             if let Some(map) = it.new_map.take() {
                 if map.len() <= INLINE_EXTENTS {
                     it.inode.set_inline_extents(&map);
