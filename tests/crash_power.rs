@@ -228,7 +228,10 @@ fn create_write_rename() {
         let a = fs.lookup(ROOT, b"a").expect("a").ino;
         fs.write(&C, a, 0, &pattern(10_000, 1)).expect("write");
     })
-    .op(|fs| fs.rename(ROOT, b"a", ROOT, b"b", 0).expect("rename"));
+    .op(|fs| {
+        fs.rename(&Ctx::ROOT, ROOT, b"a", ROOT, b"b", 0)
+            .expect("rename")
+    });
     s.verify("create+write+rename");
 }
 
@@ -247,7 +250,8 @@ fn link_unlink_and_rename_over_existing() {
     .op(|fs| fs.unlink(ROOT, b"x-link").expect("unlink"))
     .op(|fs| {
         let d = fs.lookup(ROOT, b"d").expect("d").ino;
-        fs.rename(d, b"x", ROOT, b"y", 0).expect("rename over");
+        fs.rename(&Ctx::ROOT, d, b"x", ROOT, b"y", 0)
+            .expect("rename over");
     });
     s.verify("link/unlink/rename-over");
 }
@@ -260,7 +264,7 @@ fn rename_exchange_and_directories() {
         file(fs, a, "f", b"in a");
     });
     s.op(|fs| {
-        fs.rename(ROOT, b"a", ROOT, b"b", RENAME_EXCHANGE)
+        fs.rename(&Ctx::ROOT, ROOT, b"a", ROOT, b"b", RENAME_EXCHANGE)
             .expect("exchange")
     })
     .op(|fs| {
@@ -269,7 +273,7 @@ fn rename_exchange_and_directories() {
     .op(|fs| {
         let b = fs.lookup(ROOT, b"b").expect("b").ino;
         let c = fs.lookup(ROOT, b"c").expect("c").ino;
-        fs.rename(b, b"f", c, b"f", 0).expect("move");
+        fs.rename(&Ctx::ROOT, b, b"f", c, b"f", 0).expect("move");
     })
     .op(|fs| fs.rmdir(ROOT, b"a").expect("rmdir"));
     s.verify("exchange+mkdir+rmdir");
@@ -450,7 +454,7 @@ fn unlinks_of_open_files_in_two_directories_at_once() {
             .expect("mkdir");
         for i in 0..5u8 {
             let ino = file(&fs, dir.ino, &format!("f{i}"), &pattern(3000, d * 16 + i));
-            fs.open(ino).expect("open");
+            fs.open(ino, libc::O_RDWR).expect("open");
         }
         dirs.push(dir.ino);
     }

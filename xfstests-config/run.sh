@@ -30,6 +30,13 @@ die() {
 }
 
 [ "$(id -u)" = 0 ] || die "must run as root (xfstests mounts, and runs commands as other users)"
+# Two runs on one machine would share local.config's images, mount points and mount helper:
+# the second waits for the first.
+exec 9>/run/lock/pmfs-xfstests.lock
+if ! flock -n 9; then
+	echo "run.sh: another xfstests run holds /run/lock/pmfs-xfstests.lock; waiting for it" >&2
+	flock 9
+fi
 [ -n "${XFSTESTS_DIR:-}" ] || die "set XFSTESTS_DIR to a built xfstests (see README.md)"
 XFSTESTS_DIR=$(cd "$XFSTESTS_DIR" && pwd) || die "XFSTESTS_DIR: no such directory"
 [ -x "$XFSTESTS_DIR/check" ] && [ -x "$XFSTESTS_DIR/src/t_dir_type" ] ||

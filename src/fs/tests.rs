@@ -168,37 +168,38 @@ fn rename_variants() {
     let b = fs.mkdir(&C, ROOT_INO, b"b", 0o755).unwrap();
     let x = fs.mknod(&C, a.ino, b"x", 0o100644, 0).unwrap();
     let y = fs.mknod(&C, b.ino, b"y", 0o100644, 0).unwrap();
-    fs.rename(a.ino, b"x", b.ino, b"x2", 0).unwrap();
+    fs.rename(&Ctx::ROOT, a.ino, b"x", b.ino, b"x2", 0).unwrap();
     assert_eq!(fs.lookup(b.ino, b"x2").unwrap().ino, x.ino);
     assert!(matches!(
-        fs.rename(b.ino, b"x2", b.ino, b"y", RENAME_NOREPLACE),
+        fs.rename(&Ctx::ROOT, b.ino, b"x2", b.ino, b"y", RENAME_NOREPLACE),
         Err(Error::Exists)
     ));
-    fs.rename(b.ino, b"x2", b.ino, b"y", RENAME_EXCHANGE)
+    fs.rename(&Ctx::ROOT, b.ino, b"x2", b.ino, b"y", RENAME_EXCHANGE)
         .unwrap();
     assert_eq!(fs.lookup(b.ino, b"y").unwrap().ino, x.ino);
     assert_eq!(fs.lookup(b.ino, b"x2").unwrap().ino, y.ino);
     // Over an existing file: the old target loses its link.
-    fs.rename(b.ino, b"x2", b.ino, b"y", 0).unwrap();
+    fs.rename(&Ctx::ROOT, b.ino, b"x2", b.ino, b"y", 0).unwrap();
     assert_eq!(fs.lookup(b.ino, b"y").unwrap().ino, y.ino);
     // Directory moves keep link counts; cycles are refused.
     let c = fs.mkdir(&C, a.ino, b"c", 0o755).unwrap();
     assert!(matches!(
-        fs.rename(ROOT_INO, b"a", c.ino, b"loop", 0),
+        fs.rename(&Ctx::ROOT, ROOT_INO, b"a", c.ino, b"loop", 0),
         Err(Error::Invalid)
     ));
-    fs.rename(a.ino, b"c", b.ino, b"c", 0).unwrap();
+    fs.rename(&Ctx::ROOT, a.ino, b"c", b.ino, b"c", 0).unwrap();
     assert_eq!(fs.getattr(a.ino).unwrap().nlink, 2);
     assert_eq!(fs.getattr(b.ino).unwrap().nlink, 3);
     assert_eq!(fs.lookup(c.ino, b"..").unwrap().ino, b.ino);
     // Over an empty directory, not over a full one.
     let e = fs.mkdir(&C, ROOT_INO, b"empty", 0o755).unwrap();
-    fs.rename(ROOT_INO, b"a", ROOT_INO, b"empty", 0).unwrap();
+    fs.rename(&Ctx::ROOT, ROOT_INO, b"a", ROOT_INO, b"empty", 0)
+        .unwrap();
     assert!(
         matches!(fs.getattr(e.ino), Err(Error::NotFound)) || fs.getattr(e.ino).unwrap().nlink == 0
     );
     assert!(matches!(
-        fs.rename(ROOT_INO, b"empty", ROOT_INO, b"b", 0),
+        fs.rename(&Ctx::ROOT, ROOT_INO, b"empty", ROOT_INO, b"b", 0),
         Err(Error::NotEmpty)
     ));
     check(&fs);
@@ -239,7 +240,7 @@ fn unlinked_open_file_keeps_data_until_release_and_orphans_are_freed_at_mount() 
     let fs = mount(&media);
     let free0 = fs.statfs().bfree;
     let f = fs.mknod(&C, ROOT_INO, b"tmp", 0o100644, 0).unwrap();
-    fs.open(f.ino).unwrap();
+    fs.open(f.ino, libc::O_RDWR).unwrap();
     fs.write(&C, f.ino, 0, &vec![1u8; 3 * MIB as usize])
         .unwrap();
     fs.unlink(ROOT_INO, b"tmp").unwrap();
@@ -252,7 +253,7 @@ fn unlinked_open_file_keeps_data_until_release_and_orphans_are_freed_at_mount() 
     check(&fs);
     // A "crash" while an unlinked file is open: the next mount frees it.
     let g = fs.mknod(&C, ROOT_INO, b"tmp2", 0o100644, 0).unwrap();
-    fs.open(g.ino).unwrap();
+    fs.open(g.ino, libc::O_RDWR).unwrap();
     fs.write(&C, g.ino, 0, &[2u8; 10000]).unwrap();
     fs.unlink(ROOT_INO, b"tmp2").unwrap();
     drop(fs);
@@ -353,6 +354,7 @@ fn concurrent_threads_in_one_directory() {
                         .unwrap();
                     if i % 3 == 0 {
                         fs.rename(
+                            &Ctx::ROOT,
                             d.ino,
                             name.as_bytes(),
                             d.ino,
@@ -881,7 +883,7 @@ fn dot_names_are_never_stored() {
             Err(Error::Invalid)
         ));
         assert!(matches!(
-            fs.rename(ROOT_INO, b"f", ROOT_INO, name, 0),
+            fs.rename(&Ctx::ROOT, ROOT_INO, b"f", ROOT_INO, name, 0),
             Err(Error::Invalid)
         ));
     }

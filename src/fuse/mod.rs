@@ -544,7 +544,7 @@ impl Filesystem for PmfsFuse {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -554,6 +554,7 @@ impl Filesystem for PmfsFuse {
     ) {
         self.begin();
         match self.fs.rename(
+            &ctx(req),
             parent.0,
             name.as_bytes(),
             newparent.0,
@@ -580,7 +581,7 @@ impl Filesystem for PmfsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.begin();
-        match self.fs.open(ino.0) {
+        match self.fs.open(ino.0, flags.0) {
             Ok(_) => reply.opened(self.new_fh(), self.fopen_flags(flags.0)),
             Err(e) => reply.error(errno("open", ino.0, &e)),
         }
@@ -858,7 +859,7 @@ impl Filesystem for PmfsFuse {
             Ok(a) => a,
             Err(e) => return reply.error(errno("create", parent.0, &e)),
         };
-        match self.fs.open(a.ino) {
+        match self.fs.open(a.ino, flags) {
             Ok(_) => reply.created(
                 &TTL,
                 &file_attr(&a),
@@ -904,6 +905,21 @@ impl Filesystem for PmfsFuse {
             );
             self.fs.shut_down();
             return reply.ioctl(0, &[]);
+        }
+        if let Some(attr_ioctl) = ioctl::AttrIoctl::from_cmd(cmd) {
+            return match attr_ioctl.serve(&self.fs, &ctx(req), ino.0, in_data, out_size) {
+                Ok(data) => {
+                    if matches!(
+                        attr_ioctl,
+                        ioctl::AttrIoctl::SetFlags | ioctl::AttrIoctl::FsSetXattr
+                    ) {
+                        // The change moved ctime: the kernel's cached attributes are stale.
+                        self.attrs_changed(ino.0);
+                    }
+                    reply.ioctl(0, &data)
+                }
+                Err(e) => reply.error(errno("ioctl", ino.0, &e)),
+            };
         }
         // Otherwise only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never
         // reach FUSE or are not ours.
