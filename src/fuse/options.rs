@@ -49,6 +49,11 @@ pub const HELP: &[(&str, &str)] = &[
         "let other users / root use the mount (allow_other is the default as root)",
     ),
     (
+        "acl / noacl",
+        "POSIX ACLs enforced by the kernel (default) / refused: setting or reading \
+         system.posix_acl_* xattrs is EOPNOTSUPP and only the mode and umask count",
+    ),
+    (
         "default_permissions",
         "kernel-side permission checks (always on; accepted for compatibility)",
     ),
@@ -124,6 +129,8 @@ pub struct Options {
     /// Mount flags given explicitly, last spelling wins: (flag, on).
     pub flags: Vec<(Flag, bool)>,
     pub dirsync: bool,
+    /// POSIX ACLs (`acl`, the default) or none (`noacl`).
+    pub acl: bool,
     /// The options as given, for error messages and logs.
     pub given: Vec<String>,
 }
@@ -143,6 +150,7 @@ impl Default for Options {
             subtype: true,
             flags: Vec::new(),
             dirsync: false,
+            acl: true,
             given: Vec::new(),
         }
     }
@@ -270,6 +278,8 @@ impl Options {
             "sync" => self.set_flag(Flag::Sync, true),
             "async" => self.set_flag(Flag::Sync, false),
             "dirsync" => self.dirsync = true,
+            "acl" => self.acl = true,
+            "noacl" => self.acl = false,
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nofail" | "_netdev"
             | "atime" | "diratime" | "nodiratime" => {}
             _ => return Err(unknown()),
@@ -347,6 +357,14 @@ mod tests {
         ])
         .unwrap();
         assert!(o.remount && o.read_only);
+    }
+
+    #[test]
+    fn acl_and_noacl() {
+        assert!(Options::default().acl);
+        assert!(!Options::parse(&["noacl"]).unwrap().acl);
+        assert!(Options::parse(&["noacl,acl"]).unwrap().acl);
+        assert!(Options::parse(&["acl=1"]).is_err());
     }
 
     #[test]
