@@ -277,11 +277,15 @@ pub mod inode_flags {
     pub const SYNC: u16 = 1 << 7;
     /// chattr +D: synchronous directory updates (as `SYNC`: already so).
     pub const DIRSYNC: u16 = 1 << 8;
+    /// chattr +x (FS_XFLAG_DAX): the per-inode DAX hint of XFS and ext4, stored and
+    /// inherited only: FUSE cannot map a file's pmem pages into a process, and
+    /// `pmfs::dax` maps any file directly whatever its flags.
+    pub const DAX: u16 = 1 << 9;
     /// The attribute flags of chattr(1) (the `INODE_ATTR_FLAGS` feature).
-    pub const ATTR_FLAGS: u16 = IMMUTABLE | APPEND | NOATIME | NODUMP | SYNC | DIRSYNC;
-    /// Attribute flags a new inode takes from its directory (as ext4's inherited flags):
-    /// all but immutable and append-only; `DIRSYNC` only by directories.
-    pub const INHERITED: u16 = NOATIME | NODUMP | SYNC | DIRSYNC;
+    pub const ATTR_FLAGS: u16 = IMMUTABLE | APPEND | NOATIME | NODUMP | SYNC | DIRSYNC | DAX;
+    /// Attribute flags a new inode takes from its directory (as ext4's inherited flags, and
+    /// XFS's DAX): all but immutable and append-only; `DIRSYNC` only by directories.
+    pub const INHERITED: u16 = NOATIME | NODUMP | SYNC | DIRSYNC | DAX;
     pub const ALL: u16 = ORPHAN | TREE | INLINE_DATA | ATTR_FLAGS;
 }
 

@@ -382,6 +382,9 @@ impl Fs {
             }
             let mut c = self.inodes.read(child)?;
             let now = now_ns();
+            // The flags come first, as in the VFS (may_delete): EPERM before ENOTDIR,
+            // EISDIR or ENOTEMPTY.
+            flags::may_delete(&p, &c)?;
             if want_dir {
                 if !c.is_dir() {
                     return Err(Error::NotDir);
@@ -392,7 +395,6 @@ impl Fs {
             } else if c.is_dir() {
                 return Err(Error::IsDir);
             }
-            flags::may_delete(&p, &c)?;
             let mut tx = self.begin(&g, self.unlink_locks(child, &c))?;
             let mut t = dir::tree(parent, p.tree_root);
             dir::remove(&mut tx, &self.reader(), &self.nodes(), &mut t, entry.key)?;
@@ -528,6 +530,14 @@ impl Fs {
         if s_inode.is_dir() && parent != newparent && self.is_ancestor(src, newparent)? {
             return Err(Error::Invalid);
         }
+        // The source leaves its directory, the target (if any) leaves the other, and the
+        // new name enters it: the attribute flags of all four may forbid it (checked before
+        // the types, as the VFS's may_delete does).
+        flags::may_delete(&set[&parent], &s_inode)?;
+        flags::may_create(&set[&newparent])?;
+        if let Some(di) = &d_inode {
+            flags::may_delete(&set[&newparent], di)?;
+        }
         if let (Some(d), Some(di)) = (&de, &d_inode) {
             if flags & RENAME_EXCHANGE != 0 {
                 if di.is_dir() && parent != newparent && self.is_ancestor(d.ino, parent)? {
@@ -540,13 +550,6 @@ impl Fs {
             } else if di.is_dir() && di.tree_root != 0 {
                 return Err(Error::NotEmpty);
             }
-        }
-        // The source leaves its directory, the target (if any) leaves the other, and the
-        // new name enters it: the attribute flags of all four may forbid it.
-        flags::may_delete(&set[&parent], &s_inode)?;
-        flags::may_create(&set[&newparent])?;
-        if let Some(di) = &d_inode {
-            flags::may_delete(&set[&newparent], di)?;
         }
         let whiteout = flags & RENAME_WHITEOUT != 0;
         let reserved = if whiteout {

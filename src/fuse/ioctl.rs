@@ -100,23 +100,25 @@ impl LeaseTable {
 }
 
 /// `FS_*_FL` bits of FS_IOC_GETFLAGS/SETFLAGS and the pmfs inode flag of each.
-const FS_FLAGS: [(u32, u16); 6] = [
+const FS_FLAGS: [(u32, u16); 7] = [
     (0x0000_0008, inode_flags::SYNC),      // FS_SYNC_FL
     (0x0000_0010, inode_flags::IMMUTABLE), // FS_IMMUTABLE_FL
     (0x0000_0020, inode_flags::APPEND),    // FS_APPEND_FL
     (0x0000_0040, inode_flags::NODUMP),    // FS_NODUMP_FL
     (0x0000_0080, inode_flags::NOATIME),   // FS_NOATIME_FL
     (0x0001_0000, inode_flags::DIRSYNC),   // FS_DIRSYNC_FL
+    (0x0200_0000, inode_flags::DAX),       // FS_DAX_FL
 ];
 
 /// `FS_XFLAG_*` bits of struct fsxattr and the pmfs inode flag of each (there is no
 /// xflag for DIRSYNC: FS_IOC_FSSETXATTR leaves it as it is).
-const FS_XFLAGS: [(u32, u16); 5] = [
+const FS_XFLAGS: [(u32, u16); 6] = [
     (0x0000_0008, inode_flags::IMMUTABLE), // FS_XFLAG_IMMUTABLE
     (0x0000_0010, inode_flags::APPEND),    // FS_XFLAG_APPEND
     (0x0000_0020, inode_flags::SYNC),      // FS_XFLAG_SYNC
     (0x0000_0040, inode_flags::NOATIME),   // FS_XFLAG_NOATIME
     (0x0000_0080, inode_flags::NODUMP),    // FS_XFLAG_NODUMP
+    (0x0000_8000, inode_flags::DAX),       // FS_XFLAG_DAX
 ];
 
 /// Inode flags as the bits of `table`.
