@@ -163,9 +163,12 @@ impl Image {
     }
 }
 
+/// The attribute flags (chattr +ad) of `/a/file1` in the test file system.
+pub const FILE1_FLAGS: u16 = pmfs::format::inode_flags::APPEND | pmfs::format::inode_flags::NODUMP;
+
 /// The test file system: 64 MiB, with directories three deep, a file with an extent tree of
 /// two levels (150 extents), a directory of 300 entries (several leaves), hard links, a long
-/// symlink, an xattr, and an orphan.
+/// symlink, an xattr, an orphan, and attribute flags ([`FILE1_FLAGS`]).
 pub fn build() -> Image {
     build_sized(64 * MIB)
 }
@@ -196,7 +199,7 @@ pub fn build_sized(size: u64) -> Image {
     fs.setxattr(file1, b"user.note", b"hello", 0).unwrap();
     let gone = fs.mknod(&C, ROOT, b"gone", 0o100644, 0).unwrap().ino;
     fs.write(&C, gone, 0, b"still open").unwrap();
-    fs.open(gone).unwrap();
+    fs.open(gone, libc::O_RDWR).unwrap();
     fs.unlink(ROOT, b"gone").unwrap();
     for (k, v) in [
         ("/a", a),
@@ -214,6 +217,8 @@ pub fn build_sized(size: u64) -> Image {
         inode_off.insert(v, fs.inode_table().offset(v).unwrap());
     }
     ino.insert("/", ROOT);
+    // Attribute flags, which the check must accept and the repair keep.
+    fs.set_attr_flags(&C, file1, FILE1_FLAGS).unwrap();
     let g = *fs.geometry();
     let chunk0 = fs.inode_table().chunk_blocks()[0];
     fs.shutdown().unwrap();
