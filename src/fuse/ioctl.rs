@@ -194,10 +194,13 @@ impl AttrIoctl {
     ) -> Result<Vec<u8>, Error> {
         match self {
             Self::GetFlags => {
+                if out_size < 4 {
+                    return Err(Error::Invalid);
+                }
                 let bits = to_bits(&FS_FLAGS, fs.attr_flags(ino)?);
                 // An int (4 bytes) or a long (8): the low bytes, little-endian, either way.
                 let mut out = u64::from(bits).to_le_bytes().to_vec();
-                out.truncate((out_size as usize).clamp(4, 8));
+                out.truncate((out_size as usize).min(8));
                 Ok(out)
             }
             Self::SetFlags => {
@@ -211,6 +214,9 @@ impl AttrIoctl {
                 Ok(Vec::new())
             }
             Self::FsGetXattr => {
+                if (out_size as usize) < size_of::<FsXattr>() {
+                    return Err(Error::Invalid);
+                }
                 let x = FsXattr {
                     xflags: to_bits(&FS_XFLAGS, fs.attr_flags(ino)?),
                     ..FsXattr::default()
@@ -229,5 +235,49 @@ impl AttrIoctl {
                 Ok(Vec::new())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_tables_map_both_ways_and_refuse_unknown_bits() {
+        for table in [&FS_FLAGS[..], &FS_XFLAGS[..]] {
+            let all = table.iter().fold(0, |acc, (_, f)| acc | f);
+            assert_eq!(from_bits(table, to_bits(table, all)), Some(all));
+            for &(bit, flag) in table {
+                assert_eq!(to_bits(table, flag), bit);
+                assert_eq!(from_bits(table, bit), Some(flag));
+            }
+        }
+        // FS_COMPR_FL, FS_EXTENT_FL; FS_XFLAG_REALTIME, FS_XFLAG_EXTSIZE.
+        for bit in [0x4, 0x8_0000] {
+            assert_eq!(from_bits(&FS_FLAGS, bit), None);
+        }
+        for bit in [0x1, 0x800] {
+            assert_eq!(from_bits(&FS_XFLAGS, bit), None);
+        }
+        // DIRSYNC has no xflag: FSSETXATTR keeps it (serve), FSGETXATTR cannot show it.
+        assert_eq!(to_bits(&FS_XFLAGS, inode_flags::DIRSYNC), 0);
+        assert_eq!(to_bits(&FS_FLAGS, inode_flags::ATTR_FLAGS).count_ones(), 7);
+    }
+
+    #[test]
+    fn both_encodings_of_the_flag_ioctls_are_recognised() {
+        assert_eq!(AttrIoctl::from_cmd(0x8008_6601), Some(AttrIoctl::GetFlags));
+        assert_eq!(AttrIoctl::from_cmd(0x8004_6601), Some(AttrIoctl::GetFlags));
+        assert_eq!(AttrIoctl::from_cmd(0x4008_6602), Some(AttrIoctl::SetFlags));
+        assert_eq!(AttrIoctl::from_cmd(0x4004_6602), Some(AttrIoctl::SetFlags));
+        assert_eq!(
+            AttrIoctl::from_cmd(0x801c_581f),
+            Some(AttrIoctl::FsGetXattr)
+        );
+        assert_eq!(
+            AttrIoctl::from_cmd(0x401c_5820),
+            Some(AttrIoctl::FsSetXattr)
+        );
+        assert_eq!(AttrIoctl::from_cmd(0x8004_587d), None); // FS_IOC_SHUTDOWN
     }
 }
