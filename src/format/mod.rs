@@ -91,6 +91,14 @@ bitflags! {
 impl IncompatFeatures {
     /// The features of version 2: a file system that has one of them is version 2.
     pub const V2: Self = Self::INODE_ATTR_FLAGS.union(Self::LARGE_FILES);
+
+    /// The features' names, comma-separated (for messages).
+    pub fn names(self) -> String {
+        self.iter_names()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Features this implementation understands, and writes at mkfs.

@@ -784,7 +784,9 @@ impl Fs {
             });
         }
         flags::may_fallocate(&i, mode)?;
-        if end_off > V1_MAX_FILE_SIZE && mode & FALLOC_FL_KEEP_SIZE == 0 {
+        // Preallocation and zero range may store extents past 2^44 even with KEEP_SIZE;
+        // only a punch stores none.
+        if end_off > V1_MAX_FILE_SIZE && mode & FALLOC_FL_PUNCH_HOLE == 0 {
             self.require_features(IncompatFeatures::LARGE_FILES)?;
         }
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {

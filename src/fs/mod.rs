@@ -358,10 +358,10 @@ impl Fs {
         new.seal();
         upgrade_superblock(self.media.as_ref(), &new)?;
         log::info!(
-            "superblock: version {} -> {}, features {:?} added",
+            "superblock: version {} -> {}, features {} added",
             sb.version,
             new.version,
-            features
+            features.names()
         );
         *sb = new;
         self.incompat.store(new.incompat, Ordering::Release);

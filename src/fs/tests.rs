@@ -1228,6 +1228,25 @@ fn a_version_1_file_system_mounts_and_becomes_version_2_on_first_use() {
 }
 
 #[test]
+fn preallocation_past_2_44_with_keep_size_adds_the_large_files_feature() {
+    use crate::format::IncompatFeatures as F;
+    let media = new_media(64 * MIB);
+    make_version_1(&media);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    // The size stays small, but the extent lies past file block 2^32, which a version-1
+    // reader refuses (the checker says so when the feature is missing).
+    fs.fallocate(&C, f.ino, 1 << 45, 4096, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 0);
+    assert_eq!(
+        fs_superblock(&media).incompat_features(),
+        F::HASHED_DIRS | F::LARGE_FILES
+    );
+    check(&fs);
+}
+
+#[test]
 fn files_of_2_63_minus_1_bytes_truncate_write_read_and_shrink() {
     use crate::format::MAX_FILE_SIZE;
     let media = new_media(64 * MIB);

@@ -254,6 +254,19 @@ fn superblock(img: &mut Image) {
     flip(img, 60, 0x01); // the label
 }
 
+/// Both superblocks say format version 1, without the attribute-flag feature that
+/// /a/file1's flags need (a consistent superblock: only the features are wrong).
+fn missing_feature(img: &mut Image) {
+    for at in [0usize, 4096] {
+        let (mut sb, _) =
+            pmfs::format::Superblock::read_from_prefix(&img.bytes[at..at + 256]).unwrap();
+        sb.version = 1;
+        sb.incompat = pmfs::format::IncompatFeatures::HASHED_DIRS.bits();
+        sb.seal();
+        img.bytes[at..at + 256].copy_from_slice(sb.as_bytes());
+    }
+}
+
 fn backup_superblock(img: &mut Image) {
     flip(img, 4096 + 8, 0x04);
 }
@@ -487,6 +500,7 @@ pub fn damages() -> Vec<Damage> {
         d("orphan", "orphan", orphan_not_orphan),
         d("unreachable", "not reachable", unreachable_dir),
         d("dot-entry", "are not stored", dot_entry),
+        d("missing-feature", "lacks the features", missing_feature),
         Damage {
             name: "truncated",
             expect: "truncated",
