@@ -344,6 +344,7 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
 
     let threads = config.n_threads.unwrap_or(1);
     let mut fuse = PmfsFuse::new(fs, opts.cache);
+    fuse.set_acls(opts.acl);
     let poller =
         (opts.spin_us > 0).then(|| fuse.poll_for(Duration::from_micros(opts.spin_us), threads));
     let clean = fuse.clean_flag();

@@ -11,7 +11,8 @@
 //! `PMFS_CRASH_DEEP=1` raises the sample sizes for long runs.
 
 use pmfs::device::{Media, RecordingDevice};
-use pmfs::fs::{AtimeMode, Ctx, Fs, MountOptions, RENAME_EXCHANGE, SetAttr};
+use pmfs::format::inode_flags;
+use pmfs::fs::{AtimeMode, Ctx, Fs, MountOptions, RENAME_EXCHANGE, RENAME_WHITEOUT, SetAttr};
 use pmfs::mkfs::{MkfsOptions, format};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ struct Seen {
     size: u64,
     content: Vec<u8>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The attribute flags (chattr).
+    flags: u16,
 }
 
 type State = BTreeMap<String, Seen>;
@@ -80,6 +83,7 @@ fn observe(fs: &Fs) -> State {
                     size: a.size,
                     content,
                     xattrs,
+                    flags: fs.attr_flags(a.ino).expect("attribute flags"),
                 },
             );
         }
@@ -228,7 +232,10 @@ fn create_write_rename() {
         let a = fs.lookup(ROOT, b"a").expect("a").ino;
         fs.write(&C, a, 0, &pattern(10_000, 1)).expect("write");
     })
-    .op(|fs| fs.rename(ROOT, b"a", ROOT, b"b", 0).expect("rename"));
+    .op(|fs| {
+        fs.rename(&Ctx::ROOT, ROOT, b"a", ROOT, b"b", 0)
+            .expect("rename")
+    });
     s.verify("create+write+rename");
 }
 
@@ -247,9 +254,34 @@ fn link_unlink_and_rename_over_existing() {
     .op(|fs| fs.unlink(ROOT, b"x-link").expect("unlink"))
     .op(|fs| {
         let d = fs.lookup(ROOT, b"d").expect("d").ino;
-        fs.rename(d, b"x", ROOT, b"y", 0).expect("rename over");
+        fs.rename(&Ctx::ROOT, d, b"x", ROOT, b"y", 0)
+            .expect("rename over");
     });
     s.verify("link/unlink/rename-over");
+}
+
+/// RENAME_WHITEOUT is one transaction: a crash leaves the old names or the new ones with
+/// the whiteout, never a source name that is gone (or a whiteout) with no moved file.
+#[test]
+fn rename_whiteout_and_attribute_flags() {
+    let mut s = Scenario::new(|fs| {
+        file(fs, ROOT, "a", &pattern(4000, 5));
+        file(fs, ROOT, "b", &pattern(2000, 6));
+    });
+    s.op(|fs| {
+        fs.rename(&C, ROOT, b"a", ROOT, b"c", RENAME_WHITEOUT)
+            .expect("rename whiteout")
+    })
+    .op(|fs| {
+        fs.rename(&C, ROOT, b"b", ROOT, b"c", RENAME_WHITEOUT)
+            .expect("rename whiteout over c")
+    })
+    .op(|fs| {
+        let c = fs.lookup(ROOT, b"c").expect("c").ino;
+        fs.set_attr_flags(&C, c, inode_flags::IMMUTABLE | inode_flags::NODUMP)
+            .expect("chattr +id");
+    });
+    s.verify("rename-whiteout");
 }
 
 #[test]
@@ -260,7 +292,7 @@ fn rename_exchange_and_directories() {
         file(fs, a, "f", b"in a");
     });
     s.op(|fs| {
-        fs.rename(ROOT, b"a", ROOT, b"b", RENAME_EXCHANGE)
+        fs.rename(&Ctx::ROOT, ROOT, b"a", ROOT, b"b", RENAME_EXCHANGE)
             .expect("exchange")
     })
     .op(|fs| {
@@ -269,7 +301,7 @@ fn rename_exchange_and_directories() {
     .op(|fs| {
         let b = fs.lookup(ROOT, b"b").expect("b").ino;
         let c = fs.lookup(ROOT, b"c").expect("c").ino;
-        fs.rename(b, b"f", c, b"f", 0).expect("move");
+        fs.rename(&Ctx::ROOT, b, b"f", c, b"f", 0).expect("move");
     })
     .op(|fs| fs.rmdir(ROOT, b"a").expect("rmdir"));
     s.verify("exchange+mkdir+rmdir");
@@ -339,7 +371,7 @@ fn allocating_writes_and_unlink_of_open_file() {
         file(fs, ROOT, "open", &pattern(20_000, 7));
     });
     let open = s.fs().lookup(ROOT, b"open").expect("open").ino;
-    s.fs().open(open).expect("open");
+    s.fs().open(open, libc::O_RDWR).expect("open");
     let big = s.fs().lookup(ROOT, b"big").expect("big").ino;
     s.op(|fs| {
         fs.write(&C, big, 2 << 20, &pattern(300_000, 8))
@@ -450,7 +482,7 @@ fn unlinks_of_open_files_in_two_directories_at_once() {
             .expect("mkdir");
         for i in 0..5u8 {
             let ino = file(&fs, dir.ino, &format!("f{i}"), &pattern(3000, d * 16 + i));
-            fs.open(ino).expect("open");
+            fs.open(ino, libc::O_RDWR).expect("open");
         }
         dirs.push(dir.ino);
     }

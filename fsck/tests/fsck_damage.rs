@@ -69,11 +69,20 @@ fn describe(what: &str, r: &Run) -> String {
 }
 
 /// Mounting the image (in memory) works, or fails with an error: never a panic.
-fn mounts(bytes: Vec<u8>) -> Result<(), String> {
+/// Mounts a repaired image and reads the root; `file1` (the inode of /a/file1) must have
+/// kept its attribute flags.
+fn mounts(bytes: Vec<u8>, file1: u64) -> Result<(), String> {
     let media: Arc<dyn Media> = Arc::new(RecordingDevice::from_image(bytes));
     let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).map_err(|e| e.to_string())?;
     fs.readdir(1, 0, &mut |_, _, _, _| false)
         .map_err(|e| e.to_string())?;
+    let flags = fs.attr_flags(file1).map_err(|e| e.to_string())?;
+    if flags != common::FILE1_FLAGS {
+        return Err(format!(
+            "/a/file1 has attribute flags {flags:#x} after the repair, not {:#x}",
+            common::FILE1_FLAGS
+        ));
+    }
     fs.shutdown().map_err(|e| e.to_string())
 }
 
@@ -127,7 +136,7 @@ fn every_damage_class_through_the_binary() {
                 &quick,
             ));
         }
-        if let Err(e) = mounts(std::fs::read(&file.0).unwrap()) {
+        if let Err(e) = mounts(std::fs::read(&file.0).unwrap(), img.ino["/a/file1"]) {
             failures.push(format!("{}: mount after repair: {e}", d.name));
         }
         eprintln!("{}: ok\n{}", d.name, fix.stdout);
@@ -167,7 +176,7 @@ fn damaged_images_mount_or_fail_cleanly() {
     for d in common::damages() {
         let mut img = base.clone();
         (d.apply)(&mut img);
-        match mounts(img.bytes.clone()) {
+        match mounts(img.bytes.clone(), img.ino["/a/file1"]) {
             Ok(()) => eprintln!("{}: mounts", d.name),
             Err(e) => {
                 assert!(!e.is_empty() && !e.contains('\n'), "{}: {e:?}", d.name);

@@ -14,14 +14,17 @@
 //! - every tree (directories, extent trees, the orphan list) is well formed: nodes decode,
 //!   none is reached twice, and the separator invariant of `btree` holds;
 //! - every non-directory's link count equals the entries naming it; nlink 0 only on orphans;
-//! - the block bitmap equals the set of blocks referenced (no leak, no double use).
+//! - the block bitmap equals the set of blocks referenced (no leak, no double use);
+//! - the superblock has the features the inodes use (attribute flags, files or extents past
+//!   2^44 bytes), which keep an older pmfs from taking them for damage.
 
 use crate::btree::{Tree, TreeReader};
 use crate::device::Media;
 use crate::error::Result;
 use crate::format::bitmap;
 use crate::format::{
-    CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, Inode, NULL_INO, ROOT_INO, TreeKind, inode_flags,
+    CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, IncompatFeatures, Inode, NULL_INO, ROOT_INO,
+    TreeKind, V1_MAX_FILE_SIZE, inode_flags,
 };
 use crate::meta::InodeTable;
 use crate::meta::{read_state, read_superblock};
@@ -48,7 +51,8 @@ pub fn join_path(base: &str, name: &[u8]) -> String {
     format!("…{}", &p[cut..])
 }
 
-/// Kinds of damage, so fsck can pick a repair.
+/// Kinds of damage, so fsck can pick a repair. (`MissingFeatures`: inodes use the
+/// incompatible features of these bits, which the superblock does not have.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProblemKind {
     Backup,
@@ -65,6 +69,7 @@ pub enum ProblemKind {
     Unmarked { first: u64, count: u64 },
     BadParent { ino: u64 },
     Orphan(u64),
+    MissingFeatures(u64),
     // Found by `repair::diagnose` before a check can run:
     Superblock,
     StateRecord,
@@ -230,6 +235,17 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
         }
     }
 
+    // Version-2 features used by inodes (extents past 2^44 are added below).
+    let mut used = IncompatFeatures::empty();
+    for i in inodes.values() {
+        if i.flags & inode_flags::ATTR_FLAGS != 0 {
+            used |= IncompatFeatures::INODE_ATTR_FLAGS;
+        }
+        if i.size > V1_MAX_FILE_SIZE {
+            used |= IncompatFeatures::LARGE_FILES;
+        }
+    }
+
     // Per-inode contents: extents, trees, xattrs, symlink blocks.
     let mut sorted: Vec<u64> = inodes.keys().copied().collect();
     sorted.sort_unstable();
@@ -263,6 +279,9 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
                             );
                         }
                         prev_end = e.file_block + u64::from(e.len);
+                        if prev_end > V1_MAX_FILE_SIZE / crate::format::BLOCK_SIZE {
+                            used |= IncompatFeatures::LARGE_FILES;
+                        }
                         c.mark(e.dev_block, u64::from(e.len), &owner);
                         counted += u64::from(e.len);
                     }
@@ -319,6 +338,17 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
                 format!("inode {ino} has no links and is not on the orphan list"),
             );
         }
+    }
+    let missing = used.difference(sb.incompat_features());
+    if !missing.is_empty() {
+        c.problem(
+            ProblemKind::MissingFeatures(missing.bits()),
+            format!(
+                "superblock lacks the features {} that inodes use (an older pmfs would take \
+                 those inodes for damage)",
+                missing.names()
+            ),
+        );
     }
 
     // The tree from the root: entries, link counts, parents, reachability.

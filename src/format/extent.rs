@@ -3,7 +3,7 @@
 //! (`fs::extent`), the checker and the repair.
 
 use super::{
-    ExtentRecord, Geometry, INLINE_EXTENTS, INODE_INLINE_LEN, Inode, MAX_FILE_SIZE, extent_flags,
+    ExtentRecord, Geometry, INLINE_EXTENTS, INODE_INLINE_LEN, Inode, MAX_FILE_BLOCKS, extent_flags,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -31,7 +31,7 @@ impl ExtentRecord {
     }
 
     /// Checks one record on its own: `len` > 0, known flags, the file range below
-    /// [`MAX_FILE_SIZE`], the device range inside the data area. Whether the extents of one
+    /// [`MAX_FILE_BLOCKS`], the device range inside the data area. Whether the extents of one
     /// file overlap is the map's rule, not the record's.
     pub fn validate(&self, g: &Geometry) -> Result<(), ExtentDamage> {
         let len = u64::from(self.len);
@@ -40,7 +40,7 @@ impl ExtentRecord {
         } else if self
             .file_block
             .checked_add(len)
-            .is_none_or(|e| e > MAX_FILE_SIZE >> 12)
+            .is_none_or(|e| e > MAX_FILE_BLOCKS)
         {
             Err(ExtentDamage::BeyondMaxSize)
         } else if !g.is_data_range(self.dev_block, len) {

@@ -47,10 +47,21 @@ pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"PMBT");
 pub const XATTR_MAGIC: u32 = u32::from_le_bytes(*b"PMXA");
 
 /// Current format version. Bump together with docs/FORMAT.md's version table.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Oldest format version this implementation mounts (a version-1 file system becomes
+/// version 2 when it first uses a version-2 feature: [`IncompatFeatures::V2`]).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Format versions, oldest first: (version, what changed, when).
-pub const FORMAT_VERSIONS: &[(u32, &str, &str)] = &[(1, "initial format", "2026-11")];
+pub const FORMAT_VERSIONS: &[(u32, &str, &str)] = &[
+    (1, "initial format", "2026-11"),
+    (
+        2,
+        "inode attribute flags (chattr), files up to 2^63 - 1 bytes",
+        "2026-12",
+    ),
+];
 
 bitflags! {
     /// Features an implementation must understand to mount at all.
@@ -58,6 +69,10 @@ bitflags! {
     pub struct IncompatFeatures: u64 {
         /// Directories are B+trees keyed by name hash (always set in version 1).
         const HASHED_DIRS = 1 << 0;
+        /// Inodes may carry the attribute flags of chattr(1) (`inode_flags::ATTR_FLAGS`).
+        const INODE_ATTR_FLAGS = 1 << 1;
+        /// Files may be larger than 2^44 bytes (up to [`MAX_FILE_SIZE`], 2^63 - 1).
+        const LARGE_FILES = 1 << 2;
     }
     /// Features an implementation must understand to mount read-write.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,8 +88,23 @@ bitflags! {
     }
 }
 
-/// Features this implementation writes at mkfs.
-pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS;
+impl IncompatFeatures {
+    /// The features of version 2: a file system that has one of them is version 2.
+    pub const V2: Self = Self::INODE_ATTR_FLAGS.union(Self::LARGE_FILES);
+
+    /// The features' names, comma-separated (for messages).
+    pub fn names(self) -> String {
+        self.iter_names()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Features this implementation understands, and writes at mkfs.
+pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS
+    .union(IncompatFeatures::INODE_ATTR_FLAGS)
+    .union(IncompatFeatures::LARGE_FILES);
 pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
 pub const COMPAT_SUPPORTED: CompatFeatures = CompatFeatures::DEFERRED_FREE;
 
@@ -112,9 +142,15 @@ pub const SYMLINK_MAX: usize = BLOCK_SIZE as usize - 1;
 pub const XATTR_VALUE_MAX: usize = 64 * 1024;
 /// Largest xattr area (all names and values of one inode), in blocks.
 pub const XATTR_AREA_MAX_BLOCKS: u32 = 20;
-/// Largest file size: block numbers of files are 32-bit-safe in extents' lengths but 64-bit
-/// in offsets; cap at 2^44 (16 TiB) to keep every byte offset far from overflow.
-pub const MAX_FILE_SIZE: u64 = 1 << 44;
+/// Largest file size: 2^63 - 1, the largest `off_t` (and the kernel's `MAX_LFS_FILESIZE`,
+/// the `s_maxbytes` of every FUSE mount). Sizes above [`V1_MAX_FILE_SIZE`] need
+/// [`IncompatFeatures::LARGE_FILES`].
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+/// File blocks of the largest file: every extent ends at or below this block.
+pub const MAX_FILE_BLOCKS: u64 = MAX_FILE_SIZE.div_ceil(BLOCK_SIZE);
+/// Largest file size of format version 1 (2^44, 16 TiB): version-1 readers refuse larger
+/// sizes and extents beyond block 2^32 as damage.
+pub const V1_MAX_FILE_SIZE: u64 = 1 << 44;
 
 /// Converts blocks to bytes.
 pub const fn blocks_to_bytes(blocks: u64) -> u64 {
@@ -132,7 +168,9 @@ pub fn checksum(bytes: &[u8]) -> u32 {
 pub enum FormatError {
     #[error("not a pmfs file system (bad magic)")]
     BadMagic,
-    #[error("unsupported format version {0} (this pmfs reads version {FORMAT_VERSION})")]
+    #[error(
+        "unsupported format version {0} (this pmfs reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u32),
     #[error("unknown incompatible features {0:#x}: this pmfs cannot mount it")]
     UnknownIncompat(u64),

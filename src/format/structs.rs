@@ -3,7 +3,7 @@
 
 use super::{
     BLOCK_SIZE, FORMAT_VERSION, FormatError, INCOMPAT_SUPPORTED, IncompatFeatures, NODE_MAGIC,
-    STATE_MAGIC, SUPERBLOCK_MAGIC, checksum,
+    OLDEST_FORMAT_VERSION, STATE_MAGIC, SUPERBLOCK_MAGIC, checksum,
 };
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
@@ -76,7 +76,7 @@ impl Superblock {
                 computed,
             });
         }
-        if sb.version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&sb.version) {
             return Err(FormatError::UnsupportedVersion(sb.version));
         }
         let unknown = sb.incompat & !INCOMPAT_SUPPORTED.bits();
@@ -263,7 +263,30 @@ pub mod inode_flags {
     pub const TREE: u16 = 1 << 1;
     /// A symlink's target is stored inline (else in the block `tree_root`).
     pub const INLINE_DATA: u16 = 1 << 2;
-    pub const ALL: u16 = ORPHAN | TREE | INLINE_DATA;
+    /// chattr +i: no change to the inode, its data or its entries (a directory's), no
+    /// unlink or rename of it, no link to it. Only the flags may change, by root.
+    pub const IMMUTABLE: u16 = 1 << 3;
+    /// chattr +a: data may only be appended; no truncate, unlink, rename, link, xattr or
+    /// attribute change. Directories: entries may be added, not removed.
+    pub const APPEND: u16 = 1 << 4;
+    /// chattr +A: reads do not update atime.
+    pub const NOATIME: u16 = 1 << 5;
+    /// chattr +d: dump(8) skips the file (stored and reported only).
+    pub const NODUMP: u16 = 1 << 6;
+    /// chattr +S: synchronous updates (every pmfs change already is durable on return).
+    pub const SYNC: u16 = 1 << 7;
+    /// chattr +D: synchronous directory updates (as `SYNC`: already so).
+    pub const DIRSYNC: u16 = 1 << 8;
+    /// chattr +x (FS_XFLAG_DAX): the per-inode DAX hint of XFS and ext4, stored and
+    /// inherited only: FUSE cannot map a file's pmem pages into a process, and
+    /// `pmfs::dax` maps any file directly whatever its flags.
+    pub const DAX: u16 = 1 << 9;
+    /// The attribute flags of chattr(1) (the `INODE_ATTR_FLAGS` feature).
+    pub const ATTR_FLAGS: u16 = IMMUTABLE | APPEND | NOATIME | NODUMP | SYNC | DIRSYNC | DAX;
+    /// Attribute flags a new inode takes from its directory (as ext4's inherited flags, and
+    /// XFS's DAX): all but immutable and append-only; `DIRSYNC` only by directories.
+    pub const INHERITED: u16 = NOATIME | NODUMP | SYNC | DIRSYNC | DAX;
+    pub const ALL: u16 = ORPHAN | TREE | INLINE_DATA | ATTR_FLAGS;
 }
 
 /// Bytes of the inline area of an inode.

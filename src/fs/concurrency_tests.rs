@@ -358,7 +358,7 @@ fn an_open_racing_the_last_release_of_an_unlinked_file_keeps_its_data() {
     let (media, fs) = new_fs(64 * MIB);
     let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
     fs.write(&C, f.ino, 0, b"still here").unwrap();
-    fs.open(f.ino).unwrap();
+    fs.open(f.ino, libc::O_RDWR).unwrap();
     fs.unlink(ROOT_INO, b"f").unwrap();
     fs.forget(f.ino, 1); // only the open keeps it now (as a handle-based reopen would)
     let (f1, f2) = (Arc::clone(&fs), Arc::clone(&fs));
@@ -369,7 +369,7 @@ fn an_open_racing_the_last_release_of_an_unlinked_file_keeps_its_data() {
         "open.before_count",
         || Ok(()),
         Duration::from_millis(300),
-        move || f1.open(f.ino),
+        move || f1.open(f.ino, libc::O_RDWR),
         move || f2.release(f.ino),
     );
     match opened {
@@ -610,7 +610,14 @@ fn stress(seed: u64, threads: usize, ops_per_thread: usize) {
                                     to = other;
                                 }
                             }
-                            match fs.rename(from.0, from.1.as_bytes(), to.0, to.1.as_bytes(), 0) {
+                            match fs.rename(
+                                &Ctx::ROOT,
+                                from.0,
+                                from.1.as_bytes(),
+                                to.0,
+                                to.1.as_bytes(),
+                                0,
+                            ) {
                                 Ok(()) => {
                                     let e = w.names.remove(&from).unwrap();
                                     if let Some(old) = w.names.insert(to, e) {
@@ -633,7 +640,7 @@ fn stress(seed: u64, threads: usize, ops_per_thread: usize) {
                             // Open (and sometimes lease), then unlink: an open orphan.
                             let k = pick(&mut rng);
                             let e = w.names[&k].clone();
-                            fs.open(e.ino).unwrap();
+                            fs.open(e.ino, libc::O_RDWR).unwrap();
                             let lease = if rng.random_bool(0.5) {
                                 fs.map_direct(e.ino, 0, 1 << 20).ok().map(|(id, _)| id)
                             } else {

@@ -9,13 +9,14 @@
 
 use super::SHRINK_BATCH;
 use super::extent;
+use super::flags;
 use super::txn::{LockSet, MetaTx, StripeGuards};
 use super::{AtimeMode, Ctx, Fs, now_ns};
 use crate::alloc::{AllocError, AllocRequest, BlockRange};
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_BLOCKS, CHUNK_SIZE, ExtentRecord, Inode, MAX_FILE_SIZE, blocks_to_bytes,
-    extent_flags, inode_flags,
+    BLOCK_SIZE, CHUNK_BLOCKS, CHUNK_SIZE, ExtentRecord, IncompatFeatures, Inode, MAX_FILE_BLOCKS,
+    MAX_FILE_SIZE, V1_MAX_FILE_SIZE, blocks_to_bytes, extent_flags, inode_flags,
 };
 use crate::journal::Tx;
 
@@ -96,6 +97,9 @@ impl Fs {
     }
 
     fn atime_due(&self, i: &Inode) -> bool {
+        if flags::keeps_atime(i) {
+            return false;
+        }
         match self.options.atime {
             AtimeMode::Noatime => false,
             AtimeMode::Strictatime => true,
@@ -163,8 +167,12 @@ impl Fs {
                 Error::Invalid
             });
         }
+        flags::may_write(&i, offset)?;
         if len == 0 {
             return Ok(0);
+        }
+        if end_off > V1_MAX_FILE_SIZE {
+            self.require_features(IncompatFeatures::LARGE_FILES)?;
         }
         // Moving the first chunk frees the small blocks it was written in.
         let mut tx = self.begin(&g, self.free_locks(ino))?;
@@ -504,7 +512,7 @@ impl Fs {
         let big = want_end - b >= CHUNK_BLOCKS || (b >= CHUNK_BLOCKS && contiguous);
         if big && prev_end <= chunk_start && next >= chunk_start + CHUNK_BLOCKS {
             let chunks = (want_end - chunk_start).div_ceil(CHUNK_BLOCKS);
-            let max_chunks = (next.min(MAX_FILE_SIZE / BLOCK_SIZE) - chunk_start) / CHUNK_BLOCKS;
+            let max_chunks = (next.min(MAX_FILE_BLOCKS) - chunk_start) / CHUNK_BLOCKS;
             let chunks = chunks.min(max_chunks).max(1);
             let req = AllocRequest {
                 blocks: chunks * CHUNK_BLOCKS,
@@ -774,6 +782,12 @@ impl Fs {
             } else {
                 Error::NotSupported
             });
+        }
+        flags::may_fallocate(&i, mode)?;
+        // Preallocation and zero range may store extents past 2^44 even with KEEP_SIZE;
+        // only a punch stores none.
+        if end_off > V1_MAX_FILE_SIZE && mode & FALLOC_FL_PUNCH_HOLE == 0 {
+            self.require_features(IncompatFeatures::LARGE_FILES)?;
         }
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             // A range over many extents is freed in steps first (each a consistent file

@@ -14,6 +14,7 @@
 mod data;
 #[cfg(test)]
 mod failpoint;
+mod flags;
 mod lease;
 mod ops;
 mod refs;
@@ -21,11 +22,11 @@ mod txn;
 
 pub use crate::meta::{
     InodeTable, check_name, file_extents, list_dir, load_xattrs, name_hash, now_ns,
-    read_backup_superblock, read_state, read_superblock,
+    read_backup_superblock, read_state, read_superblock, upgrade_superblock,
 };
 use crate::meta::{dir, extent, xattr};
 pub use lease::MappedExtent;
-pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
+pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT};
 
 #[cfg(test)]
 mod concurrency_tests;
@@ -39,13 +40,14 @@ use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_SIZE, FsState, Geometry, Inode, NULL_INO, ROOT_INO, STATE_OFFSET, Superblock,
-    TreeKind, file_type, inode_flags,
+    BLOCK_SIZE, CHUNK_SIZE, FORMAT_VERSION, FsState, Geometry, IncompatFeatures, Inode,
+    NULL_INO, ROOT_INO, STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
 use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use txn::{LockSet, MetaTx, StripeGuards, StripeRead};
 
 /// Lock stripes for inodes.
@@ -207,7 +209,11 @@ struct Refs {
 pub struct Fs {
     media: Arc<dyn Media>,
     geometry: Geometry,
-    superblock: Superblock,
+    /// The superblock as on the media; changed only by [`Fs::require_features`] (a leaf
+    /// lock: nothing is taken while it is held).
+    superblock: Mutex<Superblock>,
+    /// `superblock.incompat`, readable without the lock.
+    incompat: AtomicU64,
     journal: Journal,
     alloc: Arc<BlockAllocator>,
     inodes: InodeTable,
@@ -296,7 +302,8 @@ impl Fs {
         let fs = Self {
             media,
             geometry,
-            superblock,
+            incompat: AtomicU64::new(superblock.incompat),
+            superblock: Mutex::new(superblock),
             journal,
             alloc,
             inodes,
@@ -353,8 +360,37 @@ impl Fs {
         Ok(())
     }
 
-    pub fn superblock(&self) -> &Superblock {
-        &self.superblock
+    pub fn superblock(&self) -> Superblock {
+        *self.superblock.lock()
+    }
+
+    /// Makes sure the file system has `features` before something that needs them is
+    /// stored: a version-1 file system becomes version 2 on its first use of a version-2
+    /// feature (docs/FORMAT.md, "Version 1 file systems"). Call before the transaction that
+    /// stores the flag or the size.
+    fn require_features(&self, features: IncompatFeatures) -> Result<()> {
+        if self.incompat.load(Ordering::Acquire) & features.bits() == features.bits() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let mut sb = self.superblock.lock();
+        if sb.incompat & features.bits() == features.bits() {
+            return Ok(());
+        }
+        let mut new = *sb;
+        new.incompat |= features.bits();
+        new.version = FORMAT_VERSION;
+        new.seal();
+        upgrade_superblock(self.media.as_ref(), &new)?;
+        log::info!(
+            "superblock: version {} -> {}, features {} added",
+            sb.version,
+            new.version,
+            features.names()
+        );
+        *sb = new;
+        self.incompat.store(new.incompat, Ordering::Release);
+        Ok(())
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -503,13 +539,16 @@ impl Fs {
         }
     }
 
-    /// Opens an inode (counts the open so an unlinked file keeps its data). The open is
-    /// counted under the inode's lock, so a concurrent reap either sees it or has already
-    /// freed the inode (and this open fails with NotFound).
-    pub fn open(&self, ino: u64) -> Result<Attr> {
+    /// Opens an inode with open(2)'s `flags` (counts the open so an unlinked file keeps its
+    /// data). The open is counted under the inode's lock, so a concurrent reap either sees
+    /// it or has already freed the inode (and this open fails with NotFound). An open that
+    /// could write an immutable file, or overwrite an append-only one, is EPERM.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Attr> {
         self.check_alive()?;
         let _g = self.read_lock(ino);
-        let a = Attr::from_inode(ino, &self.inodes.read(ino)?);
+        let i = self.inodes.read(ino)?;
+        flags::may_open(&i, flags)?;
+        let a = Attr::from_inode(ino, &i);
         #[cfg(test)]
         failpoint::hit("open.before_count")?;
         self.refs.open(ino);

@@ -1,6 +1,7 @@
 //! Namespace operations: lookup, create, link, unlink, rename, readdir, setattr, xattrs.
 
 use super::dir::{self, DirEntry};
+use super::flags;
 use super::txn::{LockSet, MetaTx, StripeGuards};
 use super::xattr;
 use super::{Attr, Ctx, Fs, SetAttr, SetTime, now_ns};
@@ -8,8 +9,8 @@ use crate::alloc::{AllocRequest, BlockRange};
 use crate::error::{Error, Result};
 use crate::format::dirent::type_byte;
 use crate::format::{
-    BLOCK_SIZE, INODE_INLINE_LEN, Inode, ROOT_INO, SYMLINK_MAX, XATTR_VALUE_MAX, blocks_to_bytes,
-    file_type, inode_flags,
+    BLOCK_SIZE, INODE_INLINE_LEN, IncompatFeatures, Inode, MAX_FILE_SIZE, ROOT_INO, SYMLINK_MAX,
+    V1_MAX_FILE_SIZE, XATTR_VALUE_MAX, blocks_to_bytes, file_type, inode_flags,
 };
 use crate::journal::Tx;
 use crate::lockorder::{Rank, Ranked};
@@ -22,6 +23,11 @@ pub type ReaddirFn<'a> = dyn FnMut(u64, i64, u16, &[u8]) -> bool + 'a;
 pub const LINK_MAX: u32 = 65_000;
 pub const RENAME_NOREPLACE: u32 = 1;
 pub const RENAME_EXCHANGE: u32 = 2;
+/// renameat2's RENAME_WHITEOUT: the source name is left pointing at a whiteout, a
+/// character device 0:0 (what overlayfs reads as "deleted in this layer").
+pub const RENAME_WHITEOUT: u32 = 4;
+/// The mode of a whiteout: the VFS's `S_IFCHR | WHITEOUT_MODE` (0).
+const WHITEOUT_MODE: u32 = file_type::S_IFCHR as u32;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
 
@@ -35,6 +41,16 @@ fn kill_privs_on_chown(ctx: &Ctx, old_gid: u32, i: &mut Inode) {
     if i.mode & 0o010 != 0 || (ctx.uid != 0 && ctx.gid != old_gid) {
         i.mode &= !0o2000;
     }
+}
+
+/// The two names of a rename: the source's entry `se` in `parent`, and `newname` in
+/// `newparent` with its entry `de` if the name exists.
+struct RenameSides<'a> {
+    parent: u64,
+    se: &'a DirEntry,
+    newparent: u64,
+    newname: &'a [u8],
+    de: Option<DirEntry>,
 }
 
 impl Fs {
@@ -115,6 +131,7 @@ impl Fs {
         let mut i = Inode::new(mode, 1, now_ns(), generation);
         i.uid = ctx.uid;
         i.gid = gid;
+        i.flags = flags::inherited(parent, mode);
         i
     }
 
@@ -140,6 +157,7 @@ impl Fs {
         if self.find(parent, &p, name)?.is_some() {
             return Err(Error::Exists);
         }
+        flags::may_create(&p)?;
         let is_dir = mode as u16 & file_type::S_IFMT == file_type::S_IFDIR;
         if is_dir && p.nlink >= LINK_MAX {
             return Err(Error::TooManyLinks);
@@ -275,6 +293,8 @@ impl Fs {
         if self.find(newparent, &p, newname)?.is_some() {
             return Err(Error::Exists);
         }
+        flags::may_link(&i)?;
+        flags::may_create(&p)?;
         let now = now_ns();
         let mut tx = self.begin(&g, LockSet::NONE)?;
         let mut t = dir::tree(newparent, p.tree_root);
@@ -374,6 +394,9 @@ impl Fs {
             }
             let mut c = self.inodes.read(child)?;
             let now = now_ns();
+            // The flags come first, as in the VFS (may_delete): EPERM before ENOTDIR,
+            // EISDIR or ENOTEMPTY.
+            flags::may_delete(&p, &c)?;
             if want_dir {
                 if !c.is_dir() {
                     return Err(Error::NotDir);
@@ -426,8 +449,12 @@ impl Fs {
         ))
     }
 
+    /// RENAME / RENAME2 with renameat2's `flags`. With RENAME_WHITEOUT, `ctx` owns the
+    /// whiteout left at the source name (as a mknod by the caller would); the whiteout, the
+    /// move and the replaced target's unlink are one transaction.
     pub fn rename(
         &self,
+        ctx: &Ctx,
         parent: u64,
         name: &[u8],
         newparent: u64,
@@ -439,8 +466,9 @@ impl Fs {
         if name.len() > crate::format::NAME_MAX {
             return Err(Error::NameTooLong);
         }
-        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
-            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        // EXCHANGE goes with neither NOREPLACE nor WHITEOUT (the kernel's rule).
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) != 0
+            || (flags & RENAME_EXCHANGE != 0 && flags & (RENAME_NOREPLACE | RENAME_WHITEOUT) != 0)
         {
             return Err(Error::Invalid);
         }
@@ -465,7 +493,14 @@ impl Fs {
             if se.ino != src || de.as_ref().map(|e| e.ino) != dst {
                 continue;
             }
-            let result = self.rename_locked(&g, parent, &se, newparent, newname, de, flags, set);
+            let sides = RenameSides {
+                parent,
+                se: &se,
+                newparent,
+                newname,
+                de,
+            };
+            let result = self.rename_locked(ctx, &g, sides, flags, set);
             drop(g);
             self.finish_pending_reaps();
             self.give_back_inode_chunks();
@@ -473,21 +508,21 @@ impl Fs {
         }
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the rename's two sides, spelled out"
-    )]
     fn rename_locked(
         &self,
+        ctx: &Ctx,
         g: &StripeGuards<'_>,
-        parent: u64,
-        se: &DirEntry,
-        newparent: u64,
-        newname: &[u8],
-        de: Option<DirEntry>,
+        sides: RenameSides<'_>,
         flags: u32,
         mut set: HashMap<u64, Inode>,
     ) -> Result<()> {
+        let RenameSides {
+            parent,
+            se,
+            newparent,
+            newname,
+            de,
+        } = sides;
         let src = se.ino;
         if de.as_ref().is_some_and(|d| d.ino == src) {
             return Ok(()); // both names are links to one inode: nothing to do
@@ -507,6 +542,14 @@ impl Fs {
         if s_inode.is_dir() && parent != newparent && self.is_ancestor(src, newparent)? {
             return Err(Error::Invalid);
         }
+        // The source leaves its directory, the target (if any) leaves the other, and the
+        // new name enters it: the attribute flags of all four may forbid it (checked before
+        // the types, as the VFS's may_delete does).
+        flags::may_delete(&set[&parent], &s_inode)?;
+        flags::may_create(&set[&newparent])?;
+        if let Some(di) = &d_inode {
+            flags::may_delete(&set[&newparent], di)?;
+        }
         if let (Some(d), Some(di)) = (&de, &d_inode) {
             if flags & RENAME_EXCHANGE != 0 {
                 if di.is_dir() && parent != newparent && self.is_ancestor(d.ino, parent)? {
@@ -520,6 +563,12 @@ impl Fs {
                 return Err(Error::NotEmpty);
             }
         }
+        let whiteout = flags & RENAME_WHITEOUT != 0;
+        let reserved = if whiteout {
+            Some(self.inodes.reserve(&self.journal, &self.alloc)?)
+        } else {
+            None
+        };
         set.insert(src, s_inode);
         if let (Some(d), Some(di)) = (&de, d_inode) {
             set.insert(d.ino, di);
@@ -535,6 +584,26 @@ impl Fs {
         let nodes = self.nodes();
         let get = |set: &mut HashMap<u64, Inode>, ino: u64| -> Result<Inode> {
             set.get(&ino).copied().ok_or(Error::Invalid)
+        };
+        // RENAME_WHITEOUT: a new inode, stored below with the others.
+        let whiteout = match reserved {
+            Some(reserved) => {
+                let (ino, generation) = self.inodes.allocate(&mut tx, reserved)?;
+                let inode = self.new_inode(ctx, &set[&parent], WHITEOUT_MODE, generation);
+                Some((ino, inode))
+            }
+            None => None,
+        };
+        // The source's entry goes away, or, with RENAME_WHITEOUT, now names the whiteout.
+        let vacate = |tx: &mut Tx<'_>, t: &mut crate::btree::Tree, dir: &mut Inode| -> Result<()> {
+            match &whiteout {
+                Some((wino, w)) => dir::replace(tx, &r, &nodes, t, se, *wino, type_byte(w.mode)),
+                None => {
+                    dir::remove(tx, &r, &nodes, t, se.key)?;
+                    dir.size = dir.size.saturating_sub(1);
+                    Ok(())
+                }
+            }
         };
         if let Some(d) = &de {
             let dst = d.ino;
@@ -563,9 +632,8 @@ impl Fs {
                 set.insert(newparent, npt);
                 let mut pt = get(&mut set, parent)?;
                 let mut t = dir::tree(parent, pt.tree_root);
-                dir::remove(&mut tx, &r, &nodes, &mut t, se.key)?;
+                vacate(&mut tx, &mut t, &mut pt)?;
                 pt.tree_root = t.root;
-                pt.size = pt.size.saturating_sub(1);
                 set.insert(parent, pt);
                 let mut di = get(&mut set, dst)?;
                 if di.is_dir() {
@@ -584,9 +652,8 @@ impl Fs {
             let si = get(&mut set, src)?;
             let mut pt = get(&mut set, parent)?;
             let mut t = dir::tree(parent, pt.tree_root);
-            dir::remove(&mut tx, &r, &nodes, &mut t, se.key)?;
+            vacate(&mut tx, &mut t, &mut pt)?;
             pt.tree_root = t.root;
-            pt.size = pt.size.saturating_sub(1);
             set.insert(parent, pt);
             let mut npt = get(&mut set, newparent)?;
             let mut t = dir::tree(newparent, npt.tree_root);
@@ -612,6 +679,9 @@ impl Fs {
         }
         if let Some(i) = set.get_mut(&src) {
             i.ctime_ns = now;
+        }
+        if let Some((wino, mut w)) = whiteout {
+            self.inodes.write(&mut tx, wino, &mut w)?;
         }
         let dst = de.as_ref().map(|d| d.ino);
         for (ino, mut inode) in set {
@@ -713,6 +783,7 @@ impl Fs {
         self.check_writable()?;
         let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
+        flags::may_setattr(&i, s)?;
         let now = now_ns();
         let shrinks = i.is_reg() && s.size.is_some_and(|size| size < i.size);
         if let Some(size) = s.size {
@@ -721,6 +792,11 @@ impl Fs {
                 self.punch_in_steps(&g, ino, size.div_ceil(BLOCK_SIZE), u64::MAX, true)?;
                 i = self.inodes.read(ino)?;
             }
+        }
+        if s.size
+            .is_some_and(|size| size > V1_MAX_FILE_SIZE && size <= MAX_FILE_SIZE)
+        {
+            self.require_features(IncompatFeatures::LARGE_FILES)?;
         }
         let locks = LockSet {
             state: false,
@@ -756,7 +832,7 @@ impl Fs {
             if !i.is_reg() {
                 return Err(Error::Invalid);
             }
-            if size > crate::format::MAX_FILE_SIZE {
+            if size > MAX_FILE_SIZE {
                 return Err(Error::FileTooBig);
             }
             self.set_size(&mut tx, ino, &mut i, size)?;
@@ -856,6 +932,7 @@ impl Fs {
     ) -> Result<()> {
         let g = self.lock_all(&[ino]);
         let mut i = self.inodes.read(ino)?;
+        flags::may_change_xattrs(&i)?;
         let mut attrs = xattr::load(self.media.as_ref(), &self.geometry, ino, &i)?;
         change(&mut attrs)?;
         let image = xattr::encode(ino, &attrs)?;

@@ -168,37 +168,38 @@ fn rename_variants() {
     let b = fs.mkdir(&C, ROOT_INO, b"b", 0o755).unwrap();
     let x = fs.mknod(&C, a.ino, b"x", 0o100644, 0).unwrap();
     let y = fs.mknod(&C, b.ino, b"y", 0o100644, 0).unwrap();
-    fs.rename(a.ino, b"x", b.ino, b"x2", 0).unwrap();
+    fs.rename(&Ctx::ROOT, a.ino, b"x", b.ino, b"x2", 0).unwrap();
     assert_eq!(fs.lookup(b.ino, b"x2").unwrap().ino, x.ino);
     assert!(matches!(
-        fs.rename(b.ino, b"x2", b.ino, b"y", RENAME_NOREPLACE),
+        fs.rename(&Ctx::ROOT, b.ino, b"x2", b.ino, b"y", RENAME_NOREPLACE),
         Err(Error::Exists)
     ));
-    fs.rename(b.ino, b"x2", b.ino, b"y", RENAME_EXCHANGE)
+    fs.rename(&Ctx::ROOT, b.ino, b"x2", b.ino, b"y", RENAME_EXCHANGE)
         .unwrap();
     assert_eq!(fs.lookup(b.ino, b"y").unwrap().ino, x.ino);
     assert_eq!(fs.lookup(b.ino, b"x2").unwrap().ino, y.ino);
     // Over an existing file: the old target loses its link.
-    fs.rename(b.ino, b"x2", b.ino, b"y", 0).unwrap();
+    fs.rename(&Ctx::ROOT, b.ino, b"x2", b.ino, b"y", 0).unwrap();
     assert_eq!(fs.lookup(b.ino, b"y").unwrap().ino, y.ino);
     // Directory moves keep link counts; cycles are refused.
     let c = fs.mkdir(&C, a.ino, b"c", 0o755).unwrap();
     assert!(matches!(
-        fs.rename(ROOT_INO, b"a", c.ino, b"loop", 0),
+        fs.rename(&Ctx::ROOT, ROOT_INO, b"a", c.ino, b"loop", 0),
         Err(Error::Invalid)
     ));
-    fs.rename(a.ino, b"c", b.ino, b"c", 0).unwrap();
+    fs.rename(&Ctx::ROOT, a.ino, b"c", b.ino, b"c", 0).unwrap();
     assert_eq!(fs.getattr(a.ino).unwrap().nlink, 2);
     assert_eq!(fs.getattr(b.ino).unwrap().nlink, 3);
     assert_eq!(fs.lookup(c.ino, b"..").unwrap().ino, b.ino);
     // Over an empty directory, not over a full one.
     let e = fs.mkdir(&C, ROOT_INO, b"empty", 0o755).unwrap();
-    fs.rename(ROOT_INO, b"a", ROOT_INO, b"empty", 0).unwrap();
+    fs.rename(&Ctx::ROOT, ROOT_INO, b"a", ROOT_INO, b"empty", 0)
+        .unwrap();
     assert!(
         matches!(fs.getattr(e.ino), Err(Error::NotFound)) || fs.getattr(e.ino).unwrap().nlink == 0
     );
     assert!(matches!(
-        fs.rename(ROOT_INO, b"empty", ROOT_INO, b"b", 0),
+        fs.rename(&Ctx::ROOT, ROOT_INO, b"empty", ROOT_INO, b"b", 0),
         Err(Error::NotEmpty)
     ));
     check(&fs);
@@ -239,7 +240,7 @@ fn unlinked_open_file_keeps_data_until_release_and_orphans_are_freed_at_mount() 
     let fs = mount(&media);
     let free0 = fs.statfs().bfree;
     let f = fs.mknod(&C, ROOT_INO, b"tmp", 0o100644, 0).unwrap();
-    fs.open(f.ino).unwrap();
+    fs.open(f.ino, libc::O_RDWR).unwrap();
     fs.write(&C, f.ino, 0, &vec![1u8; 3 * MIB as usize])
         .unwrap();
     fs.unlink(ROOT_INO, b"tmp").unwrap();
@@ -252,7 +253,7 @@ fn unlinked_open_file_keeps_data_until_release_and_orphans_are_freed_at_mount() 
     check(&fs);
     // A "crash" while an unlinked file is open: the next mount frees it.
     let g = fs.mknod(&C, ROOT_INO, b"tmp2", 0o100644, 0).unwrap();
-    fs.open(g.ino).unwrap();
+    fs.open(g.ino, libc::O_RDWR).unwrap();
     fs.write(&C, g.ino, 0, &[2u8; 10000]).unwrap();
     fs.unlink(ROOT_INO, b"tmp2").unwrap();
     drop(fs);
@@ -353,6 +354,7 @@ fn concurrent_threads_in_one_directory() {
                         .unwrap();
                     if i % 3 == 0 {
                         fs.rename(
+                            &Ctx::ROOT,
                             d.ino,
                             name.as_bytes(),
                             d.ino,
@@ -1007,7 +1009,7 @@ fn dot_names_are_never_stored() {
             Err(Error::Invalid)
         ));
         assert!(matches!(
-            fs.rename(ROOT_INO, b"f", ROOT_INO, name, 0),
+            fs.rename(&Ctx::ROOT, ROOT_INO, b"f", ROOT_INO, name, 0),
             Err(Error::Invalid)
         ));
     }
@@ -1018,5 +1020,480 @@ fn dot_names_are_never_stored() {
     })
     .unwrap();
     assert_eq!(names, [&b"."[..], b"..", b"f"]);
+    check(&fs);
+}
+
+/// An unprivileged caller owning what it creates.
+const USER: Ctx = Ctx {
+    uid: 1000,
+    gid: 1000,
+    pid: 0,
+};
+
+fn eperm<T: std::fmt::Debug>(what: &str, r: Result<T>) {
+    assert!(
+        matches!(r, Err(Error::NotPermitted)),
+        "{what}: expected EPERM, got {r:?}"
+    );
+}
+
+fn set_mode(mode: u32) -> SetAttr {
+    SetAttr {
+        mode: Some(mode),
+        ..SetAttr::default()
+    }
+}
+
+#[test]
+fn an_immutable_inode_refuses_every_change_until_root_clears_the_flag() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let d = fs.mkdir(&C, ROOT_INO, b"d", 0o777).unwrap();
+    let f = fs.mknod(&USER, d.ino, b"f", 0o100644, 0).unwrap();
+    fs.write(&USER, f.ino, 0, b"kept").unwrap();
+    let other = fs.mknod(&USER, d.ino, b"other", 0o100644, 0).unwrap();
+    fs.setxattr(f.ino, b"user.x", b"1", 0).unwrap();
+    // Only root may set immutable, even on the owner's file; others may not touch flags.
+    eperm(
+        "owner sets +i",
+        fs.set_attr_flags(&USER, f.ino, inode_flags::IMMUTABLE),
+    );
+    let stranger = Ctx { uid: 1001, ..USER };
+    eperm(
+        "stranger sets +d",
+        fs.set_attr_flags(&stranger, f.ino, inode_flags::NODUMP),
+    );
+    fs.set_attr_flags(&C, f.ino, inode_flags::IMMUTABLE)
+        .unwrap();
+    assert_eq!(fs.attr_flags(f.ino).unwrap(), inode_flags::IMMUTABLE);
+
+    eperm("write", fs.write(&C, f.ino, 0, b"x"));
+    eperm("write at EOF", fs.write(&C, f.ino, 4, b"x"));
+    let truncate = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    eperm("truncate", fs.setattr(&C, f.ino, &truncate));
+    eperm("chmod", fs.setattr(&C, f.ino, &set_mode(0o600)));
+    let chown = SetAttr {
+        uid: Some(0),
+        ..SetAttr::default()
+    };
+    eperm("chown", fs.setattr(&C, f.ino, &chown));
+    let touch = SetAttr {
+        atime: Some(SetTime::Now),
+        mtime: Some(SetTime::Now),
+        ..SetAttr::default()
+    };
+    eperm("touch", fs.setattr(&C, f.ino, &touch));
+    eperm("fallocate", fs.fallocate(&C, f.ino, 0, 4096, 0));
+    eperm("open for writing", fs.open(f.ino, libc::O_WRONLY));
+    eperm(
+        "open with O_TRUNC",
+        fs.open(f.ino, libc::O_RDONLY | libc::O_TRUNC),
+    );
+    eperm("unlink", fs.unlink(d.ino, b"f"));
+    eperm("rename", fs.rename(&C, d.ino, b"f", d.ino, b"g", 0));
+    eperm(
+        "rename over it",
+        fs.rename(&C, d.ino, b"other", d.ino, b"f", 0),
+    );
+    eperm(
+        "exchange",
+        fs.rename(&C, d.ino, b"other", d.ino, b"f", RENAME_EXCHANGE),
+    );
+    eperm("link", fs.link(f.ino, d.ino, b"f2"));
+    eperm("setxattr", fs.setxattr(f.ino, b"user.y", b"2", 0));
+    eperm("removexattr", fs.removexattr(f.ino, b"user.x"));
+    // Reading is fine, and so is a read-only open.
+    fs.open(f.ino, libc::O_RDONLY).unwrap();
+    fs.release(f.ino);
+    assert_eq!(read_all(&fs, f.ino), b"kept");
+    assert_eq!(fs.getxattr(f.ino, b"user.x").unwrap(), b"1");
+
+    // An immutable directory: no entry added or removed, even a non-empty one's (EPERM
+    // before ENOTEMPTY, as the VFS checks).
+    let sub = fs.mkdir(&C, d.ino, b"sub", 0o755).unwrap();
+    fs.mknod(&C, sub.ino, b"inner", 0o100644, 0).unwrap();
+    fs.set_attr_flags(&C, d.ino, inode_flags::IMMUTABLE)
+        .unwrap();
+    eperm("create in it", fs.mknod(&C, d.ino, b"new", 0o100644, 0));
+    eperm("mkdir in it", fs.mkdir(&C, d.ino, b"newdir", 0o755));
+    eperm("symlink in it", fs.symlink(&C, d.ino, b"ln", b"f"));
+    eperm("unlink in it", fs.unlink(d.ino, b"other"));
+    eperm("rmdir of a full subdirectory", fs.rmdir(d.ino, b"sub"));
+    eperm(
+        "rename into it",
+        fs.rename(&C, sub.ino, b"inner", d.ino, b"x", 0),
+    );
+    eperm(
+        "rename out of it",
+        fs.rename(&C, d.ino, b"other", ROOT_INO, b"x", 0),
+    );
+    eperm("link into it", fs.link(other.ino, d.ino, b"o2"));
+    // Entries of its subdirectories are the subdirectories' own.
+    fs.mknod(&C, sub.ino, b"deeper", 0o100644, 0).unwrap();
+
+    // Root lifts both flags, and everything works again (and the flags persist meanwhile).
+    drop(fs);
+    let fs = mount(&media);
+    assert_eq!(fs.attr_flags(d.ino).unwrap(), inode_flags::IMMUTABLE);
+    eperm("owner clears -i", fs.set_attr_flags(&USER, f.ino, 0));
+    fs.set_attr_flags(&C, d.ino, 0).unwrap();
+    fs.set_attr_flags(&C, f.ino, 0).unwrap();
+    fs.write(&USER, f.ino, 4, b"+more").unwrap();
+    fs.rename(&C, d.ino, b"other", d.ino, b"f", 0).unwrap();
+    assert_eq!(fs.lookup(d.ino, b"f").unwrap().ino, other.ino);
+    check(&fs);
+}
+
+#[test]
+fn an_append_only_file_takes_writes_at_its_end_only() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&USER, ROOT_INO, b"log", 0o100666, 0).unwrap();
+    fs.write(&USER, f.ino, 0, b"one\n").unwrap();
+    fs.set_attr_flags(&C, f.ino, inode_flags::APPEND).unwrap();
+    fs.write(&USER, f.ino, 4, b"two\n").unwrap();
+    eperm("overwrite", fs.write(&USER, f.ino, 0, b"ONE"));
+    eperm("write past EOF", fs.write(&USER, f.ino, 100, b"x"));
+    assert_eq!(read_all(&fs, f.ino), b"one\ntwo\n");
+    eperm("open O_WRONLY", fs.open(f.ino, libc::O_WRONLY));
+    eperm("open O_RDWR", fs.open(f.ino, libc::O_RDWR));
+    eperm(
+        "open O_APPEND|O_TRUNC",
+        fs.open(f.ino, libc::O_WRONLY | libc::O_APPEND | libc::O_TRUNC),
+    );
+    fs.open(f.ino, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    fs.release(f.ino);
+    let truncate = SetAttr {
+        size: Some(4),
+        ..SetAttr::default()
+    };
+    eperm("truncate", fs.setattr(&C, f.ino, &truncate));
+    eperm("chmod", fs.setattr(&C, f.ino, &set_mode(0o600)));
+    let set_times = SetAttr {
+        mtime: Some(SetTime::At(1)),
+        ..SetAttr::default()
+    };
+    eperm("utimes to a given time", fs.setattr(&C, f.ino, &set_times));
+    let touch = SetAttr {
+        atime: Some(SetTime::Now),
+        mtime: Some(SetTime::Now),
+        ..SetAttr::default()
+    };
+    fs.setattr(&C, f.ino, &touch).unwrap();
+    // Preallocation changes no byte; punching does.
+    fs.fallocate(&C, f.ino, 0, 1 << 20, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    eperm(
+        "punch",
+        fs.fallocate(
+            &C,
+            f.ino,
+            0,
+            4096,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        ),
+    );
+    eperm("unlink", fs.unlink(ROOT_INO, b"log"));
+    eperm("setxattr", fs.setxattr(f.ino, b"user.x", b"1", 0));
+    // Owners may not lift it; root may.
+    eperm("owner clears -a", fs.set_attr_flags(&USER, f.ino, 0));
+
+    // An append-only directory takes new entries and keeps them.
+    let d = fs.mkdir(&C, ROOT_INO, b"spool", 0o777).unwrap();
+    fs.set_attr_flags(&C, d.ino, inode_flags::APPEND).unwrap();
+    let j = fs.mknod(&USER, d.ino, b"job", 0o100644, 0).unwrap();
+    eperm(
+        "rename of it",
+        fs.rename(&C, ROOT_INO, b"log", d.ino, b"moved", 0),
+    );
+    eperm("unlink in it", fs.unlink(d.ino, b"job"));
+    eperm(
+        "rename out of it",
+        fs.rename(&C, d.ino, b"job", ROOT_INO, b"job", 0),
+    );
+    fs.set_attr_flags(&C, d.ino, 0).unwrap();
+    fs.unlink(d.ino, b"job").unwrap();
+    assert!(matches!(fs.lookup(d.ino, b"job"), Err(Error::NotFound)));
+    fs.forget(j.ino, 1);
+    fs.set_attr_flags(&C, f.ino, 0).unwrap();
+    fs.unlink(ROOT_INO, b"log").unwrap();
+    check(&fs);
+}
+
+#[test]
+fn noatime_keeps_atime_new_inodes_inherit_flags_and_unknown_flags_are_refused() {
+    let media = new_media(64 * MIB);
+    let opts = MountOptions {
+        atime: AtimeMode::Strictatime,
+        ..MountOptions::default()
+    };
+    let fs = Fs::mount(Arc::clone(&media), opts).unwrap();
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, b"data").unwrap();
+    let old = SetAttr {
+        atime: Some(SetTime::At(1_000_000_000)),
+        ..SetAttr::default()
+    };
+    fs.setattr(&C, f.ino, &old).unwrap();
+    fs.set_attr_flags(&C, f.ino, inode_flags::NOATIME).unwrap();
+    read_all(&fs, f.ino);
+    assert_eq!(fs.getattr(f.ino).unwrap().atime_ns, 1_000_000_000);
+    // Without the flag the same read moves atime (strictatime).
+    fs.set_attr_flags(&C, f.ino, 0).unwrap();
+    read_all(&fs, f.ino);
+    assert!(fs.getattr(f.ino).unwrap().atime_ns > 1_000_000_000);
+
+    let inheritable = inode_flags::NOATIME
+        | inode_flags::NODUMP
+        | inode_flags::SYNC
+        | inode_flags::DIRSYNC
+        | inode_flags::DAX;
+    let d = fs.mkdir(&C, ROOT_INO, b"d", 0o755).unwrap();
+    fs.set_attr_flags(&C, d.ino, inheritable | inode_flags::APPEND)
+        .unwrap();
+    let file = fs.mknod(&C, d.ino, b"file", 0o100644, 0).unwrap();
+    let sub = fs.mkdir(&C, d.ino, b"sub", 0o755).unwrap();
+    assert_eq!(
+        fs.attr_flags(file.ino).unwrap(),
+        inheritable & !inode_flags::DIRSYNC,
+        "a file takes all but immutable, append-only and dirsync"
+    );
+    assert_eq!(fs.attr_flags(sub.ino).unwrap(), inheritable);
+    // Bits that are not attribute flags are no one's to set.
+    for bad in [inode_flags::ORPHAN, inode_flags::TREE, 1 << 15] {
+        assert!(matches!(
+            fs.set_attr_flags(&C, file.ino, bad),
+            Err(Error::NotSupported)
+        ));
+    }
+    assert_eq!(
+        fs.attr_flags(file.ino).unwrap(),
+        inheritable & !inode_flags::DIRSYNC
+    );
+    check(&fs);
+}
+
+/// Rewrites the superblock (both copies) as format version 1 wrote it.
+fn make_version_1(media: &Arc<dyn Media>) {
+    let mut sb = fs_superblock(media);
+    sb.version = 1;
+    sb.incompat = crate::format::IncompatFeatures::HASHED_DIRS.bits();
+    sb.seal();
+    upgrade_superblock(media.as_ref(), &sb).unwrap();
+}
+
+fn fs_superblock(media: &Arc<dyn Media>) -> Superblock {
+    read_superblock(media.as_ref()).unwrap().0
+}
+
+#[test]
+fn a_version_1_file_system_mounts_and_becomes_version_2_on_first_use() {
+    use crate::format::{FORMAT_VERSION, IncompatFeatures as F};
+    let media = new_media(64 * MIB);
+    let sb = fs_superblock(&media);
+    assert_eq!(sb.version, FORMAT_VERSION);
+    assert!(
+        sb.incompat_features().contains(F::V2),
+        "mkfs sets both features"
+    );
+    make_version_1(&media);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, b"x").unwrap();
+    fs.set_attr_flags(&C, f.ino, 0).unwrap();
+    check(&fs);
+    assert_eq!(
+        fs_superblock(&media).version,
+        1,
+        "nothing of version 2 used yet"
+    );
+
+    // A read-only mount cannot upgrade: the flag change is refused, the superblock stays.
+    drop(fs);
+    let ro = MountOptions {
+        read_only: true,
+        ..MountOptions::default()
+    };
+    let fs = Fs::mount(Arc::clone(&media), ro).unwrap();
+    assert!(matches!(
+        fs.set_attr_flags(&C, f.ino, inode_flags::NODUMP),
+        Err(Error::ReadOnly)
+    ));
+    assert_eq!(fs_superblock(&media).version, 1);
+    drop(fs);
+
+    let fs = mount(&media);
+    fs.set_attr_flags(&C, f.ino, inode_flags::NODUMP).unwrap();
+    let sb = fs_superblock(&media);
+    assert_eq!(sb.version, 2);
+    assert_eq!(sb.incompat_features(), F::HASHED_DIRS | F::INODE_ATTR_FLAGS);
+    assert_eq!(fs.superblock().incompat, sb.incompat);
+    let backup = read_backup_superblock(media.as_ref()).unwrap().0;
+    assert_eq!(
+        zerocopy::IntoBytes::as_bytes(&backup),
+        zerocopy::IntoBytes::as_bytes(&sb)
+    );
+    // A size above version 1's 2^44 adds the other feature.
+    let big = SetAttr {
+        size: Some(crate::format::V1_MAX_FILE_SIZE + 1),
+        ..SetAttr::default()
+    };
+    fs.setattr(&C, f.ino, &big).unwrap();
+    assert_eq!(
+        fs_superblock(&media).incompat_features(),
+        F::HASHED_DIRS | F::V2
+    );
+    check(&fs);
+    drop(fs);
+    let fs = mount(&media);
+    assert_eq!(fs.attr_flags(f.ino).unwrap(), inode_flags::NODUMP);
+    check(&fs);
+}
+
+#[test]
+fn preallocation_past_2_44_with_keep_size_adds_the_large_files_feature() {
+    use crate::format::IncompatFeatures as F;
+    let media = new_media(64 * MIB);
+    make_version_1(&media);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    // The size stays small, but the extent lies past file block 2^32, which a version-1
+    // reader refuses (the checker says so when the feature is missing).
+    fs.fallocate(&C, f.ino, 1 << 45, 4096, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 0);
+    assert_eq!(
+        fs_superblock(&media).incompat_features(),
+        F::HASHED_DIRS | F::LARGE_FILES
+    );
+    check(&fs);
+}
+
+#[test]
+fn files_of_2_63_minus_1_bytes_truncate_write_read_and_shrink() {
+    use crate::format::MAX_FILE_SIZE;
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let free0 = fs.statfs().bfree;
+    let f = fs.mknod(&C, ROOT_INO, b"huge", 0o100644, 0).unwrap();
+    let to = |size| SetAttr {
+        size: Some(size),
+        ..SetAttr::default()
+    };
+    assert_eq!(MAX_FILE_SIZE, i64::MAX as u64);
+    fs.setattr(&C, f.ino, &to(MAX_FILE_SIZE)).unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, MAX_FILE_SIZE);
+    assert!(matches!(
+        fs.setattr(&C, f.ino, &to(MAX_FILE_SIZE + 1)),
+        Err(Error::FileTooBig)
+    ));
+    // The last byte a file can have, and the block before the 2^44 of version 1.
+    fs.write(&C, f.ino, MAX_FILE_SIZE - 1, b"z").unwrap();
+    fs.write(&C, f.ino, (1 << 44) - 1, b"y").unwrap();
+    assert!(matches!(
+        fs.write(&C, f.ino, MAX_FILE_SIZE, b"!"),
+        Err(Error::FileTooBig)
+    ));
+    let mut got = Vec::new();
+    fs.read(f.ino, MAX_FILE_SIZE - 1, 16, &mut |d| {
+        got.extend_from_slice(d)
+    })
+    .unwrap();
+    assert_eq!(got, b"z");
+    assert_eq!(
+        fs.lseek(f.ino, 1 << 45, libc::SEEK_DATA).unwrap(),
+        ((MAX_FILE_SIZE - 1) & !(BLOCK_SIZE - 1)) as i64
+    );
+    check(&fs);
+    drop(fs);
+    let fs = mount(&media);
+    let mut got = Vec::new();
+    fs.read(f.ino, MAX_FILE_SIZE - 1, 1, &mut |d| {
+        got.extend_from_slice(d)
+    })
+    .unwrap();
+    assert_eq!(got, b"z");
+    fs.setattr(&C, f.ino, &to(0)).unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().blocks, 0);
+    fs.unlink(ROOT_INO, b"huge").unwrap();
+    fs.forget(f.ino, 1);
+    assert_eq!(fs.statfs().bfree, free0);
+    check(&fs);
+}
+
+#[test]
+fn rename_whiteout_leaves_a_0_0_character_device_owned_by_the_caller() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let d = fs.mkdir(&C, ROOT_INO, b"d", 0o777).unwrap();
+    let a = fs.mknod(&USER, d.ino, b"a", 0o100644, 0).unwrap();
+    let b = fs.mknod(&USER, d.ino, b"b", 0o100644, 0).unwrap();
+    let entries = |fs: &Fs| fs.getattr(d.ino).unwrap().size;
+    assert_eq!(entries(&fs), 2);
+    // To a new name: "a" becomes a whiteout, "c" is the old a.
+    fs.rename(&USER, d.ino, b"a", d.ino, b"c", RENAME_WHITEOUT)
+        .unwrap();
+    assert_eq!(fs.lookup(d.ino, b"c").unwrap().ino, a.ino);
+    let w = fs.lookup(d.ino, b"a").unwrap();
+    assert_ne!(w.ino, a.ino);
+    assert_eq!(w.mode, u32::from(crate::format::file_type::S_IFCHR));
+    assert_eq!((w.rdev, w.nlink, w.uid, w.gid), (0, 1, USER.uid, USER.gid));
+    assert_eq!(entries(&fs), 3);
+    // Over an existing name (with NOREPLACE that is EEXIST), and across directories.
+    assert!(matches!(
+        fs.rename(
+            &USER,
+            d.ino,
+            b"b",
+            d.ino,
+            b"c",
+            RENAME_WHITEOUT | RENAME_NOREPLACE
+        ),
+        Err(Error::Exists)
+    ));
+    fs.rename(&USER, d.ino, b"b", d.ino, b"c", RENAME_WHITEOUT)
+        .unwrap();
+    assert_eq!(fs.lookup(d.ino, b"c").unwrap().ino, b.ino);
+    assert_eq!(fs.lookup(d.ino, b"b").unwrap().mode, w.mode);
+    assert_eq!(entries(&fs), 3);
+    let e = fs.mkdir(&C, ROOT_INO, b"e", 0o777).unwrap();
+    fs.rename(
+        &USER,
+        d.ino,
+        b"c",
+        e.ino,
+        b"c",
+        RENAME_WHITEOUT | RENAME_NOREPLACE,
+    )
+    .unwrap();
+    assert_eq!(fs.lookup(e.ino, b"c").unwrap().ino, b.ino);
+    assert_eq!(entries(&fs), 3);
+    // A directory leaves a whiteout too; the link counts follow the move.
+    let sub = fs.mkdir(&C, d.ino, b"sub", 0o755).unwrap();
+    fs.rename(&C, d.ino, b"sub", e.ino, b"sub", RENAME_WHITEOUT)
+        .unwrap();
+    assert_eq!(fs.getattr(d.ino).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(e.ino).unwrap().nlink, 3);
+    assert_eq!(fs.lookup(sub.ino, b"..").unwrap().ino, e.ino);
+    assert_eq!(fs.lookup(d.ino, b"sub").unwrap().mode, w.mode);
+    // EXCHANGE goes with no other flag; nothing changed by the refusals.
+    for bad in [
+        RENAME_WHITEOUT | RENAME_EXCHANGE,
+        RENAME_NOREPLACE | RENAME_EXCHANGE,
+        8,
+    ] {
+        assert!(matches!(
+            fs.rename(&C, e.ino, b"c", e.ino, b"sub", bad),
+            Err(Error::Invalid)
+        ));
+    }
+    assert_eq!(fs.lookup(e.ino, b"c").unwrap().ino, b.ino);
+    check(&fs);
+    drop(fs);
+    let fs = mount(&media);
+    assert_eq!(fs.lookup(d.ino, b"a").unwrap().mode, w.mode);
     check(&fs);
 }

@@ -1,5 +1,6 @@
-//! The pmfs ioctl: extent maps for `pmfs layout` and direct-mapping leases for
-//! `pmfs::dax` (protocol in `crate::device::dax`); and FITRIM.
+//! The ioctls pmfs serves: the inode attribute flags of chattr(1)/lsattr(1) (the
+//! [`AttrIoctl`] commands), pmfs's own extent maps for `pmfs layout` and
+//! direct-mapping leases for `pmfs::dax` (protocol in `crate::device::dax`), and FITRIM.
 //!
 //! FUSE carries ioctl arguments of a fixed size (the size encoded in the command), so
 //! replies are paged: a request names the first extent it wants. A lease belongs to the
@@ -10,7 +11,8 @@ use crate::device::dax::{
     MapRequest,
 };
 use crate::error::Error;
-use crate::fs::{Fs, MappedExtent};
+use crate::format::inode_flags;
+use crate::fs::{Ctx, Fs, MappedExtent};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use zerocopy::{FromBytes, IntoBytes};
@@ -115,5 +117,188 @@ impl LeaseTable {
                 log::error!("ending lease {lease}: {e}");
             }
         }
+    }
+}
+
+/// `FS_*_FL` bits of FS_IOC_GETFLAGS/SETFLAGS and the pmfs inode flag of each.
+const FS_FLAGS: [(u32, u16); 7] = [
+    (0x0000_0008, inode_flags::SYNC),      // FS_SYNC_FL
+    (0x0000_0010, inode_flags::IMMUTABLE), // FS_IMMUTABLE_FL
+    (0x0000_0020, inode_flags::APPEND),    // FS_APPEND_FL
+    (0x0000_0040, inode_flags::NODUMP),    // FS_NODUMP_FL
+    (0x0000_0080, inode_flags::NOATIME),   // FS_NOATIME_FL
+    (0x0001_0000, inode_flags::DIRSYNC),   // FS_DIRSYNC_FL
+    (0x0200_0000, inode_flags::DAX),       // FS_DAX_FL
+];
+
+/// `FS_XFLAG_*` bits of struct fsxattr and the pmfs inode flag of each (there is no
+/// xflag for DIRSYNC: FS_IOC_FSSETXATTR leaves it as it is).
+const FS_XFLAGS: [(u32, u16); 6] = [
+    (0x0000_0008, inode_flags::IMMUTABLE), // FS_XFLAG_IMMUTABLE
+    (0x0000_0010, inode_flags::APPEND),    // FS_XFLAG_APPEND
+    (0x0000_0020, inode_flags::SYNC),      // FS_XFLAG_SYNC
+    (0x0000_0040, inode_flags::NOATIME),   // FS_XFLAG_NOATIME
+    (0x0000_0080, inode_flags::NODUMP),    // FS_XFLAG_NODUMP
+    (0x0000_8000, inode_flags::DAX),       // FS_XFLAG_DAX
+];
+
+/// Inode flags as the bits of `table`.
+fn to_bits(table: &[(u32, u16)], flags: u16) -> u32 {
+    table
+        .iter()
+        .filter(|(_, f)| flags & f != 0)
+        .fold(0, |acc, (bit, _)| acc | bit)
+}
+
+/// The bits of `table` as inode flags; `None` when a bit is not in `table` (EOPNOTSUPP, as
+/// XFS answers a flag it does not have).
+fn from_bits(table: &[(u32, u16)], bits: u32) -> Option<u16> {
+    let known = table.iter().fold(0, |acc, (bit, _)| acc | bit);
+    (bits & !known == 0).then(|| {
+        table
+            .iter()
+            .filter(|(bit, _)| bits & bit != 0)
+            .fold(0, |acc, (_, f)| acc | f)
+    })
+}
+
+/// struct fsxattr of FS_IOC_FSGETXATTR/FSSETXATTR, 28 bytes.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, zerocopy::Immutable)]
+#[repr(C)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const _: () = assert!(size_of::<FsXattr>() == 28);
+
+/// The inode-flag ioctls. The kernel sends them itself (fuse_fileattr_get/set, for
+/// FS_IOC_GETFLAGS, SETFLAGS, FSGETXATTR, FSSETXATTR and the file_getattr/file_setattr
+/// calls) with the 64-bit command numbers but an `int`, 4 bytes, of flags; the 32-bit
+/// encodings (FS_IOC32_*) and 8-byte arguments are taken too, in case a kernel ever passes
+/// them on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttrIoctl {
+    GetFlags,
+    SetFlags,
+    FsGetXattr,
+    FsSetXattr,
+}
+
+impl AttrIoctl {
+    pub fn from_cmd(cmd: u32) -> Option<Self> {
+        match cmd {
+            // FS_IOC_GETFLAGS = _IOR('f', 1, long); FS_IOC32_GETFLAGS = _IOR('f', 1, int).
+            0x8008_6601 | 0x8004_6601 => Some(Self::GetFlags),
+            // FS_IOC_SETFLAGS = _IOW('f', 2, long); FS_IOC32_SETFLAGS = _IOW('f', 2, int).
+            0x4008_6602 | 0x4004_6602 => Some(Self::SetFlags),
+            // FS_IOC_FSGETXATTR = _IOR('X', 31, struct fsxattr).
+            0x801c_581f => Some(Self::FsGetXattr),
+            // FS_IOC_FSSETXATTR = _IOW('X', 32, struct fsxattr).
+            0x401c_5820 => Some(Self::FsSetXattr),
+            _ => None,
+        }
+    }
+
+    /// Serves the ioctl on `ino`; returns the reply bytes (at most `out_size`).
+    pub fn serve(
+        self,
+        fs: &Fs,
+        ctx: &Ctx,
+        ino: u64,
+        input: &[u8],
+        out_size: u32,
+    ) -> Result<Vec<u8>, Error> {
+        match self {
+            Self::GetFlags => {
+                if out_size < 4 {
+                    return Err(Error::Invalid);
+                }
+                let bits = to_bits(&FS_FLAGS, fs.attr_flags(ino)?);
+                // An int (4 bytes) or a long (8): the low bytes, little-endian, either way.
+                let mut out = u64::from(bits).to_le_bytes().to_vec();
+                out.truncate((out_size as usize).min(8));
+                Ok(out)
+            }
+            Self::SetFlags => {
+                let raw: [u8; 4] = input
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or(Error::Invalid)?;
+                let flags =
+                    from_bits(&FS_FLAGS, u32::from_le_bytes(raw)).ok_or(Error::NotSupported)?;
+                fs.set_attr_flags(ctx, ino, flags)?;
+                Ok(Vec::new())
+            }
+            Self::FsGetXattr => {
+                if (out_size as usize) < size_of::<FsXattr>() {
+                    return Err(Error::Invalid);
+                }
+                let x = FsXattr {
+                    xflags: to_bits(&FS_XFLAGS, fs.attr_flags(ino)?),
+                    ..FsXattr::default()
+                };
+                Ok(x.as_bytes().to_vec())
+            }
+            Self::FsSetXattr => {
+                let (x, _) = FsXattr::read_from_prefix(input).map_err(|_| Error::Invalid)?;
+                // No extent size hints and no projects (nextents is output only).
+                if x.extsize != 0 || x.projid != 0 || x.cowextsize != 0 {
+                    return Err(Error::NotSupported);
+                }
+                let flags = from_bits(&FS_XFLAGS, x.xflags).ok_or(Error::NotSupported)?;
+                let kept = fs.attr_flags(ino)? & inode_flags::DIRSYNC;
+                fs.set_attr_flags(ctx, ino, flags | kept)?;
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_tables_map_both_ways_and_refuse_unknown_bits() {
+        for table in [&FS_FLAGS[..], &FS_XFLAGS[..]] {
+            let all = table.iter().fold(0, |acc, (_, f)| acc | f);
+            assert_eq!(from_bits(table, to_bits(table, all)), Some(all));
+            for &(bit, flag) in table {
+                assert_eq!(to_bits(table, flag), bit);
+                assert_eq!(from_bits(table, bit), Some(flag));
+            }
+        }
+        // FS_COMPR_FL, FS_EXTENT_FL; FS_XFLAG_REALTIME, FS_XFLAG_EXTSIZE.
+        for bit in [0x4, 0x8_0000] {
+            assert_eq!(from_bits(&FS_FLAGS, bit), None);
+        }
+        for bit in [0x1, 0x800] {
+            assert_eq!(from_bits(&FS_XFLAGS, bit), None);
+        }
+        // DIRSYNC has no xflag: FSSETXATTR keeps it (serve), FSGETXATTR cannot show it.
+        assert_eq!(to_bits(&FS_XFLAGS, inode_flags::DIRSYNC), 0);
+        assert_eq!(to_bits(&FS_FLAGS, inode_flags::ATTR_FLAGS).count_ones(), 7);
+    }
+
+    #[test]
+    fn both_encodings_of_the_flag_ioctls_are_recognised() {
+        assert_eq!(AttrIoctl::from_cmd(0x8008_6601), Some(AttrIoctl::GetFlags));
+        assert_eq!(AttrIoctl::from_cmd(0x8004_6601), Some(AttrIoctl::GetFlags));
+        assert_eq!(AttrIoctl::from_cmd(0x4008_6602), Some(AttrIoctl::SetFlags));
+        assert_eq!(AttrIoctl::from_cmd(0x4004_6602), Some(AttrIoctl::SetFlags));
+        assert_eq!(
+            AttrIoctl::from_cmd(0x801c_581f),
+            Some(AttrIoctl::FsGetXattr)
+        );
+        assert_eq!(
+            AttrIoctl::from_cmd(0x401c_5820),
+            Some(AttrIoctl::FsSetXattr)
+        );
+        assert_eq!(AttrIoctl::from_cmd(0x8004_587d), None); // FS_IOC_SHUTDOWN
     }
 }

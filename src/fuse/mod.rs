@@ -93,6 +93,10 @@ pub struct PmfsFuse {
     /// `FUSE_POSIX_ACL` (with `FUSE_DONT_MASK`) was negotiated: the kernel enforces ACLs and
     /// this adapter keeps modes and ACLs in step and applies default ACLs or the umask.
     acl: bool,
+    /// `-o noacl`: never negotiate `FUSE_POSIX_ACL`, and refuse the ACL xattrs (the kernel
+    /// would otherwise pass them through unenforced, as it does for a FUSE daemon without
+    /// ACL support mounted in the initial user namespace).
+    no_acls: bool,
     /// Set when `destroy` marked the file system clean.
     clean: Arc<AtomicBool>,
     /// File handles: one per open, so direct-mapping leases end with their open.
@@ -139,12 +143,28 @@ impl PmfsFuse {
             cache,
             no_opendir: false,
             acl: false,
+            no_acls: false,
             clean: Arc::new(AtomicBool::new(false)),
             next_fh: AtomicU64::new(1),
             leases: ioctl::LeaseTable::default(),
             notifier: Arc::new(std::sync::OnceLock::new()),
             poller: None,
             owner_uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    /// `-o acl` (true, the default) or `-o noacl` (false); before the session starts.
+    pub fn set_acls(&mut self, on: bool) {
+        self.no_acls = !on;
+    }
+
+    /// EOPNOTSUPP for an ACL xattr under `-o noacl`, as a kernel file system mounted
+    /// with noacl answers.
+    fn refuse_acl_xattr(&self, name: &[u8]) -> Result<()> {
+        if self.no_acls && (name == acl::ACCESS || name == acl::DEFAULT) {
+            Err(Error::NotSupported)
+        } else {
+            Ok(())
         }
     }
 
@@ -396,9 +416,10 @@ impl Filesystem for PmfsFuse {
         }
         // POSIX ACLs: the kernel enforces them (the mount has default_permissions); the
         // umask becomes ours to apply, since a default ACL replaces it.
-        self.acl = config
-            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
-            .is_ok();
+        self.acl = !self.no_acls
+            && config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_ok();
         self.no_opendir = config
             .capabilities()
             .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
@@ -567,7 +588,7 @@ impl Filesystem for PmfsFuse {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -577,6 +598,7 @@ impl Filesystem for PmfsFuse {
     ) {
         self.begin();
         match self.fs.rename(
+            &ctx(req),
             parent.0,
             name.as_bytes(),
             newparent.0,
@@ -603,7 +625,7 @@ impl Filesystem for PmfsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.begin();
-        match self.fs.open(ino.0) {
+        match self.fs.open(ino.0, flags.0) {
             Ok(_) => reply.opened(self.new_fh(), self.fopen_flags(flags.0)),
             Err(e) => reply.error(errno("open", ino.0, &e)),
         }
@@ -820,7 +842,9 @@ impl Filesystem for PmfsFuse {
         reply: ReplyEmpty,
     ) {
         self.begin();
-        let r = if self.acl && name.as_bytes() == acl::ACCESS {
+        let r = if let Err(e) = self.refuse_acl_xattr(name.as_bytes()) {
+            Err(e)
+        } else if self.acl && name.as_bytes() == acl::ACCESS {
             self.set_access_acl(req, ino.0, value, flags)
         } else {
             self.fs.setxattr(ino.0, name.as_bytes(), value, flags)
@@ -833,7 +857,10 @@ impl Filesystem for PmfsFuse {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         self.begin();
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
+        let r = self
+            .refuse_acl_xattr(name.as_bytes())
+            .and_then(|()| self.fs.getxattr(ino.0, name.as_bytes()));
+        match r {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno("getxattr", ino.0, &e)),
         }
@@ -842,6 +869,19 @@ impl Filesystem for PmfsFuse {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         self.begin();
         match self.fs.listxattr(ino.0) {
+            Ok(v) if self.no_acls => {
+                // ACLs set under an earlier `acl` mount stay on the media, unseen.
+                let kept: Vec<u8> = v
+                    .split_inclusive(|&b| b == 0)
+                    .filter(|n| {
+                        let name = n.strip_suffix(&[0]).unwrap_or(n);
+                        self.refuse_acl_xattr(name).is_ok()
+                    })
+                    .flatten()
+                    .copied()
+                    .collect();
+                xattr_reply(reply, &kept, size)
+            }
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno("listxattr", ino.0, &e)),
         }
@@ -849,7 +889,10 @@ impl Filesystem for PmfsFuse {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.begin();
-        match self.fs.removexattr(ino.0, name.as_bytes()) {
+        let r = self
+            .refuse_acl_xattr(name.as_bytes())
+            .and_then(|()| self.fs.removexattr(ino.0, name.as_bytes()));
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("removexattr", ino.0, &e)),
         }
@@ -881,7 +924,7 @@ impl Filesystem for PmfsFuse {
             Ok(a) => a,
             Err(e) => return reply.error(errno("create", parent.0, &e)),
         };
-        match self.fs.open(a.ino) {
+        match self.fs.open(a.ino, flags) {
             Ok(_) => reply.created(
                 &TTL,
                 &file_attr(&a),
@@ -938,6 +981,21 @@ impl Filesystem for PmfsFuse {
             return match ioctl::fitrim(&self.fs, in_data) {
                 Ok(data) => reply.ioctl(0, &data),
                 Err(e) => reply.error(errno("FITRIM", ino.0, &e)),
+            };
+        }
+        if let Some(attr_ioctl) = ioctl::AttrIoctl::from_cmd(cmd) {
+            return match attr_ioctl.serve(&self.fs, &ctx(req), ino.0, in_data, out_size) {
+                Ok(data) => {
+                    if matches!(
+                        attr_ioctl,
+                        ioctl::AttrIoctl::SetFlags | ioctl::AttrIoctl::FsSetXattr
+                    ) {
+                        // The change moved ctime: the kernel's cached attributes are stale.
+                        self.attrs_changed(ino.0);
+                    }
+                    reply.ioctl(0, &data)
+                }
+                Err(e) => reply.error(errno("ioctl", ino.0, &e)),
             };
         }
         // Otherwise only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never

@@ -52,6 +52,11 @@ pub const HELP: &[(&str, &str)] = &[
          other users where /etc/fuse.conf has user_allow_other)",
     ),
     (
+        "acl / noacl",
+        "POSIX ACLs enforced by the kernel (default) / refused: setting or reading \
+         system.posix_acl_* xattrs is EOPNOTSUPP and only the mode and umask count",
+    ),
+    (
         "default_permissions",
         "kernel-side permission checks (always on; accepted for compatibility)",
     ),
@@ -137,6 +142,8 @@ pub struct Options {
     /// journal back anyway; it refuses a journal that needs recovery rather than show a
     /// half-done transaction.
     pub norecovery: bool,
+    /// POSIX ACLs (`acl`, the default) or none (`noacl`).
+    pub acl: bool,
     /// The options as given, for error messages and logs.
     pub given: Vec<String>,
 }
@@ -157,6 +164,7 @@ impl Default for Options {
             flags: Vec::new(),
             dirsync: false,
             norecovery: false,
+            acl: true,
             given: Vec::new(),
         }
     }
@@ -291,6 +299,8 @@ impl Options {
             "async" => self.set_flag(Flag::Sync, false),
             "dirsync" => self.dirsync = true,
             "norecovery" => self.norecovery = true,
+            "acl" => self.acl = true,
+            "noacl" => self.acl = false,
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nofail" | "_netdev"
             | "atime" | "diratime" | "nodiratime" => {}
             _ => return Err(unknown()),
@@ -382,6 +392,14 @@ mod tests {
         ])
         .unwrap();
         assert!(o.remount && o.read_only);
+    }
+
+    #[test]
+    fn acl_and_noacl() {
+        assert!(Options::default().acl);
+        assert!(!Options::parse(&["noacl"]).unwrap().acl);
+        assert!(Options::parse(&["noacl,acl"]).unwrap().acl);
+        assert!(Options::parse(&["acl=1"]).is_err());
     }
 
     #[test]

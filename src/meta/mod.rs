@@ -38,6 +38,21 @@ pub fn read_backup_superblock(media: &dyn Media) -> Result<(Superblock, Geometry
     superblock_at(media, BACKUP_SUPERBLOCK_OFFSET)
 }
 
+/// Writes a changed superblock (a new version or feature) in place of the current one: the
+/// backup first, flushed and fenced, then the primary. A crash leaves a valid primary of
+/// either version, or a torn primary beside a valid new backup (the mount then refuses
+/// and names fsck.pmfs -y, which restores the primary from the backup). docs/FORMAT.md,
+/// "Version 1 file systems".
+pub fn upgrade_superblock(media: &dyn Media, sb: &Superblock) -> Result<()> {
+    use zerocopy::IntoBytes;
+    for offset in [BACKUP_SUPERBLOCK_OFFSET, SUPERBLOCK_OFFSET] {
+        media.write(offset, sb.as_bytes())?;
+        media.flush(offset, size_of::<Superblock>() as u64)?;
+        media.fence();
+    }
+    Ok(())
+}
+
 /// Reads and validates the state record.
 pub fn read_state(media: &dyn Media) -> Result<FsState> {
     let mut buf = vec![0u8; size_of::<FsState>()];

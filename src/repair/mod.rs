@@ -119,9 +119,10 @@ impl Class {
 /// The class of repair a problem needs.
 pub fn class_of(kind: &ProblemKind) -> Class {
     match kind {
-        ProblemKind::Backup | ProblemKind::Superblock | ProblemKind::StateRecord => {
-            Class::Superblock
-        }
+        ProblemKind::Backup
+        | ProblemKind::Superblock
+        | ProblemKind::StateRecord
+        | ProblemKind::MissingFeatures(_) => Class::Superblock,
         ProblemKind::JournalOpen | ProblemKind::JournalDamaged { .. } => Class::Journal,
         ProblemKind::BadInode(_) | ProblemKind::InodeTableDir { .. } => Class::Inodes,
         ProblemKind::BadTree(_) | ProblemKind::DoubleUse { .. } => Class::Trees,
@@ -238,6 +239,16 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
     // The repairs below store into the fixed metadata: back it on a sparse image (new tree
     // nodes are reserved as they are handed out).
     media.reserve(0, g.meta_end * crate::format::BLOCK_SIZE)?;
+    for p in &report.problems {
+        if let ProblemKind::MissingFeatures(bits) = p.kind {
+            if mode.allows(Class::Superblock) {
+                out.actions.push(Action {
+                    class: Class::Superblock,
+                    message: add_features(media.as_ref(), bits)?,
+                });
+            }
+        }
+    }
     let low_only = report.problems.iter().all(|p| {
         matches!(
             p.kind,
@@ -246,6 +257,7 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
                 | ProblemKind::StateRecord
                 | ProblemKind::JournalOpen
                 | ProblemKind::JournalDamaged { .. }
+                | ProblemKind::MissingFeatures(_)
         )
     });
     if low_only {
@@ -271,6 +283,22 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
     }
     out.report = last;
     Ok(out)
+}
+
+/// Gives the superblock the incompatible features `bits` (and format version 2), as the
+/// core does on first use; returns the action's message.
+fn add_features(media: &dyn Media, bits: u64) -> Result<String> {
+    let (mut sb, _) = read_superblock(media)?;
+    let features = crate::format::IncompatFeatures::from_bits_retain(bits);
+    sb.incompat |= bits;
+    sb.version = crate::format::FORMAT_VERSION;
+    sb.seal();
+    crate::meta::upgrade_superblock(media, &sb)?;
+    Ok(format!(
+        "superblock: features {} added (format version {})",
+        features.names(),
+        sb.version
+    ))
 }
 
 /// Rewrites the block bitmap from the blocks the checker found referenced. While objects

@@ -163,9 +163,12 @@ impl Image {
     }
 }
 
+/// The attribute flags (chattr +ad) of `/a/file1` in the test file system.
+pub const FILE1_FLAGS: u16 = pmfs::format::inode_flags::APPEND | pmfs::format::inode_flags::NODUMP;
+
 /// The test file system: 64 MiB, with directories three deep, a file with an extent tree of
 /// two levels (150 extents), a directory of 300 entries (several leaves), hard links, a long
-/// symlink, an xattr, and an orphan.
+/// symlink, an xattr, an orphan, and attribute flags ([`FILE1_FLAGS`]).
 pub fn build() -> Image {
     build_sized(64 * MIB)
 }
@@ -196,7 +199,7 @@ pub fn build_sized(size: u64) -> Image {
     fs.setxattr(file1, b"user.note", b"hello", 0).unwrap();
     let gone = fs.mknod(&C, ROOT, b"gone", 0o100644, 0).unwrap().ino;
     fs.write(&C, gone, 0, b"still open").unwrap();
-    fs.open(gone).unwrap();
+    fs.open(gone, libc::O_RDWR).unwrap();
     fs.unlink(ROOT, b"gone").unwrap();
     for (k, v) in [
         ("/a", a),
@@ -214,6 +217,8 @@ pub fn build_sized(size: u64) -> Image {
         inode_off.insert(v, fs.inode_table().offset(v).unwrap());
     }
     ino.insert("/", ROOT);
+    // Attribute flags, which the check must accept and the repair keep.
+    fs.set_attr_flags(&C, file1, FILE1_FLAGS).unwrap();
     let g = *fs.geometry();
     let chunk0 = fs.inode_table().chunk_blocks()[0];
     fs.shutdown().unwrap();
@@ -247,6 +252,19 @@ fn flip(img: &mut Image, off: u64, mask: u8) {
 fn superblock(img: &mut Image) {
     flip(img, 130, 0x10); // block_count: the checksum no longer matches
     flip(img, 60, 0x01); // the label
+}
+
+/// Both superblocks say format version 1, without the attribute-flag feature that
+/// /a/file1's flags need (a consistent superblock: only the features are wrong).
+fn missing_feature(img: &mut Image) {
+    for at in [0usize, 4096] {
+        let (mut sb, _) =
+            pmfs::format::Superblock::read_from_prefix(&img.bytes[at..at + 256]).unwrap();
+        sb.version = 1;
+        sb.incompat = pmfs::format::IncompatFeatures::HASHED_DIRS.bits();
+        sb.seal();
+        img.bytes[at..at + 256].copy_from_slice(sb.as_bytes());
+    }
 }
 
 fn backup_superblock(img: &mut Image) {
@@ -482,6 +500,7 @@ pub fn damages() -> Vec<Damage> {
         d("orphan", "orphan", orphan_not_orphan),
         d("unreachable", "not reachable", unreachable_dir),
         d("dot-entry", "are not stored", dot_entry),
+        d("missing-feature", "lacks the features", missing_feature),
         Damage {
             name: "truncated",
             expect: "truncated",
