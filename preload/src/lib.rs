@@ -168,6 +168,39 @@ struct View {
 }
 
 impl View {
+    /// Copies file bytes `off..off + buf.len()` (inside the file's size) into `buf`: written
+    /// extents from the mapping, holes and unwritten extents as zeros (what they read as).
+    fn read_into(&self, off: u64, buf: &mut [u8]) -> Option<()> {
+        let end = off.checked_add(buf.len() as u64)?;
+        let first = self
+            .entries
+            .partition_point(|e| e.file_offset.saturating_add(e.len) <= off);
+        let mut at = off;
+        for e in self.entries[first..]
+            .iter()
+            .take_while(|e| e.file_offset < end)
+        {
+            let start = e.file_offset.max(at);
+            let stop = e.file_offset.saturating_add(e.len).min(end);
+            let gap = usize::try_from(start - at).ok()?;
+            let rel = usize::try_from(at - off).ok()?;
+            buf[rel..rel + gap].fill(0);
+            let piece = &mut buf[rel + gap..usize::try_from(stop - off).ok()?];
+            if e.flags & ENTRY_UNWRITTEN != 0 {
+                piece.fill(0);
+            } else {
+                self.mapping
+                    .as_ref()?
+                    .read(usize::try_from(start).ok()?, piece)
+                    .ok()?;
+            }
+            at = stop;
+        }
+        let rel = usize::try_from(at - off).ok()?;
+        buf[rel..].fill(0);
+        Some(())
+    }
+
     /// True when file bytes `off..off + n` (n > 0) all lie in written extents.
     fn covers_written(&self, off: u64, n: u64) -> bool {
         let end = off.saturating_add(n);
@@ -229,7 +262,8 @@ impl Tracked {
         self.status.load(Ordering::Relaxed) & (libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC) != 0
     }
 
-    /// The view for `snap`'s generation: the current one, or a refreshed one.
+    /// The view for `snap`'s generation: the current one, or a refreshed one (whose
+    /// generation may be newer).
     fn view_for(&self, snap: &StateSnapshot) -> Option<Arc<View>> {
         let current = Arc::clone(&*self.view.try_read().ok()?);
         if current.generation == snap.generation {
@@ -243,7 +277,16 @@ impl Tracked {
         if meta.dev() != self.dev || meta.ino() != self.ino {
             return None;
         }
-        let p = DaxMapping::map_published(&self.file, &self.device, self.lease).ok()?;
+        let p = match DaxMapping::map_published(&self.file, &self.device, self.lease) {
+            Ok(p) => p,
+            Err(e) => {
+                debug(format_args!(
+                    "inode {}: refreshing the mapping failed: {e}",
+                    self.ino
+                ));
+                return None;
+            }
+        };
         count(&STATS.refreshes, 1);
         let fresh = Arc::new(View {
             mapping: p.mapping,
@@ -251,7 +294,21 @@ impl Tracked {
             generation: p.generation,
         });
         *self.view.try_write().ok()? = Arc::clone(&fresh);
-        (fresh.generation == snap.generation).then_some(fresh)
+        Some(fresh)
+    }
+
+    /// A snapshot of the published state and the view of its generation: a refresh may
+    /// return a newer generation than the snapshot that asked for it (the daemon changed
+    /// the file meanwhile), so snapshot again a few times.
+    fn current(&self) -> Option<(StateSnapshot, Arc<View>)> {
+        for _ in 0..3 {
+            let snap = self.snapshot()?;
+            let view = self.view_for(&snap)?;
+            if view.generation == snap.generation {
+                return Some((snap, view));
+            }
+        }
+        None
     }
 
     /// A snapshot of this file's published state, if it may be served from.
@@ -265,18 +322,10 @@ impl Tracked {
         if !self.readable {
             return None;
         }
-        let snap = self.snapshot()?;
-        let view = self.view_for(&snap)?;
+        let (snap, view) = self.current()?;
         let n = snap.size.saturating_sub(off).min(buf.len() as u64);
         if n > 0 {
-            if !view.covers_written(off, n) {
-                return None;
-            }
-            let at = usize::try_from(off).ok()?;
-            view.mapping
-                .as_ref()?
-                .read(at, &mut buf[..n as usize])
-                .ok()?;
+            view.read_into(off, &mut buf[..n as usize])?;
         }
         if !self.state.unchanged(self.slot, snap.seq) {
             return None;
@@ -292,8 +341,7 @@ impl Tracked {
         if !self.writable || self.unserved_status() || data.is_empty() {
             return None;
         }
-        let snap = self.snapshot()?;
-        let view = self.view_for(&snap)?;
+        let (snap, view) = self.current()?;
         let n = data.len() as u64;
         if off.checked_add(n).is_none_or(|end| end > snap.size) || !view.covers_written(off, n) {
             return None;
@@ -627,7 +675,27 @@ mod tests {
     }
 
     #[test]
-    fn only_written_extents_are_served() {
+    fn holes_and_unwritten_extents_read_as_zeros() {
+        let v = View {
+            mapping: None,
+            entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
+            generation: 1,
+        };
+        let mut buf = vec![7u8; 20000];
+        v.read_into(100, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // A written extent needs the mapping: without one the read is refused.
+        let v = View {
+            mapping: None,
+            entries: vec![entry(8192, 4096, 0)],
+            generation: 1,
+        };
+        assert!(v.read_into(100, &mut buf).is_none());
+        assert!(v.read_into(0, &mut buf[..8192]).is_some(), "all hole");
+    }
+
+    #[test]
+    fn only_written_extents_are_overwritten() {
         let v = View {
             mapping: None,
             entries: vec![
