@@ -640,8 +640,8 @@ fn closing(fd: i32) {
 /// Before fds `first..=last` are closed.
 fn closing_range(first: u32, last: u32) {
     let last = (last as usize).min(MAX_FDS - 1);
-    for fd in first as usize..=last {
-        if FILES[fd].try_read().is_ok_and(|g| g.is_some()) {
+    for (fd, slot) in FILES.iter().enumerate().take(last + 1).skip(first as usize) {
+        if slot.try_read().is_ok_and(|g| g.is_some()) {
             set(fd as i32, None);
         }
     }

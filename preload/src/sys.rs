@@ -88,6 +88,7 @@ fn next_symbol(cache: &AtomicUsize, name: &'static [u8]) -> usize {
 /// Declares `real_NAME`, calling the next definition of `NAME`: `ENOSYS` when there is none.
 macro_rules! real {
     ($real:ident, $name:literal, fn($($arg:ident: $ty:ty),*) -> $ret:ty, $fail:expr) => {
+        #[allow(clippy::unused_unit, reason = "closefrom returns void")]
         fn $real($($arg: $ty),*) -> $ret {
             static CACHE: AtomicUsize = AtomicUsize::new(0);
             let p = next_symbol(&CACHE, concat!($name, "\0").as_bytes());
@@ -317,8 +318,16 @@ pub(crate) fn fstatfs_type(fd: c_int) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `st` is a writable statfs buffer for the duration of the call.
     let r = unsafe { libc::fstatfs(fd, st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
     // SAFETY: fstatfs succeeded, so it filled `st` (which was zeroed anyway).
-    (r == 0).then(|| unsafe { st.assume_init() }.f_type as i64)
+    let st = unsafe { st.assume_init() };
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is __fsword_t: i64 on x86-64, narrower on some other targets"
+    )]
+    Some(i64::from(st.f_type))
 }
 
 /// A close-on-exec duplicate of `fd`, owned.
