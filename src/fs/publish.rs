@@ -76,26 +76,29 @@ impl Publisher {
         pending
     }
 
-    /// Publishes the slots of `pending` with the sizes `size_of` reads back; a slot whose
-    /// size cannot be read stays odd, so clients never serve from it again.
+    /// Publishes the slots of `pending` with the sizes `size_of` reads back (before the
+    /// table's lock is taken); a slot whose size cannot be read stays odd, so clients never
+    /// serve from it again.
     pub(super) fn end(&self, pending: &Pending, size_of: impl Fn(u64) -> Option<u64>) {
+        let sizes: Vec<Option<u64>> = pending.iter().map(|&(ino, _)| size_of(ino)).collect();
         let table = self.table.lock();
         let Some(t) = table.as_ref() else {
             return;
         };
-        for &(ino, slot) in pending {
+        for (&(ino, slot), size) in pending.iter().zip(sizes) {
             // The slot may have been returned (the inode's last lease ended under these
             // locks) and handed to another inode meanwhile: publish only what is still ours.
-            if t.by_ino.get(&ino).is_some_and(|&(s, _)| s == slot) {
-                match size_of(ino) {
-                    Some(size) => {
-                        t.state.publish(slot, ino, size);
-                    }
-                    None => log::error!(
-                        "inode {ino}: cannot read it back to publish its state; direct \
-                         clients stop serving it"
-                    ),
+            if !t.by_ino.get(&ino).is_some_and(|&(s, _)| s == slot) {
+                continue;
+            }
+            match size {
+                Some(size) => {
+                    t.state.publish(slot, ino, size);
                 }
+                None => log::error!(
+                    "inode {ino}: cannot read it back to publish its state; direct clients \
+                     stop serving it"
+                ),
             }
         }
     }
@@ -243,13 +246,8 @@ impl Fs {
     /// with the current time, as the write path does.
     pub fn touch_data(&self, ino: u64) -> Result<()> {
         let now = super::SetAttr {
-            mode: None,
-            uid: None,
-            gid: None,
-            size: None,
-            atime: None,
             mtime: Some(super::SetTime::Now),
-            ctime: None,
+            ..Default::default()
         };
         self.setattr(&super::Ctx::ROOT, ino, &now).map(|_| ())
     }
