@@ -218,6 +218,8 @@ const PROBE_C: &str = r#"
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -228,6 +230,26 @@ static unsigned long long fnv(const unsigned char *p, long n) {
     unsigned long long h = 1469598103934665603ULL;
     for (long i = 0; i < n; i++) { h ^= p[i]; h *= 1099511628211ULL; }
     return h;
+}
+
+/* Thread mode: the file holds pattern(seed): byte i is seed + i % 251. */
+static int shared_fd;
+static int seed_byte;
+static long thread_bad;
+static void *reader(void *arg) {
+    unsigned seed = (unsigned)(long)arg;
+    unsigned char b[4096];
+    for (int k = 0; k < 20000; k++) {
+        /* Every other round through a private dup of the fd, closed after. */
+        int fd = k % 2 ? dup(shared_fd) : shared_fd;
+        long long off = rand_r(&seed) % (3 << 20);
+        long n = pread(fd, b, sizeof b, off);
+        for (long i = 0; i < n; i++)
+            if (b[i] != (unsigned char)(seed_byte + (off + i) % 251)) { __sync_fetch_and_add(&thread_bad, 1); break; }
+        if (n <= 0) __sync_fetch_and_add(&thread_bad, 1);
+        if (fd != shared_fd) close(fd);
+    }
+    return 0;
 }
 
 static double now(void) {
@@ -279,6 +301,28 @@ int main(int argc, char **argv) {
                 reads++;
             }
             printf("reads %lld bad %lld past %lld bytes %lld\n", reads, bad, past, bytes);
+        } else if (!strcmp(cmd, "t") && scanf("%lld %lld", &a, &b) == 2) {
+            /* `t THREADS SEED`: threads preading (half through dups they close again)
+               check every byte against the pattern. */
+            pthread_t th[16];
+            shared_fd = fd; seed_byte = (int)b; thread_bad = 0;
+            for (long i = 0; i < a && i < 16; i++) pthread_create(&th[i], 0, reader, (void *)(i + 1));
+            for (long i = 0; i < a && i < 16; i++) pthread_join(th[i], 0);
+            printf("bad %ld\n", thread_bad);
+        } else if (!strcmp(cmd, "k") && scanf("%lld", &a) == 1) {
+            /* `k LEN`: fork; the child reads LEN bytes with read(2) from the shared
+               offset and exits; then the parent reads LEN more. Prints both hashes. */
+            pid_t pid = fork();
+            if (pid == 0) {
+                long n = read(fd, buf, a);
+                printf("child %ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+                fflush(stdout);
+                _exit(0);
+            }
+            int status;
+            waitpid(pid, &status, 0);
+            long n = read(fd, buf, a);
+            printf("parent %ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
         } else if (!strcmp(cmd, "q")) {
             return 0;
         } else {
@@ -295,7 +339,7 @@ fn compile_probe(dir: &Path) -> PathBuf {
     let exe = dir.join("probe");
     fs::write(&src, PROBE_C).unwrap();
     let out = Command::new("cc")
-        .args(["-O2", "-Wall", "-o"])
+        .args(["-O2", "-Wall", "-pthread", "-o"])
         .arg(&exe)
         .arg(&src)
         .output()
@@ -542,4 +586,30 @@ fn a_racing_truncate_punch_and_rewrite_never_shows_other_files_or_bytes_past_eof
     let st = stats_of(&stats);
     assert!(st.served_reads > 0, "nothing was served: {st:?}");
     eprintln!("race: {reply}; writer rounds {rounds}; {st:?}");
+}
+
+#[test]
+fn threads_dups_and_forks_are_served_correctly() {
+    assert!(can_mount());
+    let img = Image::new("preload-threads", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_probe(tmp.path());
+    let path = m.path("threads");
+    let data = pattern(9, (3 * MIB + 4096) as usize);
+    fs::write(&path, &data).unwrap();
+    let stats = tmp.path().join("stats");
+    let mut p = Probe::start(&exe, &path, Some(&stats));
+    // Four threads, half of their preads through dups they close concurrently.
+    assert_eq!(p.ask("t 4 9", Duration::from_secs(120)), "bad 0");
+    // A forked child shares the file offset: read(2) in the child moves the parent's.
+    assert_eq!(p.ask("s 1000", T), "1000");
+    let child = p.ask("k 5000", T);
+    let parent = p.replies.recv_timeout(T).unwrap();
+    assert_eq!(child, format!("child {}", fnv(&data[1000..6000])));
+    assert_eq!(parent, format!("parent {}", fnv(&data[6000..11000])));
+    p.quit();
+    let st = stats_of(&stats);
+    // 80,000 preads in the threads; read(2) after the fork goes to the kernel.
+    assert!(st.served_reads >= 80_000, "{st:?}");
 }

@@ -435,11 +435,6 @@ fn set(fd: i32, t: Option<Arc<Tracked>>) {
     }
 }
 
-/// The device a pmfs mount with device number `dev` serves (from /proc/self/mountinfo).
-fn pmfs_device(file: &File) -> Option<PathBuf> {
-    pmfs::dax::device_of(file).ok()
-}
-
 /// State tables opened so far, by path.
 static TABLES: Mutex<Vec<(PathBuf, Arc<StateTable>)>> = Mutex::new(Vec::new());
 
@@ -485,7 +480,8 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
     if !meta.file_type().is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
-    let device = pmfs_device(&file).ok_or_else(|| std::io::Error::other("no pmfs mount"))?;
+    // The mount's source in /proc/self/mountinfo; the ioctls below prove it is pmfs.
+    let device = pmfs::dax::device_of(&file)?;
     let p = DaxMapping::map_published(&file, &device, 0)?;
     let (slot, path) = pmfs::dax::published_state(&file, p.lease)?;
     let state = state_table(&path)?;
