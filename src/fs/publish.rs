@@ -88,7 +88,7 @@ impl Publisher {
         for (&(ino, slot), size) in pending.iter().zip(sizes) {
             // The slot may have been returned (the inode's last lease ended under these
             // locks) and handed to another inode meanwhile: publish only what is still ours.
-            if !t.by_ino.get(&ino).is_some_and(|&(s, _)| s == slot) {
+            if t.by_ino.get(&ino).is_none_or(|&(s, _)| s != slot) {
                 continue;
             }
             match size {
