@@ -97,6 +97,10 @@ static DEBUG: AtomicBool = AtomicBool::new(false);
 /// to that file (stderr may be closed by then: GNU programs close it in their own atexit).
 static SHOW_STATS: AtomicBool = AtomicBool::new(false);
 static STATS_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// fds at or above this are not tracked: a quarter of the open-file limit when the library
+/// loaded, so that the descriptors tracking adds (three per tracked open: the lease holder,
+/// the mapping's duplicate and the device) leave the program its own share of the limit.
+static TRACK_BELOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MAX_FDS);
 /// `PMFS_DIRECT=0`: track nothing (every call goes to libc).
 static DISABLED: AtomicBool = AtomicBool::new(false);
 
@@ -115,6 +119,8 @@ fn init() {
         std::env::var_os("PMFS_DIRECT").is_some_and(|v| v == "0"),
         Ordering::Relaxed,
     );
+    let quarter = sys::open_file_limit().map_or(MAX_FDS, |l| (l / 4) as usize);
+    TRACK_BELOW.store(quarter.min(MAX_FDS), Ordering::Relaxed);
 }
 
 /// At exit: the counters, where `PMFS_DIRECT_STATS` asks, if this process met a pmfs file.
@@ -165,6 +171,8 @@ struct View {
     mapping: Option<DaxMapping>,
     entries: Vec<MapEntry>,
     generation: u64,
+    /// A call was served from this view (its refresh paid off).
+    used: AtomicBool,
 }
 
 impl View {
@@ -248,7 +256,16 @@ struct Tracked {
     dirty: AtomicBool,
     /// When the last stamp was asked for (ns since the library's epoch; 0: never).
     last_touch: AtomicU64,
+    /// No refresh before this time (ns since the library's epoch): see [`Tracked::view_for`].
+    refresh_after: AtomicU64,
+    /// The current refresh back-off (ns).
+    backoff: AtomicU64,
 }
+
+/// Longest back-off between refreshes that served nothing.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// First back-off after a refresh that served nothing.
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
 
 /// Monotonic nanoseconds, from a fixed start (never 0 once running).
 fn now_ns() -> u64 {
@@ -269,6 +286,22 @@ impl Tracked {
         if current.generation == snap.generation {
             return Some(current);
         }
+        // A file that changes through the mount between every two calls (appends, writes
+        // into holes, another process writing) would cost a refresh per call that then
+        // cannot serve: after a refresh that served nothing, back off (doubling up to
+        // MAX_BACKOFF) and leave calls to the kernel meanwhile.
+        let now = now_ns();
+        if now < self.refresh_after.load(Ordering::Relaxed) {
+            return None;
+        }
+        let backoff = if current.used.load(Ordering::Relaxed) {
+            0
+        } else {
+            (self.backoff.load(Ordering::Relaxed) * 2)
+                .clamp(MIN_BACKOFF.as_nanos() as u64, MAX_BACKOFF.as_nanos() as u64)
+        };
+        self.backoff.store(backoff, Ordering::Relaxed);
+        self.refresh_after.store(now + backoff, Ordering::Relaxed);
         drop(current);
         let _one = self.refreshing.try_lock().ok()?;
         // Our descriptor must still be the file we track (the program may have closed or
@@ -292,6 +325,7 @@ impl Tracked {
             mapping: p.mapping,
             entries: p.entries,
             generation: p.generation,
+            used: AtomicBool::new(false),
         });
         *self.view.try_write().ok()? = Arc::clone(&fresh);
         Some(fresh)
@@ -330,6 +364,7 @@ impl Tracked {
         if !self.state.unchanged(self.slot, snap.seq) {
             return None;
         }
+        view.used.store(true, Ordering::Relaxed);
         count(&STATS.served_reads, 1);
         count(&STATS.served_read_bytes, n);
         Some(n as usize)
@@ -341,8 +376,13 @@ impl Tracked {
         if !self.writable || self.unserved_status() || data.is_empty() {
             return None;
         }
-        let (snap, view) = self.current()?;
         let n = data.len() as u64;
+        // Appends are the kernel's: decided from the published size, before any refresh.
+        let size = self.snapshot()?.size;
+        if off.checked_add(n).is_none_or(|end| end > size) {
+            return None;
+        }
+        let (snap, view) = self.current()?;
         if off.checked_add(n).is_none_or(|end| end > snap.size) || !view.covers_written(off, n) {
             return None;
         }
@@ -353,6 +393,7 @@ impl Tracked {
             // real call stores the same bytes wherever they live now.
             return None;
         }
+        view.used.store(true, Ordering::Relaxed);
         count(&STATS.served_writes, 1);
         count(&STATS.served_write_bytes, n);
         self.stored();
@@ -455,7 +496,7 @@ fn opened(fd: i32, flags: i32) {
     set(fd, None); // an fd number reused behind our back starts untracked
     if DISABLED.load(Ordering::Relaxed)
         || flags & libc::O_PATH != 0
-        || usize::try_from(fd).is_ok_and(|i| i >= MAX_FDS)
+        || usize::try_from(fd).is_ok_and(|i| i >= TRACK_BELOW.load(Ordering::Relaxed))
     {
         return;
     }
@@ -501,11 +542,15 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
             mapping: p.mapping,
             entries: p.entries,
             generation: p.generation,
+            // The first refresh is never backed off.
+            used: AtomicBool::new(true),
         })),
         refreshing: Mutex::new(()),
         offset_busy: AtomicBool::new(false),
         dirty: AtomicBool::new(false),
         last_touch: AtomicU64::new(0),
+        refresh_after: AtomicU64::new(0),
+        backoff: AtomicU64::new(0),
         file,
     })
 }
@@ -676,6 +721,7 @@ mod tests {
             mapping: None,
             entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
             generation: 1,
+            used: AtomicBool::new(false),
         };
         let mut buf = vec![7u8; 20000];
         v.read_into(100, &mut buf).unwrap();
@@ -685,6 +731,7 @@ mod tests {
             mapping: None,
             entries: vec![entry(8192, 4096, 0)],
             generation: 1,
+            used: AtomicBool::new(false),
         };
         assert!(v.read_into(100, &mut buf).is_none());
         assert!(v.read_into(0, &mut buf[..8192]).is_some(), "all hole");
@@ -702,6 +749,7 @@ mod tests {
                 entry(20480, 4096, 0),
             ],
             generation: 1,
+            used: AtomicBool::new(false),
         };
         assert!(v.covers_written(0, 1));
         assert!(v.covers_written(100, 12188), "two adjacent written extents");

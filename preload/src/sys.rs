@@ -330,6 +330,16 @@ pub(crate) fn fstatfs_type(fd: c_int) -> Option<i64> {
     Some(i64::from(st.f_type))
 }
 
+/// The soft limit of open files (RLIMIT_NOFILE), if it can be read.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a writable rlimit for the duration of the call.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r.rlim_cur)
+}
+
 /// A close-on-exec duplicate of `fd`, owned.
 pub(crate) fn dup_cloexec(fd: c_int) -> std::io::Result<File> {
     let new = real_fcntl(fd, libc::F_DUPFD_CLOEXEC, 0);

@@ -644,31 +644,49 @@ impl DaxMapping {
         };
         unmap(raw, pad);
         unmap(base.wrapping_add(reserved), HUGE - pad);
-        let mut map_sync = true;
+        // Entries contiguous both in the file and on the device map as one range: one mmap
+        // call and one VMA instead of one per extent. (file offset, device offset, length);
+        // each run is the union of validated, sorted, disjoint entries, so the checks
+        // `validate_entries` made of its entries hold for the run.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
         for e in entries {
+            match runs.last_mut() {
+                Some(r) if r.0 + r.2 == e.file_offset && r.1 + r.2 == e.device_offset => {
+                    r.2 += e.len;
+                }
+                _ => runs.push((e.file_offset, e.device_offset, e.len)),
+            }
+        }
+        let mut map_sync = true;
+        for &(file_offset, device_offset, run_len) in &runs {
             // Cannot wrap: `validate_entries` checked `offset <= file_offset` and
             // `file_offset - offset + len <= span <= reserved`, all without overflow.
-            let at = base.wrapping_add((e.file_offset - offset) as usize);
+            let at = base.wrapping_add((file_offset - offset) as usize);
             let fixed = |flags: libc::c_int| {
-                // SAFETY: `at..at + e.len` lies inside our reservation `base..base +
+                // SAFETY: `at..at + run_len` lies inside our reservation `base..base +
                 // reserved` (`validate_entries` checked `file_offset - offset + len <= span
-                // <= reserved` with checked arithmetic), which nothing else uses, so
-                // MAP_FIXED replaces only our PROT_NONE pages; the device offset is a page
-                // multiple inside the device, and `e.len` a positive page multiple.
+                // <= reserved` with checked arithmetic for every entry of the run), which
+                // nothing else uses, so MAP_FIXED replaces only our PROT_NONE pages; the
+                // device offset is a page multiple inside the device, and `run_len` a
+                // positive page multiple.
                 unsafe {
                     libc::mmap(
                         at.cast::<c_void>(),
-                        e.len as usize,
+                        run_len as usize,
                         libc::PROT_READ | libc::PROT_WRITE,
                         flags | libc::MAP_FIXED,
                         device.as_raw_fd(),
-                        e.device_offset as libc::off_t,
+                        device_offset as libc::off_t,
                     )
                 }
             };
-            let mut got = fixed(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
+            // MAP_SYNC is tried until the device refuses it once (it is all or nothing).
+            let mut got = libc::MAP_FAILED;
+            if map_sync {
+                got = fixed(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
+                map_sync = got != libc::MAP_FAILED;
+            }
             if got == libc::MAP_FAILED {
-                map_sync = false;
                 got = fixed(libc::MAP_SHARED);
             }
             if got == libc::MAP_FAILED {
