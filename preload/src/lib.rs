@@ -382,6 +382,12 @@ impl Tracked {
         if off.checked_add(n).is_none_or(|end| end > size) {
             return None;
         }
+        // Writes into holes or preallocated ranges are the kernel's too: when even the view
+        // at hand (perhaps of an older generation) does not have the range written, no
+        // refresh is spent on it (a file being filled that way changes at every write).
+        if !self.view.try_read().ok()?.covers_written(off, n) {
+            return None;
+        }
         let (snap, view) = self.current()?;
         if off.checked_add(n).is_none_or(|end| end > snap.size) || !view.covers_written(off, n) {
             return None;
