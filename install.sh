@@ -4,6 +4,7 @@
 #   /usr/local/sbin/mkfs.pmfs   found by mkfs -t pmfs
 #   /usr/local/sbin/fsck.pmfs   found by fsck -t pmfs
 #   /sbin/mount.fuse.pmfs       the mount(8) helper for -t fuse.pmfs and /etc/fstab
+#   /usr/local/lib/libpmfs_direct.so  LD_PRELOAD library: direct read/write of pmfs files
 # Cargo cannot name a binary with a dot, so mkfs.pmfs and fsck.pmfs are built as
 # mkfs-pmfs and fsck-pmfs and renamed here. Installs fuse3 and pkg-config if missing.
 # Usage (as root): ./install.sh [PREFIX]   (PREFIX defaults to /usr/local)
@@ -29,6 +30,8 @@ install -d "$prefix/sbin"
 install -m 755 target/release/pmfs "$prefix/sbin/pmfs"
 install -m 755 target/release/mkfs-pmfs "$prefix/sbin/mkfs.pmfs"
 install -m 755 target/release/fsck-pmfs "$prefix/sbin/fsck.pmfs"
+install -d "$prefix/lib"
+install -m 755 target/release/libpmfs_direct.so "$prefix/lib/libpmfs_direct.so"
 cat > /sbin/mount.fuse.pmfs <<HELPER
 #!/bin/sh
 # mount(8) helper for pmfs, installed by pmfs/install.sh:
@@ -38,4 +41,4 @@ ulimit -f unlimited 2>/dev/null
 exec $prefix/sbin/pmfs "\$@"
 HELPER
 chmod 755 /sbin/mount.fuse.pmfs
-echo "pmfs: installed pmfs, mkfs.pmfs, fsck.pmfs in $prefix/sbin and /sbin/mount.fuse.pmfs"
+echo "pmfs: installed pmfs, mkfs.pmfs, fsck.pmfs in $prefix/sbin, libpmfs_direct.so in $prefix/lib and /sbin/mount.fuse.pmfs"

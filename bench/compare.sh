@@ -10,7 +10,8 @@
 #   --no-million    never run it (default: run it if the time budget allows)
 #   --size SIZE     size of the emulated pmem image (default 6G, 4G if memory is short)
 #   --only LIST     comma-separated subset of: tmpfs,ext4,bindfs,pmfs-direct,pmfs-page,
-#                   pmfs-writeback (cache=writeback), and
+#                   pmfs-writeback (cache=writeback), pmfs-direct-preload (cache=direct,
+#                   the fio jobs run under the preload library libpmfs_direct.so), and
 #                   pmfs-nospin (cache=direct with spin=0: what polling /dev/fuse buys; not
 #                   in the default list)
 #   --no-build      use the existing target/release binaries as they are
@@ -26,7 +27,7 @@ REPEATS=3
 RUNTIME=1
 MILLION=auto
 PMEM_SIZE=
-ONLY="tmpfs,ext4,bindfs,pmfs-direct,pmfs-page,pmfs-writeback"
+ONLY="tmpfs,ext4,bindfs,pmfs-direct,pmfs-page,pmfs-writeback,pmfs-direct-preload"
 BUILD=1
 BUDGET=${BENCH_BUDGET:-600}
 META_FILES=20000
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
         --size) PMEM_SIZE=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -74,9 +75,10 @@ fi
 
 PMFS_BIN=${PMFS_BIN:-$ROOT/target/release/pmfs}
 MKFS_BIN=${MKFS_BIN:-$ROOT/target/release/mkfs-pmfs}
+PRELOAD_LIB=${PRELOAD_LIB:-$ROOT/target/release/libpmfs_direct.so}
 if [ "$BUILD" = 1 ]; then
-    log "cargo build --release (pmfs, mkfs-pmfs): a no-op when up to date"
-    (cd "$ROOT" && cargo build --release -q -p pmfs -p mkfs-pmfs) ||
+    log "cargo build --release (pmfs, mkfs-pmfs, pmfs-direct): a no-op when up to date"
+    (cd "$ROOT" && cargo build --release -q -p pmfs -p mkfs-pmfs -p pmfs-direct) ||
         { [ -x "$PMFS_BIN" ] && [ -x "$MKFS_BIN" ] && log "build failed: using the existing binaries"; } ||
         die "cargo build --release failed"
 fi
@@ -140,6 +142,10 @@ gcc -O2 -pthread -o "$MB" "$HERE/metabench.c" || die "cannot compile bench/metab
 # Snapshot the binaries: a rebuild during the run must not change the pmfs being measured.
 mkdir -p "$WORK/bin" && cp "$PMFS_BIN" "$WORK/bin/pmfs" && cp "$MKFS_BIN" "$WORK/bin/mkfs.pmfs" ||
     die "cannot copy the binaries"
+if [[ ",$ONLY," == *,pmfs-direct-preload,* ]]; then
+    cp "$PRELOAD_LIB" "$WORK/bin/libpmfs_direct.so" || die "no $PRELOAD_LIB (cargo build --release -p pmfs-direct)"
+    PRELOAD_LIB=$WORK/bin/libpmfs_direct.so
+fi
 PMFS_BIN_SRC=$PMFS_BIN
 PMFS_BIN=$WORK/bin/pmfs
 MKFS_BIN=$WORK/bin/mkfs.pmfs
@@ -163,11 +169,13 @@ median() {
 now_ns() { date +%s%N; }
 secs_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.3f", (b - a) / 1e9}'; }
 
+# The environment of every fio run (LD_PRELOAD for pmfs-direct-preload, else nothing).
+FIO_ENV=()
 # fio, psync, buffered; prints the terse v3 line. $1 = file, rest = job options.
 fio_run() {
     local file=$1
     shift
-    fio --name=bench --filename="$file" --ioengine=psync --group_reporting \
+    env "${FIO_ENV[@]}" fio --name=bench --filename="$file" --ioengine=psync --group_reporting \
         --output-format=terse --terse-version=3 --fallocate=none "$@" 2>"$WORK/fio.err"
 }
 fio_read_mibs() { awk -F';' '{printf "%.1f", $7 / 1024}'; }
@@ -196,7 +204,7 @@ w_seqread() { fio_run "$1/seq.dat" --rw=read --bs=1m --size=$FILE_SIZE | fio_rea
 w_randread() { fio_run "$1/seq.dat" --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based --numjobs="$2" | fio_read_kiops; }
 w_randwrite() { fio_run "$1/seq.dat" --rw=randwrite --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based | fio_write_kiops; }
 w_par() { # $2 threads, each writing 4 KiB blocks at random into a new file of its own
-    fio --name=bench --directory="$1" --filename_format='par.$jobnum' --ioengine=psync \
+    env "${FIO_ENV[@]}" fio --name=bench --directory="$1" --filename_format='par.$jobnum' --ioengine=psync \
         --group_reporting --output-format=terse --terse-version=3 --fallocate=none \
         --rw=randwrite --bs=4k --size=256m --numjobs="$2" --runtime="$RUNTIME" --time_based \
         2>"$WORK/fio.err" | fio_write_kiops
@@ -327,6 +335,9 @@ setup_pmfs-direct() { setup_pmfs cache=direct; }
 setup_pmfs-page() { setup_pmfs cache=page; }
 setup_pmfs-nospin() { setup_pmfs cache=direct,spin=0; }
 setup_pmfs-writeback() { setup_pmfs cache=writeback; }
+# Only the fio jobs run under the library (the metadata workloads and tar do not).
+setup_pmfs-direct-preload() { setup_pmfs cache=direct && FIO_ENV=("LD_PRELOAD=$PRELOAD_LIB"); }
+teardown_pmfs-direct-preload() { FIO_ENV=(); pmfs_umount; }
 teardown_pmfs-direct() { pmfs_umount; }
 teardown_pmfs-page() { pmfs_umount; }
 teardown_pmfs-nospin() { pmfs_umount; }

@@ -341,6 +341,12 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     )
     .map_err(|e| Failure(mount_error(&cli.device, media.as_ref(), &e)))?;
     drop(media);
+    // The preload library's published leases: their state table lives in shared memory,
+    // readable by whoever may open the device (created at the first such lease).
+    fs.enable_published_leases(
+        PathBuf::from(format!("/dev/shm/pmfs-direct.{}", std::process::id())),
+        Some(&cli.device),
+    );
 
     let threads = config.n_threads.unwrap_or(1);
     let mut fuse = PmfsFuse::new(fs, opts.cache);

@@ -24,7 +24,7 @@
 //! adapter.
 
 use super::PersistenceMode;
-use super::mmap::{arch, block_device_size, cpu_flush_mode, dax_size, is_memory_backed};
+use super::mmap::{arch, block_device_size, cpu_flush_mode, dax_size, is_memory_backed, nt_split};
 use std::ffi::c_void;
 use std::fs::File;
 use std::io;
@@ -42,8 +42,24 @@ pub const PMFS_IOC_MAP: u32 = ioc_rw(b'p', 0x70, IOCTL_SIZE as u32);
 pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"PMDX");
 /// Request flag: allocate holes in the range and take a lease (else: layout only).
 pub const MAP_FLAG_LEASE: u32 = 1;
+/// Request flag, with [`MAP_FLAG_LEASE`]: a *published* lease for the preload library
+/// (`preload/`): nothing is allocated, the extents are listed as they are (holes left out,
+/// preallocated ones flagged [`ENTRY_UNWRITTEN`]), the reply's `generation` names the layout
+/// they belong to, and the daemon publishes the file's size and layout generation in its
+/// state table ([`StateTable`]) for as long as the lease lives. With `lease` set to a
+/// published lease of the same open file and `start` 0, the request refreshes that lease's
+/// extents instead of taking a new one.
+pub const MAP_FLAG_PUBLISH: u32 = 2;
 /// Reply entry flag: the extent is preallocated (reads as zeros).
 pub const ENTRY_UNWRITTEN: u32 = 1;
+/// `_IOWR('p', 0x71, [u8; 4096])`: requests about a published lease ([`DirectRequest`]).
+pub const PMFS_IOC_DIRECT: u32 = ioc_rw(b'p', 0x71, IOCTL_SIZE as u32);
+/// [`DirectRequest::op`]: where the lease's state is published ([`DirectReply`]).
+pub const DIRECT_OP_STATE: u32 = 1;
+/// [`DirectRequest::op`]: the holder stored into the file through its mapping: stamp mtime
+/// and ctime with the current time and drop the kernel's cached pages of the file, so that
+/// readers through the mount see the stores. Replies with a bare [`DirectReply`] header.
+pub const DIRECT_OP_TOUCH: u32 = 2;
 
 const fn ioc_rw(ty: u8, nr: u8, size: u32) -> u32 {
     // Linux _IOC: dir (2 bits: read|write = 3) << 30 | size << 16 | type << 8 | nr.
@@ -89,7 +105,201 @@ pub struct MapReply {
     pub pad: u32,
     /// The lease (0 for layout requests).
     pub lease: u64,
-    pub reserved: u64,
+    /// Published leases ([`MAP_FLAG_PUBLISH`]): the layout generation the extents belong to
+    /// (compare with [`StateSnapshot::generation`]); 0 otherwise.
+    pub generation: u64,
+}
+
+/// A [`PMFS_IOC_DIRECT`] request (at the start of the 4 KiB argument).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DirectRequest {
+    pub magic: u32,
+    /// [`DIRECT_OP_STATE`] or [`DIRECT_OP_TOUCH`].
+    pub op: u32,
+    /// A published lease of the open file the ioctl is issued on.
+    pub lease: u64,
+}
+
+/// The reply to [`DIRECT_OP_STATE`]; the state table's path follows it (`path_len` bytes).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DirectReply {
+    pub magic: u32,
+    /// The file's slot in the state table.
+    pub slot: u32,
+    pub path_len: u32,
+    pub pad: u32,
+}
+
+/// Bytes of one slot of the state table.
+pub const STATE_SLOT_SIZE: usize = 64;
+/// Slots of the state table (one per inode with published leases).
+pub const STATE_SLOTS: usize = 4096;
+// Words of a slot (byte offsets in it).
+const SLOT_SEQ: usize = 0;
+const SLOT_INO: usize = 8;
+const SLOT_SIZE: usize = 16;
+const SLOT_GENERATION: usize = 24;
+/// 1 when a client may serve overwrites (the inode is neither immutable nor append-only).
+const SLOT_WRITES_ALLOWED: usize = 32;
+
+/// One consistent reading of a slot of the state table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateSnapshot {
+    /// The slot's sequence word when read: even (odd slots are never snapshotted).
+    pub seq: u64,
+    /// The inode the slot describes (0: a free slot).
+    pub ino: u64,
+    /// The file's size.
+    pub size: u64,
+    /// The layout generation: changes whenever anything about the file may have changed.
+    pub generation: u64,
+    /// Overwrites may be served: the inode is neither immutable nor append-only (chattr
+    /// +i/+a), which the daemon enforces and a client serving stores must respect too.
+    pub writes_allowed: bool,
+}
+
+/// What the daemon publishes of one inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishedState {
+    pub size: u64,
+    pub writes_allowed: bool,
+}
+
+/// The daemon's state table for published leases: a shared file of [`STATE_SLOTS`] slots,
+/// each a seqlock over the size and layout generation of one inode.
+///
+/// Protocol (the daemon writes, clients read):
+/// - Before an operation that changes an inode with a slot touches anything (under the
+///   inode's stripe write lock), the daemon makes the slot's sequence word odd
+///   ([`StateTable::begin`]); after the operation, before its locks drop and before its reply,
+///   it stores the new size, increments the generation and makes the sequence even again
+///   ([`StateTable::publish`]). An odd sequence that stays odd means the daemon could not
+///   read the inode back: clients never serve from it.
+/// - A client reads the sequence (even), the size and generation ([`StateTable::snapshot`]),
+///   does its work, then checks that the sequence did not move ([`StateTable::unchanged`]);
+///   if it moved, the work may have raced a change and is redone through the file system.
+#[derive(Debug)]
+pub struct StateTable {
+    map: super::SharedFileMapping,
+}
+
+impl StateTable {
+    /// Bytes of the table file.
+    pub const LEN: u64 = (STATE_SLOTS * STATE_SLOT_SIZE) as u64;
+
+    /// Creates the table file at `path` (which must not exist), with the owner and mode of
+    /// `like` (the device: whoever may open the device read-write may read the table).
+    pub fn create(path: &Path, like: Option<&std::fs::Metadata>) -> io::Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        file.set_len(Self::LEN)?;
+        if let Some(m) = like {
+            std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()))?;
+            file.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o666))?;
+        }
+        Self::from_file(&file)
+    }
+
+    /// Opens an existing table file (a client).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Self::from_file(&file)
+    }
+
+    fn from_file(file: &File) -> io::Result<Self> {
+        if file.metadata()?.len() != Self::LEN {
+            return Err(invalid("pmfs state table has the wrong size"));
+        }
+        let map = super::SharedFileMapping::map(file)?;
+        Ok(Self { map })
+    }
+
+    fn word(slot: u32, field: usize) -> Option<usize> {
+        ((slot as usize) < STATE_SLOTS).then(|| slot as usize * STATE_SLOT_SIZE + field)
+    }
+
+    /// A consistent reading of `slot`, or `None` while the daemon changes it (or for a slot
+    /// out of range).
+    pub fn snapshot(&self, slot: u32) -> Option<StateSnapshot> {
+        let seq = self.map.load_u64_acquire(Self::word(slot, SLOT_SEQ)?);
+        if seq % 2 == 1 {
+            return None;
+        }
+        let snap = StateSnapshot {
+            seq,
+            ino: self.map.load_u64_acquire(Self::word(slot, SLOT_INO)?),
+            size: self.map.load_u64_acquire(Self::word(slot, SLOT_SIZE)?),
+            generation: self
+                .map
+                .load_u64_acquire(Self::word(slot, SLOT_GENERATION)?),
+            writes_allowed: self
+                .map
+                .load_u64_acquire(Self::word(slot, SLOT_WRITES_ALLOWED)?)
+                == 1,
+        };
+        self.unchanged(slot, seq).then_some(snap)
+    }
+
+    /// True when `slot`'s sequence is still `seq`: nothing changed since the snapshot that
+    /// read it. Every load made before this call (the client's copy included) is ordered
+    /// before the sequence load.
+    pub fn unchanged(&self, slot: u32, seq: u64) -> bool {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        Self::word(slot, SLOT_SEQ).is_some_and(|w| self.map.load_u64_acquire(w) == seq)
+    }
+
+    /// The daemon starts changing the inode of `slot`: the sequence turns odd.
+    pub fn begin(&self, slot: u32) {
+        let Some(w) = Self::word(slot, SLOT_SEQ) else {
+            return;
+        };
+        let seq = self.map.load_u64_acquire(w);
+        if seq % 2 == 0 {
+            self.map.store_u64_release(w, seq + 1);
+            // The stores of the change that follows must not become visible before the odd
+            // sequence does.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The daemon finished changing `slot`'s inode `ino`: publishes its `state`, a new
+    /// generation, and an even sequence. Returns the new generation.
+    pub fn publish(&self, slot: u32, ino: u64, state: PublishedState) -> u64 {
+        let (Some(seq_w), Some(ino_w), Some(size_w), Some(gen_w), Some(writes_w)) = (
+            Self::word(slot, SLOT_SEQ),
+            Self::word(slot, SLOT_INO),
+            Self::word(slot, SLOT_SIZE),
+            Self::word(slot, SLOT_GENERATION),
+            Self::word(slot, SLOT_WRITES_ALLOWED),
+        ) else {
+            return 0;
+        };
+        self.begin(slot); // a no-op when the change began it already
+        let odd = self.map.load_u64_acquire(seq_w);
+        let generation = self.map.load_u64_acquire(gen_w).wrapping_add(1);
+        self.map.store_u64_release(ino_w, ino);
+        self.map.store_u64_release(size_w, state.size);
+        self.map
+            .store_u64_release(writes_w, u64::from(state.writes_allowed));
+        self.map.store_u64_release(gen_w, generation);
+        self.map.store_u64_release(seq_w, odd.wrapping_add(1));
+        generation
+    }
+
+    /// The generation `slot` holds now (the caller excludes changes to it).
+    pub fn generation(&self, slot: u32) -> u64 {
+        Self::word(slot, SLOT_GENERATION).map_or(0, |w| self.map.load_u64_acquire(w))
+    }
 }
 
 /// Entries that fit one reply page.
@@ -116,7 +326,20 @@ fn query_bounded(
     len: u64,
     max_entries: usize,
 ) -> io::Result<(u64, Vec<MapEntry>)> {
-    let mut lease = 0;
+    query_paged(file, flags, offset, len, 0, max_entries).map(|(lease, _, v)| (lease, v))
+}
+
+/// As [`query_bounded`], starting from `lease` (0: a new lease; else a published lease to
+/// refresh); returns (lease, generation, extents).
+fn query_paged(
+    file: &File,
+    flags: u32,
+    offset: u64,
+    len: u64,
+    mut lease: u64,
+    max_entries: usize,
+) -> io::Result<(u64, u64, Vec<MapEntry>)> {
+    let mut generation = 0;
     let mut total = None;
     let mut out = Vec::new();
     loop {
@@ -153,11 +376,12 @@ fn query_bounded(
         if all != reply.total as usize
             || all > max_entries
             || out.len() + reply.count as usize > all
-            || (!out.is_empty() && reply.lease != lease)
+            || (!out.is_empty() && (reply.lease != lease || reply.generation != generation))
         {
             return Err(invalid("inconsistent pmfs ioctl reply pages"));
         }
         lease = reply.lease;
+        generation = reply.generation;
         for i in 0..reply.count as usize {
             let at = i * size_of::<MapEntry>();
             let e = MapEntry::read_from_bytes(&rest[at..at + size_of::<MapEntry>()])
@@ -165,9 +389,59 @@ fn query_bounded(
             out.push(e);
         }
         if reply.count == 0 || out.len() >= reply.total as usize {
-            return Ok((lease, out));
+            return Ok((lease, generation, out));
         }
     }
+}
+
+/// What [`DaxMapping::map_published`] returns.
+#[derive(Debug)]
+pub struct PublishedMapping {
+    pub mapping: Option<DaxMapping>,
+    pub entries: Vec<MapEntry>,
+    pub lease: u64,
+    pub generation: u64,
+}
+
+/// Issues [`PMFS_IOC_DIRECT`] `op` for `lease` on `file`; returns the reply header and the
+/// bytes after it.
+pub fn direct_request(file: &File, op: u32, lease: u64) -> io::Result<(DirectReply, Vec<u8>)> {
+    let req = DirectRequest {
+        magic: MAP_MAGIC,
+        op,
+        lease,
+    };
+    let mut buf = vec![0u8; IOCTL_SIZE];
+    buf[..size_of::<DirectRequest>()].copy_from_slice(req.as_bytes());
+    // SAFETY: PMFS_IOC_DIRECT is an _IOWR ioctl of IOCTL_SIZE bytes, and `buf` is a live,
+    // writable buffer of exactly that size for the duration of the call.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            PMFS_IOC_DIRECT as libc::Ioctl,
+            buf.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (reply, rest) =
+        DirectReply::read_from_prefix(&buf).map_err(|_| invalid("short pmfs ioctl reply"))?;
+    if reply.magic != MAP_MAGIC {
+        return Err(invalid("malformed pmfs ioctl reply"));
+    }
+    Ok((reply, rest.to_vec()))
+}
+
+/// Where the state of published leases of `file` lives: (slot, table path).
+pub fn published_state(file: &File, lease: u64) -> io::Result<(u32, PathBuf)> {
+    let (reply, rest) = direct_request(file, DIRECT_OP_STATE, lease)?;
+    let path = rest
+        .get(..reply.path_len as usize)
+        .filter(|p| !p.is_empty() && !p.contains(&0))
+        .ok_or_else(|| invalid("malformed pmfs state path"))?;
+    use std::os::unix::ffi::OsStrExt;
+    Ok((reply.slot, PathBuf::from(std::ffi::OsStr::from_bytes(path))))
 }
 
 /// The device a file's pmfs mount serves: the mount source in /proc/self/mountinfo of the
@@ -302,6 +576,12 @@ pub struct DaxMapping {
 // threads. Access through `as_ptr` is the caller's responsibility, as with any mmap.
 unsafe impl Send for DaxMapping {}
 
+// SAFETY: every `&self` method only copies bytes into or out of the mapped shared memory
+// through raw pointers (memmove, non-temporal stores, flushes) or reads immutable fields;
+// concurrent calls from several threads are the same as concurrent stores by other
+// processes, which the mapping tolerates by design (torn bytes, never undefined values).
+unsafe impl Sync for DaxMapping {}
+
 const HUGE: usize = 2 << 20;
 
 impl DaxMapping {
@@ -383,31 +663,49 @@ impl DaxMapping {
         };
         unmap(raw, pad);
         unmap(base.wrapping_add(reserved), HUGE - pad);
-        let mut map_sync = true;
+        // Entries contiguous both in the file and on the device map as one range: one mmap
+        // call and one VMA instead of one per extent. (file offset, device offset, length);
+        // each run is the union of validated, sorted, disjoint entries, so the checks
+        // `validate_entries` made of its entries hold for the run.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
         for e in entries {
+            match runs.last_mut() {
+                Some(r) if r.0 + r.2 == e.file_offset && r.1 + r.2 == e.device_offset => {
+                    r.2 += e.len;
+                }
+                _ => runs.push((e.file_offset, e.device_offset, e.len)),
+            }
+        }
+        let mut map_sync = true;
+        for &(file_offset, device_offset, run_len) in &runs {
             // Cannot wrap: `validate_entries` checked `offset <= file_offset` and
             // `file_offset - offset + len <= span <= reserved`, all without overflow.
-            let at = base.wrapping_add((e.file_offset - offset) as usize);
+            let at = base.wrapping_add((file_offset - offset) as usize);
             let fixed = |flags: libc::c_int| {
-                // SAFETY: `at..at + e.len` lies inside our reservation `base..base +
+                // SAFETY: `at..at + run_len` lies inside our reservation `base..base +
                 // reserved` (`validate_entries` checked `file_offset - offset + len <= span
-                // <= reserved` with checked arithmetic), which nothing else uses, so
-                // MAP_FIXED replaces only our PROT_NONE pages; the device offset is a page
-                // multiple inside the device, and `e.len` a positive page multiple.
+                // <= reserved` with checked arithmetic for every entry of the run), which
+                // nothing else uses, so MAP_FIXED replaces only our PROT_NONE pages; the
+                // device offset is a page multiple inside the device, and `run_len` a
+                // positive page multiple.
                 unsafe {
                     libc::mmap(
                         at.cast::<c_void>(),
-                        e.len as usize,
+                        run_len as usize,
                         libc::PROT_READ | libc::PROT_WRITE,
                         flags | libc::MAP_FIXED,
                         device.as_raw_fd(),
-                        e.device_offset as libc::off_t,
+                        device_offset as libc::off_t,
                     )
                 }
             };
-            let mut got = fixed(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
+            // MAP_SYNC is tried until the device refuses it once (it is all or nothing).
+            let mut got = libc::MAP_FAILED;
+            if map_sync {
+                got = fixed(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
+                map_sync = got != libc::MAP_FAILED;
+            }
             if got == libc::MAP_FAILED {
-                map_sync = false;
                 got = fixed(libc::MAP_SHARED);
             }
             if got == libc::MAP_FAILED {
@@ -435,6 +733,51 @@ impl DaxMapping {
             _file: file,
             _device: device,
             huge_aligned,
+        })
+    }
+
+    /// Takes a published lease on all of `file` ([`MAP_FLAG_PUBLISH`], or refreshes the
+    /// published lease `refresh` of the same open file) and maps its extents from the device
+    /// at `device_path`. Returns the mapping (`None` for a file with no extents), the
+    /// extents, the lease and the layout generation they belong to. Parts of the file that
+    /// are holes stay unmapped (`PROT_NONE`), so only the listed extents may be touched.
+    pub fn map_published(
+        file: &File,
+        device_path: &Path,
+        refresh: u64,
+    ) -> io::Result<PublishedMapping> {
+        let device = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(device_path)?;
+        let device_size = device_size(&device, device_path)?;
+        // Bounded by the device: disjoint extents of whole pages.
+        let max_entries = usize::try_from(device_size / PAGE).unwrap_or(usize::MAX);
+        let (lease, generation, entries) = query_paged(
+            file,
+            MAP_FLAG_LEASE | MAP_FLAG_PUBLISH,
+            0,
+            u64::MAX,
+            refresh,
+            max_entries,
+        )?;
+        let mapping = if entries.is_empty() {
+            None
+        } else {
+            Some(Self::from_entries(
+                file.try_clone()?,
+                device,
+                device_size,
+                0,
+                u64::MAX,
+                &entries,
+            )?)
+        };
+        Ok(PublishedMapping {
+            mapping,
+            entries,
+            lease,
+            generation,
         })
     }
 
@@ -496,6 +839,53 @@ impl DaxMapping {
         Ok(())
     }
 
+    /// Stores `data` at byte `at` of the mapping and makes it durable before returning, as
+    /// pmfs's own write path does: non-temporal stores for the 16-byte-aligned body, ordinary
+    /// stores and cache-line flushes for the unaligned head and tail, then a fence (or one
+    /// msync on page-cache-backed devices).
+    pub fn write_persist(&self, at: usize, data: &[u8]) -> io::Result<()> {
+        self.check(at, data.len())?;
+        let mapped = self.base.as_ptr() as usize..self.base.as_ptr() as usize + self.reserved;
+        let src = data.as_ptr() as usize..data.as_ptr() as usize + data.len();
+        let overlaps = src.start < mapped.end && mapped.start < src.end;
+        if self.mode == PersistenceMode::Msync || overlaps {
+            // A source inside the mapping (a caller's mmap of this very file) needs a memmove.
+            self.write(at, data)?;
+            return self.persist(at, data.len());
+        }
+        // SAFETY: `at..at + len` lies inside the live mapping (checked).
+        let dst = unsafe { self.base.as_ptr().add(at) };
+        let (head, body, tail) = nt_split(dst as usize, data.len() as u64);
+        let (head, body, tail) = (head as usize, body as usize, tail as usize);
+        if head > 0 {
+            self.write(at, &data[..head])?;
+            self.flush_lines(at, head);
+        }
+        if body > 0 {
+            // SAFETY: `dst + head..dst + head + body` lies inside the mapping, is 16-byte
+            // aligned by the choice of `head` and `body` is a multiple of 16; the source is
+            // `body` bytes of `data`, which does not overlap the mapping (checked above).
+            unsafe { arch::stream_copy(dst.add(head), data[head..].as_ptr(), body) };
+        }
+        if tail > 0 {
+            self.write(at + head + body, &data[head + body..])?;
+            self.flush_lines(at + head + body, tail);
+        }
+        arch::sfence();
+        Ok(())
+    }
+
+    /// Writes back the cache lines of `at..at + n` (inside the mapping; no fence).
+    fn flush_lines(&self, at: usize, n: usize) {
+        let mut line = at / 64 * 64;
+        while line < at + n {
+            // SAFETY: `line` lies inside the live mapping (the caller's range is) and the
+            // mode was detected on this CPU.
+            unsafe { arch::flush_line(self.mode, self.base.as_ptr().add(line)) };
+            line += 64;
+        }
+    }
+
     /// Makes stores to `at..at + n` durable.
     pub fn persist(&self, at: usize, n: usize) -> io::Result<()> {
         self.check(at, n)?;
@@ -515,13 +905,7 @@ impl DaxMapping {
             }
             return Ok(());
         }
-        let mut line = at / 64 * 64;
-        while line < at + n {
-            // SAFETY: `line` lies inside the live mapping and the mode was detected on this
-            // CPU.
-            unsafe { arch::flush_line(self.mode, self.base.as_ptr().add(line)) };
-            line += 64;
-        }
+        self.flush_lines(at, n);
         arch::sfence();
         Ok(())
     }

@@ -516,10 +516,7 @@ impl Device {
         }
         // Unaligned head and tail: ordinary stores plus a flush; the 16-byte-aligned middle:
         // non-temporal stores, which bypass the cache and need only the next fence.
-        let addr = self.at(offset) as usize;
-        let head = (((16 - addr % 16) % 16) as u64).min(len);
-        let body = (len - head) / 16 * 16;
-        let tail = len - head - body;
+        let (head, body, tail) = nt_split(self.at(offset) as usize, len);
         if head > 0 {
             plain(offset, head);
             self.flush_lines(offset, head);
@@ -1045,6 +1042,15 @@ fn allocate_image(
     file.sync_all().map_err(|e| io_error(path, e))
 }
 
+/// How a non-temporal store of `len` bytes at address `addr` splits: an unaligned head and
+/// tail (ordinary stores plus flushes) around a 16-byte-aligned body of whole 16-byte units
+/// (non-temporal stores, durable at the next fence). Returns (head, body, tail).
+pub(super) fn nt_split(addr: usize, len: u64) -> (u64, u64, u64) {
+    let head = (((16 - addr % 16) % 16) as u64).min(len);
+    let body = (len - head) / 16 * 16;
+    (head, body, len - head - body)
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod arch {
     //! x86-64 cache-line write-back, store fence and non-temporal stores.
@@ -1118,7 +1124,7 @@ pub(super) mod arch {
     /// # Safety
     /// `dst..dst + len` must be writable and 16-byte aligned, `src..src + len` readable,
     /// the two must not overlap, and `len` must be a multiple of 16.
-    pub(super) unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+    pub(in crate::device) unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
         let mut i = 0;
         while i < len {
             // SAFETY: `i + 16 <= len`, so both 16-byte accesses are inside the ranges the
@@ -1166,7 +1172,7 @@ pub(super) mod arch {
 
     /// # Safety
     /// As on x86-64: valid, non-overlapping ranges of `len` bytes.
-    pub(super) unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+    pub(in crate::device) unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
         // SAFETY: the caller vouches for both ranges.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
     }

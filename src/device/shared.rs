@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A `MAP_SHARED` mapping of a whole file (its length when mapped).
 #[derive(Debug)]
@@ -48,6 +49,26 @@ impl SharedFileMapping {
                 .cast::<u64>()
                 .write_volatile(v)
         }
+    }
+
+    /// The 8-byte word at byte `at`, loaded atomically with acquire ordering: loads after it
+    /// see at least what the process that stored the word with [`Self::store_u64_release`]
+    /// stored before it (a seqlock's sequence word).
+    pub fn load_u64_acquire(&self, at: usize) -> u64 {
+        self.check(at);
+        // SAFETY: `check` proved `at..at + 8` inside the live mapping and 8-aligned, as
+        // `AtomicU64::from_ptr` requires; every party touches these words only through
+        // atomic or volatile 8-byte accesses, and the reference lives for this call only.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(at).cast::<u64>()) }
+            .load(Ordering::Acquire)
+    }
+
+    /// Stores the 8-byte word `v` at byte `at` atomically with release ordering.
+    pub fn store_u64_release(&self, at: usize, v: u64) {
+        self.check(at);
+        // SAFETY: as in `load_u64_acquire`.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(at).cast::<u64>()) }
+            .store(v, Ordering::Release)
     }
 
     /// msync(MS_SYNC) of the whole mapping.

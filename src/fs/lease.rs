@@ -42,6 +42,8 @@ pub(super) struct Leases {
     next_id: u64,
     /// Lease id -> inode.
     owners: HashMap<u64, u64>,
+    /// Published leases ([`Fs::map_published`]): their end returns a state slot.
+    published: std::collections::HashSet<u64>,
     /// Inode -> (live leases, deferred ranges as (key in the deferred inode, range)).
     per_inode: HashMap<u64, (u64, Vec<(u64, BlockRange)>)>,
 }
@@ -145,14 +147,28 @@ impl Fs {
             tx.commit()?;
         }
         let extents = self.layout_of(ino, &i, fb, fe)?;
+        let id = self.new_lease(ino, false);
+        drop(g);
+        Ok((id, extents))
+    }
+
+    /// Records a new lease on `ino`; the caller holds `ino`'s stripe (read or write).
+    pub(super) fn new_lease(&self, ino: u64, published: bool) -> u64 {
         let mut leases = self.leases.lock();
         leases.next_id += 1;
         let id = leases.next_id;
         leases.owners.insert(id, ino);
+        if published {
+            leases.published.insert(id);
+        }
         leases.per_inode.entry(ino).or_default().0 += 1;
-        drop(leases);
-        drop(g);
-        Ok((id, extents))
+        id
+    }
+
+    /// True when `id` is a live published lease on `ino`.
+    pub(super) fn lease_is_published(&self, id: u64, ino: u64) -> bool {
+        let leases = self.leases.lock();
+        leases.published.contains(&id) && leases.owners.get(&id) == Some(&ino)
     }
 
     /// Ends a lease; when it was the inode's last, frees the blocks deferred meanwhile, in
@@ -170,6 +186,9 @@ impl Fs {
             let mut leases = self.leases.lock();
             if leases.owners.remove(&id).is_none() {
                 return Ok(()); // ended meanwhile by another thread
+            }
+            if leases.published.remove(&id) {
+                self.unpublish(ino);
             }
             let last = match leases.per_inode.get_mut(&ino) {
                 Some((count, _)) => {

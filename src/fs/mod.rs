@@ -17,6 +17,7 @@ mod failpoint;
 mod flags;
 mod lease;
 mod ops;
+mod publish;
 mod refs;
 mod txn;
 
@@ -27,6 +28,7 @@ pub use crate::meta::{
 use crate::meta::{dir, extent, xattr};
 pub use lease::MappedExtent;
 pub use ops::{LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT};
+pub use publish::PublishedLease;
 
 #[cfg(test)]
 mod concurrency_tests;
@@ -40,8 +42,8 @@ use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_SIZE, FORMAT_VERSION, FsState, Geometry, IncompatFeatures, Inode,
-    NULL_INO, ROOT_INO, STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
+    BLOCK_SIZE, CHUNK_SIZE, FORMAT_VERSION, FsState, Geometry, IncompatFeatures, Inode, NULL_INO,
+    ROOT_INO, STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
@@ -226,6 +228,8 @@ pub struct Fs {
     rename_lock: OrderedMutex<()>,
     /// Direct-mapping leases and the frees they defer (a leaf lock).
     leases: Arc<Mutex<lease::Leases>>,
+    /// The size and layout generation of inodes with published leases, for direct clients.
+    publisher: publish::Publisher,
     /// Guards the deferred-free inode. Taken only by [`Fs::begin`].
     deferred_lock: OrderedMutex<()>,
     /// Unlinked files with many extents, to free in bounded steps once the unlink commits.
@@ -312,6 +316,7 @@ impl Fs {
             state: OrderedMutex::new(Rank::State, ()),
             rename_lock: OrderedMutex::new(Rank::Rename, ()),
             leases: Arc::new(Mutex::new(lease::Leases::default())),
+            publisher: publish::Publisher::default(),
             deferred_lock: OrderedMutex::new(Rank::Deferred, ()),
             pending_reaps: Mutex::new(Vec::new()),
             options,
@@ -461,9 +466,13 @@ impl Fs {
         let mut s: Vec<usize> = inos.iter().map(|&i| Self::stripe(i)).collect();
         s.sort_unstable();
         s.dedup();
+        let guards = s.into_iter().map(|i| self.stripes[i].write()).collect();
+        // Under the locks, before the caller changes anything.
+        let pending = self.publish_begin(inos);
         StripeGuards::new(
-            s.into_iter().map(|i| self.stripes[i].write()).collect(),
+            guards,
             rank,
+            (!pending.is_empty()).then_some((self, pending)),
         )
     }
 

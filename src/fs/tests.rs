@@ -1497,3 +1497,66 @@ fn rename_whiteout_leaves_a_0_0_character_device_owned_by_the_caller() {
     assert_eq!(fs.lookup(d.ino, b"a").unwrap().mode, w.mode);
     check(&fs);
 }
+
+#[test]
+fn published_leases_publish_size_and_generation_and_allocate_nothing() {
+    use crate::device::dax::StateTable;
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"published", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, &[7u8; 3 * 4096]).unwrap();
+    let grow = SetAttr {
+        size: Some(MIB),
+        ..Default::default()
+    };
+    fs.setattr(&C, f.ino, &grow).unwrap();
+    // No table configured: no published lease.
+    assert!(fs.map_published(f.ino, None).is_err());
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let table_path = dir.path().join("state");
+    fs.enable_published_leases(table_path.clone(), None);
+    let blocks = fs.getattr(f.ino).unwrap().blocks;
+    let p = fs.map_published(f.ino, None).unwrap();
+    assert_eq!(
+        fs.getattr(f.ino).unwrap().blocks,
+        blocks,
+        "a published lease allocated"
+    );
+    assert_eq!(p.extents.iter().map(|e| e.len).sum::<u64>(), 3 * 4096);
+    let (slot, path) = fs.published_slot(f.ino).unwrap();
+    assert_eq!(path, table_path);
+    let table = StateTable::open(&path).unwrap();
+    let s0 = table.snapshot(slot).unwrap();
+    assert_eq!((s0.ino, s0.size, s0.generation), (f.ino, MIB, p.generation));
+    // While an operation holds the inode's lock the slot is odd (no snapshot); reads under
+    // the read lock leave it alone.
+    {
+        let _g = fs.lock_all(&[f.ino]);
+        assert!(table.snapshot(slot).is_none());
+    }
+    let s1 = table.snapshot(slot).unwrap();
+    assert!(s1.seq > s0.seq && s1.generation > s0.generation);
+    fs.getattr(f.ino).unwrap();
+    assert_eq!(table.snapshot(slot).unwrap(), s1);
+    // A truncate publishes the new size and generation; a refresh lists the new layout.
+    let shrink = SetAttr {
+        size: Some(4096),
+        ..Default::default()
+    };
+    fs.setattr(&C, f.ino, &shrink).unwrap();
+    let s2 = table.snapshot(slot).unwrap();
+    assert_eq!(s2.size, 4096);
+    assert!(s2.generation > s1.generation);
+    let r = fs.map_published(f.ino, Some(p.lease)).unwrap();
+    assert_eq!((r.lease, r.generation), (p.lease, s2.generation));
+    assert_eq!(r.extents.iter().map(|e| e.len).sum::<u64>(), 4096);
+    // Another inode's lease is not a refresh of this one.
+    let g = fs.mknod(&C, ROOT_INO, b"other", 0o100644, 0).unwrap();
+    assert!(fs.map_published(g.ino, Some(p.lease)).is_err());
+    // The last lease's end returns the slot, emptied.
+    fs.end_lease(p.lease).unwrap();
+    assert!(fs.published_slot(f.ino).is_none());
+    assert_eq!(table.snapshot(slot).unwrap().ino, 0);
+    drop(fs);
+    assert!(!table_path.exists(), "the table outlived the file system");
+}

@@ -59,16 +59,26 @@ impl LockSet {
 }
 
 /// Write locks on a set of inode stripes, taken in ascending order, each once.
+///
+/// The guards also carry the published state of the locked inodes that have some
+/// ([`super::publish`]): marked as changing when locked, published again when dropped,
+/// before the locks are released.
 #[derive(Debug)]
 pub(super) struct StripeGuards<'a> {
-    // Field order is drop order: the locks, then the rank.
+    publication: Option<(&'a Fs, super::publish::Pending)>,
+    // Field order is drop order: the locks, then the rank (after `Drop::drop` published).
     _guards: Vec<RwLockWriteGuard<'a, ()>>,
     _rank: Option<Ranked>,
 }
 
 impl<'a> StripeGuards<'a> {
-    pub(super) fn new(guards: Vec<RwLockWriteGuard<'a, ()>>, rank: Ranked) -> Self {
+    pub(super) fn new(
+        guards: Vec<RwLockWriteGuard<'a, ()>>,
+        rank: Ranked,
+        publication: Option<(&'a Fs, super::publish::Pending)>,
+    ) -> Self {
         Self {
+            publication,
             _guards: guards,
             _rank: Some(rank),
         }
@@ -78,9 +88,21 @@ impl<'a> StripeGuards<'a> {
     /// (mount, unmount, and the deferred-free inode at mount).
     pub(super) fn none() -> Self {
         Self {
+            publication: None,
             _guards: Vec::new(),
             _rank: None,
         }
+    }
+
+    /// The file system and the slots to publish when these guards drop.
+    pub(super) fn publication(&self) -> Option<(&'a Fs, &super::publish::Pending)> {
+        self.publication.as_ref().map(|(fs, p)| (*fs, p))
+    }
+}
+
+impl Drop for StripeGuards<'_> {
+    fn drop(&mut self) {
+        super::publish::on_guards_drop(self);
     }
 }
 

@@ -206,6 +206,16 @@ impl PmfsFuse {
         }
     }
 
+    /// Invalidates the kernel's cached attributes and data pages of `ino`: its data
+    /// changed on pmem without passing through the kernel (stores of a direct client).
+    fn data_changed(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                log::debug!("invalidating the cached pages of inode {ino}: {e}");
+            }
+        }
+    }
+
     fn new_fh(&self) -> FileHandle {
         FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
     }
@@ -1000,9 +1010,20 @@ impl Filesystem for PmfsFuse {
         }
         // Otherwise only pmfs's own map/layout ioctl; FS_IOC_FIEMAP and the rest never
         // reach FUSE or are not ours.
-        if cmd != crate::device::dax::PMFS_IOC_MAP
-            || out_size as usize != crate::device::dax::IOCTL_SIZE
-        {
+        if out_size as usize != crate::device::dax::IOCTL_SIZE {
+            return reply.error(Errno::from_i32(libc::ENOTTY));
+        }
+        if cmd == crate::device::dax::PMFS_IOC_DIRECT {
+            return match self.leases.direct(&self.fs, ino.0, fh.0, in_data) {
+                Ok(ioctl::DirectOutcome::Reply(data)) => reply.ioctl(0, &data),
+                Ok(ioctl::DirectOutcome::Touched(data)) => {
+                    self.data_changed(ino.0);
+                    reply.ioctl(0, &data)
+                }
+                Err(e) => reply.error(errno("ioctl", ino.0, &e)),
+            };
+        }
+        if cmd != crate::device::dax::PMFS_IOC_MAP {
             return reply.error(Errno::from_i32(libc::ENOTTY));
         }
         match self.leases.handle(&self.fs, ino.0, fh.0, in_data) {

@@ -1,0 +1,773 @@
+//! `libpmfs_direct.so`: `LD_PRELOAD=libpmfs_direct.so program` serves read(2)/pread(2)/
+//! readv(2) and overwriting write(2)/pwrite(2) of files on pmfs mounts straight from a direct
+//! mapping of the device, with no FUSE round trip. Everything else, and every call it cannot
+//! prove safe to serve, goes to the real libc function unchanged (README: "Direct access for
+//! unmodified programs").
+//!
+//! Layout of the crate: this file holds the logic (which fds are tracked, what a served call
+//! does) in safe code; `sys.rs` holds every `unsafe` line: the exported interposers, the
+//! `dlsym(RTLD_NEXT)` look-ups of the real functions, raw buffers, errno, the constructor.
+//!
+//! How it decides (per call, in this order):
+//! - An fd is *tracked* when it was opened (open/openat/creat and their 64/_2 variants)
+//!   through this library on a pmfs mount whose device the caller can open read-write, and
+//!   the daemon granted a published lease ([`pmfs::dax::MAP_FLAG_PUBLISH`]): the file's
+//!   extents as they are (nothing allocated) plus a slot in the daemon's state table
+//!   ([`pmfs::dax::StateTable`]) where the daemon publishes the file's size and layout
+//!   generation under a seqlock. dup/dup2/dup3/fcntl(F_DUPFD*) share the tracking;
+//!   close/close_range/closefrom/fclose end it.
+//! - A served read snapshots the slot (sequence even, slot still this inode), checks that its
+//!   extents belong to the published generation (else refreshes them with one ioctl),
+//!   clamps to the published size, copies from written extents only, then checks that the
+//!   sequence did not move. Any doubt: the real call.
+//! - A served write additionally needs an fd opened for writing without O_APPEND, O_DIRECT
+//!   or O_SYNC, a file without set-user/group-ID bits, and a range inside the size on
+//!   written extents. It stores with non-temporal stores and persists before returning; if
+//!   the sequence moved meanwhile it writes the same bytes again through the real call.
+//! - read(2)/write(2) use the file offset (lseek, serve, lseek): only while no fork happened
+//!   since the open (a forked child shares the offset) and no other thread of this process is
+//!   inside a served read/write of the same open file.
+
+mod sys;
+
+use pmfs::dax::{DaxMapping, ENTRY_UNWRITTEN, MapEntry, StateSnapshot, StateTable};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// fds at or above this are never tracked.
+const MAX_FDS: usize = 1 << 16;
+
+/// `statfs.f_type` of FUSE file systems.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Served writes stamp mtime/ctime at most this long after the last stamp.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The tracked open files, by fd. Readers only ever `try_read` (never block: safe in a
+/// signal handler and after a fork that happened while another thread held a slot).
+static FILES: [RwLock<Option<Arc<Tracked>>>; MAX_FDS] = [const { RwLock::new(None) }; MAX_FDS];
+
+/// Incremented before every fork (pthread_atfork): an open file tracked before a fork shares
+/// its offset with the child, so read(2)/write(2) on it are no longer served.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// Set when a tracking slot could not be updated (its lock stayed taken, e.g. by a thread
+/// that did not survive a fork): from then on nothing is served.
+static BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Counters printed at exit with `PMFS_DIRECT_STATS=1`.
+#[derive(Debug, Default)]
+struct Stats {
+    tracked: AtomicU64,
+    untracked: AtomicU64,
+    served_reads: AtomicU64,
+    served_read_bytes: AtomicU64,
+    served_writes: AtomicU64,
+    served_write_bytes: AtomicU64,
+    real_reads: AtomicU64,
+    real_writes: AtomicU64,
+    refreshes: AtomicU64,
+    touches: AtomicU64,
+}
+
+static STATS: Stats = Stats {
+    tracked: AtomicU64::new(0),
+    untracked: AtomicU64::new(0),
+    served_reads: AtomicU64::new(0),
+    served_read_bytes: AtomicU64::new(0),
+    served_writes: AtomicU64::new(0),
+    served_write_bytes: AtomicU64::new(0),
+    real_reads: AtomicU64::new(0),
+    real_writes: AtomicU64::new(0),
+    refreshes: AtomicU64::new(0),
+    touches: AtomicU64::new(0),
+};
+
+fn count(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// `PMFS_DIRECT_DEBUG=1`: one line on stderr for each pmfs file left untracked.
+static DEBUG: AtomicBool = AtomicBool::new(false);
+/// `PMFS_DIRECT_STATS=1`: counters on stderr at exit; `PMFS_DIRECT_STATS=/path`: appended
+/// to that file (stderr may be closed by then: GNU programs close it in their own atexit).
+static SHOW_STATS: AtomicBool = AtomicBool::new(false);
+static STATS_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// fds at or above this are not tracked: a quarter of the open-file limit when the library
+/// loaded, so that the descriptors tracking adds (three per tracked open: the lease holder,
+/// the mapping's duplicate and the device) leave the program its own share of the limit.
+static TRACK_BELOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MAX_FDS);
+/// `PMFS_DIRECT=0`: track nothing (every call goes to libc).
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Reads the environment once, from the library's constructor.
+fn init() {
+    let on = |name: &str| std::env::var_os(name).is_some_and(|v| v == "1");
+    DEBUG.store(on("PMFS_DIRECT_DEBUG"), Ordering::Relaxed);
+    SHOW_STATS.store(on("PMFS_DIRECT_STATS"), Ordering::Relaxed);
+    if let Some(p) =
+        std::env::var_os("PMFS_DIRECT_STATS").filter(|p| p.as_encoded_bytes().starts_with(b"/"))
+    {
+        SHOW_STATS.store(true, Ordering::Relaxed);
+        let _ = STATS_FILE.set(PathBuf::from(p));
+    }
+    DISABLED.store(
+        std::env::var_os("PMFS_DIRECT").is_some_and(|v| v == "0"),
+        Ordering::Relaxed,
+    );
+    let quarter = sys::open_file_limit().map_or(MAX_FDS, |l| (l / 4) as usize);
+    TRACK_BELOW.store(quarter.min(MAX_FDS), Ordering::Relaxed);
+}
+
+/// At exit: the counters, where `PMFS_DIRECT_STATS` asks, if this process met a pmfs file.
+fn report_stats() {
+    let Some(line) = stats_line() else {
+        return;
+    };
+    match STATS_FILE.get() {
+        Some(path) => {
+            use std::io::Write;
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+        }
+        None => sys::stderr_line(&line),
+    }
+}
+
+fn stats_line() -> Option<String> {
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let s = &STATS;
+    if !SHOW_STATS.load(Ordering::Relaxed) || g(&s.tracked) + g(&s.untracked) == 0 {
+        return None;
+    }
+    Some(format!(
+        "pmfs-direct: pid {} tracked {} untracked {} served_reads {} served_read_bytes {} \
+         served_writes {} served_write_bytes {} real_reads {} real_writes {} refreshes {} \
+         touches {}\n",
+        std::process::id(),
+        g(&s.tracked),
+        g(&s.untracked),
+        g(&s.served_reads),
+        g(&s.served_read_bytes),
+        g(&s.served_writes),
+        g(&s.served_write_bytes),
+        g(&s.real_reads),
+        g(&s.real_writes),
+        g(&s.refreshes),
+        g(&s.touches),
+    ))
+}
+
+/// The extents of a published lease and their mapping, for one layout generation.
+#[derive(Debug)]
+struct View {
+    mapping: Option<DaxMapping>,
+    entries: Vec<MapEntry>,
+    generation: u64,
+    /// A call was served from this view (its refresh paid off).
+    used: AtomicBool,
+}
+
+impl View {
+    /// Copies file bytes `off..off + buf.len()` (inside the file's size) into `buf`: written
+    /// extents from the mapping, holes and unwritten extents as zeros (what they read as).
+    fn read_into(&self, off: u64, buf: &mut [u8]) -> Option<()> {
+        let end = off.checked_add(buf.len() as u64)?;
+        let first = self
+            .entries
+            .partition_point(|e| e.file_offset.saturating_add(e.len) <= off);
+        let mut at = off;
+        for e in self.entries[first..]
+            .iter()
+            .take_while(|e| e.file_offset < end)
+        {
+            let start = e.file_offset.max(at);
+            let stop = e.file_offset.saturating_add(e.len).min(end);
+            let gap = usize::try_from(start - at).ok()?;
+            let rel = usize::try_from(at - off).ok()?;
+            buf[rel..rel + gap].fill(0);
+            let piece = &mut buf[rel + gap..usize::try_from(stop - off).ok()?];
+            if e.flags & ENTRY_UNWRITTEN != 0 {
+                piece.fill(0);
+            } else {
+                self.mapping
+                    .as_ref()?
+                    .read(usize::try_from(start).ok()?, piece)
+                    .ok()?;
+            }
+            at = stop;
+        }
+        let rel = usize::try_from(at - off).ok()?;
+        buf[rel..].fill(0);
+        Some(())
+    }
+
+    /// True when file bytes `off..off + n` (n > 0) all lie in written extents.
+    fn covers_written(&self, off: u64, n: u64) -> bool {
+        let end = off.saturating_add(n);
+        let mut at = off;
+        let first = self
+            .entries
+            .partition_point(|e| e.file_offset.saturating_add(e.len) <= off);
+        for e in &self.entries[first..] {
+            if e.file_offset > at || e.flags & ENTRY_UNWRITTEN != 0 {
+                return false;
+            }
+            at = e.file_offset.saturating_add(e.len);
+            if at >= end {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// One open file description that this library serves.
+#[derive(Debug)]
+struct Tracked {
+    /// Our duplicate of the descriptor: for refresh and touch ioctls (the user's fd number
+    /// may be closed or reused behind us; this one is checked against `dev`/`ino` first).
+    file: File,
+    dev: u64,
+    ino: u64,
+    device: PathBuf,
+    state: Arc<StateTable>,
+    slot: u32,
+    lease: u64,
+    readable: bool,
+    /// Opened for writing, on a file without set-user/group-ID bits.
+    writable: bool,
+    /// The description's status flags (O_APPEND, O_DIRECT, O_SYNC), kept by F_SETFL.
+    status: AtomicI32,
+    /// [`FORKS`] when opened.
+    forks: u64,
+    view: RwLock<Arc<View>>,
+    refreshing: Mutex<()>,
+    /// A served read(2)/write(2) of this description is moving its offset.
+    offset_busy: AtomicBool,
+    /// Served writes not yet stamped (mtime/ctime) and not yet shown to the kernel.
+    dirty: AtomicBool,
+    /// When the last stamp was asked for (ns since the library's epoch; 0: never).
+    last_touch: AtomicU64,
+    /// No refresh before this time (ns since the library's epoch): see [`Tracked::view_for`].
+    refresh_after: AtomicU64,
+    /// The current refresh back-off (ns).
+    backoff: AtomicU64,
+}
+
+/// Longest back-off between refreshes that served nothing.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// First back-off after a refresh that served nothing.
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
+
+/// Monotonic nanoseconds, from a fixed start (never 0 once running).
+fn now_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    (start.elapsed().as_nanos() as u64).saturating_add(1)
+}
+
+impl Tracked {
+    fn unserved_status(&self) -> bool {
+        self.status.load(Ordering::Relaxed) & (libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC) != 0
+    }
+
+    /// The view for `snap`'s generation: the current one, or a refreshed one (whose
+    /// generation may be newer).
+    fn view_for(&self, snap: &StateSnapshot) -> Option<Arc<View>> {
+        let current = Arc::clone(&*self.view.try_read().ok()?);
+        if current.generation == snap.generation {
+            return Some(current);
+        }
+        // A file that changes through the mount between every two calls (appends, writes
+        // into holes, another process writing) would cost a refresh per call that then
+        // cannot serve: after a refresh that served nothing, back off (doubling up to
+        // MAX_BACKOFF) and leave calls to the kernel meanwhile.
+        let now = now_ns();
+        if now < self.refresh_after.load(Ordering::Relaxed) {
+            return None;
+        }
+        let backoff = if current.used.load(Ordering::Relaxed) {
+            0
+        } else {
+            (self.backoff.load(Ordering::Relaxed) * 2)
+                .clamp(MIN_BACKOFF.as_nanos() as u64, MAX_BACKOFF.as_nanos() as u64)
+        };
+        self.backoff.store(backoff, Ordering::Relaxed);
+        self.refresh_after.store(now + backoff, Ordering::Relaxed);
+        drop(current);
+        let _one = self.refreshing.try_lock().ok()?;
+        // Our descriptor must still be the file we track (the program may have closed or
+        // replaced that fd number behind us).
+        let meta = self.file.metadata().ok()?;
+        if meta.dev() != self.dev || meta.ino() != self.ino {
+            return None;
+        }
+        let p = match DaxMapping::map_published(&self.file, &self.device, self.lease) {
+            Ok(p) => p,
+            Err(e) => {
+                debug(format_args!(
+                    "inode {}: refreshing the mapping failed: {e}",
+                    self.ino
+                ));
+                return None;
+            }
+        };
+        count(&STATS.refreshes, 1);
+        let fresh = Arc::new(View {
+            mapping: p.mapping,
+            entries: p.entries,
+            generation: p.generation,
+            used: AtomicBool::new(false),
+        });
+        *self.view.try_write().ok()? = Arc::clone(&fresh);
+        Some(fresh)
+    }
+
+    /// A snapshot of the published state and the view of its generation: a refresh may
+    /// return a newer generation than the snapshot that asked for it (the daemon changed
+    /// the file meanwhile), so snapshot again a few times.
+    fn current(&self) -> Option<(StateSnapshot, Arc<View>)> {
+        for _ in 0..3 {
+            let snap = self.snapshot()?;
+            let view = self.view_for(&snap)?;
+            if view.generation == snap.generation {
+                return Some((snap, view));
+            }
+        }
+        None
+    }
+
+    /// A snapshot of this file's published state, if it may be served from.
+    fn snapshot(&self) -> Option<StateSnapshot> {
+        let snap = self.state.snapshot(self.slot)?;
+        (snap.ino == self.ino).then_some(snap)
+    }
+
+    /// Serves a read of `buf.len()` bytes at `off`; `None`: use the real call.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Option<usize> {
+        if !self.readable {
+            return None;
+        }
+        let (snap, view) = self.current()?;
+        let n = snap.size.saturating_sub(off).min(buf.len() as u64);
+        if n > 0 {
+            view.read_into(off, &mut buf[..n as usize])?;
+        }
+        if !self.state.unchanged(self.slot, snap.seq) {
+            return None;
+        }
+        view.used.store(true, Ordering::Relaxed);
+        count(&STATS.served_reads, 1);
+        count(&STATS.served_read_bytes, n);
+        Some(n as usize)
+    }
+
+    /// Serves an overwrite of `data` at `off`; `None`: use the real call (and nothing was
+    /// stored, or what was stored is stored again by it).
+    fn write_at(&self, data: &[u8], off: u64) -> Option<usize> {
+        if !self.writable || self.unserved_status() || data.is_empty() {
+            return None;
+        }
+        let n = data.len() as u64;
+        // Appends are the kernel's: decided from the published size, before any refresh; so
+        // are writes to immutable or append-only files (chattr +i/+a), which pmfs refuses.
+        let published = self.snapshot()?;
+        if !published.writes_allowed || off.checked_add(n).is_none_or(|end| end > published.size) {
+            return None;
+        }
+        // Writes into holes or preallocated ranges are the kernel's too: when even the view
+        // at hand (perhaps of an older generation) does not have the range written, no
+        // refresh is spent on it (a file being filled that way changes at every write).
+        if !self.view.try_read().ok()?.covers_written(off, n) {
+            return None;
+        }
+        let (snap, view) = self.current()?;
+        if !snap.writes_allowed
+            || off.checked_add(n).is_none_or(|end| end > snap.size)
+            || !view.covers_written(off, n)
+        {
+            return None;
+        }
+        let at = usize::try_from(off).ok()?;
+        view.mapping.as_ref()?.write_persist(at, data).ok()?;
+        if !self.state.unchanged(self.slot, snap.seq) {
+            // The daemon changed the file meanwhile (it may have moved these blocks): the
+            // real call stores the same bytes wherever they live now.
+            return None;
+        }
+        view.used.store(true, Ordering::Relaxed);
+        count(&STATS.served_writes, 1);
+        count(&STATS.served_write_bytes, n);
+        self.stored();
+        Some(data.len())
+    }
+
+    /// After a served write: the first one after a quiet second is stamped at once, later
+    /// ones at the next served write a second after the last stamp, or at the next
+    /// fsync/close/unserved call ([`Tracked::settle`]).
+    fn stored(&self) {
+        let now = now_ns();
+        let last = self.last_touch.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= TOUCH_INTERVAL.as_nanos() as u64 {
+            self.touch(now);
+        } else {
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Stamps the served writes so far (mtime/ctime, kernel cache) if any are unstamped.
+    fn settle(&self) {
+        if self.dirty.load(Ordering::Acquire) {
+            self.touch(now_ns());
+        }
+    }
+
+    fn touch(&self, now: u64) {
+        self.dirty.store(false, Ordering::Release);
+        self.last_touch.store(now, Ordering::Relaxed);
+        count(&STATS.touches, 1);
+        if let Err(e) =
+            pmfs::dax::direct_request(&self.file, pmfs::dax::DIRECT_OP_TOUCH, self.lease)
+        {
+            debug(format_args!(
+                "inode {}: stamping mtime failed: {e}",
+                self.ino
+            ));
+        }
+    }
+}
+
+fn debug(what: std::fmt::Arguments<'_>) {
+    if DEBUG.load(Ordering::Relaxed) {
+        sys::stderr_line(&format!("pmfs-direct: {what}\n"));
+    }
+}
+
+/// The tracking of `fd`, if any.
+fn lookup(fd: i32) -> Option<Arc<Tracked>> {
+    if BROKEN.load(Ordering::Relaxed) {
+        return None;
+    }
+    let slot = FILES.get(usize::try_from(fd).ok()?)?;
+    slot.try_read().ok()?.clone()
+}
+
+/// Replaces the tracking of `fd` (the previous one is settled and dropped).
+fn set(fd: i32, t: Option<Arc<Tracked>>) {
+    let Some(slot) = usize::try_from(fd).ok().and_then(|i| FILES.get(i)) else {
+        return;
+    };
+    // Writers hold a slot for one swap; a lock that stays taken belongs to a thread that
+    // is gone (a fork) or that this thread interrupted (a signal handler): stop serving.
+    let mut spins = 0u32;
+    let old = loop {
+        match slot.try_write() {
+            Ok(mut g) => break std::mem::replace(&mut *g, t),
+            Err(_) if spins < 1_000_000 => {
+                spins += 1;
+                std::thread::yield_now();
+            }
+            Err(_) => {
+                BROKEN.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    };
+    if let Some(old) = old {
+        old.settle();
+    }
+}
+
+/// State tables opened so far, by path.
+static TABLES: Mutex<Vec<(PathBuf, Arc<StateTable>)>> = Mutex::new(Vec::new());
+
+fn state_table(path: &Path) -> std::io::Result<Arc<StateTable>> {
+    let mut tables = TABLES
+        .lock()
+        .map_err(|_| std::io::Error::other("poisoned"))?;
+    if let Some((_, t)) = tables.iter().find(|(p, _)| p == path) {
+        return Ok(Arc::clone(t));
+    }
+    let t = Arc::new(StateTable::open(path)?);
+    tables.push((path.to_path_buf(), Arc::clone(&t)));
+    Ok(t)
+}
+
+/// After a successful open of `fd` with `flags`: tracks it if it is a pmfs file we may map.
+fn opened(fd: i32, flags: i32) {
+    set(fd, None); // an fd number reused behind our back starts untracked
+    if DISABLED.load(Ordering::Relaxed)
+        || flags & libc::O_PATH != 0
+        || usize::try_from(fd).is_ok_and(|i| i >= TRACK_BELOW.load(Ordering::Relaxed))
+    {
+        return;
+    }
+    if sys::fstatfs_type(fd) != Some(FUSE_SUPER_MAGIC) {
+        return;
+    }
+    match track(fd, flags) {
+        Ok(t) => {
+            count(&STATS.tracked, 1);
+            set(fd, Some(Arc::new(t)));
+        }
+        Err(e) => {
+            count(&STATS.untracked, 1);
+            debug(format_args!("fd {fd} left to the kernel: {e}"));
+        }
+    }
+}
+
+fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
+    let file = sys::dup_cloexec(fd)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    // The mount's source in /proc/self/mountinfo; the ioctls below prove it is pmfs.
+    let device = pmfs::dax::device_of(&file)?;
+    let p = DaxMapping::map_published(&file, &device, 0)?;
+    let (slot, path) = pmfs::dax::published_state(&file, p.lease)?;
+    let state = state_table(&path)?;
+    let access = flags & libc::O_ACCMODE;
+    Ok(Tracked {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        device,
+        state,
+        slot,
+        lease: p.lease,
+        readable: access == libc::O_RDONLY || access == libc::O_RDWR,
+        writable: (access == libc::O_WRONLY || access == libc::O_RDWR) && meta.mode() & 0o6000 == 0,
+        status: AtomicI32::new(flags),
+        forks: FORKS.load(Ordering::Acquire),
+        view: RwLock::new(Arc::new(View {
+            mapping: p.mapping,
+            entries: p.entries,
+            generation: p.generation,
+            // The first refresh is never backed off.
+            used: AtomicBool::new(true),
+        })),
+        refreshing: Mutex::new(()),
+        offset_busy: AtomicBool::new(false),
+        dirty: AtomicBool::new(false),
+        last_touch: AtomicU64::new(0),
+        refresh_after: AtomicU64::new(0),
+        backoff: AtomicU64::new(0),
+        file,
+    })
+}
+
+/// pread/pread64: `Some(n)` when served.
+fn pread(fd: i32, buf: &mut [u8], off: i64) -> Option<usize> {
+    let t = lookup(fd)?;
+    let r = t.read_at(buf, u64::try_from(off).ok()?);
+    if r.is_none() {
+        t.settle();
+        count(&STATS.real_reads, 1);
+    }
+    r
+}
+
+/// pwrite/pwrite64: `Some(n)` when served.
+fn pwrite(fd: i32, data: &[u8], off: i64) -> Option<usize> {
+    let t = lookup(fd)?;
+    let r = t.write_at(data, u64::try_from(off).ok()?);
+    if r.is_none() {
+        t.settle();
+        count(&STATS.real_writes, 1);
+    }
+    r
+}
+
+/// read/write at the file offset: lseek, serve, lseek. `io` serves at an offset.
+fn at_offset(
+    fd: i32,
+    write: bool,
+    io: impl FnOnce(&Tracked, u64) -> Option<usize>,
+) -> Option<usize> {
+    let t = lookup(fd)?;
+    let served = (|| {
+        if t.forks != FORKS.load(Ordering::Acquire)
+            || t.offset_busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let r = (|| {
+            let cur = u64::try_from(sys::lseek(fd, 0, libc::SEEK_CUR)?).ok()?;
+            let n = io(&t, cur)?;
+            if n > 0 {
+                sys::lseek(fd, i64::try_from(cur + n as u64).ok()?, libc::SEEK_SET)?;
+            }
+            Some(n)
+        })();
+        t.offset_busy.store(false, Ordering::Release);
+        r
+    })();
+    if served.is_none() {
+        t.settle();
+        count(
+            if write {
+                &STATS.real_writes
+            } else {
+                &STATS.real_reads
+            },
+            1,
+        );
+    }
+    served
+}
+
+fn read(fd: i32, buf: &mut [u8]) -> Option<usize> {
+    at_offset(fd, false, |t, off| t.read_at(buf, off))
+}
+
+fn write(fd: i32, data: &[u8]) -> Option<usize> {
+    at_offset(fd, true, |t, off| t.write_at(data, off))
+}
+
+/// readv/preadv: serves the buffers in turn; stops at the end of the file or at the first
+/// buffer it cannot serve (a short count, or `None` when that is the first one).
+fn readv_at(t: &Tracked, bufs: &mut [&mut [u8]], off: u64) -> Option<usize> {
+    let mut total = 0usize;
+    for b in bufs.iter_mut() {
+        match t.read_at(b, off + total as u64) {
+            Some(n) => {
+                total += n;
+                if n < b.len() {
+                    break;
+                }
+            }
+            None if total == 0 => return None,
+            None => break,
+        }
+    }
+    Some(total)
+}
+
+fn readv(fd: i32, bufs: &mut [&mut [u8]]) -> Option<usize> {
+    at_offset(fd, false, |t, off| readv_at(t, bufs, off))
+}
+
+fn preadv(fd: i32, bufs: &mut [&mut [u8]], off: i64) -> Option<usize> {
+    let t = lookup(fd)?;
+    let r = readv_at(&t, bufs, u64::try_from(off).ok()?);
+    if r.is_none() {
+        t.settle();
+        count(&STATS.real_reads, 1);
+    }
+    r
+}
+
+/// Before a call this library does not serve on `fd` (fsync, mmap, writev, ...): stamps
+/// served writes so that the kernel and the daemon see them first.
+fn settle(fd: i32) {
+    if let Some(t) = lookup(fd) {
+        t.settle();
+    }
+}
+
+/// After `new` became a duplicate of `old` (dup, dup2, dup3, F_DUPFD).
+fn duplicated(old: i32, new: i32) {
+    if old != new {
+        set(new, lookup(old));
+    }
+}
+
+/// Before `fd` is closed.
+fn closing(fd: i32) {
+    set(fd, None);
+}
+
+/// Before fds `first..=last` are closed.
+fn closing_range(first: u32, last: u32) {
+    let last = (last as usize).min(MAX_FDS - 1);
+    for (fd, slot) in FILES.iter().enumerate().take(last + 1).skip(first as usize) {
+        if slot.try_read().is_ok_and(|g| g.is_some()) {
+            set(fd as i32, None);
+        }
+    }
+}
+
+/// After F_SETFL set the status flags of `fd`'s description.
+fn status_set(fd: i32, flags: i32) {
+    if let Some(t) = lookup(fd) {
+        let keep = t.status.load(Ordering::Relaxed) & libc::O_ACCMODE;
+        t.status.store(keep | flags, Ordering::Relaxed);
+    }
+}
+
+/// pthread_atfork's prepare handler.
+fn forking() {
+    FORKS.fetch_add(1, Ordering::AcqRel);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(file_offset: u64, len: u64, flags: u32) -> MapEntry {
+        MapEntry {
+            file_offset,
+            device_offset: file_offset,
+            len,
+            flags,
+            pad: 0,
+        }
+    }
+
+    #[test]
+    fn holes_and_unwritten_extents_read_as_zeros() {
+        let v = View {
+            mapping: None,
+            entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
+            generation: 1,
+            used: AtomicBool::new(false),
+        };
+        let mut buf = vec![7u8; 20000];
+        v.read_into(100, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // A written extent needs the mapping: without one the read is refused.
+        let v = View {
+            mapping: None,
+            entries: vec![entry(8192, 4096, 0)],
+            generation: 1,
+            used: AtomicBool::new(false),
+        };
+        assert!(v.read_into(100, &mut buf).is_none());
+        assert!(v.read_into(0, &mut buf[..8192]).is_some(), "all hole");
+    }
+
+    #[test]
+    fn only_written_extents_are_overwritten() {
+        let v = View {
+            mapping: None,
+            entries: vec![
+                entry(0, 8192, 0),
+                entry(8192, 4096, 0),
+                // a hole at 12288..16384
+                entry(16384, 4096, ENTRY_UNWRITTEN),
+                entry(20480, 4096, 0),
+            ],
+            generation: 1,
+            used: AtomicBool::new(false),
+        };
+        assert!(v.covers_written(0, 1));
+        assert!(v.covers_written(100, 12188), "two adjacent written extents");
+        assert!(!v.covers_written(100, 12189), "runs into the hole");
+        assert!(!v.covers_written(12288, 1), "inside the hole");
+        assert!(!v.covers_written(16384, 10), "unwritten");
+        assert!(v.covers_written(20480, 4096));
+        assert!(!v.covers_written(20480, 4097), "past the last extent");
+        assert!(!v.covers_written(1 << 40, 1));
+    }
+}

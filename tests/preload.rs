@@ -1,0 +1,639 @@
+//! The preload library (`preload/`, libpmfs_direct.so) through a real mount: unmodified
+//! programs give the same results with and without it, it really serves their calls
+//! (`PMFS_DIRECT_STATS`), and what another process does through the mount (truncate, punch,
+//! rewrite) is seen by the next served call and never lets a served read show data past
+//! EOF or another file's data. Needs root, /dev/fuse and a C compiler (`cc`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use std::fs::{self, OpenOptions as FileOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+/// The library: built by cargo as this package's dev-dependency, next to the test binary
+/// (`target/<profile>/deps/libpmfs_direct-*.so`) or uplifted one level up.
+fn library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let uplifted = deps.parent().unwrap().join("libpmfs_direct.so");
+    let mut found: Vec<PathBuf> = fs::read_dir(deps)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libpmfs_direct") && n.ends_with(".so"))
+        })
+        .collect();
+    found.push(uplifted);
+    found.retain(|p| p.exists());
+    found.sort_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok());
+    found
+        .pop()
+        .expect("libpmfs_direct.so is not built next to the test binary")
+}
+
+/// The counters one run printed (`PMFS_DIRECT_STATS=file`), summed over its processes.
+#[derive(Debug, Default)]
+struct Stats {
+    tracked: u64,
+    served_reads: u64,
+    served_writes: u64,
+}
+
+fn stats_of(file: &Path) -> Stats {
+    let text = fs::read_to_string(file).unwrap_or_default();
+    let mut s = Stats::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let get = |k: &str| {
+            words
+                .iter()
+                .position(|w| *w == k)
+                .and_then(|i| words.get(i + 1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        s.tracked += get("tracked");
+        s.served_reads += get("served_reads");
+        s.served_writes += get("served_writes");
+    }
+    s
+}
+
+/// Runs `cmd` once plain and once under the library; returns (stdout plain, stdout
+/// preloaded, the preloaded run's counters).
+fn both_ways(tmp: &Path, name: &str, args: &[&str]) -> (Vec<u8>, Vec<u8>, Stats) {
+    let plain = Command::new(name).args(args).output().unwrap();
+    assert!(plain.status.success(), "{name} {args:?}: {plain:?}");
+    let stats = tmp.join(format!("stats-{name}-{}", args.len()));
+    let _ = fs::remove_file(&stats);
+    let pre = Command::new(name)
+        .args(args)
+        .env("LD_PRELOAD", library())
+        .env("PMFS_DIRECT_STATS", &stats)
+        .output()
+        .unwrap();
+    assert!(
+        pre.status.success(),
+        "{name} {args:?} under the library: {pre:?}"
+    );
+    (plain.stdout, pre.stdout, stats_of(&stats))
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+#[test]
+fn unmodified_programs_give_the_same_results_and_are_served() {
+    assert!(can_mount());
+    let img = Image::new("preload", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pattern(3, (5 * MIB + 1234) as usize);
+    let f = m.path("data");
+    fs::write(&f, &data).unwrap();
+    let fs_ = f.to_str().unwrap();
+
+    // cat: every read(2) served.
+    let (plain, pre, st) = both_ways(tmp.path(), "cat", &[fs_]);
+    assert_eq!(plain, data);
+    assert_eq!(pre, data, "cat under the library read other bytes");
+    assert!(
+        st.tracked >= 1 && st.served_reads > 0,
+        "cat was not served: {st:?}"
+    );
+
+    // dd reading from the middle.
+    let args = ["if", "bs=4096", "skip=300", "count=7", "status=none"];
+    let a = [&format!("if={fs_}")[..], args[1], args[2], args[3], args[4]];
+    let (plain, pre, st) = both_ways(tmp.path(), "dd", &a);
+    assert_eq!(plain, &data[300 * 4096..307 * 4096]);
+    assert_eq!(pre, plain);
+    assert!(st.served_reads > 0, "dd was not served: {st:?}");
+
+    // dd overwriting in place (conv=notrunc): the same file contents either way, and the
+    // writes were served.
+    let src = tmp.path().join("src");
+    fs::write(&src, pattern(77, 40 * 4096)).unwrap();
+    let plain_copy = m.path("plain-copy");
+    fs::write(&plain_copy, &data).unwrap();
+    for (target, preload) in [(&plain_copy, false), (&f, true)] {
+        let stats = tmp.path().join("stats-dd-write");
+        let _ = fs::remove_file(&stats);
+        let mut cmd = Command::new("dd");
+        cmd.arg(format!("if={}", src.display()))
+            .arg(format!("of={}", target.display()))
+            .args([
+                "bs=4096",
+                "seek=5",
+                "count=40",
+                "conv=notrunc",
+                "status=none",
+            ]);
+        if preload {
+            cmd.env("LD_PRELOAD", library())
+                .env("PMFS_DIRECT_STATS", &stats);
+        }
+        assert!(cmd.status().unwrap().success());
+        if preload {
+            let st = stats_of(&stats);
+            assert_eq!(
+                st.served_writes, 40,
+                "dd's overwrites were not all served: {st:?}"
+            );
+        }
+    }
+    let expected = fs::read(&plain_copy).unwrap();
+    assert_eq!(expected.len(), data.len());
+    assert_eq!(
+        fs::read(&f).unwrap(),
+        expected,
+        "served writes differ from real ones"
+    );
+
+    // cp out of the mount and back in.
+    let out = tmp.path().join("copied");
+    let (_, _, _) = both_ways(tmp.path(), "cp", &[fs_, out.to_str().unwrap()]);
+    assert_eq!(fs::read(&out).unwrap(), expected);
+    let back = m.path("back");
+    let (_, _, _) = both_ways(
+        tmp.path(),
+        "cp",
+        &[out.to_str().unwrap(), back.to_str().unwrap()],
+    );
+    assert_eq!(fs::read(&back).unwrap(), expected);
+
+    // python3: read() and mmap of the file.
+    if Command::new("python3")
+        .arg("-c")
+        .arg("1")
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let script = format!(
+            "import mmap, hashlib\n\
+             f = open('{fs_}', 'r+b')\n\
+             a = hashlib.sha256(f.read()).hexdigest()\n\
+             m = mmap.mmap(f.fileno(), 0)\n\
+             b = hashlib.sha256(m[:]).hexdigest()\n\
+             old = m[10:15]\n\
+             m[10:15] = b'hello'\n\
+             m.flush()\n\
+             f.seek(8)\n\
+             seen = f.read(9)\n\
+             m[10:15] = old\n\
+             m.flush()\n\
+             print(a, b, seen)\n"
+        );
+        let (plain, pre, st) = both_ways(tmp.path(), "python3", &["-c", &script]);
+        assert_eq!(plain, pre, "python3 differs under the library");
+        assert!(
+            st.served_reads > 0,
+            "python3's read() was not served: {st:?}"
+        );
+        assert!(String::from_utf8_lossy(&pre).contains("hello"), "{pre:?}");
+        assert_eq!(fs::read(&f).unwrap(), expected);
+    } else {
+        eprintln!("python3 is not installed: its read/mmap check did not run");
+    }
+}
+
+/// A C program that runs commands from stdin on one file opened O_RDWR, one reply line
+/// each, so a test can interleave its own (plain) operations with served calls:
+/// `p OFF LEN` pread, `r LEN` read at the offset, `s OFF` lseek, `w OFF LEN BYTE` pwrite,
+/// `d` replace the fd by a dup of it, `e OFF LEN` pread with errno set to 1234 first (the
+/// reply shows errno after), `c SECS` race mode (see the race test), `q` quit.
+const PROBE_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/wait.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static unsigned long long fnv(const unsigned char *p, long n) {
+    unsigned long long h = 1469598103934665603ULL;
+    for (long i = 0; i < n; i++) { h ^= p[i]; h *= 1099511628211ULL; }
+    return h;
+}
+
+/* Thread mode: the file holds pattern(seed): byte i is seed + i % 251. */
+static int shared_fd;
+static int seed_byte;
+static long thread_bad;
+static void *reader(void *arg) {
+    unsigned seed = (unsigned)(long)arg;
+    unsigned char b[4096];
+    for (int k = 0; k < 20000; k++) {
+        /* Every other round through a private dup of the fd, closed after. */
+        int fd = k % 2 ? dup(shared_fd) : shared_fd;
+        long long off = rand_r(&seed) % (3 << 20);
+        long n = pread(fd, b, sizeof b, off);
+        for (long i = 0; i < n; i++)
+            if (b[i] != (unsigned char)(seed_byte + (off + i) % 251)) { __sync_fetch_and_add(&thread_bad, 1); break; }
+        if (n <= 0) __sync_fetch_and_add(&thread_bad, 1);
+        if (fd != shared_fd) close(fd);
+    }
+    return 0;
+}
+
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDWR);
+    if (fd < 0) { perror("open"); return 1; }
+    static unsigned char buf[1 << 20];
+    char cmd[8];
+    long long a, b, c;
+    while (scanf("%7s", cmd) == 1) {
+        if (!strcmp(cmd, "p") && scanf("%lld %lld", &a, &b) == 2) {
+            long n = pread(fd, buf, b, a);
+            printf("%ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+        } else if (!strcmp(cmd, "e") && scanf("%lld %lld", &a, &b) == 2) {
+            errno = 1234;
+            long n = pread(fd, buf, b, a);
+            printf("%ld errno %d\n", n, errno);
+        } else if (!strcmp(cmd, "r") && scanf("%lld", &a) == 1) {
+            long n = read(fd, buf, a);
+            printf("%ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+        } else if (!strcmp(cmd, "s") && scanf("%lld", &a) == 1) {
+            printf("%lld\n", (long long)lseek(fd, a, SEEK_SET));
+        } else if (!strcmp(cmd, "w") && scanf("%lld %lld %lld", &a, &b, &c) == 3) {
+            memset(buf, (int)c, b);
+            printf("%ld\n", (long)pwrite(fd, buf, b, a));
+        } else if (!strcmp(cmd, "d")) {
+            int d = dup(fd);
+            close(fd);
+            fd = d;
+            printf("%d\n", fd >= 0);
+        } else if (!strcmp(cmd, "c") && scanf("%lld", &a) == 1) {
+            /* Race mode: random 4 KiB preads for `a` seconds; every byte must be 'A', 'B'
+               or 0, and no read may end past 8 MiB. */
+            long long reads = 0, bad = 0, past = 0, bytes = 0;
+            unsigned seed = 12345;
+            double end = now() + a;
+            while (now() < end) {
+                long long off = (rand_r(&seed) % 2048) * 4096LL + rand_r(&seed) % 4096;
+                long n = pread(fd, buf, 4096, off);
+                if (n < 0) { perror("pread"); return 1; }
+                if (off + n > 8 << 20) past++;
+                for (long i = 0; i < n; i++)
+                    if (buf[i] != 'A' && buf[i] != 'B' && buf[i] != 0) { bad++; break; }
+                bytes += n;
+                reads++;
+            }
+            printf("reads %lld bad %lld past %lld bytes %lld\n", reads, bad, past, bytes);
+        } else if (!strcmp(cmd, "t") && scanf("%lld %lld", &a, &b) == 2) {
+            /* `t THREADS SEED`: threads preading (half through dups they close again)
+               check every byte against the pattern. */
+            pthread_t th[16];
+            shared_fd = fd; seed_byte = (int)b; thread_bad = 0;
+            for (long i = 0; i < a && i < 16; i++) pthread_create(&th[i], 0, reader, (void *)(i + 1));
+            for (long i = 0; i < a && i < 16; i++) pthread_join(th[i], 0);
+            printf("bad %ld\n", thread_bad);
+        } else if (!strcmp(cmd, "k") && scanf("%lld", &a) == 1) {
+            /* `k LEN`: fork; the child reads LEN bytes with read(2) from the shared
+               offset and exits; then the parent reads LEN more. Prints both hashes. */
+            pid_t pid = fork();
+            if (pid == 0) {
+                long n = read(fd, buf, a);
+                printf("child %ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+                fflush(stdout);
+                _exit(0);
+            }
+            int status;
+            waitpid(pid, &status, 0);
+            long n = read(fd, buf, a);
+            printf("parent %ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+        } else if (!strcmp(cmd, "q")) {
+            return 0;
+        } else {
+            printf("?\n");
+        }
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+fn compile_probe(dir: &Path) -> PathBuf {
+    let src = dir.join("probe.c");
+    let exe = dir.join("probe");
+    fs::write(&src, PROBE_C).unwrap();
+    let out = Command::new("cc")
+        .args(["-O2", "-Wall", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("this test needs a C compiler (cc)");
+    assert!(out.status.success(), "cc: {out:?}");
+    exe
+}
+
+/// The probe, driven line by line.
+struct Probe {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    replies: mpsc::Receiver<String>,
+}
+
+impl Probe {
+    fn start(exe: &Path, file: &Path, stats: Option<&Path>) -> Probe {
+        let mut cmd = Command::new(exe);
+        cmd.arg(file).stdin(Stdio::piped()).stdout(Stdio::piped());
+        if let Some(stats) = stats {
+            cmd.env("LD_PRELOAD", library())
+                .env("PMFS_DIRECT_STATS", stats);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, replies) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        Probe {
+            child,
+            stdin,
+            replies,
+        }
+    }
+
+    /// Sends `cmd`, waits (bounded) for its reply.
+    fn ask(&mut self, cmd: &str, timeout: Duration) -> String {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        match self.replies.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("probe: no reply to {cmd:?} within {timeout:?}: {e}");
+            }
+        }
+    }
+
+    fn quit(mut self) {
+        writeln!(self.stdin, "q").unwrap();
+        drop(self.stdin);
+        let deadline = Instant::now() + MOUNT_DEADLINE;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                assert!(s.success(), "probe exited with {s}");
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("probe did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn fnv(b: &[u8]) -> String {
+    let mut h: u64 = 1469598103934665603;
+    for &x in b {
+        h ^= u64::from(x);
+        h = h.wrapping_mul(1099511628211);
+    }
+    format!("{} {:x}", b.len(), if b.is_empty() { 0 } else { h })
+}
+
+/// What a pread of `len` at `off` must return, read plainly through the mount now.
+fn expect(path: &Path, off: u64, len: usize) -> String {
+    let f = fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, off).unwrap();
+    fnv(&buf[..n])
+}
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn served_calls_see_what_other_processes_do_through_the_mount() {
+    assert!(can_mount());
+    let img = Image::new("preload-coherence", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_probe(tmp.path());
+    let path = m.path("file");
+    fs::write(&path, pattern(11, (3 * MIB) as usize)).unwrap();
+    let stats = tmp.path().join("stats");
+    // The same script, plain and preloaded, must give the same replies.
+    let mut transcripts = Vec::new();
+    for preload in [false, true] {
+        fs::write(&path, pattern(11, (3 * MIB) as usize)).unwrap();
+        let mut p = Probe::start(&exe, &path, preload.then_some(stats.as_path()));
+        let mut log = Vec::new();
+        let mut check = |p: &mut Probe, cmd: &str, want: String| {
+            let got = p.ask(cmd, T);
+            assert_eq!(got, want, "{cmd} (preloaded: {preload})");
+            log.push(got);
+        };
+        check(&mut p, "p 100000 5000", expect(&path, 100000, 5000));
+        check(&mut p, "e 0 10", "10 errno 1234".into());
+        // Another process truncates: the next served pread sees the new size.
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096 + 10)
+            .unwrap();
+        check(&mut p, "p 100000 5000", "0 0".into());
+        let tail = expect(&path, 4000, 5000);
+        assert!(tail.starts_with("106 "), "{tail}");
+        check(&mut p, "p 4000 5000", tail);
+        // Extending again must show zeros, not the old bytes.
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(2 * MIB)
+            .unwrap();
+        check(&mut p, "p 8192 4096", fnv(&[0u8; 4096]));
+        // Another process rewrites; the next served read sees it.
+        let f = fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(&pattern(200, 8192), 0).unwrap();
+        check(&mut p, "p 0 8192", fnv(&pattern(200, 8192)));
+        // A punched hole reads as zeros.
+        nix::fcntl::fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        )
+        .unwrap();
+        let punched = [&[0u8; 4096][..], &pattern(200, 8192)[4096..]].concat();
+        assert_eq!(expect(&path, 0, 8192), fnv(&punched));
+        check(&mut p, "p 0 8192", fnv(&punched));
+        // A served overwrite is seen by other processes at once, and by read(2) after a
+        // dup and an lseek.
+        check(&mut p, "w 4096 100 66", "100".into());
+        let mut seen = vec![0u8; 100];
+        f.read_exact_at(&mut seen, 4096).unwrap();
+        assert_eq!(
+            seen,
+            vec![66u8; 100],
+            "a served write is not visible through the mount"
+        );
+        // chattr +i after the open: the overwrite is refused (EPERM) and stores nothing,
+        // whether or not the library is there; then +a (writes only at the end of file).
+        for flag in ["+i", "+a"] {
+            let st = Command::new("chattr")
+                .arg(flag)
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(st.success(), "chattr {flag}");
+            check(&mut p, "w 4096 100 77", "-1".into());
+            f.read_exact_at(&mut seen, 4096).unwrap();
+            assert_eq!(
+                seen,
+                vec![66u8; 100],
+                "a write stored into a chattr {flag} file"
+            );
+            let unset = flag.replace('+', "-");
+            let st = Command::new("chattr")
+                .arg(&unset)
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(st.success(), "chattr {unset}");
+        }
+        check(&mut p, "d", "1".into());
+        check(&mut p, "s 4096", "4096".into());
+        check(&mut p, "r 100", fnv(&[66u8; 100]));
+        check(&mut p, "r 4000", expect(&path, 4196, 4000));
+        p.quit();
+        transcripts.push(log);
+    }
+    assert_eq!(transcripts[0], transcripts[1]);
+    let st = stats_of(&stats);
+    assert!(
+        st.tracked == 1 && st.served_reads == 9 && st.served_writes == 1,
+        "the probe was not served: {st:?}"
+    );
+}
+
+#[test]
+fn a_racing_truncate_punch_and_rewrite_never_shows_other_files_or_bytes_past_eof() {
+    assert!(can_mount());
+    let img = Image::new("preload-race", 512 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_probe(tmp.path());
+    let path = m.path("raced");
+    fs::write(&path, vec![b'A'; 8 << 20]).unwrap();
+    let stats = tmp.path().join("stats");
+    let mut p = Probe::start(&exe, &path, Some(&stats));
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, progress, path) = (Arc::clone(&stop), Arc::clone(&progress), path.clone());
+        let other = m.path("other");
+        std::thread::spawn(move || {
+            let f = FileOptions::new().write(true).open(&path).unwrap();
+            let mut seed = 7u64;
+            let mut rnd = |n: u64| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) % n
+            };
+            while !stop.load(Ordering::Relaxed) {
+                // Shrink, let another file take whatever was freed, punch, rewrite, grow.
+                f.set_len(rnd(8 << 20)).unwrap();
+                fs::write(&other, vec![b'X'; 4 << 20]).unwrap();
+                let (off, len) = (rnd(8 << 20), 1 + rnd(1 << 20));
+                let _ = nix::fcntl::fallocate(
+                    &f,
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    off as i64,
+                    len as i64,
+                );
+                f.write_all_at(&vec![b'B'; len as usize], off.min((8 << 20) - len))
+                    .unwrap();
+                f.set_len(8 << 20).unwrap();
+                fs::remove_file(&other).unwrap();
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // The reader runs for 4 s; the watchdog is the reply timeout (and the writer must make
+    // progress meanwhile).
+    let reply = p.ask("c 4", Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    p.quit();
+    let rounds = progress.load(Ordering::Relaxed);
+    let words: Vec<&str> = reply.split_whitespace().collect();
+    let get = |k: &str| -> u64 {
+        let i = words.iter().position(|w| *w == k).unwrap();
+        words[i + 1].parse().unwrap()
+    };
+    assert!(rounds >= 3, "the writer made only {rounds} rounds");
+    assert!(get("reads") > 1000, "{reply}");
+    assert_eq!(
+        get("bad"),
+        0,
+        "served reads showed bytes no version of the file had: {reply}"
+    );
+    assert_eq!(get("past"), 0, "{reply}");
+    let st = stats_of(&stats);
+    assert!(st.served_reads > 0, "nothing was served: {st:?}");
+    eprintln!("race: {reply}; writer rounds {rounds}; {st:?}");
+}
+
+#[test]
+fn threads_dups_and_forks_are_served_correctly() {
+    assert!(can_mount());
+    let img = Image::new("preload-threads", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_probe(tmp.path());
+    let path = m.path("threads");
+    let data = pattern(9, (3 * MIB + 4096) as usize);
+    fs::write(&path, &data).unwrap();
+    let stats = tmp.path().join("stats");
+    let mut p = Probe::start(&exe, &path, Some(&stats));
+    // Four threads, half of their preads through dups they close concurrently.
+    assert_eq!(p.ask("t 4 9", Duration::from_secs(120)), "bad 0");
+    // A forked child shares the file offset: read(2) in the child moves the parent's.
+    assert_eq!(p.ask("s 1000", T), "1000");
+    let child = p.ask("k 5000", T);
+    let parent = p.replies.recv_timeout(T).unwrap();
+    assert_eq!(child, format!("child {}", fnv(&data[1000..6000])));
+    assert_eq!(parent, format!("parent {}", fnv(&data[6000..11000])));
+    p.quit();
+    let st = stats_of(&stats);
+    // 80,000 preads in the threads; read(2) after the fork goes to the kernel.
+    assert!(st.served_reads >= 80_000, "{st:?}");
+}
