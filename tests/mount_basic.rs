@@ -996,7 +996,12 @@ fn unprivileged_write_and_truncate_clear_setid_bits_through_the_kernel() {
     };
     fs::write(&f, b"0123456789").unwrap();
     fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
-    fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"root").unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .unwrap()
+        .write_all(b"root")
+        .unwrap();
     assert_eq!(mode(), 0o6777, "root's write keeps the bits");
     as_nobody("printf x >> \"$1\"");
     assert_eq!(mode(), 0o777, "an unprivileged write clears both");
@@ -1021,7 +1026,9 @@ fn writeback_cache_data_is_durable_after_fsync_msync_and_unmount() {
     }
     let img = Image::new("wbcache", 64 * MIB);
     let synced = pattern(1, (3 * MIB + 5) as usize);
-    let words: Vec<u64> = (0..MIB / 8).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let words: Vec<u64> = (0..MIB / 8)
+        .map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
     {
         let mut m = Mount::new(&img, "cache=writeback");
         let mut f = File::create(m.path("fsynced")).unwrap();
@@ -1046,7 +1053,10 @@ fn writeback_cache_data_is_durable_after_fsync_msync_and_unmount() {
         drop(map);
     }
     let m = Mount::new(&img, "");
-    assert!(fs::read(m.path("fsynced")).unwrap() == synced, "fsync'd data lost");
+    assert!(
+        fs::read(m.path("fsynced")).unwrap() == synced,
+        "fsync'd data lost"
+    );
     let mapped = fs::read(m.path("mapped")).unwrap();
     assert_eq!(mapped.len() as u64, MIB);
     let got: Vec<u64> = mapped
@@ -1061,6 +1071,9 @@ fn writeback_cache_data_is_durable_after_fsync_msync_and_unmount() {
     fs::write(m.path("plain"), &plain).unwrap();
     m.unmount();
     let m = Mount::new(&img, "");
-    assert!(fs::read(m.path("plain")).unwrap() == plain, "data lost at unmount");
+    assert!(
+        fs::read(m.path("plain")).unwrap() == plain,
+        "data lost at unmount"
+    );
     m.unmount();
 }

@@ -19,12 +19,21 @@
 //!   hold stale copies: a reader through the mount can see old data until the cache drops it.
 //! - Durability: [`DaxMapping::persist`] writes back cache lines (CLWB + SFENCE) on real pmem
 //!   and memory-backed images, or msyncs on page-cache-backed devices.
+//! - An image on hugetlbfs can be mapped only in whole huge pages: every extent of the range
+//!   must start at a file offset and a device offset that are multiples of the mount's page
+//!   size (2 MiB or 1 GiB) and be whole pages long; the mapping then starts at an address
+//!   aligned to the page size, so the kernel maps it with PMD (2 MiB) or PUD (1 GiB) entries.
+//!   A range with any other extent is refused (`ErrorKind::Unsupported`) rather than mapped
+//!   with bytes of the page that belong to another file.
 //!
 //! The ioctl protocol is defined here ([`MapRequest`], [`MapReply`]) and served by the FUSE
 //! adapter.
 
 use super::PersistenceMode;
-use super::mmap::{arch, block_device_size, cpu_flush_mode, dax_size, is_memory_backed};
+use super::mmap::{
+    arch, block_device_size, cpu_flush_mode, dax_size, huge_align_for, hugetlb_page_size,
+    is_memory_backed,
+};
 use std::ffi::c_void;
 use std::fs::File;
 use std::io;
@@ -196,7 +205,8 @@ pub fn device_of(file: &File) -> io::Result<PathBuf> {
 const PAGE: u64 = 4096;
 
 /// What a validated map reply needs: the bytes from the requested offset to the end of the
-/// last entry (`span`), and the 2 MiB-rounded reservation that holds them.
+/// last entry (`span`), and the 2 MiB-rounded reservation that holds them (placed at an
+/// address aligned to the mapping's alignment, which the reservation has room for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MapPlan {
     span: usize,
@@ -214,6 +224,7 @@ fn validate_entries(
     offset: u64,
     len: u64,
     device_size: u64,
+    align: usize,
 ) -> io::Result<MapPlan> {
     if offset % PAGE != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -263,9 +274,37 @@ fn validate_entries(
     let span = usize::try_from(end).map_err(|_| too_big())?;
     let reserved = span
         .checked_next_multiple_of(HUGE)
-        .filter(|r| r.checked_add(HUGE).is_some())
+        .filter(|r| r.checked_add(align).is_some())
         .ok_or_else(too_big)?;
     Ok(MapPlan { span, reserved })
+}
+
+/// Refuses entries that hugetlbfs cannot map where they belong: it maps whole pages of
+/// `page` bytes only, at page-aligned addresses and file offsets, so an extent must start
+/// at a page multiple of the mapped range and of the device and be whole pages long (a
+/// shorter one would expose the rest of its page, which holds other files' blocks).
+/// The entries were validated first (`offset <= file_offset`).
+fn check_whole_huge_pages(entries: &[MapEntry], offset: u64, page: u64) -> io::Result<()> {
+    let misfit = entries.iter().find(|e| {
+        (e.file_offset - offset) % page != 0 || e.device_offset % page != 0 || e.len % page != 0
+    });
+    match misfit {
+        None => Ok(()),
+        Some(e) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the device is a hugetlbfs image with {} MiB pages, which can be mapped \
+                 only in whole pages: the extent at file offset {} (device offset {}, {} \
+                 bytes) is not aligned to them; only ranges laid out in whole {} MiB \
+                 extents can be mapped directly",
+                page >> 20,
+                e.file_offset,
+                e.device_offset,
+                e.len,
+                page >> 20
+            ),
+        )),
+    }
 }
 
 /// Size in bytes of the device behind `device` (an image file, a block device or a
@@ -356,13 +395,21 @@ impl DaxMapping {
         len: u64,
         entries: &[MapEntry],
     ) -> io::Result<Self> {
-        let MapPlan { span, reserved } = validate_entries(entries, offset, len, device_size)?;
+        // hugetlbfs maps its pages only at addresses aligned to them (1 GiB pages: a PUD
+        // entry each); everything else is aligned to 2 MiB for PMD mappings.
+        let hugetlb_page = hugetlb_page_size(&device);
+        let align = hugetlb_page.map_or(HUGE, huge_align_for);
+        let MapPlan { span, reserved } =
+            validate_entries(entries, offset, len, device_size, align)?;
+        if let Some(page) = hugetlb_page {
+            check_whole_huge_pages(entries, offset, page)?;
+        }
         // SAFETY: an anonymous PROT_NONE reservation at an address of the kernel's choice
         // cannot alias anything.
         let raw = unsafe {
             libc::mmap(
                 ptr::null_mut(),
-                reserved + HUGE,
+                reserved + align,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -373,7 +420,7 @@ impl DaxMapping {
             return Err(io::Error::last_os_error());
         }
         let raw = raw.cast::<u8>();
-        let pad = (HUGE - raw as usize % HUGE) % HUGE;
+        let pad = (align - raw as usize % align) % align;
         let base = raw.wrapping_add(pad);
         let unmap = |p: *mut u8, n: usize| {
             if n > 0 {
@@ -382,7 +429,7 @@ impl DaxMapping {
             }
         };
         unmap(raw, pad);
-        unmap(base.wrapping_add(reserved), HUGE - pad);
+        unmap(base.wrapping_add(reserved), align - pad);
         let mut map_sync = true;
         for e in entries {
             // Cannot wrap: `validate_entries` checked `offset <= file_offset` and
@@ -562,7 +609,7 @@ mod tests {
 
     #[track_caller]
     fn refused(entries: &[MapEntry], offset: u64, len: u64) {
-        match validate_entries(entries, offset, len, DEV) {
+        match validate_entries(entries, offset, len, DEV, HUGE) {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
             Ok(plan) => panic!("accepted {entries:?} for {offset}+{len}: {plan:?}"),
         }
@@ -577,12 +624,12 @@ mod tests {
             // A gap (a hole the server did not map) is fine.
             entry(off + 2 * MIB + 8192, DEV - 4096, 4096),
         ];
-        let plan = validate_entries(&entries, off, 3 * MIB, DEV).unwrap();
+        let plan = validate_entries(&entries, off, 3 * MIB, DEV, HUGE).unwrap();
         assert_eq!(plan.span as u64, 2 * MIB + 3 * 4096);
         assert_eq!(plan.reserved as u64, 4 * MIB);
         // The last byte of the device and the end of the requested range (rounded up to
         // 4 KiB) are inside.
-        let plan = validate_entries(&[entry(0, DEV - 8192, 8192)], 0, 5000, DEV).unwrap();
+        let plan = validate_entries(&[entry(0, DEV - 8192, 8192)], 0, 5000, DEV, HUGE).unwrap();
         assert_eq!(plan.span, 8192);
         assert_eq!(plan.reserved as u64, 2 * MIB);
     }
@@ -639,9 +686,9 @@ mod tests {
         e.flags = 0x80;
         refused(&[e], 0, MIB);
         // An empty reply maps nothing (not a hostile one, so not InvalidData).
-        assert!(validate_entries(&[], 0, MIB, DEV).is_err());
+        assert!(validate_entries(&[], 0, MIB, DEV, HUGE).is_err());
         // A misaligned request is the caller's error.
-        let e = validate_entries(&[entry(4096, 0, 4096)], 100, MIB, DEV).unwrap_err();
+        let e = validate_entries(&[entry(4096, 0, 4096)], 100, MIB, DEV, HUGE).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
     }
 
