@@ -108,7 +108,6 @@ impl Drop for HugePages {
 /// unmounted on drop (before the pages are given back).
 struct HugetlbMount {
     dir: tempfile::TempDir,
-    page: u64,
     pages: u64,
     _pages: HugePages,
 }
@@ -135,7 +134,6 @@ impl HugetlbMount {
         assert!(status.success(), "mount -t hugetlbfs failed");
         Some(HugetlbMount {
             dir,
-            page,
             pages,
             _pages: held,
         })
