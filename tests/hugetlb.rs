@@ -286,11 +286,43 @@ fn hugetlbfs_with_2mib_pages() {
     });
 }
 
-/// 1 GiB pages: the device works; a file of 4 KiB extents cannot be mapped directly (its
-/// pages hold other files' blocks) and says so.
+/// 1 GiB pages: a file preallocated to 1 GiB gets one 1 GiB-aligned extent in the whole
+/// free region the device has left, `pmfs layout` shows it, and its direct mapping is
+/// PUD-mapped; a file of 4 KiB extents cannot be mapped directly (its pages hold other
+/// files' blocks) and says so.
 #[test]
 fn hugetlbfs_with_1gib_pages() {
     round(GIB, 2, |m| {
+        let path = m.path("region");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, GIB as i64).unwrap();
+        let out = Command::new(PMFS)
+            .arg("layout")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let layout = String::from_utf8(out.stdout).unwrap();
+        let first: Vec<&str> = layout.lines().next().unwrap().split(' ').collect();
+        assert_eq!(first[0], "0", "{layout}");
+        assert_eq!(first[1].parse::<u64>().unwrap() % GIB, 0, "{layout}");
+        assert_eq!(first[2], GIB.to_string(), "one 1 GiB extent: {layout}");
+        let map = DaxMapping::map(&file, 0, GIB).unwrap();
+        assert_eq!(map.as_ptr() as usize % GIB as usize, 0);
+        map.write(GIB as usize - 5, b"last!").unwrap();
+        map.persist(GIB as usize - 5, 5).unwrap();
+        let mut back = [0u8; 5];
+        file.read_exact_at(&mut back, GIB - 5).unwrap();
+        assert_eq!(&back, b"last!");
+        assert_eq!(kernel_page_kib(map.as_ptr() as usize), 1024 * 1024);
+        drop(map);
+        drop(file);
+
         let path = m.path("small-mapped");
         write_synced(&path, &pattern(1, 8192));
         let file = File::options().read(true).write(true).open(&path).unwrap();

@@ -4,7 +4,8 @@
 //! an open pmfs file asks the daemon for the file's extents (allocating and zeroing holes in
 //! the range) and takes a lease on them; [`DaxMapping::map`] then maps those ranges of the
 //! device itself into one contiguous virtual range of the caller, each 2 MiB-aligned extent
-//! at a 2 MiB-aligned address so the kernel can use huge (PMD) mappings. Loads and stores
+//! at a 2 MiB-aligned address so the kernel can use huge (PMD) mappings, and a range with a
+//! 1 GiB-aligned 1 GiB extent at a 1 GiB-aligned address (PUD mappings). Loads and stores
 //! then reach pmem with no kernel and no daemon in the path.
 //!
 //! Rules:
@@ -288,20 +289,21 @@ fn check_whole_huge_pages(entries: &[MapEntry], offset: u64, page: u64) -> io::R
     let misfit = entries.iter().find(|e| {
         (e.file_offset - offset) % page != 0 || e.device_offset % page != 0 || e.len % page != 0
     });
+    let page_text = if page >= 1 << 30 {
+        format!("{} GiB", page >> 30)
+    } else {
+        format!("{} MiB", page >> 20)
+    };
     match misfit {
         None => Ok(()),
         Some(e) => Err(io::Error::new(
             io::ErrorKind::Unsupported,
             format!(
-                "the device is a hugetlbfs image with {} MiB pages, which can be mapped \
-                 only in whole pages: the extent at file offset {} (device offset {}, {} \
-                 bytes) is not aligned to them; only ranges laid out in whole {} MiB \
-                 extents can be mapped directly",
-                page >> 20,
-                e.file_offset,
-                e.device_offset,
-                e.len,
-                page >> 20
+                "the device is a hugetlbfs image with {page_text} pages, which can be \
+                 mapped only in whole pages: the extent at file offset {} (device offset {}, \
+                 {} bytes) is not aligned to them; only ranges laid out in whole \
+                 {page_text} extents can be mapped directly",
+                e.file_offset, e.device_offset, e.len,
             ),
         )),
     }
@@ -342,6 +344,8 @@ pub struct DaxMapping {
 unsafe impl Send for DaxMapping {}
 
 const HUGE: usize = 2 << 20;
+/// What one PUD entry maps on x86-64.
+const GIB: usize = 1 << 30;
 
 impl DaxMapping {
     /// Maps `offset..offset + len` of `file` (offset 4 KiB-aligned; the range is clamped to
@@ -396,9 +400,20 @@ impl DaxMapping {
         entries: &[MapEntry],
     ) -> io::Result<Self> {
         // hugetlbfs maps its pages only at addresses aligned to them (1 GiB pages: a PUD
-        // entry each); everything else is aligned to 2 MiB for PMD mappings.
+        // entry each). Elsewhere a range holding a 1 GiB extent at a 1 GiB-aligned place of
+        // the file and of the device is mapped at a 1 GiB-aligned address, so the kernel can
+        // use a PUD entry for it; everything else is aligned to 2 MiB for PMD mappings.
         let hugetlb_page = hugetlb_page_size(&device);
-        let align = hugetlb_page.map_or(HUGE, huge_align_for);
+        let has_region = entries.iter().any(|e| {
+            e.file_offset.wrapping_sub(offset) % GIB as u64 == 0
+                && e.device_offset % GIB as u64 == 0
+                && e.len >= GIB as u64
+        });
+        let align = match hugetlb_page {
+            Some(page) => huge_align_for(page),
+            None if has_region => GIB,
+            None => HUGE,
+        };
         let MapPlan { span, reserved } =
             validate_entries(entries, offset, len, device_size, align)?;
         if let Some(page) = hugetlb_page {
