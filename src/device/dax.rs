@@ -33,7 +33,7 @@
 use super::PersistenceMode;
 use super::mmap::{
     arch, block_device_size, cpu_flush_mode, dax_size, huge_align_for, hugetlb_page_size,
-    is_memory_backed,
+    is_memory_backed, size_text,
 };
 use std::ffi::c_void;
 use std::fs::File;
@@ -289,11 +289,7 @@ fn check_whole_huge_pages(entries: &[MapEntry], offset: u64, page: u64) -> io::R
     let misfit = entries.iter().find(|e| {
         (e.file_offset - offset) % page != 0 || e.device_offset % page != 0 || e.len % page != 0
     });
-    let page_text = if page >= 1 << 30 {
-        format!("{} GiB", page >> 30)
-    } else {
-        format!("{} MiB", page >> 20)
-    };
+    let page_text = size_text(page);
     match misfit {
         None => Ok(()),
         Some(e) => Err(io::Error::new(
@@ -647,6 +643,25 @@ mod tests {
         let plan = validate_entries(&[entry(0, DEV - 8192, 8192)], 0, 5000, DEV, HUGE).unwrap();
         assert_eq!(plan.span, 8192);
         assert_eq!(plan.reserved as u64, 2 * MIB);
+    }
+
+    #[test]
+    fn hugetlbfs_maps_only_whole_pages() {
+        let page = 2 * MIB;
+        let whole = [
+            entry(4 * MIB, 2 * MIB, 4 * MIB),
+            entry(8 * MIB, 10 * MIB, 2 * MIB),
+        ];
+        check_whole_huge_pages(&whole, 4 * MIB, page).unwrap();
+        for bad in [
+            entry(4 * MIB + 4096, 2 * MIB, 2 * MIB), // file offset inside a page
+            entry(4 * MIB, 2 * MIB + 4096, 2 * MIB), // device offset inside a page
+            entry(4 * MIB, 2 * MIB, 2 * MIB + 4096), // a page's tail belongs to others
+        ] {
+            let e = check_whole_huge_pages(&[whole[0], bad], 4 * MIB, page).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+            assert!(e.to_string().contains("2 MiB pages"), "{e}");
+        }
     }
 
     #[test]

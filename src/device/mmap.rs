@@ -711,7 +711,7 @@ pub(super) fn huge_align_for(page: u64) -> usize {
 }
 
 /// `bytes` for people: "1 GiB", "64 MiB", else a byte count.
-fn size_text(bytes: u64) -> String {
+pub(super) fn size_text(bytes: u64) -> String {
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
     if bytes >= GIB && bytes % GIB == 0 {
