@@ -1,26 +1,72 @@
 #!/usr/bin/env bash
-# Measures direct mapping on an emulated 2 MiB-aligned pmem namespace: a tmpfs mounted
-# huge=always holds the pmfs image, so the device pages are 2 MiB pages and a direct
-# mapping of an aligned file can be PMD-mapped. Prints the PMD-mapped share from
-# /proc/self/smaps and the load/store bandwidth through the mapping against memcpy on
-# anonymous memory (examples/dax_demo.rs). Run as root from the repository.
+# Measures direct mapping on emulated pmem whose pages are huge, so that a direct mapping of
+# an aligned file can use huge page-table entries. Prints the PMD- (2 MiB) and PUD-mapped
+# (1 GiB) shares from /proc/self/smaps, the load/store bandwidth through the mapping against
+# memcpy on anonymous memory, and the rate of random loads from distinct 4 KiB pages against
+# anonymous memory on 4 KiB and on 2 MiB pages (examples/dax_demo.rs). Run as root from the
+# repository.
+#
+#   bench/dax-hugepages.sh [MiB]       2 MiB mode: the image on a tmpfs mounted huge=always
+#                                       (default 1024 MiB file)
+#   bench/dax-hugepages.sh 1g [MiB]    1 GiB mode: the image on a hugetlbfs with 1 GiB pages
+#                                       (default 2048 MiB file); reserves the pages it needs
+#                                       in nr_hugepages and gives them back at the end
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mib=${1:-1024}
-huge=/mnt/pmfs-huge-tmpfs
+mode=2m
+if [ "${1:-}" = 1g ]; then
+    mode=1g
+    shift
+fi
 mnt=/mnt/pmfs-huge
+cargo build --release --workspace --examples --quiet
+mkdir -p "$mnt"
+if [ "$mode" = 2m ]; then
+    mib=${1:-1024}
+    huge=/mnt/pmfs-huge-tmpfs
+    image_mib=$((mib * 2))
+    mount_fs() { mount -t tmpfs -o huge=always,size=$((image_mib + 256))M pmfs-huge "$huge"; }
+    restore_pages() { :; }
+else
+    mib=${1:-2048}
+    huge=/mnt/pmfs-huge-hugetlbfs
+    # The image: whole 1 GiB pages; its first GiB holds the metadata (a broken region),
+    # the file needs ceil(mib / 1024) whole free regions after it.
+    pages=$(((mib + 1023) / 1024 + 1))
+    image_mib=$((pages * 1024))
+    nr=/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages
+    free_file=/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages
+    old_nr=$(cat "$nr")
+    restore_pages() { echo "$old_nr" >"$nr"; }
+    mount_fs() {
+        local free
+        free=$(cat "$free_file")
+        if [ "$free" -lt "$pages" ]; then
+            echo $((old_nr + pages - free)) >"$nr"
+        fi
+        if [ "$(cat "$free_file")" -lt "$pages" ]; then
+            echo "dax-hugepages: could not reserve $pages pages of 1 GiB ($(cat "$free_file") free)" >&2
+            exit 1
+        fi
+        mount -t hugetlbfs -o pagesize=1G,size=${image_mib}M pmfs-huge "$huge"
+    }
+fi
 img=$huge/pmem.img
 cleanup() {
     umount "$mnt" 2>/dev/null || fusermount3 -u "$mnt" 2>/dev/null || true
     rm -f "$img"
     umount "$huge" 2>/dev/null || true
+    restore_pages
 }
 trap cleanup EXIT
-cargo build --release --workspace --examples --quiet
-mkdir -p "$huge" "$mnt"
-mount -t tmpfs -o huge=always,size=$((mib * 2 + 256))M pmfs-huge "$huge"
-target/release/mkfs-pmfs -q -f --size $((mib * 2))M "$img"
+mkdir -p "$huge"
+mount_fs
+target/release/mkfs-pmfs -q -f --size ${image_mib}M "$img"
 target/release/pmfs "$img" "$mnt"
-echo "machine: $(nproc) cores; $(uname -r); figures vary with load, compare within one run"
+echo "machine: $(nproc) cores; $(uname -r); mode $mode; figures vary with load, compare within one run"
 target/release/examples/dax_demo "$mnt/bigfile" "$mib"
-target/release/pmfs layout "$mnt/bigfile" | awk '{ n++; if ($1 % 2097152 == 0 && $2 % 2097152 == 0 && $3 % 2097152 == 0) a++ } END { printf "  layout: %d extents, %d of them 2 MiB-aligned\n", n, a }'
+target/release/pmfs layout "$mnt/bigfile" | awk '{
+    n++
+    if ($1 % 2097152 == 0 && $2 % 2097152 == 0 && $3 % 2097152 == 0) a++
+    if ($1 % 1073741824 == 0 && $2 % 1073741824 == 0 && $3 % 1073741824 == 0) g++
+} END { printf "  layout: %d extents, %d of them 2 MiB-aligned, %d of them whole 1 GiB regions\n", n, a, g }'

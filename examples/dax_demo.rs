@@ -1,23 +1,48 @@
 //! Direct mapping of a pmfs file: map it, store and load through the mapping, report how
-//! much of it the kernel maps with 2 MiB (PMD) pages and the load/store bandwidth compared
-//! with memcpy on anonymous memory.
+//! much of it the kernel maps with 2 MiB (PMD) and 1 GiB (PUD) pages, the load/store
+//! bandwidth compared with memcpy on anonymous memory, and the rate of random 8-byte loads
+//! from distinct 4 KiB pages (the TLB's part) against anonymous memory backed by 4 KiB
+//! pages and by 2 MiB pages.
 //!
 //!     cargo run --release --example dax_demo -- /mnt/pm/bigfile [MiB]
 //!
-//! The file is created (or extended) to the given size through the file system first.
-//! PMD mappings need the device itself to be backed by huge pages: real device-DAX, or an
-//! image on a tmpfs mounted with `huge=always` (bench/dax-hugepages.sh sets that up).
+//! The file is created (or extended) to the given size through the file system first, by
+//! fallocate, so the file system can give it 2 MiB and 1 GiB extents. PMD mappings need the
+//! device itself to be backed by huge pages: real device-DAX, an image on a tmpfs mounted
+//! with `huge=always`, or on a hugetlbfs; PUD mappings need 1 GiB pages below (device-DAX
+//! with a 1 GiB alignment, or a hugetlbfs with `pagesize=1G`). bench/dax-hugepages.sh sets
+//! these up.
 
+use memmap2::{Advice, MmapMut};
 use pmfs::dax::DaxMapping;
 use std::fs::OpenOptions;
 use std::time::Instant;
 
 const MIB: usize = 1 << 20;
 
-/// (Rss, PMD-mapped) kB of the VMAs inside `start..end`, from /proc/self/smaps.
-fn pmd_share(start: usize, end: usize) -> (u64, u64) {
+/// What /proc/self/smaps says about the VMAs inside `start..end`, in kB.
+#[derive(Debug, Default)]
+struct Backing {
+    /// Resident: Rss, plus hugetlbfs pages (which Rss does not count).
+    resident: u64,
+    /// Mapped by 2 MiB entries (THP of anonymous memory, shmem or files, or 2 MiB hugetlbfs
+    /// pages).
+    pmd: u64,
+    /// Mapped by 1 GiB entries (1 GiB hugetlbfs pages; device-DAX shows as PUD-size
+    /// KernelPageSize too).
+    pud: u64,
+}
+
+fn backing(start: usize, end: usize) -> Backing {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let (mut rss, mut pmd, mut inside) = (0u64, 0u64, false);
+    let mut out = Backing::default();
+    let (mut inside, mut page_kb) = (false, 4);
+    let kb = |l: &str| {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     for line in smaps.lines() {
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((a, b)) = range.split_once('-') {
@@ -31,19 +56,70 @@ fn pmd_share(start: usize, end: usize) -> (u64, u64) {
         if !inside {
             continue;
         }
-        let kb = |l: &str| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        if line.starts_with("Rss:") {
-            rss += kb(line);
-        } else if line.starts_with("ShmemPmdMapped:") || line.starts_with("FilePmdMapped:") {
-            pmd += kb(line);
+        if line.starts_with("KernelPageSize:") {
+            page_kb = kb(line);
+        } else if line.starts_with("Rss:") {
+            out.resident += kb(line);
+        } else if line.starts_with("ShmemPmdMapped:")
+            || line.starts_with("FilePmdMapped:")
+            || line.starts_with("AnonHugePages:")
+        {
+            out.pmd += kb(line);
+        } else if line.starts_with("Shared_Hugetlb:") || line.starts_with("Private_Hugetlb:") {
+            let n = kb(line);
+            out.resident += n;
+            match page_kb {
+                1_048_576 => out.pud += n,
+                2048 => out.pmd += n,
+                _ => {}
+            }
         }
     }
-    (rss, pmd)
+    out
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// Random 8-byte loads from distinct 4 KiB pages of a `len`-byte region, through `load`:
+/// millions per second. Every load's address depends on the one before (a pointer chase
+/// in effect), so the rate is latency, TLB misses included.
+fn random_rate(len: usize, mut load: impl FnMut(usize) -> u64) -> f64 {
+    const LOADS: usize = 4_000_000;
+    let pages = (len / 4096) as u64;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut sum = 0u64;
+    let t = Instant::now();
+    for _ in 0..LOADS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = (x ^ sum) % pages;
+        sum = sum.wrapping_add(load(page as usize * 4096 + 8 * (x as usize % 512)));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(sum);
+    LOADS as f64 / secs / 1e6
+}
+
+/// The random-load rate on anonymous memory of `len` bytes with `advice` (4 KiB or 2 MiB
+/// pages), and the share of it in 2 MiB pages.
+fn anon_rate(len: usize, advice: Advice) -> (f64, f64) {
+    let mut m = MmapMut::map_anon(len).unwrap_or_else(|e| panic!("anonymous map: {e}"));
+    m.advise(advice)
+        .unwrap_or_else(|e| panic!("madvise {advice:?}: {e}"));
+    m.fill(1);
+    let base = m.as_ptr() as usize;
+    let b = backing(base, base + len);
+    let rate = random_rate(len, |at| {
+        u64::from_le_bytes(m[at..at + 8].try_into().unwrap_or_default())
+    });
+    (rate, percent(b.pmd + b.pud, b.resident))
 }
 
 fn gbps(bytes: usize, secs: f64) -> f64 {
@@ -71,8 +147,13 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = file.set_len(len as u64) {
-        eprintln!("dax_demo: {path}: {e}");
+    if let Err(e) = nix::fcntl::fallocate(
+        &file,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        len as libc::off_t,
+    ) {
+        eprintln!("dax_demo: {path}: fallocate: {}", e.desc());
         std::process::exit(1);
     }
     let map = match DaxMapping::map(&file, 0, len as u64) {
@@ -95,7 +176,8 @@ fn main() {
         map.write(0, &buf).unwrap_or_else(|e| panic!("{e}"));
     }
     let store = gbps(len * rounds, t.elapsed().as_secs_f64());
-    let mut out = vec![0u8; len];
+    // Written, not zeroed: a zeroed vector is faulted in by the first load round.
+    let mut out = vec![1u8; len];
     let t = Instant::now();
     for _ in 0..rounds {
         map.read(0, &mut out).unwrap_or_else(|e| panic!("{e}"));
@@ -116,18 +198,26 @@ fn main() {
     let persist_secs = t.elapsed().as_secs_f64();
 
     let base = map.as_ptr() as usize;
-    let (rss, pmd) = pmd_share(base, base + map.len());
+    let b = backing(base, base + map.len());
+    assert_eq!(out[..4096], buf[..4096]);
+    drop((buf, out, anon));
+    let dax_rate = random_rate(len, |at| {
+        let mut w = [0u8; 8];
+        map.read(at, &mut w).unwrap_or_else(|e| panic!("{e}"));
+        u64::from_le_bytes(w)
+    });
+    let (rate_4k, _) = anon_rate(len, Advice::NoHugePage);
+    let (rate_2m, thp) = anon_rate(len, Advice::HugePage);
     println!(
         "dax_demo: {path}: {mib} MiB mapped at {base:#x} ({})",
         map.persistence()
     );
     println!(
-        "  huge-page mapping: {pmd} of {rss} kB resident are PMD-mapped ({:.1}%); extents 2 MiB-aligned: {}",
-        if rss > 0 {
-            pmd as f64 * 100.0 / rss as f64
-        } else {
-            0.0
-        },
+        "  huge-page mapping: of {} kB resident, {:.1}% PUD-mapped (1 GiB), {:.1}% PMD-mapped \
+         (2 MiB); extents 2 MiB-aligned: {}",
+        b.resident,
+        percent(b.pud, b.resident),
+        percent(b.pmd, b.resident),
         map.is_huge_aligned()
     );
     println!(
@@ -139,5 +229,11 @@ fn main() {
         load / anon_load
     );
     println!("  persist({mib} MiB) {:.1} ms", persist_secs * 1e3);
-    assert_eq!(out[..4096], buf[..4096]);
+    println!(
+        "  random 8-byte loads over {mib} MiB: mapping {dax_rate:.1} M/s; anonymous 4 KiB pages \
+         {rate_4k:.1} M/s ({:.2}x); anonymous 2 MiB pages {rate_2m:.1} M/s ({:.2}x, {thp:.0}% \
+         THP)",
+        dax_rate / rate_4k,
+        dax_rate / rate_2m
+    );
 }

@@ -11,6 +11,12 @@
 //!   allocations from different threads take different locks. A small chunk whose blocks are
 //!   all free again goes back to the pool.
 //!
+//! - **1 GiB regions** (what one PUD entry maps): the pool counts its chunks per region, and
+//!   keeps whole regions (all 512 chunks in the pool) whole as long as it can: small
+//!   requests split a chunk of a region that is already broken, large requests take runs
+//!   inside broken regions first, and only requests for whole regions
+//!   ([`HugeIndex::take_regions`]) or a pool with nothing else left break a whole one.
+//!
 //! Which structure holds a chunk is recorded in `owner[chunk]`: [`POOL`], [`NONE`] (every
 //! block allocated, no structure holds it: it was taken whole, or was full at open) or an
 //! arena number. Invariants (checked by [`HugeIndex::snapshot`]):
@@ -30,8 +36,8 @@
 //! loads `owner[c]`, locks what it names, and re-checks. Lock order: at most one arena, then
 //! the pool; the consistency snapshot takes every arena in ascending order, then the pool.
 
-use super::BlockRange;
 use super::bits;
+use super::{BlockRange, REGION_CHUNKS};
 use crate::device::DeviceError;
 use crate::format::CHUNK_BLOCKS;
 use parking_lot::{Mutex, MutexGuard};
@@ -155,6 +161,11 @@ impl Arena {
 }
 
 /// The whole free chunks.
+///
+/// Invariant: `region_free[g]` is the number of pool chunks in 1 GiB region `g` (chunks
+/// `g * REGION_CHUNKS..`); `broken` holds exactly the regions with some but not all of their
+/// chunks in the pool (a trailing partial region is never whole); `whole` counts the regions
+/// with all of them.
 #[derive(Debug)]
 struct Pool {
     /// Set bit = chunk in the pool.
@@ -167,6 +178,12 @@ struct Pool {
     low: u64,
     /// No chunk at or above `high` is in the pool.
     high: u64,
+    /// Pool chunks of each 1 GiB region.
+    region_free: Vec<u32>,
+    /// Regions partly in the pool, in address order: where medium and small requests go.
+    broken: BTreeSet<u64>,
+    /// Regions entirely in the pool.
+    whole: u64,
 }
 
 impl Pool {
@@ -177,11 +194,59 @@ impl Pool {
             chunks,
             low: chunks,
             high: 0,
+            region_free: vec![0; chunks.div_ceil(REGION_CHUNKS) as usize],
+            broken: BTreeSet::new(),
+            whole: 0,
         }
     }
 
     fn contains(&self, c: u64) -> bool {
         bits::get(&self.map, c)
+    }
+
+    /// Records that `len` chunks from `c` (all in one region) entered (`added`) or left the
+    /// pool.
+    fn count_region(&mut self, c: u64, len: u64, added: bool) {
+        let g = c / REGION_CHUNKS;
+        let Some(free) = self.region_free.get_mut(g as usize) else {
+            return;
+        };
+        let was_whole = u64::from(*free) == REGION_CHUNKS;
+        if added {
+            *free += len as u32;
+        } else {
+            *free -= len as u32;
+        }
+        let now = u64::from(*free);
+        if now == 0 || now == REGION_CHUNKS {
+            self.broken.remove(&g);
+        } else {
+            self.broken.insert(g);
+        }
+        match (was_whole, now == REGION_CHUNKS) {
+            (false, true) => self.whole += 1,
+            (true, false) => self.whole -= 1,
+            _ => {}
+        }
+    }
+
+    /// Clears the pool bits of `c..c + len` (all set) and counts them out.
+    fn clear_run(&mut self, c: u64, len: u64) {
+        bits::clear_range(&mut self.map, c, len);
+        self.count -= len;
+        let mut pos = c;
+        while pos < c + len {
+            let region_end = (pos / REGION_CHUNKS + 1) * REGION_CHUNKS;
+            let n = region_end.min(c + len) - pos;
+            self.count_region(pos, n, false);
+            pos += n;
+        }
+    }
+
+    fn is_whole_region(&self, g: u64) -> bool {
+        self.region_free
+            .get(g as usize)
+            .is_some_and(|&f| u64::from(f) == REGION_CHUNKS)
     }
 
     fn insert(&mut self, c: u64) {
@@ -190,6 +255,7 @@ impl Pool {
             self.count += 1;
             self.low = self.low.min(c);
             self.high = self.high.max(c + 1);
+            self.count_region(c, 1, true);
         }
     }
 
@@ -197,27 +263,70 @@ impl Pool {
         if !self.contains(c) {
             return false;
         }
-        bits::clear_range(&mut self.map, c, 1);
-        self.count -= 1;
+        self.clear_run(c, 1);
         true
     }
 
     /// First run of `want` chunks, else the longest run of at least `min`: (first, length
-    /// taken). Removes them.
+    /// taken). Removes them. Runs inside broken regions come first (the first of `want`,
+    /// else the longest of at least `min` there), so whole 1 GiB regions stay whole while
+    /// other space can serve the request.
     fn take_run(&mut self, want: u64, min: u64) -> Option<(u64, u64)> {
         self.low = bits::next_set(&self.map, self.low, self.chunks).unwrap_or(self.chunks);
-        let (c, len) = bits::find_run(&self.map, self.low, self.chunks, want, min)?;
+        let mut best: Option<(u64, u64)> = None;
+        for &g in self.broken.range(self.low / REGION_CHUNKS..) {
+            let from = (g * REGION_CHUNKS).max(self.low);
+            let to = ((g + 1) * REGION_CHUNKS).min(self.chunks);
+            if let Some((c, len)) = bits::find_run(&self.map, from, to, want, min) {
+                if best.is_none_or(|(_, l)| len > l) {
+                    best = Some((c, len));
+                }
+                if len >= want {
+                    break;
+                }
+            }
+        }
+        let (c, len) = match best {
+            Some(run) => run,
+            None => bits::find_run(&self.map, self.low, self.chunks, want, min)?,
+        };
         let len = len.min(want);
-        bits::clear_range(&mut self.map, c, len);
-        self.count -= len;
+        self.clear_run(c, len);
         Some((c, len))
     }
 
-    /// The highest chunk of the pool, removed.
+    /// The first run of up to `want` whole 1 GiB regions (lowest address first): (first
+    /// chunk, chunks taken). Removes them.
+    fn take_regions(&mut self, want: u64) -> Option<(u64, u64)> {
+        if self.whole == 0 || want == 0 {
+            return None;
+        }
+        let first = (self.low / REGION_CHUNKS..self.region_free.len() as u64)
+            .find(|&g| self.is_whole_region(g))?;
+        let mut n = 1;
+        while n < want && self.is_whole_region(first + n) {
+            n += 1;
+        }
+        let (c, len) = (first * REGION_CHUNKS, n * REGION_CHUNKS);
+        self.clear_run(c, len);
+        Some((c, len))
+    }
+
+    /// A chunk to split for small requests, removed: the highest chunk of a broken region,
+    /// else (only whole regions left) the highest chunk of the pool.
     fn take_last(&mut self) -> Option<u64> {
-        let c = bits::prev_set(&self.map, self.high.min(self.chunks));
-        self.high = c.map_or(0, |c| c + 1);
-        let c = c?;
+        let in_broken = self.broken.iter().next_back().and_then(|&g| {
+            let end = ((g + 1) * REGION_CHUNKS).min(self.chunks);
+            bits::prev_set(&self.map, end).filter(|&c| c >= g * REGION_CHUNKS)
+        });
+        let c = match in_broken {
+            Some(c) => c,
+            None => {
+                let c = bits::prev_set(&self.map, self.high.min(self.chunks));
+                self.high = c.map_or(0, |c| c + 1);
+                c?
+            }
+        };
         self.remove(c);
         Some(c)
     }
@@ -325,6 +434,29 @@ impl HugeIndex {
             min,
             discard,
         )
+    }
+
+    /// Whole 1 GiB regions in the pool.
+    pub(super) fn free_regions(&self) -> u64 {
+        self.pool.lock().whole
+    }
+
+    /// Takes up to `want` whole, 1 GiB-aligned regions from the pool (the first run of them,
+    /// lowest address first), or `None` when no region is whole.
+    pub(super) fn take_regions(&self, want: u64) -> Option<BlockRange> {
+        let mut pool = self.pool.lock();
+        let (c, len) = pool.take_regions(want)?;
+        for i in c..c + len {
+            if let Some(o) = self.owner.get(i as usize) {
+                o.store(NONE, Ordering::Release);
+            }
+        }
+        drop(pool);
+        self.taken(len * CHUNK_BLOCKS);
+        Some(BlockRange {
+            start: c * CHUNK_BLOCKS,
+            len: len * CHUNK_BLOCKS,
+        })
     }
 
     pub(super) fn arena_count(&self) -> usize {
@@ -758,6 +890,29 @@ impl HugeIndex {
                 .sum::<u64>()
         {
             return Err("pool count out of date".into());
+        }
+        let mut whole = 0;
+        for (g, &f) in pool.region_free.iter().enumerate() {
+            let g = g as u64;
+            let from = g * REGION_CHUNKS;
+            let to = (from + REGION_CHUNKS).min(pool.chunks);
+            let in_pool = bits::runs(&pool.map, from, to).map(|(_, l)| l).sum::<u64>();
+            if u64::from(f) != in_pool {
+                return Err(format!(
+                    "region {g}: counted {f} pool chunks, holds {in_pool}"
+                ));
+            }
+            let partial = in_pool > 0 && in_pool < REGION_CHUNKS;
+            if pool.broken.contains(&g) != partial {
+                return Err(format!("region {g}: broken set out of date"));
+            }
+            whole += u64::from(in_pool == REGION_CHUNKS);
+        }
+        if whole != pool.whole {
+            return Err(format!(
+                "{} whole regions counted, {whole} held",
+                pool.whole
+            ));
         }
         let counted = self.free_blocks();
         if free != counted {

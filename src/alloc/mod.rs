@@ -20,8 +20,9 @@
 //!
 //! **Policies** ([`AllocPolicy`]): `HugeAware` (default, WineFS-like, see `huge.rs`) keeps free
 //! space in whole 2 MiB chunks for large requests and packs small requests into chunks set
-//! aside for them, sharded into per-thread arenas; `FirstFit` is a naive first fit over the
-//! whole bitmap for comparison.
+//! aside for them, sharded into per-thread arenas, and keeps whole 1 GiB regions free for
+//! [`BlockAllocator::allocate_regions`] as long as other space serves the rest; `FirstFit`
+//! is a naive first fit over the whole bitmap for comparison (it has no regions).
 
 use crate::format::bitmap as bits;
 mod first_fit;
@@ -37,6 +38,13 @@ use huge::HugeIndex;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Size of a region: what one PUD entry maps on x86-64, the unit of 1 GiB extents.
+pub const REGION_SIZE: u64 = 1 << 30;
+/// Blocks of a region.
+pub const REGION_BLOCKS: u64 = REGION_SIZE / BLOCK_SIZE;
+/// 2 MiB chunks of a region.
+pub const REGION_CHUNKS: u64 = REGION_BLOCKS / CHUNK_BLOCKS;
 
 /// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +313,27 @@ impl BlockAllocator {
         }
         .ok_or(AllocError::NoSpace)?;
         debug_assert!(got.len >= min && got.len <= n);
+        self.claim(tx, got)
+    }
+
+    /// Allocates whole free 1 GiB regions in `tx`: up to `blocks` blocks (rounded down to
+    /// whole regions, at least one), 1 GiB-aligned, as [`BlockAllocator::allocate`] does for
+    /// other requests. [`AllocError::NoSpace`] when no region is entirely free (and always
+    /// under the first-fit policy, which keeps no regions): the caller then asks for 2 MiB
+    /// chunks instead.
+    pub fn allocate_regions(&self, tx: &mut Tx<'_>, blocks: u64) -> Result<BlockRange, AllocError> {
+        let Index::Huge(h) = self.index.as_ref() else {
+            return Err(AllocError::NoSpace);
+        };
+        let want = (blocks / REGION_BLOCKS).max(1);
+        let got = h.take_regions(want).ok_or(AllocError::NoSpace)?;
+        debug_assert!(got.start % REGION_BLOCKS == 0 && got.len % REGION_BLOCKS == 0);
+        self.claim(tx, got)
+    }
+
+    /// Makes blocks just taken out of the index `tx`'s: checks the reserve, sets their bits,
+    /// and gives them back to the index if `tx` rolls back.
+    fn claim(&self, tx: &mut Tx<'_>, got: BlockRange) -> Result<BlockRange, AllocError> {
         // The reserve: an ordinary allocation that leaves fewer free blocks than the
         // reserve gives its blocks back. (Taking first and checking after makes concurrent
         // allocations fail together rather than overdraw the reserve.)
@@ -438,6 +467,14 @@ impl BlockAllocator {
         match self.index.as_ref() {
             Index::Huge(h) => h.free_chunks(),
             Index::FirstFit(f) => f.free_chunks(),
+        }
+    }
+
+    /// Whole, 1 GiB-aligned regions whose blocks are all free (0 for the first-fit policy).
+    pub fn free_regions(&self) -> u64 {
+        match self.index.as_ref() {
+            Index::Huge(h) => h.free_regions(),
+            Index::FirstFit(_) => 0,
         }
     }
 

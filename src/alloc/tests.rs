@@ -705,3 +705,98 @@ fn aging_keeps_whole_chunks_free() {
     assert!(results[0].1 >= results[1].1, "{results:?}");
     assert!(results[0].1 > 0.95, "{results:?}");
 }
+
+/// The index of a fresh device of `regions` GiB whose first `meta_end` blocks are metadata:
+/// region 0 is broken by them, the others are whole.
+fn region_index(regions: u64, meta_end: u64) -> huge::HugeIndex {
+    let block_count = regions * REGION_BLOCKS;
+    let words = block_count.div_ceil(64);
+    let persistent: Vec<u64> = (0..words)
+        .map(|wi| !huge::valid_mask(wi, meta_end, block_count))
+        .collect();
+    huge::HugeIndex::build(&persistent, block_count, meta_end, 4)
+}
+
+#[test]
+fn small_and_medium_requests_keep_whole_regions_whole() {
+    let index = region_index(3, 1536);
+    assert_eq!(index.free_regions(), 2);
+    let mut taken = Vec::new();
+    // About 800 MiB of 8 MiB extents and small files: region 0 can hold all of it.
+    for i in 0..100u64 {
+        let n = 1 + i % 37;
+        taken.push(index.take(n, n, false, None).unwrap());
+        taken.push(
+            index
+                .take(4 * CHUNK_BLOCKS, CHUNK_BLOCKS, true, None)
+                .unwrap(),
+        );
+    }
+    assert!(
+        taken.iter().all(|r| r.end() <= REGION_BLOCKS),
+        "an allocation left region 0 while it had room"
+    );
+    assert_eq!(index.free_regions(), 2);
+    index.snapshot().unwrap();
+    // Region 0 full: the next small request breaks the highest whole region, not both.
+    let rest = region_index(3, 1536);
+    while let Some(r) = rest.take(CHUNK_BLOCKS, 1, true, None) {
+        if r.end() > REGION_BLOCKS {
+            rest.release(r);
+            break;
+        }
+    }
+    let r = rest.take(8, 8, false, None).unwrap();
+    assert!(r.start >= 2 * REGION_BLOCKS, "{r:?}");
+    assert_eq!(rest.free_regions(), 1);
+    rest.snapshot().unwrap();
+}
+
+#[test]
+fn whole_regions_are_taken_aligned_and_come_back_whole() {
+    let index = region_index(4, 1536);
+    assert_eq!(index.free_regions(), 3);
+    let r = index.take_regions(2).unwrap();
+    assert_eq!(
+        r,
+        BlockRange {
+            start: REGION_BLOCKS,
+            len: 2 * REGION_BLOCKS
+        }
+    );
+    let last = index.take_regions(5).unwrap();
+    assert_eq!(
+        last,
+        BlockRange {
+            start: 3 * REGION_BLOCKS,
+            len: REGION_BLOCKS
+        }
+    );
+    assert_eq!(index.take_regions(1), None);
+    index.snapshot().unwrap();
+    // Freed in pieces, a region is whole again once its last chunk is back.
+    index.release(BlockRange {
+        start: REGION_BLOCKS,
+        len: REGION_BLOCKS - 8,
+    });
+    assert_eq!(index.free_regions(), 0);
+    index.release(BlockRange {
+        start: 2 * REGION_BLOCKS - 8,
+        len: 8,
+    });
+    assert_eq!(index.free_regions(), 1);
+    index.snapshot().unwrap();
+    assert_eq!(index.take_regions(1).map(|r| r.start), Some(REGION_BLOCKS));
+}
+
+#[test]
+fn first_fit_has_no_regions() {
+    let t = fs();
+    let a = open(&t, AllocPolicy::FirstFit);
+    assert_eq!(a.free_regions(), 0);
+    let mut tx = t.journal.begin();
+    assert!(matches!(
+        a.allocate_regions(&mut tx, REGION_BLOCKS),
+        Err(AllocError::NoSpace)
+    ));
+}

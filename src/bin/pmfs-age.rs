@@ -11,7 +11,8 @@
 //! request streams (same seed).
 //!
 //! Reports: the share of bytes of files >= 2 MiB that sit in aligned 2 MiB extents, the
-//! share of free space in whole aligned chunks, bytes allocated beyond file sizes (waste),
+//! share of free space in whole aligned chunks and in whole free 1 GiB regions (what 1 GiB
+//! extents need), bytes allocated beyond file sizes (waste),
 //! and how full the device was at the first ENOSPC (after aging, the workload keeps creating
 //! files until one fails).
 
@@ -83,6 +84,8 @@ struct Stats {
     large_files: usize,
     files: usize,
     seconds: f64,
+    /// Share of free space in whole free 1 GiB regions (what 1 GiB extents need).
+    free_in_regions: f64,
 }
 
 fn used_fraction(fs: &Fs) -> f64 {
@@ -216,6 +219,7 @@ fn run(args: &Args, policy: AllocPolicy) -> Result<Stats, String> {
         let s = fs.statfs();
         let free_bytes = s.bfree * 4096;
         let chunk_bytes = fs.allocator().free_chunks() * 2 * MIB;
+        let region_bytes = fs.allocator().free_regions() * pmfs::alloc::REGION_SIZE;
         // Finally fill until the first ENOSPC: how much of the device is usable once aged.
         while first_enospc.is_none() {
             if !create(&fs, &mut files, &mut rng) {
@@ -225,6 +229,7 @@ fn run(args: &Args, policy: AllocPolicy) -> Result<Stats, String> {
         let stats = Stats {
             aligned_share: aligned_bytes as f64 / large_bytes.max(1) as f64,
             free_in_chunks: chunk_bytes as f64 / free_bytes.max(1) as f64,
+            free_in_regions: region_bytes as f64 / free_bytes.max(1) as f64,
             waste_mib: waste as f64 / MIB as f64,
             first_enospc_full: first_enospc,
             large_files,
@@ -245,10 +250,11 @@ fn main() {
         args.size_mib, args.rounds, args.seed
     );
     println!(
-        "{:<12} {:>14} {:>16} {:>10} {:>16} {:>8} {:>8} {:>7}",
+        "{:<12} {:>14} {:>16} {:>16} {:>10} {:>16} {:>8} {:>8} {:>7}",
         "policy",
         "large aligned",
         "free in chunks",
+        "free in 1GiB",
         "waste",
         "first ENOSPC at",
         "files",
@@ -261,10 +267,11 @@ fn main() {
     ] {
         match run(&args, policy) {
             Ok(s) => println!(
-                "{:<12} {:>13.1}% {:>15.1}% {:>6.1} MiB {:>16} {:>8} {:>8} {:>7.1}",
+                "{:<12} {:>13.1}% {:>15.1}% {:>15.1}% {:>6.1} MiB {:>16} {:>8} {:>8} {:>7.1}",
                 name,
                 s.aligned_share * 100.0,
                 s.free_in_chunks * 100.0,
+                s.free_in_regions * 100.0,
                 s.waste_mib,
                 s.first_enospc_full
                     .map_or("never".to_string(), |f| format!("{:.1}% full", f * 100.0)),

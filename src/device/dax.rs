@@ -4,7 +4,8 @@
 //! an open pmfs file asks the daemon for the file's extents (allocating and zeroing holes in
 //! the range) and takes a lease on them; [`DaxMapping::map`] then maps those ranges of the
 //! device itself into one contiguous virtual range of the caller, each 2 MiB-aligned extent
-//! at a 2 MiB-aligned address so the kernel can use huge (PMD) mappings. Loads and stores
+//! at a 2 MiB-aligned address so the kernel can use huge (PMD) mappings, and a range with a
+//! 1 GiB-aligned 1 GiB extent at a 1 GiB-aligned address (PUD mappings). Loads and stores
 //! then reach pmem with no kernel and no daemon in the path.
 //!
 //! Rules:
@@ -19,12 +20,21 @@
 //!   hold stale copies: a reader through the mount can see old data until the cache drops it.
 //! - Durability: [`DaxMapping::persist`] writes back cache lines (CLWB + SFENCE) on real pmem
 //!   and memory-backed images, or msyncs on page-cache-backed devices.
+//! - An image on hugetlbfs can be mapped only in whole huge pages: every extent of the range
+//!   must start at a file offset and a device offset that are multiples of the mount's page
+//!   size (2 MiB or 1 GiB) and be whole pages long; the mapping then starts at an address
+//!   aligned to the page size, so the kernel maps it with PMD (2 MiB) or PUD (1 GiB) entries.
+//!   A range with any other extent is refused (`ErrorKind::Unsupported`) rather than mapped
+//!   with bytes of the page that belong to another file.
 //!
 //! The ioctl protocol is defined here ([`MapRequest`], [`MapReply`]) and served by the FUSE
 //! adapter.
 
 use super::PersistenceMode;
-use super::mmap::{arch, block_device_size, cpu_flush_mode, dax_size, is_memory_backed, nt_split};
+use super::mmap::{
+    arch, block_device_size, cpu_flush_mode, dax_size, huge_align_for, hugetlb_page_size,
+    is_memory_backed, nt_split, size_text,
+};
 use std::ffi::c_void;
 use std::fs::File;
 use std::io;
@@ -470,7 +480,8 @@ pub fn device_of(file: &File) -> io::Result<PathBuf> {
 const PAGE: u64 = 4096;
 
 /// What a validated map reply needs: the bytes from the requested offset to the end of the
-/// last entry (`span`), and the 2 MiB-rounded reservation that holds them.
+/// last entry (`span`), and the 2 MiB-rounded reservation that holds them (placed at an
+/// address aligned to the mapping's alignment, which the reservation has room for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MapPlan {
     span: usize,
@@ -488,6 +499,7 @@ fn validate_entries(
     offset: u64,
     len: u64,
     device_size: u64,
+    align: usize,
 ) -> io::Result<MapPlan> {
     if offset % PAGE != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -537,9 +549,34 @@ fn validate_entries(
     let span = usize::try_from(end).map_err(|_| too_big())?;
     let reserved = span
         .checked_next_multiple_of(HUGE)
-        .filter(|r| r.checked_add(HUGE).is_some())
+        .filter(|r| r.checked_add(align).is_some())
         .ok_or_else(too_big)?;
     Ok(MapPlan { span, reserved })
+}
+
+/// Refuses entries that hugetlbfs cannot map where they belong: it maps whole pages of
+/// `page` bytes only, at page-aligned addresses and file offsets, so an extent must start
+/// at a page multiple of the mapped range and of the device and be whole pages long (a
+/// shorter one would expose the rest of its page, which holds other files' blocks).
+/// The entries were validated first (`offset <= file_offset`).
+fn check_whole_huge_pages(entries: &[MapEntry], offset: u64, page: u64) -> io::Result<()> {
+    let misfit = entries.iter().find(|e| {
+        (e.file_offset - offset) % page != 0 || e.device_offset % page != 0 || e.len % page != 0
+    });
+    let page_text = size_text(page);
+    match misfit {
+        None => Ok(()),
+        Some(e) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the device is a hugetlbfs image with {page_text} pages, which can be \
+                 mapped only in whole pages: the extent at file offset {} (device offset {}, \
+                 {} bytes) is not aligned to them; only ranges laid out in whole \
+                 {page_text} extents can be mapped directly",
+                e.file_offset, e.device_offset, e.len,
+            ),
+        )),
+    }
 }
 
 /// Size in bytes of the device behind `device` (an image file, a block device or a
@@ -583,6 +620,8 @@ unsafe impl Send for DaxMapping {}
 unsafe impl Sync for DaxMapping {}
 
 const HUGE: usize = 2 << 20;
+/// What one PUD entry maps on x86-64.
+const GIB: usize = 1 << 30;
 
 impl DaxMapping {
     /// Maps `offset..offset + len` of `file` (offset 4 KiB-aligned; the range is clamped to
@@ -636,13 +675,32 @@ impl DaxMapping {
         len: u64,
         entries: &[MapEntry],
     ) -> io::Result<Self> {
-        let MapPlan { span, reserved } = validate_entries(entries, offset, len, device_size)?;
+        // hugetlbfs maps its pages only at addresses aligned to them (1 GiB pages: a PUD
+        // entry each). Elsewhere a range holding a 1 GiB extent at a 1 GiB-aligned place of
+        // the file and of the device is mapped at a 1 GiB-aligned address, so the kernel can
+        // use a PUD entry for it; everything else is aligned to 2 MiB for PMD mappings.
+        let hugetlb_page = hugetlb_page_size(&device);
+        let has_region = entries.iter().any(|e| {
+            e.file_offset.wrapping_sub(offset) % GIB as u64 == 0
+                && e.device_offset % GIB as u64 == 0
+                && e.len >= GIB as u64
+        });
+        let align = match hugetlb_page {
+            Some(page) => huge_align_for(page),
+            None if has_region => GIB,
+            None => HUGE,
+        };
+        let MapPlan { span, reserved } =
+            validate_entries(entries, offset, len, device_size, align)?;
+        if let Some(page) = hugetlb_page {
+            check_whole_huge_pages(entries, offset, page)?;
+        }
         // SAFETY: an anonymous PROT_NONE reservation at an address of the kernel's choice
         // cannot alias anything.
         let raw = unsafe {
             libc::mmap(
                 ptr::null_mut(),
-                reserved + HUGE,
+                reserved + align,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -653,7 +711,7 @@ impl DaxMapping {
             return Err(io::Error::last_os_error());
         }
         let raw = raw.cast::<u8>();
-        let pad = (HUGE - raw as usize % HUGE) % HUGE;
+        let pad = (align - raw as usize % align) % align;
         let base = raw.wrapping_add(pad);
         let unmap = |p: *mut u8, n: usize| {
             if n > 0 {
@@ -662,7 +720,7 @@ impl DaxMapping {
             }
         };
         unmap(raw, pad);
-        unmap(base.wrapping_add(reserved), HUGE - pad);
+        unmap(base.wrapping_add(reserved), align - pad);
         // Entries contiguous both in the file and on the device map as one range: one mmap
         // call and one VMA instead of one per extent. (file offset, device offset, length);
         // each run is the union of validated, sorted, disjoint entries, so the checks
@@ -946,7 +1004,7 @@ mod tests {
 
     #[track_caller]
     fn refused(entries: &[MapEntry], offset: u64, len: u64) {
-        match validate_entries(entries, offset, len, DEV) {
+        match validate_entries(entries, offset, len, DEV, HUGE) {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
             Ok(plan) => panic!("accepted {entries:?} for {offset}+{len}: {plan:?}"),
         }
@@ -961,14 +1019,33 @@ mod tests {
             // A gap (a hole the server did not map) is fine.
             entry(off + 2 * MIB + 8192, DEV - 4096, 4096),
         ];
-        let plan = validate_entries(&entries, off, 3 * MIB, DEV).unwrap();
+        let plan = validate_entries(&entries, off, 3 * MIB, DEV, HUGE).unwrap();
         assert_eq!(plan.span as u64, 2 * MIB + 3 * 4096);
         assert_eq!(plan.reserved as u64, 4 * MIB);
         // The last byte of the device and the end of the requested range (rounded up to
         // 4 KiB) are inside.
-        let plan = validate_entries(&[entry(0, DEV - 8192, 8192)], 0, 5000, DEV).unwrap();
+        let plan = validate_entries(&[entry(0, DEV - 8192, 8192)], 0, 5000, DEV, HUGE).unwrap();
         assert_eq!(plan.span, 8192);
         assert_eq!(plan.reserved as u64, 2 * MIB);
+    }
+
+    #[test]
+    fn hugetlbfs_maps_only_whole_pages() {
+        let page = 2 * MIB;
+        let whole = [
+            entry(4 * MIB, 2 * MIB, 4 * MIB),
+            entry(8 * MIB, 10 * MIB, 2 * MIB),
+        ];
+        check_whole_huge_pages(&whole, 4 * MIB, page).unwrap();
+        for bad in [
+            entry(4 * MIB + 4096, 2 * MIB, 2 * MIB), // file offset inside a page
+            entry(4 * MIB, 2 * MIB + 4096, 2 * MIB), // device offset inside a page
+            entry(4 * MIB, 2 * MIB, 2 * MIB + 4096), // a page's tail belongs to others
+        ] {
+            let e = check_whole_huge_pages(&[whole[0], bad], 4 * MIB, page).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+            assert!(e.to_string().contains("2 MiB pages"), "{e}");
+        }
     }
 
     #[test]
@@ -1023,9 +1100,9 @@ mod tests {
         e.flags = 0x80;
         refused(&[e], 0, MIB);
         // An empty reply maps nothing (not a hostile one, so not InvalidData).
-        assert!(validate_entries(&[], 0, MIB, DEV).is_err());
+        assert!(validate_entries(&[], 0, MIB, DEV, HUGE).is_err());
         // A misaligned request is the caller's error.
-        let e = validate_entries(&[entry(4096, 0, 4096)], 100, MIB, DEV).unwrap_err();
+        let e = validate_entries(&[entry(4096, 0, 4096)], 100, MIB, DEV, HUGE).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
     }
 

@@ -1,5 +1,6 @@
 //! The mapped device: a regular file, a `/dev/pmemN` block device or a `/dev/daxN.M`
-//! character device, mapped `MAP_SHARED` at a 2 MiB-aligned address.
+//! character device, mapped `MAP_SHARED` at a 2 MiB-aligned address (at a 1 GiB-aligned one
+//! for an image on a hugetlbfs mount with 1 GiB pages, see below).
 //!
 //! Most of the crate's `unsafe` lives in this file (the rest is the client side of direct
 //! mapping, `dax.rs`). Every access to the mapping goes through raw pointers after a bounds
@@ -38,6 +39,17 @@
 //!   media. `fence` is then only a compiler fence (everything flushed is already durable).
 //!   Callers that flush many small ranges pay one system call per flush; that is the price
 //!   of running on a disk, not on pmem.
+//!
+//! **hugetlbfs images.** An image in a hugetlbfs mount is memory backed by huge pages (2 MiB
+//! or 1 GiB, the mount's `pagesize=`; `statfs.f_bsize` tells which), so the CPU-flush mode
+//! applies as on tmpfs, and `sync_all` does no msync (hugetlbfs has no write-back: its fsync
+//! is a no-op). The kernel refuses everything that is not whole huge pages, so the device
+//! layer keeps to them: the image size must be a multiple of the page size (checked at open
+//! and by [`create_image`], which says what size to use), the mapping starts at an address
+//! aligned to the page size, and the image's pages are allocated by `fallocate`, which
+//! fails when too few huge pages are reserved (the error says how to reserve them).
+//! hugetlbfs has no `write(2)`: nothing here writes through the file, only through the
+//! mapping.
 
 use super::{
     CACHE_LINE, DeviceError, Media, PersistenceMode, RESERVE_CHUNK, check_range, check_word,
@@ -65,6 +77,8 @@ const BUSY_RETRY: Duration = Duration::from_millis(20);
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 /// `statfs.f_type` of hugetlbfs.
 const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+/// Where the kernel counts huge pages of each size (`hugepages-<kB>kB/nr_hugepages`).
+const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages";
 /// `ioctl` returning the size of a block device in bytes (`_IOR(0x12, 114, size_t)`).
 const BLKGETSIZE64: libc::Ioctl = libc::_IOR::<u64>(0x12, 114);
 
@@ -121,6 +135,8 @@ pub struct Device {
     sparse: bool,
     /// For a sparse image opened read-write: what is known of its backing store.
     backing: Option<SparseBacking>,
+    /// Page size of the hugetlbfs mount holding the image, if it is in one.
+    hugetlb_page: Option<u64>,
 }
 
 /// What is known about the backing store of a sparse image, one bit per [`RESERVE_CHUNK`]
@@ -286,18 +302,35 @@ impl Device {
                 format!("size {size} bytes is not a multiple of {PAGE}"),
             ));
         }
+        let hugetlb_page = match kind {
+            DeviceKind::RegularFile => hugetlb_page_size(&file),
+            _ => None,
+        };
+        if let Some(page) = hugetlb_page {
+            check_hugetlb_size(path, size, page)?;
+        }
         // Device-DAX refuses mappings that are not aligned to its own alignment (2 MiB by
-        // default, 1 GiB on some namespaces); everything else gets 2 MiB.
-        let align = match kind {
-            DeviceKind::DaxDevice => dax_align(fmeta.rdev()),
+        // default, 1 GiB on some namespaces), hugetlbfs those not aligned to its page size;
+        // everything else gets 2 MiB.
+        let align = match (kind, hugetlb_page) {
+            (DeviceKind::DaxDevice, _) => dax_align(fmeta.rdev()),
+            (_, Some(page)) => huge_align_for(page),
             _ => HUGE_ALIGN,
         };
         let len = usize::try_from(size)
             .ok()
             .filter(|l| l.checked_add(align).is_some())
             .ok_or_else(|| unsupported(path, format!("size {size} bytes is too large to map")))?;
-        let (base, map_sync) =
-            map(&file, len, align, opts.read_only).map_err(|e| io_error(path, e))?;
+        let (base, map_sync) = map(&file, len, align, opts.read_only).map_err(|e| {
+            match hugetlb_page {
+                // A MAP_SHARED mapping of hugetlbfs pages not yet allocated (an image made
+                // with truncate, not fallocate) reserves them, and fails when too few are.
+                Some(page) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                    HugetlbBudget::now(&file, page).shortage(path, size / page)
+                }
+                _ => io_error(path, e),
+            }
+        })?;
         let memory_backed = kind == DeviceKind::RegularFile && is_memory_backed(&file);
         let mode = match cpu_flush_mode() {
             Some(m) if map_sync || kind == DeviceKind::DaxDevice || memory_backed => m,
@@ -318,6 +351,7 @@ impl Device {
             mode,
             sparse,
             backing,
+            hugetlb_page,
         })
     }
 
@@ -374,6 +408,12 @@ impl Device {
             }
             (start < c).then_some(start..c)
         })
+    }
+
+    /// The page size of the hugetlbfs mount holding the image (2 MiB or 1 GiB), or `None`
+    /// when the device is not a file on hugetlbfs.
+    pub fn hugetlb_page_size(&self) -> Option<u64> {
+        self.hugetlb_page
     }
 
     /// The path the device was opened with.
@@ -675,9 +715,10 @@ impl Media for Device {
         if self.read_only {
             return Ok(());
         }
-        // Device-DAX has no page cache and no fsync (msync answers EINVAL): its stores are
-        // durable once flushed and fenced.
-        if self.kind != DeviceKind::DaxDevice {
+        // Device-DAX has no page cache and no fsync (msync answers EINVAL), and hugetlbfs
+        // has no write-back (its fsync does nothing): their stores are durable, as far as
+        // they can be, once flushed and fenced.
+        if self.kind != DeviceKind::DaxDevice && self.hugetlb_page.is_none() {
             self.msync(0, self.size)?;
         }
         self.fence();
@@ -832,8 +873,8 @@ fn lock_exclusive(path: &Path, file: &File) -> Result<(), DeviceError> {
     }
 }
 
-/// `statfs.f_type` of the file system holding `file`, if fstatfs works.
-fn fs_magic(file: &File) -> Option<u64> {
+/// `statfs` of the file system holding `file`, if fstatfs works.
+fn fs_stat(file: &File) -> Option<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: fstatfs fills the statfs buffer it is given, which is a live local of the
     // right type.
@@ -843,10 +884,143 @@ fn fs_magic(file: &File) -> Option<u64> {
     }
     // SAFETY: fstatfs succeeded, so it initialised the buffer (which was zeroed anyway, and
     // all-zero bytes are a valid `statfs`).
-    let st = unsafe { st.assume_init() };
+    Some(unsafe { st.assume_init() })
+}
+
+/// `statfs.f_type` of the file system holding `file`, if fstatfs works.
+fn fs_magic(file: &File) -> Option<u64> {
     // `f_type` is signed on some targets; the magic numbers are 32-bit.
     #[allow(clippy::unnecessary_cast)]
-    Some(st.f_type as u64 & 0xffff_ffff)
+    fs_stat(file).map(|st| st.f_type as u64 & 0xffff_ffff)
+}
+
+/// The page size of the hugetlbfs mount holding `file` (its `statfs.f_bsize`: 2 MiB or
+/// 1 GiB on x86-64), or `None` when `file` is not on hugetlbfs.
+pub(super) fn hugetlb_page_size(file: &File) -> Option<u64> {
+    let st = fs_stat(file)?;
+    #[allow(clippy::unnecessary_cast)]
+    let (magic, page) = (st.f_type as u64 & 0xffff_ffff, st.f_bsize as u64);
+    // The kernel reports the huge page size; anything else would not be hugetlbfs.
+    (magic == HUGETLBFS_MAGIC && page.is_power_of_two() && page >= PAGE).then_some(page)
+}
+
+/// The mapping alignment for hugetlbfs pages of `page` bytes: the page itself (the kernel
+/// refuses a `MAP_FIXED` address that is not page-aligned), at least 2 MiB.
+pub(super) fn huge_align_for(page: u64) -> usize {
+    usize::try_from(page).map_or(HUGE_ALIGN, |p| p.max(HUGE_ALIGN))
+}
+
+/// `bytes` for people: "1 GiB", "64 MiB", else a byte count.
+pub(super) fn size_text(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    if bytes >= GIB && bytes % GIB == 0 {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// `bytes` as a `mkfs.pmfs --size` argument ("2G", "64M"); `bytes` is a multiple of 2 MiB.
+fn size_arg(bytes: u64) -> String {
+    if bytes % (1 << 30) == 0 {
+        format!("{}G", bytes >> 30)
+    } else {
+        format!("{}M", bytes >> 20)
+    }
+}
+
+/// Refuses an image size that is not whole hugetlbfs pages of `page` bytes (the kernel maps
+/// and allocates only whole pages), naming the sizes that would do.
+fn check_hugetlb_size(path: &Path, size: u64, page: u64) -> Result<(), DeviceError> {
+    if size % page == 0 {
+        return Ok(());
+    }
+    let up = size.div_ceil(page).saturating_mul(page);
+    let down = size / page * page;
+    let choice = if down == 0 {
+        format!("--size {}", size_arg(up))
+    } else {
+        format!("--size {} or {}", size_arg(down), size_arg(up))
+    };
+    Err(unsupported(
+        path,
+        format!(
+            "image size {} is not a multiple of the hugetlbfs page size {}: hugetlbfs holds \
+             whole pages only; use {choice}",
+            size_text(size),
+            size_text(page)
+        ),
+    ))
+}
+
+/// The huge pages a hugetlbfs image can still get, counted before an allocation is tried
+/// (a failed `fallocate` keeps the pages it got until the file goes, so counting afterwards
+/// would blame the image for itself).
+#[derive(Debug)]
+struct HugetlbBudget {
+    page: u64,
+    /// `hugepages-<kB>kB` in sysfs: where the pages of this size are reserved.
+    sysfs_dir: String,
+    /// The mount's `size=` limit in pages and how many of them are free (statfs counts
+    /// them only when the mount has a limit).
+    mount_limit: Option<(u64, u64)>,
+    /// Pages of this size reserved in the system, and how many of them are free.
+    reserved: Option<(u64, u64)>,
+}
+
+impl HugetlbBudget {
+    fn now(file: &File, page: u64) -> Self {
+        let sysfs_dir = format!("{HUGEPAGES_SYSFS}/hugepages-{}kB", page / 1024);
+        let count = |name: &str| {
+            std::fs::read_to_string(format!("{sysfs_dir}/{name}"))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+        };
+        #[allow(clippy::unnecessary_cast)]
+        let mount_limit = fs_stat(file)
+            .map(|st| (st.f_blocks as u64, st.f_bfree as u64))
+            .filter(|&(blocks, _)| blocks > 0);
+        let reserved = count("nr_hugepages").zip(count("free_hugepages"));
+        Self {
+            page,
+            sysfs_dir,
+            mount_limit,
+            reserved,
+        }
+    }
+
+    /// The error for an image whose `missing` pages the kernel could not allocate: too few
+    /// huge pages reserved, or the mount's `size=` limit reached. Says which, and what to do.
+    fn shortage(&self, path: &Path, missing: u64) -> DeviceError {
+        let dir = &self.sysfs_dir;
+        let what = format!(
+            "not enough {} huge pages for the image ({missing} needed)",
+            size_text(self.page)
+        );
+        // Either limit, or both, can be what stopped the allocation: name each that is short.
+        let mut fixes = Vec::new();
+        if let Some((blocks, free)) = self.mount_limit.filter(|&(_, free)| free < missing) {
+            fixes.push(format!(
+                "the hugetlbfs mount's size= limit allows {blocks}, {free} of them free \
+                 (remount it with a larger size=)"
+            ));
+        }
+        if let Some((total, free)) = self.reserved.filter(|&(_, free)| free < missing) {
+            fixes.push(format!(
+                "{free} of the {total} reserved are free (reserve more: `echo {} > \
+                 {dir}/nr_hugepages` as root)",
+                total + missing - free
+            ));
+        }
+        if fixes.is_empty() {
+            fixes.push(format!("reserve more in {dir}/nr_hugepages (as root)"));
+        }
+        let reason = format!("{what}: {}", fixes.join("; "));
+        unsupported(path, reason)
+    }
 }
 
 /// Whether `file` lives on a memory-backed file system (tmpfs, hugetlbfs).
@@ -1005,14 +1179,32 @@ fn allocate_image(
             "image is larger than --size; refusing to shrink",
         ));
     }
+    let hugetlb_page = hugetlb_page_size(file);
+    if let Some(page) = hugetlb_page {
+        check_hugetlb_size(path, size, page)?;
+    }
     if !allocate {
+        if hugetlb_page.is_some() {
+            // A missing huge page is a SIGBUS at the first store: nothing to gain.
+            return Err(unsupported(
+                path,
+                "an image on hugetlbfs cannot be sparse (its pages must all be there before \
+                 pmfs stores into them): format it without --sparse",
+            ));
+        }
         // Grows the file with a hole; an existing image keeps what it has allocated.
         if meta.len() < size {
             file.set_len(size).map_err(|e| io_error(path, e))?;
         }
         return file.sync_all().map_err(|e| io_error(path, e));
     }
+    let budget = hugetlb_page.map(|page| HugetlbBudget::now(file, page));
     let no_space = || {
+        if let Some(budget) = &budget {
+            // The pages the fallocate had still to find (the image may hold some already).
+            let missing = (size - (meta.blocks() * 512).min(size)) / budget.page;
+            return budget.shortage(path, missing);
+        }
         io_error(
             path,
             io::Error::new(
@@ -1027,6 +1219,7 @@ fn allocate_image(
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::ENOSPC) => return Err(no_space()),
+            Some(libc::ENOMEM) if hugetlb_page.is_some() => return Err(no_space()),
             Some(libc::EOPNOTSUPP) => {
                 // SAFETY: as above; glibc emulates the allocation by writing to the file.
                 let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
@@ -1038,6 +1231,10 @@ fn allocate_image(
             }
             _ => return Err(io_error(path, e)),
         }
+    }
+    // hugetlbfs has no write-back: its pages are the image already.
+    if hugetlb_page.is_some() {
+        return Ok(());
     }
     file.sync_all().map_err(|e| io_error(path, e))
 }
@@ -1549,6 +1746,31 @@ mod tests {
         let mut back = vec![0u8; model.len()];
         d.read(0, &mut back).unwrap();
         assert!(back == model, "device differs from the model");
+    }
+
+    #[test]
+    fn hugetlb_sizes_must_be_whole_pages() {
+        let path = Path::new("/hugetlb/img");
+        let gib = 1024 * MIB;
+        check_hugetlb_size(path, 2 * gib, gib).unwrap();
+        check_hugetlb_size(path, 64 * MIB, 2 * MIB).unwrap();
+        let e = check_hugetlb_size(path, 100 * MIB, gib).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/hugetlb/img: image size 100 MiB is not a multiple of the hugetlbfs page size \
+             1 GiB: hugetlbfs holds whole pages only; use --size 1G"
+        );
+        let e = check_hugetlb_size(path, 65 * MIB, 2 * MIB).unwrap_err();
+        assert!(e.to_string().ends_with("use --size 64M or 66M"), "{e}");
+        let e = check_hugetlb_size(path, 3 * gib + 4096, gib).unwrap_err();
+        assert!(e.to_string().ends_with("use --size 3G or 4G"), "{e}");
+    }
+
+    #[test]
+    fn tmpfs_is_not_hugetlbfs() {
+        let img = shm_image(2 * MIB);
+        assert_eq!(hugetlb_page_size(img.as_file()), None);
+        assert_eq!(open_rw(img.path()).unwrap().hugetlb_page_size(), None);
     }
 
     #[test]

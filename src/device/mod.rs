@@ -12,7 +12,8 @@
 //!
 //! Two implementations:
 //! - [`Device`] (`mmap.rs`): a regular file, a `/dev/pmemN` block device or a `/dev/daxN.M`
-//!   character device, mapped `MAP_SHARED` at a 2 MiB-aligned address. The crate's `unsafe`
+//!   character device, mapped `MAP_SHARED` at a 2 MiB-aligned address (aligned to the page
+//!   size for an image on hugetlbfs, which is used only through the mapping). The crate's `unsafe`
 //!   lives in that file and in `dax.rs` (the client side of direct mapping).
 //! - [`RecordingDevice`] (`recording.rs`): an in-memory image that logs every store, flush and
 //!   fence, and rebuilds the images a power failure could leave. Tests and the crash harness
@@ -95,7 +96,7 @@ pub enum DeviceError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PersistenceMode {
     /// CPU cache write-back: CLWB + SFENCE (real pmem with MAP_SYNC or devdax, and
-    /// memory-backed emulation such as tmpfs).
+    /// memory-backed emulation such as tmpfs and hugetlbfs, whose msync does nothing).
     Clwb,
     /// As `Clwb`, with CLFLUSHOPT on CPUs without CLWB.
     ClflushOpt,

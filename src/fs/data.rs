@@ -12,7 +12,7 @@ use super::extent;
 use super::flags;
 use super::txn::{LockSet, MetaTx, StripeGuards};
 use super::{AtimeMode, Ctx, Fs, now_ns};
-use crate::alloc::{AllocError, AllocRequest, BlockRange};
+use crate::alloc::{AllocError, AllocRequest, BlockRange, REGION_BLOCKS};
 use crate::error::{Error, Result};
 use crate::format::{
     BLOCK_SIZE, CHUNK_BLOCKS, CHUNK_SIZE, ExtentRecord, IncompatFeatures, Inode, MAX_FILE_BLOCKS,
@@ -504,6 +504,29 @@ impl Fs {
         };
         let chunk_start = b / CHUNK_BLOCKS * CHUNK_BLOCKS;
         let prev_end = prev.as_ref().map_or(0, end);
+        // 1 GiB extents, as 2 MiB ones below, one level up: when the whole 1 GiB-aligned
+        // file region is a hole and either this request alone covers a region or the file
+        // grows contiguously past its first GiB, take whole free device regions, so the
+        // file can be mapped with 1 GiB (PUD) pages. No free region: 2 MiB chunks.
+        let region_start = b / REGION_BLOCKS * REGION_BLOCKS;
+        let big_region = want_end - b >= REGION_BLOCKS || (b >= REGION_BLOCKS && contiguous);
+        if big_region && prev_end <= region_start && next >= region_start + REGION_BLOCKS {
+            let limit = next.min(MAX_FILE_SIZE / BLOCK_SIZE);
+            // An extent's length is a u32 of blocks.
+            let max_regions =
+                ((limit - region_start) / REGION_BLOCKS).min(u64::from(u32::MAX) / REGION_BLOCKS);
+            let regions = (want_end - region_start)
+                .div_ceil(REGION_BLOCKS)
+                .min(max_regions)
+                .max(1);
+            match self.alloc.allocate_regions(tx, regions * REGION_BLOCKS) {
+                Ok(got) => {
+                    return self.map_new(tx, ino, i, region_start, got, flags, None);
+                }
+                Err(AllocError::NoSpace) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         // Huge policy: the whole aligned file chunk is a hole, and either this request alone
         // covers 2 MiB, or the file grows contiguously (the hole starts at the end of file)
         // past its first 2 MiB. Small writes into holes inside a sparse file or far past its

@@ -249,7 +249,8 @@ impl Fs {
         Ok(())
     }
 
-    /// The extents of file blocks `fb..fe`, as byte ranges (holes omitted).
+    /// The extents of file blocks `fb..fe`, as byte ranges (holes omitted, contiguous
+    /// records merged).
     pub(super) fn layout_of(
         &self,
         ino: u64,
@@ -258,7 +259,7 @@ impl Fs {
         fe: u64,
     ) -> Result<Vec<MappedExtent>> {
         let r = self.reader();
-        let mut out = Vec::new();
+        let mut out: Vec<MappedExtent> = Vec::new();
         let mut all = Vec::new();
         if let Some(e) = extent::covering(&r, ino, i, fb)? {
             all.push(e);
@@ -273,13 +274,27 @@ impl Fs {
         for e in all {
             let s = fb.max(e.file_block);
             let t = fe.min(e.file_block + u64::from(e.len));
-            if s < t {
-                out.push(MappedExtent {
-                    file_offset: blocks_to_bytes(s),
-                    device_offset: blocks_to_bytes(e.dev_block + (s - e.file_block)),
-                    len: blocks_to_bytes(t - s),
-                    unwritten: e.flags & extent_flags::UNWRITTEN != 0,
-                });
+            if s >= t {
+                continue;
+            }
+            let next = MappedExtent {
+                file_offset: blocks_to_bytes(s),
+                device_offset: blocks_to_bytes(e.dev_block + (s - e.file_block)),
+                len: blocks_to_bytes(t - s),
+                unwritten: e.flags & extent_flags::UNWRITTEN != 0,
+            };
+            // Records that continue each other in the file and on the device are one run
+            // (mapping a preallocated region converts it 2 MiB at a time, in 512 records
+            // per GiB): one entry, so a 1 GiB run maps, and shows, as the region it is.
+            match out.last_mut() {
+                Some(last)
+                    if last.file_offset + last.len == next.file_offset
+                        && last.device_offset + last.len == next.device_offset
+                        && last.unwritten == next.unwritten =>
+                {
+                    last.len += next.len;
+                }
+                _ => out.push(next),
             }
         }
         Ok(out)

@@ -47,6 +47,12 @@ impl Image {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));
+        Self::at(path, name, size)
+    }
+
+    /// A formatted image of `size` bytes at `path` (replacing any file there), labelled
+    /// `name`.
+    pub fn at(path: PathBuf, name: &str, size: u64) -> Image {
         let _ = fs::remove_file(&path);
         create_image(&path, size).unwrap();
         // Another test thread forking a child at the moment create_image held the image's
