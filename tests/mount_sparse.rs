@@ -212,3 +212,31 @@ fn fstrim_on_a_preallocated_image_is_not_supported() {
     assert!(!m.log_text().contains("sparse image"), "{}", m.log_text());
     m.unmount();
 }
+
+/// A sparse image stays sparse once every block of it is allocated (the file system was
+/// full): `mkfs --sparse` marks the image file (xattr `user.pmfs.sparse`), so fstrim still
+/// gives its free chunks back, where a preallocated image refuses (above).
+#[test]
+fn a_sparse_image_that_was_full_still_gives_space_back() {
+    can_mount();
+    let dir = tempfile::Builder::new()
+        .prefix("pmfs-full-sparse-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let img = sparse_image(dir.path().join("img"), 64 * MIB);
+    // Every block allocated, as after the file system was filled to ENOSPC.
+    let f = fs::OpenOptions::new().write(true).open(&img.path).unwrap();
+    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, 64 * MIB as i64).unwrap();
+    drop(f);
+    assert_eq!(allocated(&img.path), 64 * MIB);
+    let m = Mount::new(&img, "");
+    let out = fstrim(&m.mountpoint, None);
+    assert!(
+        out.status.success(),
+        "fstrim: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(trimmed_bytes(&out) > 0);
+    assert!(allocated(&img.path) < 64 * MIB, "nothing was punched");
+    m.unmount();
+}

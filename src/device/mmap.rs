@@ -336,8 +336,10 @@ impl Device {
             Some(m) if map_sync || kind == DeviceKind::DaxDevice || memory_backed => m,
             _ => PersistenceMode::Msync,
         };
-        // st_blocks counts 512-byte units whatever the file system's block size.
-        let sparse = kind == DeviceKind::RegularFile && fmeta.blocks().saturating_mul(512) < size;
+        // st_blocks counts 512-byte units whatever the file system's block size. An image
+        // made sparse stays sparse once full (every block allocated): `mkfs --sparse` marks it.
+        let sparse = kind == DeviceKind::RegularFile
+            && (fmeta.blocks().saturating_mul(512) < size || marked_sparse(&file));
         let backing =
             (sparse && !opts.read_only).then(|| SparseBacking::new(size.div_ceil(RESERVE_CHUNK)));
         Ok(Self {
@@ -1118,6 +1120,43 @@ pub fn create_image(path: &Path, size: u64) -> Result<(), DeviceError> {
 /// hole at its end (`mkfs.pmfs --sparse`). The file system holding it may then run out of
 /// space while pmfs writes; pmfs reserves space before it hands it out
 /// ([`Media::reserve`]), so that shows as ENOSPC, never as SIGBUS.
+/// The extended attribute `mkfs.pmfs --sparse` puts on an image file: the image is meant to
+/// be sparse even when every block of it is allocated (after the file system was full), so
+/// its space stays reserved chunk by chunk and FITRIM may punch its free chunks. A
+/// preallocated image (mkfs without `--sparse`) has it removed, and FITRIM leaves it alone.
+const SPARSE_XATTR: &std::ffi::CStr = c"user.pmfs.sparse";
+
+/// Sets (or removes) [`SPARSE_XATTR`] on `file`. Best effort: on a file system without user
+/// xattrs an image is sparse only while it has holes, as before the mark existed.
+fn mark_sparse(file: &File, on: bool) {
+    let fd = file.as_raw_fd();
+    // SAFETY: the name is a NUL-terminated constant and the value a 1-byte static slice,
+    // both valid for the call; the calls only read them and act on the descriptor `file`
+    // keeps open.
+    let r = unsafe {
+        if on {
+            libc::fsetxattr(fd, SPARSE_XATTR.as_ptr(), b"1".as_ptr().cast(), 1, 0)
+        } else {
+            libc::fremovexattr(fd, SPARSE_XATTR.as_ptr())
+        }
+    };
+    if r != 0 {
+        log::debug!(
+            "image mark {}: {}",
+            SPARSE_XATTR.to_string_lossy(),
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// True when `file` carries [`SPARSE_XATTR`].
+fn marked_sparse(file: &File) -> bool {
+    // SAFETY: a NULL buffer of size 0 asks only for the value's length; the name is a
+    // NUL-terminated constant; the descriptor is open for the call.
+    let r = unsafe { libc::fgetxattr(file.as_raw_fd(), SPARSE_XATTR.as_ptr(), ptr::null_mut(), 0) };
+    r >= 0
+}
+
 pub fn create_sparse_image(path: &Path, size: u64) -> Result<(), DeviceError> {
     prepare_image(path, size, false)
 }
@@ -1196,8 +1235,10 @@ fn allocate_image(
         if meta.len() < size {
             file.set_len(size).map_err(|e| io_error(path, e))?;
         }
+        mark_sparse(file, true);
         return file.sync_all().map_err(|e| io_error(path, e));
     }
+    mark_sparse(file, false);
     let budget = hugetlb_page.map(|page| HugetlbBudget::now(file, page));
     let no_space = || {
         if let Some(budget) = &budget {
