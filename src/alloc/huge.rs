@@ -446,17 +446,7 @@ impl HugeIndex {
     pub(super) fn take_regions(&self, want: u64) -> Option<BlockRange> {
         let mut pool = self.pool.lock();
         let (c, len) = pool.take_regions(want)?;
-        for i in c..c + len {
-            if let Some(o) = self.owner.get(i as usize) {
-                o.store(NONE, Ordering::Release);
-            }
-        }
-        drop(pool);
-        self.taken(len * CHUNK_BLOCKS);
-        Some(BlockRange {
-            start: c * CHUNK_BLOCKS,
-            len: len * CHUNK_BLOCKS,
-        })
+        Some(self.claim(pool, c, len))
     }
 
     pub(super) fn arena_count(&self) -> usize {
@@ -608,6 +598,12 @@ impl HugeIndex {
     fn take_pool_run(&self, want: u64, min: u64) -> Option<BlockRange> {
         let mut pool = self.pool.lock();
         let (c, len) = pool.take_run(want, min)?;
+        Some(self.claim(pool, c, len))
+    }
+
+    /// Chunks `c..c + len`, just taken out of `pool` (its lock still held): no longer the
+    /// pool's once the lock drops, and counted as taken.
+    fn claim(&self, pool: MutexGuard<'_, Pool>, c: u64, len: u64) -> BlockRange {
         for i in c..c + len {
             if let Some(o) = self.owner.get(i as usize) {
                 o.store(NONE, Ordering::Release);
@@ -615,10 +611,10 @@ impl HugeIndex {
         }
         drop(pool);
         self.taken(len * CHUNK_BLOCKS);
-        Some(BlockRange {
+        BlockRange {
             start: c * CHUNK_BLOCKS,
             len: len * CHUNK_BLOCKS,
-        })
+        }
     }
 
     /// Requests below 2 MiB: a run of `n` in the thread's arena (its lock only: the common
