@@ -258,8 +258,8 @@ impl PmfsFuse {
     ///
     /// `cache=direct` gives every open direct I/O (`FOPEN_DIRECT_IO`), writable ones too:
     /// [`coherence`] keeps their writes and stores through shared mappings from undoing
-    /// each other (the rule the page cache used to provide for writable opens, at the cost
-    /// of a second copy of every written byte). Without `FOPEN_KEEP_CACHE` each open drops
+    /// each other, which a write through the page cache would get from the page lock, at
+    /// the cost of copying every written byte into the page cache. Without `FOPEN_KEEP_CACHE` each open drops
     /// the cached pages of the file, which stores through a direct mapping ([`crate::dax`])
     /// may have made stale.
     fn fopen_flags(&self) -> FopenFlags {
