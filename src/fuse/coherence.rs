@@ -78,7 +78,8 @@ impl PendingWrite {
     /// before it: its range minus what was refilled after it.
     fn stale_parts(&self, within: &Range<u64>) -> Vec<Range<u64>> {
         let mine = self.range();
-        let mut parts = vec![mine.start.max(within.start)..mine.end.min(within.end)];
+        let mut parts: Vec<Range<u64>> =
+            std::iter::once(mine.start.max(within.start)..mine.end.min(within.end)).collect();
         for fresh in &self.refilled {
             parts = parts
                 .into_iter()
