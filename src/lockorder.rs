@@ -5,9 +5,13 @@
 //! (a set of inode stripes is taken in one call, sorted, and counts once):
 //!
 //! ```text
-//! rename lock → inode stripes → inode-table growth → state record → deferred-free inode
-//!             → journal slot
+//! mapped-writes entry → rename lock → inode stripes → inode-table growth → state record
+//!                     → deferred-free inode → journal slot
 //! ```
+//!
+//! The first is the FUSE layer's: the entry lock of an inode whose pages the kernel may
+//! cache, held across the core call of a direct write or a writeback to it
+//! (`crate::fuse::coherence`).
 //!
 //! The journal slot is a lock too (a counting semaphore: `Journal::begin` waits while every
 //! slot is busy), and it comes last: an operation takes every lock it needs *before* its
@@ -28,18 +32,20 @@ use std::marker::PhantomData;
 /// A place in the global lock order (lower ranks are taken first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Rank {
+    /// `fuse::coherence::MappedWrites`: one inode's pending direct writes.
+    MappedWrites = 0,
     /// `Fs::rename_lock`: renames between directories.
-    Rename = 0,
+    Rename = 1,
     /// The inode lock stripes (a sorted set of them, taken in one call).
-    Stripes = 1,
+    Stripes = 2,
     /// `InodeTable` growth (adds a chunk in a transaction of its own).
-    InodeGrow = 2,
+    InodeGrow = 3,
     /// The state record (orphan tree root, clean flag).
-    State = 3,
+    State = 4,
     /// The deferred-free inode and the lease table's deferred lists.
-    Deferred = 4,
+    Deferred = 5,
     /// A journal slot: always the last.
-    Slot = 5,
+    Slot = 6,
     /// Not in the order: a token that records nothing (the journal's own tests, which
     /// interleave two transactions on one thread on purpose).
     Untracked = 7,
@@ -73,7 +79,7 @@ impl Ranked {
                 not_below == 0,
                 "lock order violated: taking {rank:?} while holding {:?} (order: {})",
                 held_ranks(held),
-                "rename → stripes → inode growth → state → deferred → slot",
+                "mapped writes → rename → stripes → inode growth → state → deferred → slot",
             );
             h.set(held | 1 << rank as u8);
         });
@@ -122,6 +128,7 @@ impl Drop for Ranked {
 #[cfg(debug_assertions)]
 fn held_ranks(held: u8) -> Vec<Rank> {
     [
+        Rank::MappedWrites,
         Rank::Rename,
         Rank::Stripes,
         Rank::InodeGrow,

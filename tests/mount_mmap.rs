@@ -4,9 +4,9 @@
 //!
 //! The race: one thread writes an 8-byte marker into every page with pwrite(2) while another
 //! stores its own marker into the other half of every page through a `MAP_SHARED` mapping.
-//! When write(2) bypassed the page cache (FOPEN_DIRECT_IO), a fault during the write filled
-//! the page from pmfs before the write landed, and the page's later writeback put the old
-//! bytes back over the written ones.
+//! write(2) bypasses the page cache (FOPEN_DIRECT_IO): a fault during the write fills the
+//! page from pmfs before the write lands, and without src/fuse/coherence.rs the page's later
+//! writeback puts the old bytes back over the written ones (this test failed 4 of 4 runs so).
 
 #![allow(clippy::unwrap_used)]
 

@@ -567,7 +567,12 @@ fn a_racing_truncate_punch_and_rewrite_never_shows_other_files_or_bytes_past_eof
                     .wrapping_add(1442695040888963407);
                 (seed >> 33) % n
             };
-            while !stop.load(Ordering::Relaxed) {
+            // The probe's lease defers every free of this file until it closes, and each
+            // round frees at most what its rewrite (at most 1 MiB) allocated: the 512 MiB
+            // image holds the 8 MiB file and 400 rounds of deferred frees (a writer with
+            // direct writes under cache=direct makes more than 600 rounds in 4 s).
+            const MAX_ROUNDS: u64 = 400;
+            while !stop.load(Ordering::Relaxed) && progress.load(Ordering::Relaxed) < MAX_ROUNDS {
                 // Shrink, let another file take whatever was freed, punch, rewrite, grow.
                 f.set_len(rnd(8 << 20)).unwrap();
                 fs::write(&other, vec![b'X'; 4 << 20]).unwrap();

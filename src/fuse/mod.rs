@@ -15,6 +15,7 @@
 
 pub mod acl;
 pub mod attr;
+pub mod coherence;
 pub mod fusermount;
 pub mod ioctl;
 pub mod mountinfo;
@@ -26,6 +27,7 @@ use crate::format::file_type;
 use crate::fs::{Attr, Ctx, Fs, SetAttr};
 use acl::Acl;
 use attr::{file_attr, kind, nanos, negative_attr, set_time};
+use coherence::{Guarded, MappedWrites};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents,
@@ -39,6 +41,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 /// How long the kernel may cache entries, attributes and negative entries. Only this mount
@@ -52,11 +55,12 @@ const MAX_BACKGROUND: u16 = 64;
 /// How file data meets the kernel page cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CacheMode {
-    /// `FOPEN_DIRECT_IO` for read-only opens: no page cache; pmem is the cache. Each read is
-    /// answered from a copy of the mapping's bytes; shared mmap still works through
-    /// `FUSE_DIRECT_IO_ALLOW_MMAP`. Opens that can write use the page cache, write-through,
-    /// so that write(2) and stores through a shared mapping never undo each other
-    /// ([`PmfsFuse::fopen_flags`]).
+    /// `FOPEN_DIRECT_IO` for every open: no page cache; pmem is the cache. Each read is
+    /// answered from a copy of the mapping's bytes, each write(2) goes straight to pmem;
+    /// shared mmap still works through `FUSE_DIRECT_IO_ALLOW_MMAP`, and direct writes to a
+    /// file whose pages the kernel may cache wait for those pages to be invalidated, so
+    /// that write(2) and stores through a shared mapping never undo each other
+    /// ([`coherence`]).
     #[default]
     Direct,
     /// Ordinary page-cache I/O with `FOPEN_KEEP_CACHE` (nothing changes a file behind the
@@ -109,6 +113,22 @@ pub struct PmfsFuse {
     poller: Option<Arc<spin::Poller>>,
     /// The user the daemon runs as: the mount's owner, who may shut it down as root may.
     owner_uid: u32,
+    /// `cache=direct`: the inodes the kernel may cache pages of, and their pending writes.
+    mapped: Arc<MappedWrites>,
+    /// The thread that invalidates the pages of guarded direct writes and then replies to
+    /// them (started at the first one; see [`PmfsFuse::reply_after_invalidation`]).
+    invalidator: std::sync::OnceLock<mpsc::Sender<Invalidation>>,
+}
+
+/// A guarded direct write's reply, waiting for the kernel to drop the pages of its range.
+struct Invalidation {
+    write: Guarded,
+    reply: ReplyWrite,
+}
+
+fn range_len(r: &std::ops::Range<u64>) -> u32 {
+    // A write's range: at most one request long.
+    u32::try_from(r.end - r.start).unwrap_or(u32::MAX)
 }
 
 /// FS_IOC_SHUTDOWN (XFS_IOC_GOINGDOWN): `_IOR('X', 125, __u32)`.
@@ -150,6 +170,8 @@ impl PmfsFuse {
             notifier: Arc::new(std::sync::OnceLock::new()),
             poller: None,
             owner_uid: nix::unistd::geteuid().as_raw(),
+            mapped: Arc::default(),
+            invalidator: std::sync::OnceLock::new(),
         }
     }
 
@@ -232,37 +254,93 @@ impl PmfsFuse {
         Arc::clone(&self.clean)
     }
 
-    /// The open flags of a regular file opened with open(2)'s `flags`.
+    /// The open flags of a regular file (the same for every access mode).
     ///
-    /// `cache=direct` gives direct I/O (`FOPEN_DIRECT_IO`) only to read-only opens: an open
-    /// that can write uses the page cache, write-through (every write(2) still reaches pmem
-    /// before it returns: this mode never negotiates FUSE_WRITEBACK_CACHE). The reason is shared
-    /// mmap (issue 15, xfstests generic/346). A mapping always lives in the page cache, and
-    /// a direct write only writes back and invalidates the pages of its range before it is
-    /// sent (fuse_direct_io: filemap_write_and_wait_range, invalidate_inode_pages2_range);
-    /// nothing keeps a store through a mapping from faulting the page back in, with the
-    /// bytes from before the write, while the write is on its way. That page, dirtied by
-    /// the store, is later written back whole and puts the old bytes back over the written
-    /// ones; notify_inval_inode cannot repair it, as invalidating a dirty page writes it
-    /// back first (invalidate_inode_pages2_range launders it). Writes through the page
-    /// cache meet the mapping's stores in the same pages instead, under the page lock. The
-    /// open flags are fixed at open, and any open that can write could also map the file
-    /// (or the file could be mapped through another open), so the rule is by access mode:
-    /// only opens that cannot write keep direct I/O, whose reads write back dirty mapped
-    /// pages of their range first (FUSE_DIRECT_IO_ALLOW_MMAP) and so see every store.
-    /// Opens that can write get no `FOPEN_KEEP_CACHE`: each drops the cached pages, which
-    /// stores through a direct mapping ([`crate::dax`]) may have made stale.
-    fn fopen_flags(&self, flags: i32) -> FopenFlags {
+    /// `cache=direct` gives every open direct I/O (`FOPEN_DIRECT_IO`), writable ones too:
+    /// [`coherence`] keeps their writes and stores through shared mappings from undoing
+    /// each other, which a write through the page cache would get from the page lock, at
+    /// the cost of copying every written byte into the page cache. Without `FOPEN_KEEP_CACHE` each open drops
+    /// the cached pages of the file, which stores through a direct mapping ([`crate::dax`])
+    /// may have made stale.
+    fn fopen_flags(&self) -> FopenFlags {
         // No FLUSH on close: flush has nothing to do (every write is durable on reply, and
         // locks are the kernel's own), so it would only be a round trip.
         let common = FopenFlags::FOPEN_NOFLUSH;
         match self.cache {
-            CacheMode::Direct if flags & libc::O_ACCMODE == libc::O_RDONLY => {
-                common | FopenFlags::FOPEN_DIRECT_IO
-            }
-            CacheMode::Direct => common,
+            CacheMode::Direct => common | FopenFlags::FOPEN_DIRECT_IO,
             CacheMode::Page | CacheMode::Writeback => common | FopenFlags::FOPEN_KEEP_CACHE,
         }
+    }
+
+    /// Replies to a guarded direct write once the kernel dropped the pages of its range
+    /// (step 3 of [`coherence`]). The invalidation may launder dirty pages, and each
+    /// laundering is a WRITE this daemon must serve while the notification waits, so it
+    /// runs on a thread of its own, never on a session thread (the session may have only
+    /// one).
+    fn reply_after_invalidation(&self, write: Guarded, reply: ReplyWrite) {
+        let Some(notifier) = self.notifier.get() else {
+            // No session (a test driving the adapter directly): no kernel caches pages.
+            self.mapped.finish(&write);
+            reply.written(range_len(&write.range));
+            return;
+        };
+        let queue = self.invalidator.get_or_init(|| {
+            let (queue, jobs) = mpsc::channel::<Invalidation>();
+            let (notifier, mapped) = (notifier.clone(), Arc::clone(&self.mapped));
+            let spawned = std::thread::Builder::new()
+                .name("pmfs-inval".into())
+                .spawn(move || {
+                    for Invalidation { write, reply } in jobs {
+                        let len = range_len(&write.range);
+                        if let Err(e) = notifier.inval_inode(
+                            INodeNo(write.ino),
+                            write.range.start as i64,
+                            i64::from(len),
+                        ) {
+                            // ENOENT: the kernel has forgotten the inode, and its pages.
+                            log::debug!("invalidating pages of inode {}: {e}", write.ino);
+                        }
+                        mapped.finish(&write);
+                        reply.written(len);
+                    }
+                });
+            if let Err(e) = spawned {
+                log::error!("starting the page invalidation thread: {e}");
+            }
+            queue
+        });
+        if let Err(mpsc::SendError(Invalidation { write, reply })) =
+            queue.send(Invalidation { write, reply })
+        {
+            // The thread could not start: the write is applied, its pages may be stale.
+            log::error!(
+                "inode {}: write not followed by a page invalidation",
+                write.ino
+            );
+            self.mapped.finish(&write);
+            reply.written(range_len(&write.range));
+        }
+    }
+
+    /// A direct write under `cache=direct` (steps 2 and 3 of [`coherence`]): guarded if
+    /// the kernel may cache pages of the inode, which is asked after the write, so that a
+    /// fill racing with it is seen; the write is then made again under the guard, over any
+    /// writeback of a stale page that came in between.
+    fn direct_write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        write: impl Fn(u64, &[u8]) -> Result<u32>,
+    ) -> Result<(u32, Option<Guarded>)> {
+        if !self.mapped.may_be_cached(ino) {
+            let n = write(offset, data)?;
+            if !self.mapped.may_be_cached(ino) {
+                return Ok((n, None));
+            }
+        }
+        self.mapped
+            .guarded_write(ino, offset, data, || write(offset, data))
     }
 
     /// Answers a lookup-like request; on failure to reply nothing is counted twice: the core
@@ -636,7 +714,7 @@ impl Filesystem for PmfsFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.begin();
         match self.fs.open(ino.0, flags.0) {
-            Ok(_) => reply.opened(self.new_fh(), self.fopen_flags(flags.0)),
+            Ok(_) => reply.opened(self.new_fh(), self.fopen_flags()),
             Err(e) => reply.error(errno("open", ino.0, &e)),
         }
     }
@@ -649,10 +727,15 @@ impl Filesystem for PmfsFuse {
         offset: u64,
         size: u32,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         self.begin();
+        // Under cache=direct only page-cache fills come without a lock owner (coherence).
+        if self.cache == CacheMode::Direct && lock_owner.is_none() {
+            self.mapped
+                .before_fill(ino.0, offset..offset.saturating_add(u64::from(size)));
+        }
         // The core hands over a copy of the bytes (fuser's reply takes a `&[u8]`, and the
         // mapping is never lent out as one); reply from inside the callback.
         let mut reply = Some(reply);
@@ -680,21 +763,36 @@ impl Filesystem for PmfsFuse {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         self.begin();
-        let kills = self.clears_privs(req, ino.0);
-        match self.fs.write(&ctx(req), ino.0, offset, data) {
-            Ok(n) => {
+        let ino = ino.0;
+        let kills = self.clears_privs(req, ino);
+        let ctx = ctx(req);
+        let write = |at: u64, bytes: &[u8]| self.fs.write(&ctx, ino, at, bytes);
+        let r = if self.cache != CacheMode::Direct {
+            write(offset, data).map(|n| (n, None))
+        } else if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            self.mapped
+                .writeback(ino, offset, data, write)
+                .map(|n| (n, None))
+        } else {
+            self.direct_write(ino, offset, data, write)
+        };
+        match r {
+            Ok((n, guarded)) => {
                 if kills {
-                    self.attrs_changed(ino.0);
+                    self.attrs_changed(ino);
                 }
-                reply.written(n)
+                match guarded {
+                    Some(g) => self.reply_after_invalidation(g, reply),
+                    None => reply.written(n),
+                }
             }
-            Err(e) => reply.error(errno("write", ino.0, &e)),
+            Err(e) => reply.error(errno("write", ino, &e)),
         }
     }
 
@@ -940,7 +1038,7 @@ impl Filesystem for PmfsFuse {
                 &file_attr(&a),
                 Generation(a.generation),
                 self.new_fh(),
-                self.fopen_flags(flags),
+                self.fopen_flags(),
             ),
             Err(e) => {
                 // The kernel never learns of the entry: give back the reference mknod counted.

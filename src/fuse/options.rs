@@ -27,9 +27,9 @@ pub const HELP: &[(&str, &str)] = &[
     ("ro / rw", "mount read-only / read-write (default rw)"),
     (
         "cache=direct|page|writeback",
-        "direct (default): read-only opens bypass the kernel page cache, reads served \
-         straight from pmem; opens that can write use it, write-through (shared mmap stays \
-         coherent with write(2)); page: ordinary page-cache I/O for every open, \
+        "direct (default): reads and writes bypass the kernel page cache and go straight \
+         to pmem (shared mmap still works, coherent with write(2)); page: ordinary \
+         page-cache I/O for every open, \
          write-through; writeback: page plus the kernel's writeback cache (write(2) \
          completes in memory; data durable after fsync, msync, sync or unmount)",
     ),
