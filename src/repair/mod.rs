@@ -291,7 +291,7 @@ fn add_features(media: &dyn Media, bits: u64) -> Result<String> {
     let (mut sb, _) = read_superblock(media)?;
     let features = crate::format::IncompatFeatures::from_bits_retain(bits);
     sb.incompat |= bits;
-    sb.version = crate::format::FORMAT_VERSION;
+    sb.version = sb.incompat_features().version_needed();
     sb.seal();
     crate::meta::upgrade_superblock(media, &sb)?;
     Ok(format!(
