@@ -241,8 +241,6 @@ fn new_inode(mode: u16, nlink: u32, parent: u64, now_ns: i64) -> Inode {
 struct Writer<'a> {
     media: &'a dyn Media,
     dirty: Vec<(u64, u64)>,
-    /// The space summary's entries, written (and fenced) once everything else is.
-    summary: Option<Vec<RegionEntry>>,
 }
 
 impl Writer<'_> {
@@ -319,7 +317,6 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     let mut w = Writer {
         media,
         dirty: Vec::new(),
-        summary: None,
     };
 
     // 1. Destroy the old superblocks first, so that a crash below can never leave an old
@@ -386,7 +383,8 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
                 }
             })
             .collect();
-        w.summary = Some(entries);
+        // Exact counts: a fresh file system is as clean as a clean unmount leaves it.
+        w.write(g.summary_offset(), &space::summary_bytes(&entries, true))?;
     }
 
     // Inode-table directory: entry 0 is the first chunk.
@@ -420,9 +418,6 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     let deferred = new_inode(file_type::S_IFREG, 1, 0, opts.now_ns);
     w.write(chunk + DEFERRED_FREE_INO * INODE_SIZE, deferred.as_bytes())?;
     w.persist()?;
-    if let Some(entries) = w.summary.take() {
-        space::write_summary(media, &g, &entries, true)?;
-    }
 
     // 3. The backup superblock, then the primary one: the primary is the commit point.
     w.write(BACKUP_SUPERBLOCK_OFFSET, sb.as_bytes())?;

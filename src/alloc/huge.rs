@@ -406,6 +406,25 @@ impl HugeIndex {
         }
     }
 
+    /// The index of a whole-device bitmap `persistent` (set bit = allocated), every region
+    /// loaded from it.
+    #[cfg(test)]
+    pub(super) fn build(
+        persistent: &[u64],
+        block_count: u64,
+        meta_end: u64,
+        arenas: usize,
+    ) -> Self {
+        let mut h = Self::new(block_count, meta_end, arenas);
+        let words = (REGION_CHUNKS * CHUNK_BLOCKS / 64) as usize;
+        for g in 0..h.owners.len() {
+            let from = (g * words).min(persistent.len());
+            let to = (from + words).min(persistent.len());
+            h.load_region(g as u64, persistent.get(from..to).unwrap_or(&[]));
+        }
+        h
+    }
+
     /// Chunks of region `g`.
     fn region_chunks(&self, g: u64) -> std::ops::Range<u64> {
         let first = g * REGION_CHUNKS;

@@ -340,11 +340,8 @@ impl BlockAllocator {
         Ok(())
     }
 
-    /// Initialises the uninitialised regions among those `range` touches: backs their part
-    /// of the bitmap (sparse images), zeroes it (all free: the region has never held a
-    /// block), fences, and only then clears the region's flag in the summary (one 8-byte
-    /// store, flushed, fenced). Idempotent, so a crash between the two steps is harmless:
-    /// the next mount finds the flag still set and does it again.
+    /// Initialises the uninitialised regions among those `range` touches
+    /// ([`space::initialise_region`]), once each, before any of their blocks is handed out.
     fn initialise_regions(&self, media: &dyn Media, range: BlockRange) -> Result<(), DeviceError> {
         let g = &self.geometry;
         for r in Lazy::regions(range) {
@@ -355,18 +352,7 @@ impl BlockAllocator {
             if !self.lazy.is_uninit(r) {
                 continue;
             }
-            let (offset, len) = space::region_bitmap_range(g, r);
-            media.reserve(offset, len)?;
-            media.zero_nt(offset, len)?;
-            media.fence();
-            let entry = RegionEntry {
-                uninit: false,
-                free: space::region_blocks(g, r) as u32,
-            };
-            let at = space::entry_offset(g, r);
-            media.store_u64(at, entry.encode())?;
-            media.flush(at, 8)?;
-            media.fence();
+            space::initialise_region(media, g, r)?;
             if let Some(u) = self.lazy.uninit.get(r as usize) {
                 u.store(false, Ordering::Release);
             }

@@ -149,17 +149,24 @@ pub fn write_summary(
     entries: &[RegionEntry],
     counts_valid: bool,
 ) -> Result<(), DeviceError> {
-    let header = SummaryHeader::new(entries.len() as u64, false);
+    let bytes = summary_bytes(entries, false);
+    let len = bytes.len() as u64;
+    media.write(g.summary_offset(), &bytes)?;
+    media.flush(g.summary_offset(), len)?;
+    media.fence();
+    set_counts_valid(media, g, counts_valid)
+}
+
+/// The bytes of a whole summary (header and entries, zero-padded to whole blocks).
+pub fn summary_bytes(entries: &[RegionEntry], counts_valid: bool) -> Vec<u8> {
+    let header = SummaryHeader::new(entries.len() as u64, counts_valid);
     let mut bytes = header.as_bytes().to_vec();
     for e in entries {
         bytes.extend_from_slice(&e.encode().to_le_bytes());
     }
     let len = (bytes.len() as u64).next_multiple_of(BLOCK_SIZE);
     bytes.resize(len as usize, 0);
-    media.write(g.summary_offset(), &bytes)?;
-    media.flush(g.summary_offset(), len)?;
-    media.fence();
-    set_counts_valid(media, g, counts_valid)
+    bytes
 }
 
 /// Stores the header's `counts_valid` (one 8-byte store), flushed and fenced.
@@ -192,4 +199,49 @@ pub fn free_in_region(g: &Geometry, r: u64, words: &[u64]) -> u32 {
             (!word & mask).count_ones()
         })
         .sum()
+}
+
+/// Initialises uninitialised region `r`: backs its part of the bitmap (sparse images),
+/// zeroes it (all free: an uninitialised region holds no block), fences, and only then
+/// clears the region's flag (one 8-byte store of the entry, flushed, fenced). A crash
+/// between the two leaves the flag set over a zeroed bitmap, which means the same (all
+/// free): the next initialisation simply does it again. The entry's count is all free.
+pub fn initialise_region(media: &dyn Media, g: &Geometry, r: u64) -> Result<(), DeviceError> {
+    let (offset, len) = region_bitmap_range(g, r);
+    media.reserve(offset, len)?;
+    media.zero_nt(offset, len)?;
+    media.fence();
+    let entry = RegionEntry {
+        uninit: false,
+        free: region_blocks(g, r) as u32,
+    };
+    let at = entry_offset(g, r);
+    media.store_u64(at, entry.encode())?;
+    media.flush(at, 8)?;
+    media.fence();
+    Ok(())
+}
+
+/// The entries a summary should hold for the bitmap `bitmap` (bytes in the on-media layout,
+/// uninitialised regions as zeros): the flags of `summary` (none when it is absent or
+/// damaged), every count recomputed.
+pub fn entries_for_bitmap(
+    g: &Geometry,
+    summary: Option<&SpaceSummary>,
+    bitmap: &[u8],
+) -> Vec<RegionEntry> {
+    (0..g.region_count())
+        .map(|r| {
+            let (offset, len) = region_bitmap_range(g, r);
+            let at = (offset - g.bitmap_offset()) as usize;
+            let words: Vec<u64> = bitmap
+                .get(at..at + len as usize)
+                .map(|b| bits::le_words(b).collect())
+                .unwrap_or_default();
+            RegionEntry {
+                uninit: summary.is_some_and(|s| s.is_uninit(r)),
+                free: free_in_region(g, r, &words),
+            }
+        })
+        .collect()
 }
