@@ -11,7 +11,8 @@ use super::{
     chunks_inside, chunks_touching,
 };
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 enum Event {
@@ -25,7 +26,7 @@ enum Event {
 struct Inner {
     image: Vec<u8>,
     /// The image when recording started: the durable state before the first event.
-    base: Vec<u8>,
+    base: Arc<Vec<u8>>,
     events: Vec<Event>,
     recording: bool,
     fences: usize,
@@ -58,7 +59,7 @@ impl RecordingDevice {
         let size = image.len() as u64;
         Self {
             inner: Mutex::new(Inner {
-                base: Vec::new(),
+                base: Arc::new(Vec::new()),
                 image,
                 events: Vec::new(),
                 recording: false,
@@ -118,7 +119,7 @@ impl RecordingDevice {
     /// Starts recording: the current image becomes the durable base, the log is emptied.
     pub fn start_recording(&self) {
         let mut g = self.inner.lock();
-        g.base = g.image.clone();
+        g.base = Arc::new(g.image.clone());
         g.events.clear();
         g.fences = 0;
         g.recording = true;
@@ -148,15 +149,49 @@ impl RecordingDevice {
     /// The crash states of a power failure just before fence number `fence` (0-based) ran;
     /// `fence == fence_count()` means a failure after the last recorded event.
     pub fn crash_images(&self, fence: usize) -> CrashImages {
+        let lines = self.crash_lines(fence);
+        let mut durable = lines.base.as_ref().clone();
+        for (&l, data) in &lines.durable {
+            let o = l as usize;
+            durable[o..o + data.len()].copy_from_slice(data);
+        }
+        CrashImages {
+            durable,
+            pending: lines.pending,
+        }
+    }
+
+    /// The same crash states as [`RecordingDevice::crash_images`], as lines over the shared
+    /// base image instead of whole images: what a crash test of a device of gigabytes can
+    /// afford ([`CrashLines::media`]).
+    pub fn crash_lines(&self, fence: usize) -> CrashLines {
         let g = self.inner.lock();
-        let mut durable = g.base.clone();
-        let mut current = g.base.clone();
+        let base = Arc::clone(&g.base);
+        // Lines stored to since recording started: line offset -> latest contents.
+        let mut current: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut durable: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         // Dirty lines: line offset -> flushed since its last store.
         let mut dirty: BTreeMap<u64, bool> = BTreeMap::new();
         let mut seen = 0usize;
-        let apply = |cur: &mut Vec<u8>, offset: u64, data: &[u8]| {
-            let o = offset as usize;
-            cur[o..o + data.len()].copy_from_slice(data);
+        let line_of = |l: u64| {
+            let (s, e) = (l as usize, ((l + CACHE_LINE) as usize).min(base.len()));
+            (s, e)
+        };
+        let apply = |current: &mut BTreeMap<u64, Vec<u8>>, offset: u64, data: &[u8]| {
+            let first = offset / CACHE_LINE * CACHE_LINE;
+            let end = offset + data.len() as u64;
+            let mut l = first;
+            while l < end {
+                let (s, e) = line_of(l);
+                let line = current
+                    .entry(l)
+                    .or_insert_with(|| base.get(s..e).unwrap_or_default().to_vec());
+                let from = offset.max(l);
+                let to = end.min(l + CACHE_LINE);
+                let src = &data[(from - offset) as usize..(to - offset) as usize];
+                line[(from - l) as usize..(to - l) as usize].copy_from_slice(src);
+                l += CACHE_LINE;
+            }
         };
         let lines = |offset: u64, len: u64| {
             let first = offset / CACHE_LINE * CACHE_LINE;
@@ -190,9 +225,9 @@ impl RecordingDevice {
                     seen += 1;
                     dirty.retain(|&l, flushed| {
                         if *flushed {
-                            let (s, e) = (l as usize, (l + CACHE_LINE) as usize);
-                            let e = e.min(durable.len());
-                            durable[s..e].copy_from_slice(&current[s..e]);
+                            if let Some(line) = current.get(&l) {
+                                durable.insert(l, line.clone());
+                            }
                         }
                         !*flushed
                     });
@@ -201,12 +236,13 @@ impl RecordingDevice {
         }
         let pending = dirty
             .keys()
-            .map(|&l| {
-                let (s, e) = (l as usize, ((l + CACHE_LINE) as usize).min(current.len()));
-                (l, current[s..e].to_vec())
-            })
+            .filter_map(|&l| current.get(&l).map(|line| (l, line.clone())))
             .collect();
-        CrashImages { durable, pending }
+        CrashLines {
+            base,
+            durable,
+            pending,
+        }
     }
 
     fn record(&self, g: &mut Inner, ev: Event) {
@@ -303,6 +339,150 @@ impl CrashImages {
             }));
         }
         out
+    }
+}
+
+/// A crash state as cache lines over the base image (see [`RecordingDevice::crash_lines`]).
+#[derive(Debug, Clone)]
+pub struct CrashLines {
+    /// The image when recording started.
+    pub base: Arc<Vec<u8>>,
+    /// Lines durable at the crash, with their contents.
+    pub durable: BTreeMap<u64, Vec<u8>>,
+    /// Lines stored to but not durable, with their latest contents.
+    pub pending: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashLines {
+    /// The crash image with the pending lines chosen by `take(i)`, as a device that shares
+    /// the base image and keeps only the pages that differ (copy on write).
+    pub fn media(&self, mut take: impl FnMut(usize) -> bool) -> OverlayDevice {
+        let dev = OverlayDevice {
+            base: Arc::clone(&self.base),
+            pages: Mutex::new(HashMap::new()),
+        };
+        let chosen = self
+            .pending
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| take(*i))
+            .map(|(_, line)| line);
+        for (l, data) in self.durable.iter().chain(chosen.map(|(l, d)| (l, d))) {
+            dev.put(*l, data);
+        }
+        dev
+    }
+}
+
+/// A device over a shared base image that keeps the pages stored into apart (for crash
+/// tests of large devices: each crash image costs the pages it changes). Flushes and fences
+/// do nothing: it is the state after the crash, not a device that can crash again.
+#[derive(Debug)]
+pub struct OverlayDevice {
+    base: Arc<Vec<u8>>,
+    pages: Mutex<HashMap<u64, Box<[u8]>>>,
+}
+
+impl OverlayDevice {
+    const PAGE: u64 = 4096;
+
+    fn put(&self, offset: u64, data: &[u8]) {
+        let mut pages = self.pages.lock();
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let p = at / Self::PAGE;
+            let page = pages.entry(p).or_insert_with(|| {
+                let s = (p * Self::PAGE) as usize;
+                let e = (s + Self::PAGE as usize).min(self.base.len());
+                let mut page = vec![0u8; Self::PAGE as usize];
+                page[..e - s].copy_from_slice(&self.base[s..e]);
+                page.into_boxed_slice()
+            });
+            let in_page = (at % Self::PAGE) as usize;
+            let n = (Self::PAGE as usize - in_page).min(data.len() - done);
+            page[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+    }
+
+    fn get(&self, offset: u64, buf: &mut [u8]) {
+        let pages = self.pages.lock();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let p = at / Self::PAGE;
+            let in_page = (at % Self::PAGE) as usize;
+            let n = (Self::PAGE as usize - in_page).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            match pages.get(&p) {
+                Some(page) => dst.copy_from_slice(&page[in_page..in_page + n]),
+                None => dst.copy_from_slice(&self.base[at as usize..at as usize + n]),
+            }
+            done += n;
+        }
+    }
+}
+
+impl Media for OverlayDevice {
+    fn size(&self) -> u64 {
+        self.base.len() as u64
+    }
+    fn persistence(&self) -> PersistenceMode {
+        PersistenceMode::Recorded
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.get(offset, buf);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        check_range(offset, data.len() as u64, self.size())?;
+        self.put(offset, data);
+        Ok(())
+    }
+    fn write_nt(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.write(offset, data)
+    }
+    fn zero_nt(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.write(offset, &vec![0; usize::try_from(len).unwrap_or(0)])
+    }
+    fn flush(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size())
+    }
+    fn fence(&self) {}
+    fn load_u64(&self, offset: u64) -> Result<u64, DeviceError> {
+        check_word(offset, self.size())?;
+        let mut w = [0u8; 8];
+        self.get(offset, &mut w);
+        Ok(u64::from_le_bytes(w))
+    }
+    fn store_u64(&self, offset: u64, value: u64) -> Result<(), DeviceError> {
+        check_word(offset, self.size())?;
+        self.put(offset, &value.to_le_bytes());
+        Ok(())
+    }
+    fn fetch_or_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
+        let old = self.load_u64(offset)?;
+        self.store_u64(offset, old | mask)?;
+        Ok(old)
+    }
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
+        let old = self.load_u64(offset)?;
+        self.store_u64(offset, old & mask)?;
+        Ok(old)
+    }
+    fn sync_all(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn reserve(&self, _: u64, _: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn can_discard(&self) -> bool {
+        false
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<u64, DeviceError> {
+        Err(DeviceError::NoDiscard)
     }
 }
 
