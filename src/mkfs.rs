@@ -11,13 +11,16 @@
 
 use crate::device::{DeviceError, Media};
 use crate::format::bitmap;
+use crate::format::space::{REGION_BLOCKS, RegionEntry};
 use crate::format::{
     BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, COMPAT_SUPPORTED, DEFERRED_FREE_INO,
     FORMAT_VERSION, FormatError, FsState, Geometry, INCOMPAT_SUPPORTED, INODE_BITMAP_OFFSET,
-    INODE_SIZE, INODES_PER_CHUNK, ITABLE_DIR_ENTRIES, Inode, LABEL_LEN, MIN_DEVICE_SIZE,
-    RO_COMPAT_SUPPORTED, ROOT_INO, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSET,
-    Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes, file_type, inode_flags,
+    INODE_SIZE, INODES_PER_CHUNK, ITABLE_DIR_ENTRIES, IncompatFeatures, Inode, LABEL_LEN,
+    MIN_DEVICE_SIZE, RO_COMPAT_SUPPORTED, ROOT_INO, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_MAGIC,
+    SUPERBLOCK_OFFSET, Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes, file_type,
+    inode_flags,
 };
+use crate::meta::space;
 use std::io::Read;
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -32,6 +35,9 @@ pub struct MkfsOptions {
     pub now_ns: i64,
     /// Owner and permissions of the root directory.
     pub root: RootDir,
+    /// Write the layout of format version 2: no space summary, the whole bitmap written
+    /// (for tests of older images; the tools never set it).
+    pub without_space_summary: bool,
 }
 
 /// The root directory's owner and permission bits, as mke2fs's `-E root_owner=UID:GID`
@@ -131,6 +137,13 @@ pub fn first_itable_chunk(geometry: &Geometry) -> Result<u64, FormatError> {
         });
     }
     Ok(first)
+}
+
+/// Whether mkfs leaves region `r` uninitialised: a region entirely in the data area
+/// ([`Geometry::region_is_lazy`]) after the first inode-table chunk (`chunk0`), so that
+/// nothing mkfs writes is in it.
+pub fn region_starts_uninit(g: &Geometry, chunk0: u64, r: u64) -> bool {
+    g.region_is_lazy(r) && r * REGION_BLOCKS >= chunk0 + CHUNK_BLOCKS
 }
 
 /// Checks a label and returns its on-media (NUL-padded) form.
@@ -276,8 +289,9 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     if opts.root.mode & !0o7777 != 0 {
         return Err(MkfsError::RootMode(opts.root.mode));
     }
-    let g = Geometry::for_device_size(media.size())?;
+    let g = Geometry::layout(media.size(), !opts.without_space_summary)?;
     let chunk0 = first_itable_chunk(&g)?;
+    let uninit = |r: u64| g.summary_blocks > 0 && region_starts_uninit(&g, chunk0, r);
     let uuid = match opts.uuid {
         Some(u) => u,
         None => random_uuid()?,
@@ -286,11 +300,19 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         root: opts.root,
         ..summary_for(&g, uuid, &opts.label)?
     };
-    let sb = superblock(&g, uuid, label, opts.now_ns);
+    let mut sb = superblock(&g, uuid, label, opts.now_ns);
+    if g.summary_blocks == 0 {
+        sb.incompat &= !IncompatFeatures::SPACE_SUMMARY.bits();
+        sb.version = sb.incompat_features().version_needed();
+        sb.seal();
+    }
     let sb_len = size_of::<Superblock>() as u64;
     // A sparse image: back everything written below before the first store (a store into
     // a hole of a full file system raises SIGBUS).
-    media.reserve(0, blocks_to_bytes(g.meta_end))?;
+    // (Not the bitmap of the regions left uninitialised: that is the point of them.)
+    for (offset, len) in space::metadata_in_use(&g, uninit) {
+        media.reserve(offset, len)?;
+    }
     media.reserve(blocks_to_bytes(chunk0), blocks_to_bytes(CHUNK_BLOCKS))?;
     let mut w = Writer {
         media,
@@ -330,12 +352,40 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
 
     // Block bitmap: the fixed metadata, the first inode-table chunk, and the bits past the
     // end of the device (so they can never be allocated) are set.
+    // With the space summary, only the bitmap of the regions that hold those is written:
+    // the others are marked uninitialised in the summary (all free, bitmap never read until
+    // the allocator writes it), so mkfs writes the same few MiB on any device.
     let bitmap = g.bitmap_offset();
     let bitmap_bits = blocks_to_bytes(g.bitmap_blocks) * 8;
-    w.zero(bitmap, blocks_to_bytes(g.bitmap_blocks))?;
+    for (offset, len) in space::metadata_in_use(&g, uninit) {
+        let start = offset.max(bitmap);
+        let end = (offset + len).min(bitmap + blocks_to_bytes(g.bitmap_blocks));
+        if start < end {
+            w.zero(start, end - start)?;
+        }
+    }
     w.set_bits(bitmap, 0, g.meta_end)?;
     w.set_bits(bitmap, chunk0, CHUNK_BLOCKS)?;
     w.set_bits(bitmap, g.block_count, bitmap_bits - g.block_count)?;
+    if g.summary_blocks > 0 {
+        let entries: Vec<RegionEntry> = (0..g.region_count())
+            .map(|r| {
+                if uninit(r) {
+                    return RegionEntry::fresh_uninit();
+                }
+                let (start, end) = (r * REGION_BLOCKS, (r + 1) * REGION_BLOCKS);
+                let data = space::region_blocks(&g, r)
+                    - g.meta_end.clamp(start, end).saturating_sub(start);
+                let itable = (chunk0 + CHUNK_BLOCKS).clamp(start, end) - chunk0.clamp(start, end);
+                RegionEntry {
+                    uninit: false,
+                    free: (data - itable) as u32,
+                }
+            })
+            .collect();
+        // Exact counts: a fresh file system is as clean as a clean unmount leaves it.
+        w.write(g.summary_offset(), &space::summary_bytes(&entries, true))?;
+    }
 
     // Inode-table directory: entry 0 is the first chunk.
     let mut dir = vec![0u8; BLOCK_SIZE as usize];
@@ -392,6 +442,7 @@ mod tests {
             uuid: Some(UUID),
             now_ns: 1_700_000_000_123_456_789,
             root: RootDir::default(),
+            without_space_summary: false,
         }
     }
 

@@ -3,6 +3,7 @@
 //! with no gap and no overlap. The feature-flag and version tables must list what the code
 //! defines. Change a structure without changing the doc (or the reverse) and this fails.
 
+use pmfs::format::space::SummaryHeader;
 use pmfs::format::{
     CompatFeatures, ExtentRecord, FORMAT_VERSIONS, FsState, IncompatFeatures, Inode, NodeHeader,
     RoCompatFeatures, SlotHeader, Superblock, UndoHeader, XattrHeader,
@@ -143,6 +144,12 @@ fn layouts() -> Vec<Layout> {
             kind,
             pad,
             owner,
+            reserved,
+        }),
+        layout!(SummaryHeader {
+            magic,
+            counts_valid,
+            regions,
             reserved,
         }),
         layout!(XattrHeader {

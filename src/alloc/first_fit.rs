@@ -64,6 +64,13 @@ impl FirstFitIndex {
             .count() as u64
     }
 
+    /// Free blocks among `start..start + len`.
+    pub(super) fn free_in(&self, start: u64, len: u64) -> u64 {
+        let s = self.state.lock();
+        let end = start.saturating_add(len).min(self.block_count);
+        bits::runs(&s.map, start, end).map(|(_, l)| l).sum()
+    }
+
     /// Whether chunk `c` is whole and free, at the moment of the call.
     pub(super) fn chunk_is_free(&self, c: u64) -> bool {
         c < self.block_count / CHUNK_BLOCKS

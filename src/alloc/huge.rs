@@ -42,6 +42,7 @@ use crate::device::DeviceError;
 use crate::format::CHUNK_BLOCKS;
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// `owner` value: the chunk is whole and free, in the pool.
@@ -249,6 +250,20 @@ impl Pool {
             .is_some_and(|&f| u64::from(f) == REGION_CHUNKS)
     }
 
+    /// Puts every chunk of region `g` (all whole data chunks, none in the pool yet) in the
+    /// pool in one step.
+    fn insert_region(&mut self, g: u64) {
+        let first = g * REGION_CHUNKS;
+        if first + REGION_CHUNKS > self.chunks || bits::any_set(&self.map, first, REGION_CHUNKS) {
+            return;
+        }
+        bits::set_range(&mut self.map, first, REGION_CHUNKS);
+        self.count += REGION_CHUNKS;
+        self.low = self.low.min(first);
+        self.high = self.high.max(first + REGION_CHUNKS);
+        self.count_region(first, REGION_CHUNKS, true);
+    }
+
     fn insert(&mut self, c: u64) {
         if c < self.chunks && !self.contains(c) {
             bits::set_range(&mut self.map, c, 1);
@@ -337,45 +352,126 @@ impl Pool {
 #[repr(align(128))]
 struct Padded<T>(T);
 
+/// Who holds the chunks of one 1 GiB region. The per-chunk words exist only once the
+/// region is loaded or touched: a region that was entirely free or entirely used at open
+/// costs no memory until an allocation or a free reaches it, so the index of a large,
+/// mostly empty device stays small. Until then every chunk of the region is `default`.
+#[derive(Debug)]
+struct RegionOwners {
+    default: u32,
+    chunks: OnceLock<Box<[AtomicU32]>>,
+}
+
 /// The huge-page-aware in-memory index of free blocks.
 #[derive(Debug)]
 pub(super) struct HugeIndex {
     block_count: u64,
     meta_end: u64,
-    /// Who holds each chunk (including a trailing partial one); see the module doc.
-    owner: Box<[AtomicU32]>,
+    /// Chunks on the device, a trailing partial one included.
+    n_chunks: u64,
+    /// Who holds each chunk, per region (see the module doc and [`RegionOwners`]).
+    owners: Box<[RegionOwners]>,
     pool: Mutex<Pool>,
     arenas: Box<[Padded<Mutex<Arena>>]>,
     free_blocks: AtomicU64,
+    /// Arena that the next partly used chunk found at open goes to (round robin).
+    next_arena: usize,
 }
 
 impl HugeIndex {
-    /// Builds the index from the persistent bitmap (`persistent`: set bit = allocated; words
-    /// past its end count as allocated). Blocks below `meta_end` and at or past
-    /// `block_count` are allocated whatever the bitmap says.
+    /// An index in which nothing is free yet: the caller then declares each region entirely
+    /// free ([`Self::add_free_region`]), loads it from its bitmap words
+    /// ([`Self::load_region`]), or leaves it entirely used. Regions must be given in
+    /// ascending order (partly used chunks go to the arenas round robin, in address order).
+    pub(super) fn new(block_count: u64, meta_end: u64, arenas: usize) -> Self {
+        let n_chunks = block_count.div_ceil(CHUNK_BLOCKS);
+        let arenas = arenas.clamp(1, NONE as usize - 1);
+        let owners = (0..n_chunks.div_ceil(REGION_CHUNKS))
+            .map(|_| RegionOwners {
+                default: NONE,
+                chunks: OnceLock::new(),
+            })
+            .collect();
+        Self {
+            block_count,
+            meta_end,
+            n_chunks,
+            owners,
+            pool: Mutex::new(Pool::new(block_count / CHUNK_BLOCKS)),
+            arenas: (0..arenas)
+                .map(|_| Padded(Mutex::new(Arena::default())))
+                .collect(),
+            free_blocks: AtomicU64::new(0),
+            next_arena: 0,
+        }
+    }
+
+    /// The index of a whole-device bitmap `persistent` (set bit = allocated), every region
+    /// loaded from it.
+    #[cfg(test)]
     pub(super) fn build(
         persistent: &[u64],
         block_count: u64,
         meta_end: u64,
         arenas: usize,
     ) -> Self {
-        let n_chunks = block_count.div_ceil(CHUNK_BLOCKS);
-        let arenas = arenas.clamp(1, NONE as usize - 1);
-        let mut pool = Pool::new(block_count / CHUNK_BLOCKS);
-        let mut arena_vec: Vec<Arena> = (0..arenas).map(|_| Arena::default()).collect();
-        let mut owner = Vec::with_capacity(n_chunks as usize);
+        let mut h = Self::new(block_count, meta_end, arenas);
+        let words = (REGION_CHUNKS * CHUNK_BLOCKS / 64) as usize;
+        for g in 0..h.owners.len() {
+            let from = (g * words).min(persistent.len());
+            let to = (from + words).min(persistent.len());
+            h.load_region(g as u64, persistent.get(from..to).unwrap_or(&[]));
+        }
+        h
+    }
+
+    /// Chunks of region `g`.
+    fn region_chunks(&self, g: u64) -> std::ops::Range<u64> {
+        let first = g * REGION_CHUNKS;
+        first.min(self.n_chunks)..(first + REGION_CHUNKS).min(self.n_chunks)
+    }
+
+    /// Declares region `g` entirely free: all its chunks whole and in the pool, without
+    /// per-chunk state. Only for a region of whole data chunks (`Geometry::region_is_lazy`).
+    pub(super) fn add_free_region(&mut self, g: u64) {
+        let chunks = self.region_chunks(g);
+        let whole_data = chunks.start * CHUNK_BLOCKS >= self.meta_end
+            && chunks.end * CHUNK_BLOCKS <= self.block_count
+            && chunks.end - chunks.start == REGION_CHUNKS;
+        let Some(region) = self.owners.get_mut(g as usize) else {
+            return;
+        };
+        if !whole_data || region.chunks.get().is_some() {
+            debug_assert!(false, "region {g} cannot be declared free");
+            return;
+        }
+        region.default = POOL;
+        self.pool.get_mut().insert_region(g);
+        *self.free_blocks.get_mut() += REGION_CHUNKS * CHUNK_BLOCKS;
+    }
+
+    /// Loads region `g` from its bitmap words `persistent` (set bit = allocated; words past
+    /// its end count as allocated). Blocks below `meta_end` and at or past `block_count` are
+    /// allocated whatever the bitmap says.
+    pub(super) fn load_region(&mut self, g: u64, persistent: &[u64]) {
+        let chunks = self.region_chunks(g);
+        let arenas = self.arenas.len();
+        let mut owner = Vec::with_capacity((chunks.end - chunks.start) as usize);
         let mut free = 0u64;
-        let mut next_arena = 0usize;
-        for c in 0..n_chunks {
+        for c in chunks.clone() {
             let mut map = [0u64; CHUNK_WORDS];
             let base = c as usize * CHUNK_WORDS;
+            let base_in_region = (c - chunks.start) as usize * CHUNK_WORDS;
             for (i, m) in map.iter_mut().enumerate() {
                 let wi = (base + i) as u64;
-                let p = persistent.get(base + i).copied().unwrap_or(u64::MAX);
-                *m = !p & valid_mask(wi, meta_end, block_count);
+                let p = persistent
+                    .get(base_in_region + i)
+                    .copied()
+                    .unwrap_or(u64::MAX);
+                *m = !p & valid_mask(wi, self.meta_end, self.block_count);
             }
             if map.iter().all(|&w| w == u64::MAX) {
-                pool.insert(c);
+                self.pool.get_mut().insert(c);
                 owner.push(AtomicU32::new(POOL));
                 free += CHUNK_BLOCKS;
             } else if map.iter().all(|&w| w == 0) {
@@ -383,25 +479,97 @@ impl HugeIndex {
             } else {
                 let chunk = SmallChunk::from_map(map);
                 free += u64::from(chunk.free);
-                let k = next_arena % arenas;
-                next_arena += 1;
-                if let Some(a) = arena_vec.get_mut(k) {
-                    a.insert(c, chunk);
+                let k = self.next_arena % arenas;
+                self.next_arena += 1;
+                if let Some(a) = self.arenas.get_mut(k) {
+                    a.0.get_mut().insert(c, chunk);
                 }
                 owner.push(AtomicU32::new(k as u32));
             }
         }
-        Self {
-            block_count,
-            meta_end,
-            owner: owner.into_boxed_slice(),
-            pool: Mutex::new(pool),
-            arenas: arena_vec
-                .into_iter()
-                .map(|a| Padded(Mutex::new(a)))
-                .collect(),
-            free_blocks: AtomicU64::new(free),
+        if let Some(region) = self.owners.get_mut(g as usize) {
+            region.chunks = OnceLock::from(owner.into_boxed_slice());
         }
+        *self.free_blocks.get_mut() += free;
+    }
+
+    /// The owner word of chunk `c`, created (for its whole region, from the region's
+    /// default) on first use.
+    fn owner(&self, c: u64) -> Option<&AtomicU32> {
+        let g = c / REGION_CHUNKS;
+        let region = self.owners.get(g as usize)?;
+        let words = region.chunks.get_or_init(|| {
+            let chunks = self.region_chunks(g);
+            (chunks.start..chunks.end)
+                .map(|_| AtomicU32::new(region.default))
+                .collect()
+        });
+        words.get((c % REGION_CHUNKS) as usize)
+    }
+
+    /// The owner of chunk `c` at the moment of the call, without creating its region's
+    /// words (a region without them is still all `default`: only a change creates them).
+    fn owner_value(&self, c: u64) -> Option<u32> {
+        let region = self.owners.get((c / REGION_CHUNKS) as usize)?;
+        match region.chunks.get() {
+            Some(words) => words
+                .get((c % REGION_CHUNKS) as usize)
+                .map(|o| o.load(Ordering::Acquire)),
+            None => (c < self.n_chunks).then_some(region.default),
+        }
+    }
+
+    /// Free blocks of region `g` (for the space summary). Call it only while no
+    /// allocation or free is running.
+    pub(super) fn region_free_blocks(&self, g: u64) -> u64 {
+        let Some(region) = self.owners.get(g as usize) else {
+            return 0;
+        };
+        if region.chunks.get().is_none() {
+            return if region.default == POOL {
+                REGION_CHUNKS * CHUNK_BLOCKS
+            } else {
+                0
+            };
+        }
+        self.region_chunks(g)
+            .map(|c| match self.owner_value(c) {
+                Some(POOL) => CHUNK_BLOCKS,
+                Some(NONE) | None => 0,
+                Some(k) => self
+                    .arena(k as usize)
+                    .and_then(|a| a.chunks.get(&c).map(|ch| u64::from(ch.free)))
+                    .unwrap_or(0),
+            })
+            .sum()
+    }
+
+    /// Runs of consecutive chunks from `from` on that are not whole and free (see
+    /// [`super::BlockAllocator::used_chunk_runs`]); regions without per-chunk state are
+    /// taken whole, in one step.
+    pub(super) fn used_chunk_runs(&self, from: u64) -> Vec<std::ops::Range<u64>> {
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut push = |r: std::ops::Range<u64>| match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r),
+        };
+        for (g, region) in self.owners.iter().enumerate() {
+            let chunks = self.region_chunks(g as u64);
+            let chunks = chunks.start.max(from)..chunks.end;
+            if chunks.is_empty() {
+                continue;
+            }
+            if region.chunks.get().is_none() {
+                if region.default != POOL {
+                    push(chunks);
+                }
+                continue;
+            }
+            for c in chunks.filter(|&c| self.owner_value(c) != Some(POOL)) {
+                push(c..c + 1);
+            }
+        }
+        runs
     }
 
     pub(super) fn free_blocks(&self) -> u64 {
@@ -410,13 +578,6 @@ impl HugeIndex {
 
     pub(super) fn free_chunks(&self) -> u64 {
         self.pool.lock().count
-    }
-
-    /// Whether chunk `c` is whole and free (in the pool), at the moment of the call.
-    pub(super) fn chunk_is_free(&self, c: u64) -> bool {
-        self.owner
-            .get(c as usize)
-            .is_some_and(|o| o.load(Ordering::Acquire) == POOL)
     }
 
     /// See [`super::BlockAllocator::trim`]: the pool lock is the one every take of a pool
@@ -516,7 +677,7 @@ impl HugeIndex {
             let c = pos / CHUNK_BLOCKS;
             let cs = c * CHUNK_BLOCKS;
             let ce = (cs + CHUNK_BLOCKS).min(end);
-            let Some(owner) = self.owner.get(c as usize) else {
+            let Some(owner) = self.owner(c) else {
                 break;
             };
             let got = loop {
@@ -605,7 +766,7 @@ impl HugeIndex {
     /// pool's once the lock drops, and counted as taken.
     fn claim(&self, pool: MutexGuard<'_, Pool>, c: u64, len: u64) -> BlockRange {
         for i in c..c + len {
-            if let Some(o) = self.owner.get(i as usize) {
+            if let Some(o) = self.owner(i) {
                 o.store(NONE, Ordering::Release);
             }
         }
@@ -661,7 +822,7 @@ impl HugeIndex {
             let split = {
                 let mut pool = self.pool.lock();
                 let c = pool.take_last();
-                if let Some(o) = c.and_then(|c| self.owner.get(c as usize)) {
+                if let Some(o) = c.and_then(|c| self.owner(c)) {
                     o.store(k as u32, Ordering::Release);
                 }
                 c
@@ -729,7 +890,7 @@ impl HugeIndex {
     }
 
     fn release_segment(&self, c: u64, off: u64, len: u64) {
-        let Some(owner) = self.owner.get(c as usize) else {
+        let Some(owner) = self.owner(c) else {
             return;
         };
         let whole = off == 0 && len == CHUNK_BLOCKS;
@@ -807,7 +968,7 @@ impl HugeIndex {
             a.chunks.remove(&c);
             a.avail.remove(&c);
             let mut pool = self.pool.lock();
-            if let Some(o) = self.owner.get(c as usize) {
+            if let Some(o) = self.owner(c) {
                 o.store(POOL, Ordering::Release);
             }
             pool.insert(c);
@@ -825,9 +986,8 @@ impl HugeIndex {
         let mut out = vec![0u64; self.block_count.div_ceil(64) as usize];
         let mut free = 0u64;
         let mut held = 0usize;
-        for (c, o) in self.owner.iter().enumerate() {
-            let c = c as u64;
-            let o = o.load(Ordering::Acquire);
+        for c in 0..self.n_chunks {
+            let o = self.owner_value(c).unwrap_or(NONE);
             let in_pool = pool.contains(c);
             if (o == POOL) != in_pool {
                 return Err(format!("chunk {c}: owner {o:#x} but in pool: {in_pool}"));

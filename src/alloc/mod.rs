@@ -6,8 +6,24 @@
 //! `0..meta_end` and every bit at or past `block_count` are always set. The bitmap changes only
 //! through journal transactions ([`Tx::set_bits`], [`Tx::clear_bits`]).
 //!
-//! **The in-memory index** is built from the bitmap once, at [`BlockAllocator::open`], and
-//! then kept in step with it. Invariants:
+//! **The space summary** (`format::space`, on file systems of format version 3) says per
+//! 1 GiB region whether its part of the bitmap is still uninitialised (never written: all
+//! free) and, after a clean unmount, how many blocks of it are free. [`BlockAllocator::open`]
+//! reads it and, for the huge-aware policy, reads the bitmap words only of the regions that
+//! are partly used (or of every initialised region when the counts are stale): a region
+//! entirely free enters the pool whole and one entirely used is left out, both without any
+//! per-chunk state, so mount time and memory follow what is used, not the device size.
+//! Invariants of the summary, kept here:
+//! - A region's bitmap is written (zeroed, flushed, fenced) and only then its uninitialised
+//!   flag cleared (one 8-byte store, flushed, fenced), before the first block of the region
+//!   is handed out ([`BlockAllocator::claim`]); the flag never comes back. A crash anywhere
+//!   leaves a region either flagged (all free: true) or initialised with an all-free bitmap.
+//! - The counts are marked stale (one 8-byte store, flushed, fenced) before the first change
+//!   of the bitmap a mount makes, and written, then marked valid, at a clean unmount
+//!   ([`BlockAllocator::write_summary`]).
+//!
+//! **The in-memory index** is built at [`BlockAllocator::open`], and then kept in step with
+//! the bitmap. Invariants:
 //! - A block is free in the index only if its bit is clear and the clear is committed. So
 //!   [`BlockAllocator::free`] clears the bits at once but returns the blocks to the index only
 //!   from a [`Tx::on_commit`] hook: a block freed by a transaction that may still roll back is
@@ -31,20 +47,18 @@ mod huge;
 mod tests;
 
 use crate::device::{DeviceError, Media};
+use crate::format::space::RegionEntry;
 use crate::format::{BLOCK_SIZE, CHUNK_BLOCKS, Geometry};
 use crate::journal::{JournalError, Tx};
+use crate::meta::space::{self, SpaceSummary};
 use first_fit::FirstFitIndex;
 use huge::HugeIndex;
+use parking_lot::Mutex;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Size of a region: what one PUD entry maps on x86-64, the unit of 1 GiB extents.
-pub const REGION_SIZE: u64 = 1 << 30;
-/// Blocks of a region.
-pub const REGION_BLOCKS: u64 = REGION_SIZE / BLOCK_SIZE;
-/// 2 MiB chunks of a region.
-pub const REGION_CHUNKS: u64 = REGION_BLOCKS / CHUNK_BLOCKS;
+pub use crate::format::space::{REGION_BLOCKS, REGION_CHUNKS, REGION_SIZE};
 
 /// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +196,7 @@ pub struct BlockAllocator {
     /// ([`Tx::allow_reserve`]): the tree nodes of an unlink or a truncate on a full file
     /// system. 0 unless the file system sets one.
     reserve: AtomicU64,
+    lazy: Lazy,
 }
 
 impl fmt::Debug for BlockAllocator {
@@ -200,25 +215,43 @@ fn default_arenas() -> usize {
     std::thread::available_parallelism().map_or(4, |n| n.get() * 2)
 }
 
-/// Reads `words` words of the bitmap, in large pieces.
-fn read_bitmap(media: &dyn Media, g: &Geometry, words: u64) -> Result<Vec<u64>, DeviceError> {
-    const PIECE: u64 = 256 << 10;
-    let total = words * 8;
-    let mut out = Vec::with_capacity(words as usize);
-    let mut buf = vec![0u8; PIECE.min(total) as usize];
-    let mut done = 0u64;
-    while done < total {
-        let n = PIECE.min(total - done) as usize;
-        let piece = buf.get_mut(..n).unwrap_or_default();
-        media.read(g.bitmap_offset() + done, piece)?;
-        out.extend(
-            piece
-                .chunks_exact(8)
-                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0xff; 8]))),
-        );
-        done += n as u64;
+/// The whole bitmap as words (set bit = allocated), uninitialised regions as free.
+fn read_bitmap(
+    media: &dyn Media,
+    g: &Geometry,
+    summary: Option<&SpaceSummary>,
+) -> Result<Vec<u64>, DeviceError> {
+    let mut out = Vec::with_capacity((g.bitmap_blocks * BLOCK_SIZE / 8) as usize);
+    for r in 0..g.region_count() {
+        out.extend(space::read_region_words(media, g, summary, r)?);
     }
     Ok(out)
+}
+
+/// What the allocator knows of the space summary while mounted.
+#[derive(Debug, Default)]
+struct Lazy {
+    /// Per region: its bitmap is still uninitialised (empty without a summary).
+    uninit: Box<[AtomicBool]>,
+    /// Held while a region is initialised (a leaf of the lock order: held across device
+    /// stores, never while waiting for another lock).
+    init_lock: Mutex<()>,
+    /// The summary's counts were marked stale in this mount (false again after
+    /// [`BlockAllocator::write_summary`]).
+    counts_stale: AtomicBool,
+}
+
+impl Lazy {
+    fn is_uninit(&self, r: u64) -> bool {
+        self.uninit
+            .get(r as usize)
+            .is_some_and(|u| u.load(Ordering::Acquire))
+    }
+
+    /// Regions that blocks `range` touch.
+    fn regions(range: BlockRange) -> std::ops::Range<u64> {
+        range.start / REGION_BLOCKS..range.end().div_ceil(REGION_BLOCKS)
+    }
 }
 
 impl BlockAllocator {
@@ -251,21 +284,113 @@ impl BlockAllocator {
                 "geometry: bitmap smaller than the device".into(),
             ));
         }
-        let words = read_bitmap(media, &g, g.block_count.div_ceil(64))?;
+        let summary =
+            SpaceSummary::read(media, &g).map_err(|e| AllocError::Corrupted(e.to_string()))?;
+        let summary = summary.as_ref();
         let index = match policy {
             AllocPolicy::HugeAware => {
-                Index::Huge(HugeIndex::build(&words, g.block_count, g.meta_end, arenas))
+                let mut h = HugeIndex::new(g.block_count, g.meta_end, arenas);
+                for r in 0..g.region_count() {
+                    let entry = summary.and_then(|s| s.regions.get(r as usize));
+                    let counted = entry.filter(|_| summary.is_some_and(|s| s.counts_valid));
+                    let free = counted.map(|e| u64::from(e.free));
+                    if entry.is_some_and(|e| e.uninit)
+                        || (g.region_is_lazy(r) && free == Some(REGION_BLOCKS))
+                    {
+                        h.add_free_region(r);
+                    } else if g.region_is_lazy(r) && free == Some(0) {
+                        // Entirely used: nothing to hold.
+                    } else {
+                        h.load_region(r, &space::read_region_words(media, &g, summary, r)?);
+                    }
+                }
+                Index::Huge(h)
             }
             AllocPolicy::FirstFit => {
+                let words = read_bitmap(media, &g, summary)?;
                 Index::FirstFit(FirstFitIndex::build(&words, g.block_count, g.meta_end))
             }
         };
+        let uninit = (0..g.region_count())
+            .map(|r| AtomicBool::new(summary.is_some_and(|s| s.is_uninit(r))))
+            .collect();
         Ok(Arc::new(Self {
             index: Arc::new(index),
             geometry: g,
             policy,
             reserve: AtomicU64::new(0),
+            lazy: Lazy {
+                uninit,
+                ..Lazy::default()
+            },
         }))
+    }
+
+    /// Marks the space summary's counts stale, once per mount, before the first change of
+    /// the bitmap (a crash from here on must not leave counts that claim to be exact).
+    fn mark_counts_stale(&self, media: &dyn Media) -> Result<(), DeviceError> {
+        if self.geometry.summary_blocks == 0 || self.lazy.counts_stale.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _held = self.lazy.init_lock.lock();
+        if !self.lazy.counts_stale.load(Ordering::Acquire) {
+            space::set_counts_valid(media, &self.geometry, false)?;
+            self.lazy.counts_stale.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Initialises the uninitialised regions among those `range` touches
+    /// ([`space::initialise_region`]), once each, before any of their blocks is handed out.
+    fn initialise_regions(&self, media: &dyn Media, range: BlockRange) -> Result<(), DeviceError> {
+        let g = &self.geometry;
+        for r in Lazy::regions(range) {
+            if !self.lazy.is_uninit(r) {
+                continue;
+            }
+            let _held = self.lazy.init_lock.lock();
+            if !self.lazy.is_uninit(r) {
+                continue;
+            }
+            space::initialise_region(media, g, r)?;
+            if let Some(u) = self.lazy.uninit.get(r as usize) {
+                u.store(false, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the space summary with the exact free count of every region and marks it
+    /// valid (a clean unmount). Call it only once no allocation or free can run any more
+    /// in this mount, after the last transaction has committed.
+    pub fn write_summary(&self, media: &dyn Media) -> Result<(), DeviceError> {
+        let g = &self.geometry;
+        if g.summary_blocks == 0 {
+            return Ok(());
+        }
+        let entries: Vec<RegionEntry> = (0..g.region_count())
+            .map(|r| RegionEntry {
+                uninit: self.lazy.is_uninit(r),
+                free: self.region_free_blocks(r) as u32,
+            })
+            .collect();
+        space::set_counts_valid(media, g, false)?;
+        space::write_summary(media, g, &entries, true)?;
+        self.lazy.counts_stale.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Free blocks of region `r` in the index.
+    fn region_free_blocks(&self, r: u64) -> u64 {
+        match self.index.as_ref() {
+            Index::Huge(h) => h.region_free_blocks(r),
+            Index::FirstFit(f) => f.free_in(r * REGION_BLOCKS, REGION_BLOCKS),
+        }
+    }
+
+    /// Whether region `r`'s bitmap is still uninitialised.
+    pub fn region_is_uninit(&self, r: u64) -> bool {
+        self.lazy.is_uninit(r)
     }
 
     /// Holds `blocks` free blocks back from every allocation of a transaction that does not
@@ -347,9 +472,11 @@ impl BlockAllocator {
         // nodes and inode-table chunks are all covered; the fixed metadata was reserved at
         // mkfs and at mount. A failure is ENOSPC for the caller, whose transaction rolls
         // back; the blocks go back to the index untouched.
-        if let Err(e) = tx
-            .media()
+        let media = tx.media();
+        if let Err(e) = media
             .reserve(got.start * BLOCK_SIZE, got.len * BLOCK_SIZE)
+            .and_then(|()| self.mark_counts_stale(media.as_ref()))
+            .and_then(|()| self.initialise_regions(media.as_ref(), got))
         {
             self.index.release(got);
             return Err(match e {
@@ -376,7 +503,14 @@ impl BlockAllocator {
                 range.start, range.len, g.meta_end, g.block_count
             )));
         }
+        if let Some(r) = Lazy::regions(range).find(|&r| self.lazy.is_uninit(r)) {
+            return Err(AllocError::Corrupted(format!(
+                "free of blocks {}+{}: region {r} holds no allocated block (uninitialised)",
+                range.start, range.len
+            )));
+        }
         let media = tx.media();
+        self.mark_counts_stale(media.as_ref())?;
         let base = g.bitmap_offset();
         let mut bad = None;
         let mut err = None;
@@ -447,13 +581,16 @@ impl BlockAllocator {
     /// metadata's chunks included): what a mount of a sparse image reserves, so that no
     /// store into a block in use can fault for want of backing store.
     pub fn used_chunk_runs(&self) -> Vec<std::ops::Range<u64>> {
+        // From the chunk that holds `meta_end`: the fixed metadata below it is backed
+        // separately (`meta::space::metadata_in_use`), the bitmap of unused regions not at all.
+        let from = self.geometry.meta_end / CHUNK_BLOCKS;
         let chunks = self.geometry.block_count.div_ceil(CHUNK_BLOCKS);
-        let used = |c: u64| match self.index.as_ref() {
-            Index::Huge(h) => !h.chunk_is_free(c),
-            Index::FirstFit(f) => !f.chunk_is_free(c),
+        let f = match self.index.as_ref() {
+            Index::Huge(h) => return h.used_chunk_runs(from),
+            Index::FirstFit(f) => f,
         };
         let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
-        for c in (0..chunks).filter(|&c| used(c)) {
+        for c in (from..chunks).filter(|&c| !f.chunk_is_free(c)) {
             match runs.last_mut() {
                 Some(r) if r.end == c => r.end = c + 1,
                 _ => runs.push(c..c + 1),
@@ -486,8 +623,16 @@ impl BlockAllocator {
             Index::Huge(h) => h.snapshot()?,
             Index::FirstFit(f) => f.snapshot()?,
         };
-        let words = g.bitmap_blocks * BLOCK_SIZE / 8;
-        let disk = read_bitmap(media, g, words).map_err(|e| format!("reading the bitmap: {e}"))?;
+        let summary = SpaceSummary::read(media, g).map_err(|e| e.to_string())?;
+        for r in 0..g.region_count() {
+            if summary.as_ref().is_some_and(|s| s.is_uninit(r)) != self.lazy.is_uninit(r) {
+                return Err(format!(
+                    "region {r}: uninitialised flag differs from the summary"
+                ));
+            }
+        }
+        let disk = read_bitmap(media, g, summary.as_ref())
+            .map_err(|e| format!("reading the bitmap: {e}"))?;
         for (wi, &d) in disk.iter().enumerate() {
             let expect = !free.get(wi).copied().unwrap_or(0);
             if d != expect {
@@ -529,17 +674,41 @@ pub mod test_support {
     }
 
     /// Writes the bitmap of an empty file system: everything free but `0..meta_end` and the
-    /// bits past `block_count`.
+    /// bits past `block_count`; and, with a space summary, the summary as mkfs writes it:
+    /// every region that may be uninitialised is (its bitmap words are then filled with
+    /// garbage, to show that nothing reads them), the counts not valid.
     pub fn write_fresh_bitmap(media: &dyn Media, g: &Geometry) -> Result<(), DeviceError> {
         let words = g.bitmap_blocks * BLOCK_SIZE / 8;
         let mut bytes = Vec::with_capacity((words * 8) as usize);
         for wi in 0..words {
-            let w = !huge::valid_mask(wi, g.meta_end, g.block_count);
+            let region = wi * 64 / REGION_BLOCKS;
+            let w = if g.summary_blocks > 0 && g.region_is_lazy(region) {
+                0x5a5a_5a5a_5a5a_5a5a
+            } else {
+                !huge::valid_mask(wi, g.meta_end, g.block_count)
+            };
             bytes.extend_from_slice(&w.to_le_bytes());
         }
         media.write(g.bitmap_offset(), &bytes)?;
         media.flush(g.bitmap_offset(), bytes.len() as u64)?;
         media.fence();
+        if g.summary_blocks > 0 {
+            let entries: Vec<RegionEntry> = (0..g.region_count())
+                .map(|r| {
+                    if g.region_is_lazy(r) {
+                        RegionEntry::fresh_uninit()
+                    } else {
+                        let d = space::region_blocks(g, r);
+                        let meta = g.meta_end.saturating_sub(r * REGION_BLOCKS).min(d);
+                        RegionEntry {
+                            uninit: false,
+                            free: (d - meta) as u32,
+                        }
+                    }
+                })
+                .collect();
+            space::write_summary(media, g, &entries, false)?;
+        }
         Ok(())
     }
 

@@ -27,6 +27,7 @@ use crate::format::{
     TreeKind, V1_MAX_FILE_SIZE, inode_flags,
 };
 use crate::meta::InodeTable;
+use crate::meta::space::{self, SpaceSummary};
 use crate::meta::{read_state, read_superblock};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -60,21 +61,55 @@ pub enum ProblemKind {
     BadInode(u64),
     BadTree(u64),
     Unreachable(u64),
-    LinkCount { ino: u64, stored: u32, counted: u32 },
-    DirSize { ino: u64, stored: u64, counted: u64 },
-    BlockCount { ino: u64, stored: u64, counted: u64 },
-    BadEntry { dir: u64, name: Vec<u8> },
-    DoubleUse { block: u64 },
-    Leaked { first: u64, count: u64 },
-    Unmarked { first: u64, count: u64 },
-    BadParent { ino: u64 },
+    LinkCount {
+        ino: u64,
+        stored: u32,
+        counted: u32,
+    },
+    DirSize {
+        ino: u64,
+        stored: u64,
+        counted: u64,
+    },
+    BlockCount {
+        ino: u64,
+        stored: u64,
+        counted: u64,
+    },
+    BadEntry {
+        dir: u64,
+        name: Vec<u8>,
+    },
+    DoubleUse {
+        block: u64,
+    },
+    Leaked {
+        first: u64,
+        count: u64,
+    },
+    Unmarked {
+        first: u64,
+        count: u64,
+    },
+    BadParent {
+        ino: u64,
+    },
     Orphan(u64),
     MissingFeatures(u64),
+    /// The space summary is damaged, or (`region`) a count that claims to be exact differs
+    /// from the bitmap.
+    SpaceSummary {
+        region: Option<u64>,
+    },
     // Found by `repair::diagnose` before a check can run:
     Superblock,
     StateRecord,
-    JournalDamaged { slot: u32 },
-    InodeTableDir { entry: u64 },
+    JournalDamaged {
+        slot: u32,
+    },
+    InodeTableDir {
+        entry: u64,
+    },
 }
 
 /// One finding, with a one-line description naming the object.
@@ -487,9 +522,33 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
         }
     }
 
-    // The bitmap must equal the referenced blocks.
-    let mut on_media = vec![0u8; (geometry.bitmap_blocks * crate::format::BLOCK_SIZE) as usize];
-    media.read(geometry.bitmap_offset(), &mut on_media)?;
+    // The bitmap must equal the referenced blocks. Uninitialised regions read as free (a
+    // referenced block in one is "in use but marked free"); with a damaged summary, every
+    // region is read as it is.
+    let summary = match SpaceSummary::read(media, &geometry) {
+        Ok(s) => s,
+        Err(e) => {
+            c.problem(ProblemKind::SpaceSummary { region: None }, e.to_string());
+            None
+        }
+    };
+    let on_media = space::read_bitmap_bytes(media, &geometry, summary.as_ref())?;
+    if let Some(s) = summary.as_ref().filter(|s| s.counts_valid) {
+        let counted = space::entries_for_bitmap(&geometry, Some(s), &on_media);
+        for (r, (stored, counted)) in s.regions.iter().zip(&counted).enumerate() {
+            if stored.free != counted.free {
+                c.problem(
+                    ProblemKind::SpaceSummary {
+                        region: Some(r as u64),
+                    },
+                    format!(
+                        "space summary: region {r} counts {} free blocks, its bitmap {}",
+                        stored.free, counted.free
+                    ),
+                );
+            }
+        }
+    }
     let mut run: Option<(bool, u64, u64)> = None; // (leaked?, first, count)
     let flush = |c: &mut Checker<'_>, run: Option<(bool, u64, u64)>| {
         if let Some((leaked, first, count)) = run {

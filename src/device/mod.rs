@@ -44,7 +44,7 @@ mod recording;
 mod shared;
 
 pub use mmap::{Device, DeviceKind, OpenOptions, create_image, create_sparse_image};
-pub use recording::{CrashImages, RecordingDevice};
+pub use recording::{CrashImages, CrashLines, OverlayDevice, RecordingDevice};
 pub use shared::SharedFileMapping;
 
 use std::fmt;

@@ -19,7 +19,8 @@ use super::{
     chunks_inside, chunks_touching,
 };
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::thread::ThreadId;
 
 #[derive(Debug, Clone)]
@@ -50,7 +51,7 @@ enum Event {
 struct Inner {
     image: Vec<u8>,
     /// The image when recording started: the durable state before the first event.
-    base: Vec<u8>,
+    base: Arc<Vec<u8>>,
     events: Vec<Event>,
     recording: bool,
     fences: usize,
@@ -96,7 +97,7 @@ impl RecordingDevice {
         let size = image.len() as u64;
         Self {
             inner: Mutex::new(Inner {
-                base: Vec::new(),
+                base: Arc::new(Vec::new()),
                 image,
                 events: Vec::new(),
                 recording: false,
@@ -156,7 +157,7 @@ impl RecordingDevice {
     /// Starts recording: the current image becomes the durable base, the log is emptied.
     pub fn start_recording(&self) {
         let mut g = self.inner.lock();
-        g.base = g.image.clone();
+        g.base = Arc::new(g.image.clone());
         g.events.clear();
         g.fences = 0;
         g.recording = true;
@@ -186,25 +187,53 @@ impl RecordingDevice {
     /// The crash states of a power failure just before fence number `fence` (0-based) ran;
     /// `fence == fence_count()` means a failure after the last recorded event.
     pub fn crash_images(&self, fence: usize) -> CrashImages {
+        let lines = self.crash_lines(fence);
+        let mut durable = lines.base.as_ref().clone();
+        for (&l, data) in &lines.durable {
+            let o = l as usize;
+            durable[o..o + data.len()].copy_from_slice(data);
+        }
+        CrashImages {
+            durable,
+            pending: lines.pending,
+        }
+    }
+
+    /// The same crash states as [`RecordingDevice::crash_images`], as lines over the shared
+    /// base image instead of whole images: what a crash test of a device of gigabytes can
+    /// afford ([`CrashLines::media`]).
+    pub fn crash_lines(&self, fence: usize) -> CrashLines {
         let g = self.inner.lock();
-        let mut durable = g.base.clone();
-        let mut current = g.base.clone();
+        let base = Arc::clone(&g.base);
+        let line_range = |l: u64| (l as usize, ((l + CACHE_LINE) as usize).min(base.len()));
+        let base_line = |l: u64| {
+            let (s, e) = line_range(l);
+            base.get(s..e).unwrap_or_default().to_vec()
+        };
+        // Lines stored to since recording started, with their latest contents.
+        let mut current: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        // Lines made durable since recording started, with their durable contents.
+        let mut durable: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut dirty: BTreeMap<u64, DirtyLine> = BTreeMap::new();
         // Per line, the event number of the flush whose contents are durable: a thread that
         // completes an older flush later must not take the line back to older contents.
         let mut durable_since: BTreeMap<u64, u64> = BTreeMap::new();
         let mut seen = 0usize;
-        let apply = |cur: &mut Vec<u8>, offset: u64, data: &[u8]| {
-            let o = offset as usize;
-            cur[o..o + data.len()].copy_from_slice(data);
-        };
         let lines = |offset: u64, len: u64| {
             let first = offset / CACHE_LINE * CACHE_LINE;
             (first..offset + len.max(1)).step_by(CACHE_LINE as usize)
         };
-        let line_of = |cur: &[u8], l: u64| {
-            let (s, e) = (l as usize, ((l + CACHE_LINE) as usize).min(cur.len()));
-            cur[s..e].to_vec()
+        let apply = |current: &mut BTreeMap<u64, Vec<u8>>, offset: u64, data: &[u8]| {
+            let end = offset + data.len() as u64;
+            for l in lines(offset, data.len() as u64) {
+                let line = current.entry(l).or_insert_with(|| base_line(l));
+                let (from, to) = (offset.max(l), end.min(l + CACHE_LINE));
+                let src = &data[(from - offset) as usize..(to - offset) as usize];
+                line[(from - l) as usize..(to - l) as usize].copy_from_slice(src);
+            }
+        };
+        let contents = |current: &BTreeMap<u64, Vec<u8>>, l: u64| {
+            current.get(&l).cloned().unwrap_or_else(|| base_line(l))
         };
         let flush = |line: &mut DirtyLine, thread: ThreadId, at: u64, contents: Vec<u8>| {
             line.flushes.retain(|(t, _, _)| *t != thread);
@@ -226,8 +255,8 @@ impl RecordingDevice {
                 } => {
                     apply(&mut current, *offset, data);
                     for l in lines(*offset, data.len() as u64) {
-                        let contents = line_of(&current, l);
-                        flush(dirty.entry(l).or_default(), *thread, at, contents);
+                        let now = contents(&current, l);
+                        flush(dirty.entry(l).or_default(), *thread, at, now);
                     }
                 }
                 Event::Flush {
@@ -237,7 +266,7 @@ impl RecordingDevice {
                 } => {
                     for l in lines(*offset, *len) {
                         if let Some(line) = dirty.get_mut(&l) {
-                            flush(line, *thread, at, line_of(&current, l));
+                            flush(line, *thread, at, contents(&current, l));
                         }
                     }
                 }
@@ -254,8 +283,7 @@ impl RecordingDevice {
                             let newest = durable_since.entry(l).or_insert(0);
                             if *flushed_at >= *newest {
                                 *newest = *flushed_at;
-                                let s = l as usize;
-                                durable[s..s + contents.len()].copy_from_slice(contents);
+                                durable.insert(l, contents.clone());
                             }
                             false
                         });
@@ -266,6 +294,7 @@ impl RecordingDevice {
         }
         let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
         for (&l, line) in &dirty {
+            let now_durable = durable.get(&l).cloned().unwrap_or_else(|| base_line(l));
             // In event order: taking several leaves the latest, as the media would.
             let newest = durable_since.get(&l).copied().unwrap_or(0);
             let mut flushes: Vec<_> = line.flushes.iter().filter(|f| f.1 >= newest).collect();
@@ -273,18 +302,21 @@ impl RecordingDevice {
             let candidates = flushes
                 .into_iter()
                 .map(|f| f.2.clone())
-                .chain(line.stored_since_flush.then(|| line_of(&current, l)));
-            for contents in candidates {
+                .chain(line.stored_since_flush.then(|| contents(&current, l)));
+            for candidate in candidates {
                 let same_as_last = pending
                     .last()
-                    .is_some_and(|(pl, pc)| *pl == l && *pc == contents);
-                if !same_as_last && contents[..] != durable[l as usize..l as usize + contents.len()]
-                {
-                    pending.push((l, contents));
+                    .is_some_and(|(pl, pc)| *pl == l && *pc == candidate);
+                if !same_as_last && candidate != now_durable {
+                    pending.push((l, candidate));
                 }
             }
         }
-        CrashImages { durable, pending }
+        CrashLines {
+            base,
+            durable,
+            pending,
+        }
     }
 
     fn record(&self, g: &mut Inner, ev: Event) {
@@ -343,7 +375,9 @@ impl RecordingDevice {
 #[derive(Debug, Clone)]
 pub struct CrashImages {
     pub durable: Vec<u8>,
-    /// Cache lines stored to but not durable, with their latest contents.
+    /// Cache lines stored to or flushed but not durable, each with contents it may hold: a
+    /// line can appear more than once (the contents of a flush not yet fenced, then its
+    /// latest contents), in event order, so taking several leaves the latest.
     pub pending: Vec<(u64, Vec<u8>)>,
 }
 
@@ -382,6 +416,162 @@ impl CrashImages {
             }));
         }
         out
+    }
+}
+
+/// A crash state as cache lines over the base image (see [`RecordingDevice::crash_lines`]).
+#[derive(Debug, Clone)]
+pub struct CrashLines {
+    /// The image when recording started.
+    pub base: Arc<Vec<u8>>,
+    /// Lines durable at the crash, with their contents.
+    pub durable: BTreeMap<u64, Vec<u8>>,
+    /// Lines stored to or flushed but not durable, with contents they may hold (see
+    /// [`CrashImages::pending`]).
+    pub pending: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashLines {
+    /// The crash image with the pending lines chosen by `take(i)`, as a device that shares
+    /// the base image and keeps only the pages that differ (copy on write).
+    pub fn media(&self, mut take: impl FnMut(usize) -> bool) -> OverlayDevice {
+        let dev = OverlayDevice {
+            base: Arc::clone(&self.base),
+            pages: Mutex::new(HashMap::new()),
+            rmw_lock: Mutex::new(()),
+        };
+        let chosen = self
+            .pending
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| take(*i))
+            .map(|(_, line)| line);
+        for (l, data) in self.durable.iter().chain(chosen.map(|(l, d)| (l, d))) {
+            dev.put(*l, data);
+        }
+        dev
+    }
+}
+
+/// A device over a shared base image that keeps the pages stored into apart (for crash
+/// tests of large devices: each crash image costs the pages it changes). Flushes and fences
+/// do nothing: it is the state after the crash, not a device that can crash again.
+#[derive(Debug)]
+pub struct OverlayDevice {
+    base: Arc<Vec<u8>>,
+    pages: Mutex<HashMap<u64, Box<[u8]>>>,
+    /// Serialises read-modify-writes against each other.
+    rmw_lock: Mutex<()>,
+}
+
+impl OverlayDevice {
+    const PAGE: u64 = 4096;
+
+    fn put(&self, offset: u64, data: &[u8]) {
+        let mut pages = self.pages.lock();
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let p = at / Self::PAGE;
+            let page = pages.entry(p).or_insert_with(|| {
+                let s = (p * Self::PAGE) as usize;
+                let e = (s + Self::PAGE as usize).min(self.base.len());
+                let mut page = vec![0u8; Self::PAGE as usize];
+                page[..e - s].copy_from_slice(&self.base[s..e]);
+                page.into_boxed_slice()
+            });
+            let in_page = (at % Self::PAGE) as usize;
+            let n = (Self::PAGE as usize - in_page).min(data.len() - done);
+            page[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// An atomic read-modify-write of one aligned word (concurrent callers see each
+    /// other's changes, as on the media).
+    fn rmw(&self, offset: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, DeviceError> {
+        check_word(offset, self.size())?;
+        let _whole = self.rmw_lock.lock();
+        let mut w = [0u8; 8];
+        self.get(offset, &mut w);
+        let old = u64::from_le_bytes(w);
+        self.put(offset, &f(old).to_le_bytes());
+        Ok(old)
+    }
+
+    fn get(&self, offset: u64, buf: &mut [u8]) {
+        let pages = self.pages.lock();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let p = at / Self::PAGE;
+            let in_page = (at % Self::PAGE) as usize;
+            let n = (Self::PAGE as usize - in_page).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            match pages.get(&p) {
+                Some(page) => dst.copy_from_slice(&page[in_page..in_page + n]),
+                None => dst.copy_from_slice(&self.base[at as usize..at as usize + n]),
+            }
+            done += n;
+        }
+    }
+}
+
+impl Media for OverlayDevice {
+    fn size(&self) -> u64 {
+        self.base.len() as u64
+    }
+    fn persistence(&self) -> PersistenceMode {
+        PersistenceMode::Recorded
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.get(offset, buf);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        check_range(offset, data.len() as u64, self.size())?;
+        self.put(offset, data);
+        Ok(())
+    }
+    fn write_nt(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.write(offset, data)
+    }
+    fn zero_nt(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.write(offset, &vec![0; usize::try_from(len).unwrap_or(0)])
+    }
+    fn flush(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(offset, len, self.size())
+    }
+    fn fence(&self) {}
+    fn load_u64(&self, offset: u64) -> Result<u64, DeviceError> {
+        check_word(offset, self.size())?;
+        let mut w = [0u8; 8];
+        self.get(offset, &mut w);
+        Ok(u64::from_le_bytes(w))
+    }
+    fn store_u64(&self, offset: u64, value: u64) -> Result<(), DeviceError> {
+        check_word(offset, self.size())?;
+        self.put(offset, &value.to_le_bytes());
+        Ok(())
+    }
+    fn fetch_or_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
+        self.rmw(offset, |v| v | mask)
+    }
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, DeviceError> {
+        self.rmw(offset, |v| v & mask)
+    }
+    fn sync_all(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn reserve(&self, _: u64, _: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn can_discard(&self) -> bool {
+        false
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<u64, DeviceError> {
+        Err(DeviceError::NoDiscard)
     }
 }
 

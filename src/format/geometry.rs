@@ -1,6 +1,9 @@
 //! Where the fixed regions sit on a device of a given size.
 
-use super::{BLOCK_SIZE, CHUNK_BLOCKS, FormatError, MIN_DEVICE_SIZE, Superblock, blocks_to_bytes};
+use super::{
+    BLOCK_SIZE, CHUNK_BLOCKS, FormatError, IncompatFeatures, MIN_DEVICE_SIZE, Superblock,
+    blocks_to_bytes, space,
+};
 
 /// First journal block: after the primary (block 0) and backup (block 1) superblocks.
 pub const JOURNAL_START_BLOCK: u64 = 2;
@@ -21,14 +24,23 @@ pub struct Geometry {
     pub journal_slot_blocks: u32,
     pub bitmap_start: u64,
     pub bitmap_blocks: u64,
+    /// Blocks of the space summary, right after the bitmap (`space::summary_blocks`), or 0
+    /// on a file system without [`IncompatFeatures::SPACE_SUMMARY`].
+    pub summary_blocks: u64,
     pub itable_dir_block: u64,
     /// First block the allocator may hand out.
     pub meta_end: u64,
 }
 
 impl Geometry {
-    /// The layout mkfs writes on a device of `size` bytes.
+    /// The layout mkfs writes on a device of `size` bytes (with the space summary).
     pub fn for_device_size(size: u64) -> Result<Self, FormatError> {
+        Self::layout(size, true)
+    }
+
+    /// The layout of a device of `size` bytes, with or without the space summary (without:
+    /// the layout of format versions 1 and 2).
+    pub fn layout(size: u64, space_summary: bool) -> Result<Self, FormatError> {
         if size < MIN_DEVICE_SIZE {
             return Err(FormatError::TooSmall {
                 size,
@@ -43,7 +55,12 @@ impl Geometry {
         let journal_blocks = u64::from(journal_slots) * u64::from(JOURNAL_SLOT_BLOCKS);
         let bitmap_start = JOURNAL_START_BLOCK + journal_blocks;
         let bitmap_blocks = block_count.div_ceil(8 * BLOCK_SIZE);
-        let itable_dir_block = bitmap_start + bitmap_blocks;
+        let summary_blocks = if space_summary {
+            space::summary_blocks(block_count)
+        } else {
+            0
+        };
+        let itable_dir_block = bitmap_start + bitmap_blocks + summary_blocks;
         let g = Self {
             block_count,
             journal_start: JOURNAL_START_BLOCK,
@@ -51,6 +68,7 @@ impl Geometry {
             journal_slot_blocks: JOURNAL_SLOT_BLOCKS,
             bitmap_start,
             bitmap_blocks,
+            summary_blocks,
             itable_dir_block,
             meta_end: itable_dir_block + 1,
         };
@@ -76,6 +94,13 @@ impl Geometry {
             journal_slot_blocks: sb.journal_slot_blocks,
             bitmap_start: sb.bitmap_start,
             bitmap_blocks: sb.bitmap_blocks,
+            // The summary's place and size follow from the block count; the superblock
+            // records only that it exists (and where the inode-table directory starts).
+            summary_blocks: if sb.incompat & IncompatFeatures::SPACE_SUMMARY.bits() != 0 {
+                space::summary_blocks(sb.block_count.min(1 << 40))
+            } else {
+                0
+            },
             itable_dir_block: sb.itable_dir_block,
             meta_end: sb.meta_end,
         };
@@ -110,7 +135,7 @@ impl Geometry {
         {
             return bad("bitmap region".into());
         }
-        if self.itable_dir_block != self.bitmap_start + self.bitmap_blocks
+        if self.itable_dir_block != self.summary_start() + self.summary_blocks
             || self.meta_end != self.itable_dir_block + 1
             || self.meta_end + CHUNK_BLOCKS > self.block_count
         {
@@ -134,6 +159,30 @@ impl Geometry {
 
     pub fn bitmap_offset(&self) -> u64 {
         blocks_to_bytes(self.bitmap_start)
+    }
+
+    /// First block of the space summary (right after the bitmap).
+    pub fn summary_start(&self) -> u64 {
+        self.bitmap_start + self.bitmap_blocks
+    }
+
+    /// Byte offset of the space summary.
+    pub fn summary_offset(&self) -> u64 {
+        blocks_to_bytes(self.summary_start())
+    }
+
+    /// 1 GiB regions of the device (a trailing partial one included).
+    pub fn region_count(&self) -> u64 {
+        self.block_count.div_ceil(space::REGION_BLOCKS)
+    }
+
+    /// Whether region `r` may be lazily initialised: it lies entirely inside the data area
+    /// (no fixed metadata, no block past the end of the device), so an all-free bitmap of it
+    /// is all zeros.
+    pub fn region_is_lazy(&self, r: u64) -> bool {
+        r.checked_mul(space::REGION_BLOCKS).is_some_and(|start| {
+            start >= self.meta_end && start + space::REGION_BLOCKS <= self.block_count
+        })
     }
 
     pub fn itable_dir_offset(&self) -> u64 {

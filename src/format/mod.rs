@@ -10,6 +10,7 @@ pub mod dirent;
 pub mod extent;
 mod geometry;
 pub mod node;
+pub mod space;
 mod structs;
 
 pub use geometry::Geometry;
@@ -47,7 +48,7 @@ pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"PMBT");
 pub const XATTR_MAGIC: u32 = u32::from_le_bytes(*b"PMXA");
 
 /// Current format version. Bump together with docs/FORMAT.md's version table.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Oldest format version this implementation mounts (a version-1 file system becomes
 /// version 2 when it first uses a version-2 feature: [`IncompatFeatures::V2`]).
@@ -59,6 +60,11 @@ pub const FORMAT_VERSIONS: &[(u32, &str, &str)] = &[
     (
         2,
         "inode attribute flags (chattr), files up to 2^63 - 1 bytes",
+        "2026-12",
+    ),
+    (
+        3,
+        "space summary: lazily initialised bitmap regions and per-region free counts",
         "2026-12",
     ),
 ];
@@ -73,6 +79,10 @@ bitflags! {
         const INODE_ATTR_FLAGS = 1 << 1;
         /// Files may be larger than 2^44 bytes (up to [`MAX_FILE_SIZE`], 2^63 - 1).
         const LARGE_FILES = 1 << 2;
+        /// A space summary follows the block bitmap: per 1 GiB region, whether its bitmap
+        /// is still uninitialised (all free, never written) and its free-block count
+        /// ([`space`]).
+        const SPACE_SUMMARY = 1 << 4;
     }
     /// Features an implementation must understand to mount read-write.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +102,18 @@ impl IncompatFeatures {
     /// The features of version 2: a file system that has one of them is version 2.
     pub const V2: Self = Self::INODE_ATTR_FLAGS.union(Self::LARGE_FILES);
 
+    /// The oldest format version that has all of these features: what a superblock that
+    /// has them says (an upgrade to a version-2 feature keeps a version-2 layout version 2).
+    pub fn version_needed(self) -> u32 {
+        if self.contains(Self::SPACE_SUMMARY) {
+            3
+        } else if self.intersects(Self::V2) {
+            2
+        } else {
+            1
+        }
+    }
+
     /// The features' names, comma-separated (for messages).
     pub fn names(self) -> String {
         self.iter_names()
@@ -104,7 +126,8 @@ impl IncompatFeatures {
 /// Features this implementation understands, and writes at mkfs.
 pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS
     .union(IncompatFeatures::INODE_ATTR_FLAGS)
-    .union(IncompatFeatures::LARGE_FILES);
+    .union(IncompatFeatures::LARGE_FILES)
+    .union(IncompatFeatures::SPACE_SUMMARY);
 pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
 pub const COMPAT_SUPPORTED: CompatFeatures = CompatFeatures::DEFERRED_FREE;
 

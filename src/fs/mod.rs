@@ -42,8 +42,8 @@ use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_SIZE, FORMAT_VERSION, FsState, Geometry, IncompatFeatures, Inode, NULL_INO,
-    ROOT_INO, STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
+    BLOCK_SIZE, CHUNK_SIZE, FsState, Geometry, IncompatFeatures, Inode, NULL_INO, ROOT_INO,
+    STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
@@ -292,7 +292,12 @@ impl Fs {
         if !options.read_only {
             // Recovery stores into the journal and the fixed metadata: back them first (a
             // sparse image; the chunks in use follow once the allocator knows them).
-            media.reserve(0, geometry.meta_end * BLOCK_SIZE)?;
+            // Not the bitmap of regions never used: backing it is what the lazy bitmap saves.
+            let summary = crate::meta::space::SpaceSummary::read(media.as_ref(), &geometry)?;
+            let uninit = |r| summary.as_ref().is_some_and(|s| s.is_uninit(r));
+            for (offset, len) in crate::meta::space::metadata_in_use(&geometry, uninit) {
+                media.reserve(offset, len)?;
+            }
         }
         let (journal, recovery) = Journal::open(Arc::clone(&media), geometry)?;
         let state = read_state(media.as_ref())?;
@@ -361,6 +366,8 @@ impl Fs {
             tx.write_struct(STATE_OFFSET, &st)?;
             tx.commit()?;
         }
+        // The last change of this mount is committed: the summary's counts are exact now.
+        self.alloc.write_summary(self.media.as_ref())?;
         self.media.sync_all()?;
         Ok(())
     }
@@ -384,7 +391,7 @@ impl Fs {
         }
         let mut new = *sb;
         new.incompat |= features.bits();
-        new.version = FORMAT_VERSION;
+        new.version = new.incompat_features().version_needed();
         new.seal();
         upgrade_superblock(self.media.as_ref(), &new)?;
         log::info!(

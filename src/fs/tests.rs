@@ -13,6 +13,17 @@ fn new_media(size: u64) -> Arc<dyn Media> {
     dev
 }
 
+/// A device formatted with the layout of format version 2 (no space summary).
+fn new_media_v2(size: u64) -> Arc<dyn Media> {
+    let dev = Arc::new(RecordingDevice::new(size));
+    let opts = MkfsOptions {
+        without_space_summary: true,
+        ..MkfsOptions::default()
+    };
+    format(dev.as_ref(), &opts).unwrap();
+    dev
+}
+
 fn mount(media: &Arc<dyn Media>) -> Fs {
     Fs::mount(Arc::clone(media), MountOptions::default()).unwrap()
 }
@@ -1292,9 +1303,9 @@ fn fs_superblock(media: &Arc<dyn Media>) -> Superblock {
 #[test]
 fn a_version_1_file_system_mounts_and_becomes_version_2_on_first_use() {
     use crate::format::{FORMAT_VERSION, IncompatFeatures as F};
-    let media = new_media(64 * MIB);
+    let media = new_media_v2(64 * MIB);
     let sb = fs_superblock(&media);
-    assert_eq!(sb.version, FORMAT_VERSION);
+    assert_eq!(sb.version, FORMAT_VERSION - 1, "the version-2 layout");
     assert!(
         sb.incompat_features().contains(F::V2),
         "mkfs sets both features"
@@ -1356,7 +1367,7 @@ fn a_version_1_file_system_mounts_and_becomes_version_2_on_first_use() {
 #[test]
 fn preallocation_past_2_44_with_keep_size_adds_the_large_files_feature() {
     use crate::format::IncompatFeatures as F;
-    let media = new_media(64 * MIB);
+    let media = new_media_v2(64 * MIB);
     make_version_1(&media);
     let fs = mount(&media);
     let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();

@@ -6,6 +6,7 @@
 pub mod dir;
 pub mod extent;
 pub mod inode;
+pub mod space;
 pub mod xattr;
 
 pub use dir::{check_name, name_hash};

@@ -32,9 +32,10 @@ pub use rebuild::LOST_FOUND;
 use crate::check::{Problem, ProblemKind, Report, check};
 use crate::device::Media;
 use crate::error::Result;
-use crate::format::{BLOCK_SIZE, Geometry, STATE_OFFSET};
+use crate::format::{Geometry, STATE_OFFSET};
 use crate::journal::Journal;
 use crate::meta::InodeTable;
+use crate::meta::space::{self, SpaceSummary};
 use crate::meta::{read_state, read_superblock};
 use std::sync::Arc;
 
@@ -131,7 +132,9 @@ pub fn class_of(kind: &ProblemKind) -> Class {
         | ProblemKind::DirSize { .. }
         | ProblemKind::BlockCount { .. }
         | ProblemKind::BadParent { .. } => Class::Counts,
-        ProblemKind::Leaked { .. } | ProblemKind::Unmarked { .. } => Class::Bitmap,
+        ProblemKind::Leaked { .. }
+        | ProblemKind::Unmarked { .. }
+        | ProblemKind::SpaceSummary { .. } => Class::Bitmap,
         ProblemKind::Orphan(_) => Class::Orphans,
         ProblemKind::Unreachable(_) => Class::LostFound,
     }
@@ -291,7 +294,7 @@ fn add_features(media: &dyn Media, bits: u64) -> Result<String> {
     let (mut sb, _) = read_superblock(media)?;
     let features = crate::format::IncompatFeatures::from_bits_retain(bits);
     sb.incompat |= bits;
-    sb.version = crate::format::FORMAT_VERSION;
+    sb.version = sb.incompat_features().version_needed();
     sb.seal();
     crate::meta::upgrade_superblock(media, &sb)?;
     Ok(format!(
@@ -322,8 +325,16 @@ fn bitmap(
         )
     });
     let words = r.referenced.len();
-    let mut disk = vec![0u8; words * 8];
-    media.read(g.bitmap_offset(), &mut disk)?;
+    // A damaged summary is rebuilt with every region initialised: their bitmap words are
+    // then taken as they are, and rewritten below wherever they differ from the blocks in
+    // use.
+    let summary = SpaceSummary::read(media.as_ref(), g).ok().flatten();
+    let summary_damaged = r
+        .problems
+        .iter()
+        .any(|p| matches!(p.kind, ProblemKind::SpaceSummary { .. }));
+    let mut disk = space::read_bitmap_bytes(media.as_ref(), g, summary.as_ref())?;
+    disk.truncate(words * 8);
     // (word index, new value) of every word that changes.
     let mut changes: Vec<(usize, u64)> = Vec::new();
     let (mut marked, mut freed) = (0u64, 0u64);
@@ -342,8 +353,23 @@ fn bitmap(
             changes.push((w, want));
         }
     }
-    if changes.is_empty() {
+    if changes.is_empty() && !summary_damaged {
         return Ok(Some(r));
+    }
+    // The counts are about to go stale; a region that must change is initialised first
+    // (its words read as zeros above, which is what it then holds).
+    if g.summary_blocks > 0 {
+        space::set_counts_valid(media.as_ref(), g, false)?;
+    }
+    let mut summary = summary;
+    if let Some(s) = summary.as_mut() {
+        for &(w, _) in &changes {
+            let region = (w as u64 * 64) / crate::format::space::REGION_BLOCKS;
+            if let Some(e) = s.regions.get_mut(region as usize).filter(|e| e.uninit) {
+                space::initialise_region(media.as_ref(), g, region)?;
+                e.uninit = false;
+            }
+        }
     }
     let (journal, _) = Journal::open(Arc::clone(media), *g)?;
     // Runs of consecutive words, at most 4096 changed words (32 KiB) per transaction.
@@ -364,6 +390,18 @@ fn bitmap(
             i += 1;
         }
         tx.commit()?;
+    }
+    if g.summary_blocks > 0 {
+        let bitmap = space::read_bitmap_bytes(media.as_ref(), g, summary.as_ref())?;
+        let entries = space::entries_for_bitmap(g, summary.as_ref(), &bitmap);
+        space::write_summary(media.as_ref(), g, &entries, true)?;
+    }
+    if changes.is_empty() {
+        actions.push(Action {
+            class: Class::Bitmap,
+            message: "space summary rebuilt from the block bitmap".into(),
+        });
+        return Ok(None);
     }
     actions.push(Action {
         class: Class::Bitmap,
@@ -425,10 +463,10 @@ pub fn quick_check(media: &Arc<dyn Media>) -> Result<Option<Summary>> {
     Ok((s.clean && s.open_transactions == 0).then_some(s))
 }
 
-/// Blocks set in the bitmap, below `block_count`.
+/// Blocks set in the bitmap, below `block_count` (uninitialised regions are free).
 fn used_blocks(media: &dyn Media, g: &Geometry) -> Result<u64> {
-    let mut buf = vec![0u8; (g.bitmap_blocks * BLOCK_SIZE) as usize];
-    media.read(g.bitmap_offset(), &mut buf)?;
+    let summary = SpaceSummary::read(media, g)?;
+    let buf = space::read_bitmap_bytes(media, g, summary.as_ref())?;
     Ok(bits::count_set_in_bytes(&buf, g.block_count))
 }
 
@@ -439,7 +477,15 @@ pub fn mark_clean(media: &Arc<dyn Media>) -> Result<bool> {
     let (_, g) = read_superblock(media.as_ref())?;
     let mut st = read_state(media.as_ref())?;
     let free = g.block_count - used_blocks(media.as_ref(), &g)?.min(g.block_count);
-    if st.clean == 1 && st.free_blocks == free {
+    // The check found the bitmap right: exact counts let the next mount skip it.
+    let summary = SpaceSummary::read(media.as_ref(), &g)?;
+    let stale_counts = summary.as_ref().is_some_and(|s| !s.counts_valid);
+    if let Some(s) = summary.as_ref().filter(|_| stale_counts) {
+        let bitmap = space::read_bitmap_bytes(media.as_ref(), &g, Some(s))?;
+        let entries = space::entries_for_bitmap(&g, Some(s), &bitmap);
+        space::write_summary(media.as_ref(), &g, &entries, true)?;
+    }
+    if st.clean == 1 && st.free_blocks == free && !stale_counts {
         return Ok(false);
     }
     st.clean = 1;

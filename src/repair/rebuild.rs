@@ -29,6 +29,7 @@ use super::{Action, Class, RepairMode};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::dirent::{self, DirEntry as Entry, name_hash};
+use crate::format::space::REGION_BLOCKS;
 use crate::format::{
     CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, FIRST_USER_INO, FsState, Geometry,
     INLINE_EXTENTS, INODE_BITMAP_OFFSET, INODE_INLINE_LEN, INODE_SIZE, INODES_PER_CHUNK, Inode,
@@ -38,6 +39,7 @@ use crate::format::{
 use crate::journal::{Journal, Tx};
 use crate::meta::InodeTable;
 use crate::meta::read_state;
+use crate::meta::space::{self, SpaceSummary};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use zerocopy::{FromBytes, IntoBytes};
@@ -962,6 +964,12 @@ impl<'a> Rebuild<'a> {
     fn write(mut self) -> Result<()> {
         let (journal, _) = Journal::open(Arc::clone(self.media), self.g)?;
         let bitmap = self.g.bitmap_offset();
+        // New tree nodes change the bitmap: the summary's counts go stale first (the bitmap
+        // step or the final mark-clean rewrites them), and a node landing in a region that
+        // was never initialised initialises it before its bit is set.
+        let mut summary = SpaceSummary::read(self.media.as_ref(), &self.g)
+            .ok()
+            .flatten();
         // 1. Freed inodes.
         for (&ino, &generation) in &self.free {
             let mut tx = journal.begin();
@@ -1029,6 +1037,19 @@ impl<'a> Rebuild<'a> {
             for (b, img) in &built.nodes {
                 tx.write_new(blocks_to_bytes(*b), img)?;
                 blocks.push(*b);
+            }
+            if let Some(s) = summary.as_mut().filter(|_| !blocks.is_empty()) {
+                if s.counts_valid {
+                    space::set_counts_valid(self.media.as_ref(), &self.g, false)?;
+                    s.counts_valid = false;
+                }
+                for &b in &blocks {
+                    let r = b / REGION_BLOCKS;
+                    if let Some(e) = s.regions.get_mut(r as usize).filter(|e| e.uninit) {
+                        space::initialise_region(self.media.as_ref(), &self.g, r)?;
+                        e.uninit = false;
+                    }
+                }
             }
             set_clear_bits(self.media.as_ref(), &mut tx, bitmap, &mut blocks)?;
             if it.created && !self.table.is_allocated(ino) {

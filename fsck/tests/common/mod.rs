@@ -260,8 +260,11 @@ fn missing_feature(img: &mut Image) {
     for at in [0usize, 4096] {
         let (mut sb, _) =
             pmfs::format::Superblock::read_from_prefix(&img.bytes[at..at + 256]).unwrap();
-        sb.version = 1;
-        sb.incompat = pmfs::format::IncompatFeatures::HASHED_DIRS.bits();
+        // The version-2 features gone; the space summary (the layout) stays.
+        let kept = pmfs::format::IncompatFeatures::HASHED_DIRS
+            | pmfs::format::IncompatFeatures::SPACE_SUMMARY;
+        sb.incompat = kept.bits();
+        sb.version = kept.version_needed();
         sb.seal();
         img.bytes[at..at + 256].copy_from_slice(sb.as_bytes());
     }
@@ -303,6 +306,20 @@ fn extent_cycle(img: &mut Image) {
     assert!(children.len() >= 2);
     // The second child pointer of the root points back at the root.
     img.put_u64(i.tree_root * BLOCK + 32 + 16 + 8, i.tree_root);
+}
+
+/// Counts that claim to be exact (`counts_valid` 1) and say region 0 is full.
+fn space_summary_count(img: &mut Image) {
+    let base = img.g.summary_offset() as usize;
+    let valid = base + pmfs::format::space::COUNTS_VALID_OFFSET as usize;
+    img.bytes[valid..valid + 8].copy_from_slice(&1u64.to_le_bytes());
+    let entry = base + pmfs::format::space::SUMMARY_ENTRIES_OFFSET as usize;
+    img.bytes[entry..entry + 8].copy_from_slice(&0u64.to_le_bytes());
+}
+
+/// A summary header that is not one.
+fn space_summary_magic(img: &mut Image) {
+    flip(img, img.g.summary_offset(), 0xff);
 }
 
 fn bitmap(img: &mut Image) {
@@ -477,6 +494,12 @@ pub fn damages() -> Vec<Damage> {
         d("extent-node", "tree node", extent_node),
         d("extent-cycle", "inode", extent_cycle),
         d("bitmap", "marked free", bitmap),
+        d(
+            "space-summary-count",
+            "region 0 counts 0 free blocks",
+            space_summary_count,
+        ),
+        d("space-summary-magic", "space summary", space_summary_magic),
         d(
             "journal-garbage",
             "interrupted transaction",
