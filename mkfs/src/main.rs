@@ -451,6 +451,7 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
         uuid: args.uuid,
         now_ns: now_ns(),
         root: root_dir(args),
+        itable_fanout: None,
     };
     progress.phase("formatting");
     let summary = format(&dev, &opts).map_err(|e| format!("{shown}: {e}"))?;

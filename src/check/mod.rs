@@ -193,6 +193,9 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     for chunk in table.chunk_blocks() {
         c.mark(chunk, CHUNK_BLOCKS, "inode table");
     }
+    for block in table.indirect_blocks() {
+        c.mark(block, 1, "inode-table indirect block");
+    }
     bitmap::set_range(
         &mut c.refs,
         geometry.block_count,
@@ -201,7 +204,7 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
 
     // Every allocated inode.
     let mut inodes: HashMap<u64, Inode> = HashMap::new();
-    for ino in table.allocated() {
+    for ino in table.allocated()? {
         match table.read(ino) {
             Ok(i) => {
                 inodes.insert(ino, i);

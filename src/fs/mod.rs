@@ -33,6 +33,8 @@ pub use publish::PublishedLease;
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
+mod itable_tests;
+#[cfg(test)]
 mod sparse_tests;
 #[cfg(test)]
 mod tests;
@@ -42,8 +44,8 @@ use crate::btree::{self, NodeAllocator, Tree, TreeReader};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_SIZE, FORMAT_VERSION, FsState, Geometry, IncompatFeatures, Inode, NULL_INO,
-    ROOT_INO, STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
+    BLOCK_SIZE, CHUNK_SIZE, FsState, Geometry, IncompatFeatures, Inode, NULL_INO, ROOT_INO,
+    STATE_OFFSET, Superblock, TreeKind, file_type, inode_flags,
 };
 use crate::journal::{Journal, RecoveryReport, Tx};
 use crate::lockorder::{OrderedMutex, Rank, Ranked};
@@ -384,7 +386,7 @@ impl Fs {
         }
         let mut new = *sb;
         new.incompat |= features.bits();
-        new.version = FORMAT_VERSION;
+        new.version = new.version.max(new.incompat_features().version_needed());
         new.seal();
         upgrade_superblock(self.media.as_ref(), &new)?;
         log::info!(
@@ -803,7 +805,12 @@ impl Fs {
 
     pub fn statfs(&self) -> StatFs {
         let free = self.alloc.free_blocks();
-        let used_inodes = self.inodes.used();
+        // The first statfs reads the bitmap of every inode-table chunk (1 KiB each); a
+        // bitmap the device cannot read counts as full.
+        let used_inodes = self.inodes.used().unwrap_or_else(|e| {
+            log::error!("counting inodes in use failed: {e}");
+            self.inodes.capacity(0)
+        });
         let capacity = self.inodes.capacity(free);
         StatFs {
             blocks: self.alloc.data_blocks(),

@@ -1276,9 +1276,23 @@ fn noatime_keeps_atime_new_inodes_inherit_flags_and_unknown_flags_are_refused() 
     check(&fs);
 }
 
-/// Rewrites the superblock (both copies) as format version 1 wrote it.
+/// Rewrites the file system (unmounted) as format version 1 wrote it: the superblock (both
+/// copies) and a single-level inode-table directory naming the chunks, whose indirect
+/// blocks are freed.
 fn make_version_1(media: &Arc<dyn Media>) {
-    let mut sb = fs_superblock(media);
+    let (mut sb, g) = read_superblock(media.as_ref()).unwrap();
+    let (table, fault) = crate::meta::inode::TablePointers::read(media.as_ref(), &g).unwrap();
+    assert!(fault.is_none() && table.chunks.len() <= 512);
+    let mut dir = vec![0u8; BLOCK_SIZE as usize];
+    for (k, c) in table.chunks.iter().enumerate() {
+        dir[k * 8..k * 8 + 8].copy_from_slice(&c.to_le_bytes());
+    }
+    media.write(g.itable_dir_offset(), &dir).unwrap();
+    for b in table.indirect {
+        let word = g.bitmap_offset() + b / 64 * 8;
+        media.fetch_and_u64(word, !(1 << (b % 64))).unwrap();
+    }
+    sb.itable_fanout = 0;
     sb.version = 1;
     sb.incompat = crate::format::IncompatFeatures::HASHED_DIRS.bits();
     sb.seal();
