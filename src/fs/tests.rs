@@ -1367,6 +1367,36 @@ fn a_version_1_file_system_mounts_and_becomes_version_2_on_first_use() {
     check(&fs);
 }
 
+/// A version-1 table (the directory names the chunks) grows and shrinks in place: no
+/// indirect block appears, and the version stays 1.
+#[test]
+fn a_single_level_table_of_version_1_grows_and_shrinks_in_place() {
+    let media = new_media(64 * MIB);
+    make_version_1(&media);
+    let fs = mount(&media);
+    fs.inode_table().count_chunks_full_for_test();
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap().ino;
+    assert_eq!(
+        f,
+        crate::format::INODES_PER_CHUNK,
+        "the first inode of chunk 1"
+    );
+    assert_eq!(fs.inode_table().chunk_blocks().len(), 2);
+    assert!(fs.inode_table().indirect_blocks().is_empty());
+    let (_, g) = read_superblock(media.as_ref()).unwrap();
+    let (table, fault) = crate::meta::inode::TablePointers::read(media.as_ref(), &g).unwrap();
+    assert_eq!((table.chunks.len(), fault), (2, None));
+    check(&fs);
+    fs.shutdown().unwrap();
+    drop(fs);
+    // A new mount (the test hook's counts gone) gives the emptied chunk back.
+    let fs = mount(&media);
+    fs.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(fs.inode_table().chunk_blocks().len(), 1, "given back");
+    check(&fs);
+    assert_eq!(fs_superblock(&media).version, 1);
+}
+
 #[test]
 fn preallocation_past_2_44_with_keep_size_adds_the_large_files_feature() {
     use crate::format::IncompatFeatures as F;
