@@ -15,10 +15,10 @@ use crate::format::space::{REGION_BLOCKS, RegionEntry};
 use crate::format::{
     BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, COMPAT_SUPPORTED, DEFERRED_FREE_INO,
     FORMAT_VERSION, FormatError, FsState, Geometry, INCOMPAT_SUPPORTED, INODE_BITMAP_OFFSET,
-    INODE_SIZE, INODES_PER_CHUNK, ITABLE_DIR_ENTRIES, IncompatFeatures, Inode, LABEL_LEN,
-    MIN_DEVICE_SIZE, RO_COMPAT_SUPPORTED, ROOT_INO, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_MAGIC,
-    SUPERBLOCK_OFFSET, Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes, file_type,
-    inode_flags,
+    INODE_SIZE, INODES_PER_CHUNK, ITABLE_FANOUT_MAX, IncompatFeatures, Inode, ItableLayout,
+    LABEL_LEN, MIN_DEVICE_SIZE, RO_COMPAT_SUPPORTED, ROOT_INO, STATE_MAGIC, STATE_OFFSET,
+    SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSET, Superblock, USABLE_INODES_PER_CHUNK, blocks_to_bytes,
+    file_type, inode_flags,
 };
 use crate::meta::space;
 use std::io::Read;
@@ -35,9 +35,13 @@ pub struct MkfsOptions {
     pub now_ns: i64,
     /// Owner and permissions of the root directory.
     pub root: RootDir,
-    /// Write the layout of format version 2: no space summary, the whole bitmap written
-    /// (for tests of older images; the tools never set it).
-    pub without_space_summary: bool,
+    /// Write the layout of format version 2: no space summary (the whole bitmap written)
+    /// and a single-level inode table (for tests of older images; the tools never set it).
+    pub version_2_layout: bool,
+    /// Chunk pointers per inode-table indirect block; `None` for the format's
+    /// [`ITABLE_FANOUT_MAX`]. Tests use a small one to reach a second indirect block on a
+    /// small device with the same code and structures.
+    pub itable_fanout: Option<u64>,
 }
 
 /// The root directory's owner and permission bits, as mke2fs's `-E root_owner=UID:GID`
@@ -140,10 +144,30 @@ pub fn first_itable_chunk(geometry: &Geometry) -> Result<u64, FormatError> {
 }
 
 /// Whether mkfs leaves region `r` uninitialised: a region entirely in the data area
-/// ([`Geometry::region_is_lazy`]) after the first inode-table chunk (`chunk0`), so that
-/// nothing mkfs writes is in it.
-pub fn region_starts_uninit(g: &Geometry, chunk0: u64, r: u64) -> bool {
-    g.region_is_lazy(r) && r * REGION_BLOCKS >= chunk0 + CHUNK_BLOCKS
+/// ([`Geometry::region_is_lazy`]) after the first inode-table chunk and indirect block
+/// (`first_itable_chunk`, `first_itable_indirect`), so that nothing mkfs writes is in it.
+pub fn region_starts_uninit(g: &Geometry, r: u64) -> Result<bool, FormatError> {
+    let written_end = (first_itable_chunk(g)? + CHUNK_BLOCKS).max(first_itable_indirect(g)? + 1);
+    Ok(g.region_is_lazy(r) && r * REGION_BLOCKS >= written_end)
+}
+
+/// The block mkfs gives the inode table's first indirect block: the first block after the
+/// fixed metadata when chunk 0 leaves room before it, else the block after chunk 0. It is
+/// never freed (chunk 0 never is), so the repair finds it here.
+pub fn first_itable_indirect(geometry: &Geometry) -> Result<u64, FormatError> {
+    let chunk0 = first_itable_chunk(geometry)?;
+    let block = if geometry.meta_end < chunk0 {
+        geometry.meta_end
+    } else {
+        chunk0 + CHUNK_BLOCKS
+    };
+    if block >= geometry.block_count {
+        return Err(FormatError::TooSmall {
+            size: geometry.size_bytes(),
+            min: MIN_DEVICE_SIZE,
+        });
+    }
+    Ok(block)
 }
 
 /// Checks a label and returns its on-media (NUL-padded) form.
@@ -184,8 +208,11 @@ pub fn summary_for(
     label: &str,
 ) -> Result<MkfsSummary, FormatError> {
     let chunk0 = first_itable_chunk(geometry)?;
-    let metadata_blocks = geometry.meta_end + CHUNK_BLOCKS;
-    let itable_chunks = ((geometry.block_count - chunk0) / CHUNK_BLOCKS).min(ITABLE_DIR_ENTRIES);
+    first_itable_indirect(geometry)?;
+    // The fixed regions, chunk 0 and the first indirect block.
+    let metadata_blocks = geometry.meta_end + CHUNK_BLOCKS + 1;
+    let itable_chunks =
+        ((geometry.block_count - chunk0) / CHUNK_BLOCKS).min(geometry.itable.max_chunks());
     let size_bytes = geometry.size_bytes();
     let metadata_bytes = blocks_to_bytes(metadata_blocks);
     Ok(MkfsSummary {
@@ -225,6 +252,9 @@ fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64)
     sb.itable_dir_block = g.itable_dir_block;
     sb.meta_end = g.meta_end;
     sb.created_ns = now_ns;
+    if let ItableLayout::Tree { fanout } = g.itable {
+        sb.itable_fanout = fanout as u32;
+    }
     sb.seal();
     sb
 }
@@ -289,9 +319,28 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     if opts.root.mode & !0o7777 != 0 {
         return Err(MkfsError::RootMode(opts.root.mode));
     }
-    let g = Geometry::layout(media.size(), !opts.without_space_summary)?;
+    let mut g = Geometry::layout(media.size(), !opts.version_2_layout)?;
+    if opts.version_2_layout {
+        g.itable = ItableLayout::Flat;
+    }
+    if let Some(fanout) = opts.itable_fanout {
+        if !(1..=ITABLE_FANOUT_MAX).contains(&fanout) {
+            return Err(MkfsError::Format(FormatError::corrupted(
+                "mkfs options",
+                format!("inode-table fan-out {fanout} (must be 1 to {ITABLE_FANOUT_MAX})"),
+            )));
+        }
+        g.itable = ItableLayout::Tree { fanout };
+    }
     let chunk0 = first_itable_chunk(&g)?;
-    let uninit = |r: u64| g.summary_blocks > 0 && region_starts_uninit(&g, chunk0, r);
+    let indirect0 = match g.itable {
+        ItableLayout::Tree { .. } => Some(first_itable_indirect(&g)?),
+        ItableLayout::Flat => None,
+    };
+    let uninit_regions: Vec<bool> = (0..g.region_count())
+        .map(|r| Ok(g.summary_blocks > 0 && region_starts_uninit(&g, r)?))
+        .collect::<Result<_, FormatError>>()?;
+    let uninit = |r: u64| uninit_regions[r as usize];
     let uuid = match opts.uuid {
         Some(u) => u,
         None => random_uuid()?,
@@ -301,8 +350,9 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         ..summary_for(&g, uuid, &opts.label)?
     };
     let mut sb = superblock(&g, uuid, label, opts.now_ns);
-    if g.summary_blocks == 0 {
-        sb.incompat &= !IncompatFeatures::SPACE_SUMMARY.bits();
+    if opts.version_2_layout {
+        sb.incompat &=
+            !(IncompatFeatures::SPACE_SUMMARY | IncompatFeatures::INODE_TABLE_TREE).bits();
         sb.version = sb.incompat_features().version_needed();
         sb.seal();
     }
@@ -314,6 +364,9 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         media.reserve(offset, len)?;
     }
     media.reserve(blocks_to_bytes(chunk0), blocks_to_bytes(CHUNK_BLOCKS))?;
+    if let Some(indirect0) = indirect0 {
+        media.reserve(blocks_to_bytes(indirect0), BLOCK_SIZE)?;
+    }
     let mut w = Writer {
         media,
         dirty: Vec::new(),
@@ -350,8 +403,8 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         )),
     })?;
 
-    // Block bitmap: the fixed metadata, the first inode-table chunk, and the bits past the
-    // end of the device (so they can never be allocated) are set.
+    // Block bitmap: the fixed metadata, the first inode-table chunk and indirect block, and
+    // the bits past the end of the device (so they can never be allocated) are set.
     // With the space summary, only the bitmap of the regions that hold those is written:
     // the others are marked uninitialised in the summary (all free, bitmap never read until
     // the allocator writes it), so mkfs writes the same few MiB on any device.
@@ -366,6 +419,9 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     }
     w.set_bits(bitmap, 0, g.meta_end)?;
     w.set_bits(bitmap, chunk0, CHUNK_BLOCKS)?;
+    if let Some(indirect0) = indirect0 {
+        w.set_bits(bitmap, indirect0, 1)?;
+    }
     w.set_bits(bitmap, g.block_count, bitmap_bits - g.block_count)?;
     if g.summary_blocks > 0 {
         let entries: Vec<RegionEntry> = (0..g.region_count())
@@ -376,7 +432,8 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
                 let (start, end) = (r * REGION_BLOCKS, (r + 1) * REGION_BLOCKS);
                 let data = space::region_blocks(&g, r)
                     - g.meta_end.clamp(start, end).saturating_sub(start);
-                let itable = (chunk0 + CHUNK_BLOCKS).clamp(start, end) - chunk0.clamp(start, end);
+                let itable = (chunk0 + CHUNK_BLOCKS).clamp(start, end) - chunk0.clamp(start, end)
+                    + u64::from(indirect0.is_some_and(|b| (start..end).contains(&b)));
                 RegionEntry {
                     uninit: false,
                     free: (data - itable) as u32,
@@ -387,9 +444,14 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         w.write(g.summary_offset(), &space::summary_bytes(&entries, true))?;
     }
 
-    // Inode-table directory: entry 0 is the first chunk.
+    // Inode-table directory: entry 0 is the first indirect block, whose entry 0 is the
+    // first chunk (in the version-2 layout, entry 0 is the first chunk).
     let mut dir = vec![0u8; BLOCK_SIZE as usize];
     dir[..8].copy_from_slice(&chunk0.to_le_bytes());
+    if let Some(indirect0) = indirect0 {
+        w.write(blocks_to_bytes(indirect0), &dir)?;
+        dir[..8].copy_from_slice(&indirect0.to_le_bytes());
+    }
     w.write(g.itable_dir_offset(), &dir)?;
 
     // First inode-table chunk: zeroed, its inode bitmap, the root and deferred-free inodes.
@@ -442,7 +504,8 @@ mod tests {
             uuid: Some(UUID),
             now_ns: 1_700_000_000_123_456_789,
             root: RootDir::default(),
-            without_space_summary: false,
+            version_2_layout: false,
+            itable_fanout: None,
         }
     }
 
@@ -503,19 +566,28 @@ mod tests {
         let bm = read(&d, g.bitmap_offset(), blocks_to_bytes(g.bitmap_blocks));
         let total_bits = bm.len() as u64 * 8;
         let padding = total_bits - g.block_count;
-        assert_eq!(ones(&bm), g.meta_end + CHUNK_BLOCKS + padding);
-        assert_eq!(s.free_blocks, g.block_count - g.meta_end - CHUNK_BLOCKS);
+        let indirect0 = first_itable_indirect(&g).unwrap();
+        assert!(indirect0 >= g.meta_end && !(chunk0..chunk0 + CHUNK_BLOCKS).contains(&indirect0));
+        assert_eq!(ones(&bm), g.meta_end + CHUNK_BLOCKS + 1 + padding);
+        assert_eq!(s.free_blocks, g.block_count - g.meta_end - CHUNK_BLOCKS - 1);
+        assert!(bit(&bm, indirect0));
         assert!(bit(&bm, 0) && bit(&bm, g.meta_end - 1));
-        assert_eq!(bit(&bm, g.meta_end), g.meta_end == chunk0);
+        assert!(bit(&bm, g.meta_end), "chunk 0 or the indirect block");
         assert!(bit(&bm, chunk0) && bit(&bm, chunk0 + CHUNK_BLOCKS - 1));
-        assert!(!bit(&bm, chunk0 + CHUNK_BLOCKS));
+        assert_eq!(
+            bit(&bm, chunk0 + CHUNK_BLOCKS),
+            indirect0 == chunk0 + CHUNK_BLOCKS
+        );
         assert!(!bit(&bm, g.block_count - 1));
         assert!((g.block_count..total_bits).all(|b| bit(&bm, b)));
 
-        // Inode-table directory.
+        // Inode-table directory and its first indirect block.
         let dir = read(&d, g.itable_dir_offset(), BLOCK_SIZE);
-        assert_eq!(dir[..8], chunk0.to_le_bytes());
+        assert_eq!(dir[..8], indirect0.to_le_bytes());
         assert_eq!(ones(&dir[8..]), 0);
+        let ind = read(&d, blocks_to_bytes(indirect0), BLOCK_SIZE);
+        assert_eq!(ind[..8], chunk0.to_le_bytes());
+        assert_eq!(ones(&ind[8..]), 0);
 
         // The inode chunk.
         let chunk = read(&d, blocks_to_bytes(chunk0), blocks_to_bytes(CHUNK_BLOCKS));
@@ -714,13 +786,15 @@ mod tests {
         let s = summary_for(&g, UUID, "big").unwrap();
         assert_eq!(s.size_bytes, 64 << 30);
         assert_eq!(s.chunk_count, 32_768);
+        // Every chunk after the metadata could hold inodes: no longer capped at 512.
+        let chunk0 = first_itable_chunk(&g).unwrap() / CHUNK_BLOCKS;
         assert_eq!(
             s.inode_capacity,
-            ITABLE_DIR_ENTRIES * USABLE_INODES_PER_CHUNK
+            (32_768 - chunk0) * USABLE_INODES_PER_CHUNK
         );
         assert!(s.inode_capacity <= MAX_INODES);
         assert!(s.metadata_percent < 0.02, "{s:?}");
-        assert_eq!(s.free_blocks, s.block_count - g.meta_end - CHUNK_BLOCKS);
+        assert_eq!(s.free_blocks, s.block_count - g.meta_end - CHUNK_BLOCKS - 1);
     }
 
     #[test]

@@ -74,6 +74,7 @@ fn layouts() -> Vec<Layout> {
             meta_end,
             created_ns,
             reserved,
+            itable_fanout,
             crc,
         }),
         layout!(FsState {

@@ -1,8 +1,8 @@
 //! Where the fixed regions sit on a device of a given size.
 
 use super::{
-    BLOCK_SIZE, CHUNK_BLOCKS, FormatError, IncompatFeatures, MIN_DEVICE_SIZE, Superblock,
-    blocks_to_bytes, space,
+    BLOCK_SIZE, CHUNK_BLOCKS, FLAT_ITABLE_CHUNKS, FormatError, ITABLE_DIR_ENTRIES,
+    ITABLE_FANOUT_MAX, IncompatFeatures, MIN_DEVICE_SIZE, Superblock, blocks_to_bytes, space,
 };
 
 /// First journal block: after the primary (block 0) and backup (block 1) superblocks.
@@ -13,6 +13,32 @@ pub const JOURNAL_SLOT_BLOCKS: u32 = 64;
 /// Journal slots on devices of 1 GiB and more; fewer on smaller devices.
 pub const JOURNAL_SLOTS_MAX: u32 = 16;
 pub const JOURNAL_SLOTS_MIN: u32 = 4;
+
+/// How the inode-table directory block finds the table's chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItableLayout {
+    /// Versions 1 and 2: the directory's entries are the chunks (at most 512).
+    Flat,
+    /// `INODE_TABLE_TREE`: directory entry `i` is an indirect block whose first `fanout`
+    /// entries are chunks `i * fanout ..`; chunk `k` is entry `k % fanout` of indirect
+    /// block `k / fanout`.
+    Tree { fanout: u64 },
+}
+
+impl ItableLayout {
+    /// The layout mkfs writes.
+    pub const DEFAULT: Self = Self::Tree {
+        fanout: ITABLE_FANOUT_MAX,
+    };
+
+    /// Chunks the layout can address.
+    pub fn max_chunks(self) -> u64 {
+        match self {
+            Self::Flat => FLAT_ITABLE_CHUNKS,
+            Self::Tree { fanout } => ITABLE_DIR_ENTRIES * fanout,
+        }
+    }
+}
 
 /// The fixed layout of a file system, validated: every region lies inside the device and the
 /// regions do not overlap.
@@ -30,6 +56,8 @@ pub struct Geometry {
     pub itable_dir_block: u64,
     /// First block the allocator may hand out.
     pub meta_end: u64,
+    /// How the inode table is indexed (from the features and `itable_fanout`).
+    pub itable: ItableLayout,
 }
 
 impl Geometry {
@@ -71,6 +99,7 @@ impl Geometry {
             summary_blocks,
             itable_dir_block,
             meta_end: itable_dir_block + 1,
+            itable: ItableLayout::DEFAULT,
         };
         g.validate()?;
         Ok(g)
@@ -87,6 +116,21 @@ impl Geometry {
                 ),
             ));
         }
+        let itable = if sb
+            .incompat_features()
+            .contains(IncompatFeatures::INODE_TABLE_TREE)
+        {
+            let fanout = u64::from(sb.itable_fanout);
+            if !(1..=ITABLE_FANOUT_MAX).contains(&fanout) {
+                return Err(FormatError::corrupted(
+                    "superblock",
+                    format!("inode-table fan-out {fanout} (must be 1 to {ITABLE_FANOUT_MAX})"),
+                ));
+            }
+            ItableLayout::Tree { fanout }
+        } else {
+            ItableLayout::Flat
+        };
         let g = Self {
             block_count: sb.block_count,
             journal_start: sb.journal_start,
@@ -103,6 +147,7 @@ impl Geometry {
             },
             itable_dir_block: sb.itable_dir_block,
             meta_end: sb.meta_end,
+            itable,
         };
         if blocks_to_bytes(g.block_count.min(u64::MAX >> 13)) > device_size {
             return Err(FormatError::corrupted(

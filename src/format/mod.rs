@@ -13,7 +13,7 @@ pub mod node;
 pub mod space;
 mod structs;
 
-pub use geometry::Geometry;
+pub use geometry::{Geometry, ItableLayout};
 pub use structs::*;
 
 use bitflags::bitflags;
@@ -51,7 +51,8 @@ pub const XATTR_MAGIC: u32 = u32::from_le_bytes(*b"PMXA");
 pub const FORMAT_VERSION: u32 = 3;
 
 /// Oldest format version this implementation mounts (a version-1 file system becomes
-/// version 2 when it first uses a version-2 feature: [`IncompatFeatures::V2`]).
+/// version 2 when it first uses a version-2 feature: [`IncompatFeatures::V2`]; versions 1
+/// and 2 keep their single-level inode table).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Format versions, oldest first: (version, what changed, when).
@@ -64,7 +65,8 @@ pub const FORMAT_VERSIONS: &[(u32, &str, &str)] = &[
     ),
     (
         3,
-        "space summary: lazily initialised bitmap regions and per-region free counts",
+        "two-level inode table (INODE_TABLE_TREE): up to 2^31 inode numbers; space summary \
+         (SPACE_SUMMARY): lazily initialised bitmap regions and per-region free counts",
         "2026-12",
     ),
 ];
@@ -79,6 +81,9 @@ bitflags! {
         const INODE_ATTR_FLAGS = 1 << 1;
         /// Files may be larger than 2^44 bytes (up to [`MAX_FILE_SIZE`], 2^63 - 1).
         const LARGE_FILES = 1 << 2;
+        /// The inode-table directory points at indirect blocks of chunk pointers (two
+        /// levels, [`ITABLE_FANOUT_MAX`] chunks each) instead of at chunks.
+        const INODE_TABLE_TREE = 1 << 3;
         /// A space summary follows the block bitmap: per 1 GiB region, whether its bitmap
         /// is still uninitialised (all free, never written) and its free-block count
         /// ([`space`]).
@@ -101,11 +106,14 @@ bitflags! {
 impl IncompatFeatures {
     /// The features of version 2: a file system that has one of them is version 2.
     pub const V2: Self = Self::INODE_ATTR_FLAGS.union(Self::LARGE_FILES);
+    /// The features of version 3.
+    pub const V3: Self = Self::INODE_TABLE_TREE.union(Self::SPACE_SUMMARY);
 
-    /// The oldest format version that has all of these features: what a superblock that
-    /// has them says (an upgrade to a version-2 feature keeps a version-2 layout version 2).
+    /// The oldest format version whose readers understand these features: what a superblock
+    /// that has them says (an upgrade to a feature raises the version to this, never
+    /// further, so a version-1 layout given a chattr flag becomes version 2).
     pub fn version_needed(self) -> u32 {
-        if self.contains(Self::SPACE_SUMMARY) {
+        if self.intersects(Self::V3) {
             3
         } else if self.intersects(Self::V2) {
             2
@@ -127,6 +135,7 @@ impl IncompatFeatures {
 pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS
     .union(IncompatFeatures::INODE_ATTR_FLAGS)
     .union(IncompatFeatures::LARGE_FILES)
+    .union(IncompatFeatures::INODE_TABLE_TREE)
     .union(IncompatFeatures::SPACE_SUMMARY);
 pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
 pub const COMPAT_SUPPORTED: CompatFeatures = CompatFeatures::DEFERRED_FREE;
@@ -151,11 +160,18 @@ pub const INODE_BITMAP_SLOTS: u64 = INODES_PER_CHUNK / 8 / INODE_SIZE;
 pub const USABLE_INODES_PER_CHUNK: u64 = INODES_PER_CHUNK - INODE_BITMAP_SLOTS;
 /// Byte offset of the inode bitmap inside an inode-table chunk.
 pub const INODE_BITMAP_OFFSET: u64 = USABLE_INODES_PER_CHUNK * INODE_SIZE;
-/// Entries of the inode-table directory block (one block of little-endian u64 chunk
-/// addresses, in blocks; 0 = not yet allocated).
+/// Entries of the inode-table directory block (one block of little-endian u64 block
+/// addresses; 0 = not yet allocated): chunks (versions 1 and 2), or indirect blocks of chunk
+/// pointers ([`IncompatFeatures::INODE_TABLE_TREE`]).
 pub const ITABLE_DIR_ENTRIES: u64 = BLOCK_SIZE / 8;
-/// Largest inode number the format can address.
-pub const MAX_INODES: u64 = ITABLE_DIR_ENTRIES * INODES_PER_CHUNK;
+/// Chunk pointers an indirect block of the inode table holds at most (one block of u64s);
+/// mkfs uses them all (`Superblock::itable_fanout`; tests format smaller fan-outs to reach
+/// the second indirect block on a small device).
+pub const ITABLE_FANOUT_MAX: u64 = BLOCK_SIZE / 8;
+/// Chunks of a single-level (version 1 and 2) inode table.
+pub const FLAT_ITABLE_CHUNKS: u64 = ITABLE_DIR_ENTRIES;
+/// Largest number of inode numbers the format can address: 512 x 512 chunks (2^31).
+pub const MAX_INODES: u64 = ITABLE_DIR_ENTRIES * ITABLE_FANOUT_MAX * INODES_PER_CHUNK;
 
 /// Longest file name, in bytes.
 pub const NAME_MAX: usize = 255;

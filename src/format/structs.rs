@@ -45,7 +45,11 @@ pub struct Superblock {
     /// First block after the fixed metadata; blocks before it are never allocated.
     pub meta_end: u64,
     pub created_ns: i64,
-    pub reserved: [u8; 60],
+    pub reserved: [u8; 56],
+    /// Chunk pointers per inode-table indirect block (1..=512, mkfs writes 512); meaningful
+    /// only with `INODE_TABLE_TREE` (0 before version 3). At the end of the reserved area
+    /// so that later fields can grow from its start.
+    pub itable_fanout: u32,
     /// CRC32C of the bytes before this field.
     pub crc: u32,
 }

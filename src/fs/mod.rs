@@ -33,6 +33,8 @@ pub use publish::PublishedLease;
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
+mod itable_tests;
+#[cfg(test)]
 mod sparse_tests;
 #[cfg(test)]
 mod tests;
@@ -391,7 +393,7 @@ impl Fs {
         }
         let mut new = *sb;
         new.incompat |= features.bits();
-        new.version = new.incompat_features().version_needed();
+        new.version = new.version.max(new.incompat_features().version_needed());
         new.seal();
         upgrade_superblock(self.media.as_ref(), &new)?;
         log::info!(
@@ -810,7 +812,12 @@ impl Fs {
 
     pub fn statfs(&self) -> StatFs {
         let free = self.alloc.free_blocks();
-        let used_inodes = self.inodes.used();
+        // The first statfs reads the bitmap of every inode-table chunk (1 KiB each); a
+        // bitmap the device cannot read counts as full.
+        let used_inodes = self.inodes.used().unwrap_or_else(|e| {
+            log::error!("counting inodes in use failed: {e}");
+            self.inodes.capacity(0)
+        });
         let capacity = self.inodes.capacity(free);
         StatFs {
             blocks: self.alloc.data_blocks(),

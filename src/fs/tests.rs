@@ -13,11 +13,12 @@ fn new_media(size: u64) -> Arc<dyn Media> {
     dev
 }
 
-/// A device formatted with the layout of format version 2 (no space summary).
+/// A device formatted with the layout of format version 2 (no space summary, a
+/// single-level inode table).
 fn new_media_v2(size: u64) -> Arc<dyn Media> {
     let dev = Arc::new(RecordingDevice::new(size));
     let opts = MkfsOptions {
-        without_space_summary: true,
+        version_2_layout: true,
         ..MkfsOptions::default()
     };
     format(dev.as_ref(), &opts).unwrap();
@@ -1287,9 +1288,23 @@ fn noatime_keeps_atime_new_inodes_inherit_flags_and_unknown_flags_are_refused() 
     check(&fs);
 }
 
-/// Rewrites the superblock (both copies) as format version 1 wrote it.
+/// Rewrites the file system (unmounted) as format version 1 wrote it: the superblock (both
+/// copies) and a single-level inode-table directory naming the chunks, whose indirect
+/// blocks are freed.
 fn make_version_1(media: &Arc<dyn Media>) {
-    let mut sb = fs_superblock(media);
+    let (mut sb, g) = read_superblock(media.as_ref()).unwrap();
+    let (table, fault) = crate::meta::inode::TablePointers::read(media.as_ref(), &g).unwrap();
+    assert!(fault.is_none() && table.chunks.len() <= 512);
+    let mut dir = vec![0u8; BLOCK_SIZE as usize];
+    for (k, c) in table.chunks.iter().enumerate() {
+        dir[k * 8..k * 8 + 8].copy_from_slice(&c.to_le_bytes());
+    }
+    media.write(g.itable_dir_offset(), &dir).unwrap();
+    for b in table.indirect {
+        let word = g.bitmap_offset() + b / 64 * 8;
+        media.fetch_and_u64(word, !(1 << (b % 64))).unwrap();
+    }
+    sb.itable_fanout = 0;
     sb.version = 1;
     sb.incompat = crate::format::IncompatFeatures::HASHED_DIRS.bits();
     sb.seal();
@@ -1362,6 +1377,36 @@ fn a_version_1_file_system_mounts_and_becomes_version_2_on_first_use() {
     let fs = mount(&media);
     assert_eq!(fs.attr_flags(f.ino).unwrap(), inode_flags::NODUMP);
     check(&fs);
+}
+
+/// A version-1 table (the directory names the chunks) grows and shrinks in place: no
+/// indirect block appears, and the version stays 1.
+#[test]
+fn a_single_level_table_of_version_1_grows_and_shrinks_in_place() {
+    let media = new_media_v2(64 * MIB);
+    make_version_1(&media);
+    let fs = mount(&media);
+    fs.inode_table().count_chunks_full_for_test();
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap().ino;
+    assert_eq!(
+        f,
+        crate::format::INODES_PER_CHUNK,
+        "the first inode of chunk 1"
+    );
+    assert_eq!(fs.inode_table().chunk_blocks().len(), 2);
+    assert!(fs.inode_table().indirect_blocks().is_empty());
+    let (_, g) = read_superblock(media.as_ref()).unwrap();
+    let (table, fault) = crate::meta::inode::TablePointers::read(media.as_ref(), &g).unwrap();
+    assert_eq!((table.chunks.len(), fault), (2, None));
+    check(&fs);
+    fs.shutdown().unwrap();
+    drop(fs);
+    // A new mount (the test hook's counts gone) gives the emptied chunk back.
+    let fs = mount(&media);
+    fs.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(fs.inode_table().chunk_blocks().len(), 1, "given back");
+    check(&fs);
+    assert_eq!(fs_superblock(&media).version, 1);
 }
 
 #[test]

@@ -9,10 +9,11 @@ use crate::check::{Problem, ProblemKind};
 use crate::device::Media;
 use crate::error::{Error, Result};
 use crate::format::{
-    BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, FormatError, FsState, Geometry, INODE_SIZE,
-    Inode, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_OFFSET, SlotHeader,
+    BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, FormatError, FsState, Geometry, INODE_SIZE, Inode,
+    ItableLayout, ROOT_INO, SLOT_MAGIC, STATE_MAGIC, STATE_OFFSET, SUPERBLOCK_OFFSET, SlotHeader,
     Superblock, blocks_to_bytes,
 };
+use crate::meta::inode::{PointerAt, TablePointers};
 use crate::meta::{read_backup_superblock, read_state, read_superblock};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
@@ -229,51 +230,52 @@ fn itable_dir(
     allow: &dyn Fn(Class) -> bool,
     out: &mut Vec<Finding>,
 ) -> Result<bool> {
-    let mut dir = vec![0u8; BLOCK_SIZE as usize];
-    media.read(g.itable_dir_offset(), &mut dir)?;
-    let mut seen = Vec::new();
-    let mut bad = None;
-    for (i, e) in dir.chunks_exact(8).enumerate() {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(e);
-        let block = u64::from_le_bytes(w);
-        if block == 0 {
-            break;
-        }
-        if block % CHUNK_BLOCKS != 0
-            || !g.is_data_range(block, CHUNK_BLOCKS)
-            || seen.contains(&block)
-        {
-            bad = Some((i as u64, block));
-            break;
-        }
-        seen.push(block);
-    }
+    let (table, fault) = TablePointers::read(media, g)?;
     let fix = allow(Class::Inodes);
-    let Some((entry, block)) = bad else {
-        if !seen.is_empty() {
+    let Some(fault) = fault else {
+        if !table.chunks.is_empty() {
             return Ok(true);
         }
         return restore_first_chunk(media, g, fix, out);
     };
-    if entry == 0 {
+    if table.chunks.is_empty() {
         return restore_first_chunk(media, g, fix, out);
     }
+    let kept = table.chunks.len() as u64;
+    let entry = match fault.at {
+        PointerAt::Dir { entry } => entry,
+        PointerAt::Indirect { dir_entry, .. } => dir_entry,
+    };
     finding(
         out,
         ProblemKind::InodeTableDir { entry },
         Class::Inodes,
         format!(
-            "inode-table directory entry {entry} (block {block}) is not a valid chunk: entries {entry}.. dropped (inodes {} and up are lost)",
-            entry * crate::format::INODES_PER_CHUNK
+            "inode table: {fault}: the table is cut there (inodes {} and up are lost)",
+            kept * crate::format::INODES_PER_CHUNK
         ),
         fix,
     );
     if !fix {
         return Ok(false);
     }
-    let at = g.itable_dir_offset() + entry * 8;
-    persist(media, at, &vec![0u8; (BLOCK_SIZE - entry * 8) as usize])?;
+    // Cut the table after its valid prefix: zero the pointers from the fault on (in an
+    // indirect block, then the directory entries after it). A crash in between leaves a
+    // prefix of the same table, which the next run cuts the same way.
+    let dir_from = match fault.at {
+        PointerAt::Dir { entry } => entry,
+        PointerAt::Indirect { dir_entry, entry } => {
+            if entry > 0 {
+                let at = blocks_to_bytes(table.indirect[dir_entry as usize]) + entry * 8;
+                persist(media, at, &vec![0u8; (BLOCK_SIZE - entry * 8) as usize])?;
+                dir_entry + 1
+            } else {
+                dir_entry
+            }
+        }
+    };
+    let at = g.itable_dir_offset() + dir_from * 8;
+    persist(media, at, &vec![0u8; (BLOCK_SIZE - dir_from * 8) as usize])?;
     Ok(true)
 }
 
@@ -310,6 +312,12 @@ fn restore_first_chunk(
     }
     let mut dir = vec![0u8; BLOCK_SIZE as usize];
     dir[..8].copy_from_slice(&chunk.to_le_bytes());
+    if let ItableLayout::Tree { .. } = g.itable {
+        // mkfs's indirect block is never freed: make it hold chunk 0 alone again.
+        let indirect = crate::mkfs::first_itable_indirect(g)?;
+        persist(media, blocks_to_bytes(indirect), &dir)?;
+        dir[..8].copy_from_slice(&indirect.to_le_bytes());
+    }
     persist(media, g.itable_dir_offset(), &dir)?;
     Ok(true)
 }

@@ -288,13 +288,13 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
     Ok(out)
 }
 
-/// Gives the superblock the incompatible features `bits` (and format version 2), as the
+/// Gives the superblock the incompatible features `bits` (and the version they need), as the
 /// core does on first use; returns the action's message.
 fn add_features(media: &dyn Media, bits: u64) -> Result<String> {
     let (mut sb, _) = read_superblock(media)?;
     let features = crate::format::IncompatFeatures::from_bits_retain(bits);
     sb.incompat |= bits;
-    sb.version = sb.incompat_features().version_needed();
+    sb.version = sb.version.max(sb.incompat_features().version_needed());
     sb.seal();
     crate::meta::upgrade_superblock(media, &sb)?;
     Ok(format!(
@@ -436,7 +436,7 @@ pub fn summary(media: &Arc<dyn Media>) -> Result<Summary> {
     let st = read_state(media.as_ref())?;
     let open_transactions = crate::journal::pending(media.as_ref(), &g)?.len();
     let table = InodeTable::open(Arc::clone(media), g)?;
-    let inodes_used = table.allocated().len() as u64;
+    let inodes_used = table.allocated()?.len() as u64;
     let blocks_used = used_blocks(media.as_ref(), &g)?;
     let free = g.block_count - blocks_used.min(g.block_count);
     Ok(Summary {

@@ -186,6 +186,9 @@ impl<'a> Rebuild<'a> {
         for c in self.table.chunk_blocks() {
             self.claimed.set_range(c, CHUNK_BLOCKS);
         }
+        for b in self.table.indirect_blocks() {
+            self.claimed.set_range(b, 1);
+        }
         let end = self.claimed.len();
         self.claimed
             .set_range(self.g.block_count, end - self.g.block_count);
@@ -204,7 +207,7 @@ impl<'a> Rebuild<'a> {
     }
 
     fn decode_inodes(&mut self) -> Result<()> {
-        for ino in self.table.allocated() {
+        for ino in self.table.allocated()? {
             let raw = self.raw_inode(ino)?;
             let Ok(loose) = Inode::read_from_bytes(&raw) else {
                 continue;

@@ -72,7 +72,8 @@ impl Image {
                 uuid: None,
                 now_ns: now_ns(),
                 root: RootDir::default(),
-                without_space_summary: false,
+                version_2_layout: false,
+                itable_fanout: None,
             },
         )
         .unwrap();

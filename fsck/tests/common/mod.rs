@@ -254,14 +254,17 @@ fn superblock(img: &mut Image) {
     flip(img, 60, 0x01); // the label
 }
 
-/// Both superblocks say format version 1, without the attribute-flag feature that
-/// /a/file1's flags need (a consistent superblock: only the features are wrong).
+/// Both superblocks lack the attribute-flag feature that /a/file1's flags need (a
+/// consistent superblock of version 3, with its inode-table feature: only the attribute
+/// features are wrong).
 fn missing_feature(img: &mut Image) {
     for at in [0usize, 4096] {
         let (mut sb, _) =
             pmfs::format::Superblock::read_from_prefix(&img.bytes[at..at + 256]).unwrap();
-        // The version-2 features gone; the space summary (the layout) stays.
+        // The version-2 features gone; the layout's features (inode table, space summary)
+        // stay.
         let kept = pmfs::format::IncompatFeatures::HASHED_DIRS
+            | pmfs::format::IncompatFeatures::INODE_TABLE_TREE
             | pmfs::format::IncompatFeatures::SPACE_SUMMARY;
         sb.incompat = kept.bits();
         sb.version = kept.version_needed();
