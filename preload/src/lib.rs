@@ -28,6 +28,7 @@
 //!   since the open (a forked child shares the offset) and no other thread of this process is
 //!   inside a served read/write of the same open file.
 
+mod maps;
 mod sys;
 
 use pmfs::dax::{DaxMapping, ENTRY_UNWRITTEN, MapEntry, StateSnapshot, StateTable};
@@ -72,6 +73,8 @@ struct Stats {
     real_writes: AtomicU64,
     refreshes: AtomicU64,
     touches: AtomicU64,
+    served_mmaps: AtomicU64,
+    real_mmaps: AtomicU64,
 }
 
 static STATS: Stats = Stats {
@@ -85,6 +88,8 @@ static STATS: Stats = Stats {
     real_writes: AtomicU64::new(0),
     refreshes: AtomicU64::new(0),
     touches: AtomicU64::new(0),
+    served_mmaps: AtomicU64::new(0),
+    real_mmaps: AtomicU64::new(0),
 };
 
 fn count(c: &AtomicU64, n: u64) {
@@ -150,7 +155,7 @@ fn stats_line() -> Option<String> {
     Some(format!(
         "pmfs-direct: pid {} tracked {} untracked {} served_reads {} served_read_bytes {} \
          served_writes {} served_write_bytes {} real_reads {} real_writes {} refreshes {} \
-         touches {}\n",
+         touches {} served_mmaps {} real_mmaps {}\n",
         std::process::id(),
         g(&s.tracked),
         g(&s.untracked),
@@ -162,6 +167,8 @@ fn stats_line() -> Option<String> {
         g(&s.real_writes),
         g(&s.refreshes),
         g(&s.touches),
+        g(&s.served_mmaps),
+        g(&s.real_mmaps),
     ))
 }
 
