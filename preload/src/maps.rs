@@ -247,9 +247,11 @@ fn overlaps(all: &[Served], start: usize, end: usize) -> bool {
 
 /// mremap(2) of `old..old + old_len` to `new_len` (`flags`, `new_addr`), `real` doing the
 /// call. A shrink in place of a served mapping is the real call, then the tail is
-/// forgotten; growing or moving one is refused with `Err(ENOMEM)` (what the kernel answers
-/// when it cannot grow a mapping where it is); a fixed target that lands on a served
-/// mapping is forgotten after the call.
+/// forgotten. Growing a whole served shared mapping with `MREMAP_MAYMOVE` (and no other
+/// flag) maps the longer range afresh (the same blocks, so the same bytes) and unmaps the
+/// old one with `unmap`. Any other growing or moving of a served mapping is refused with
+/// `Err(ENOMEM)` (what the kernel answers when it cannot grow a mapping where it is). A
+/// fixed target that lands on a served mapping is forgotten after the call.
 pub(crate) fn mremap(
     old: usize,
     old_len: usize,
@@ -257,6 +259,7 @@ pub(crate) fn mremap(
     flags: i32,
     new_addr: usize,
     real: impl FnOnce() -> usize,
+    unmap: impl FnOnce() -> i32,
 ) -> Result<usize, i32> {
     if SERVED_COUNT.load(Ordering::Relaxed) == 0 {
         return Ok(real());
@@ -269,7 +272,24 @@ pub(crate) fn mremap(
     let involved = overlaps(&all, old, old_end);
     let moves = flags & (libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP) != 0;
     if involved && (moves || new_len == 0 || new_len > old_len) {
-        return Err(libc::ENOMEM);
+        let whole = all.iter().find(|s| {
+            s.handed.addr() == old
+                && page_up(old_len) == Some(s.handed.len())
+                && s.live == [(old, old + s.handed.len())]
+                && s.handed.sharing() == Sharing::Shared
+        });
+        let grow = whole.filter(|_| flags == libc::MREMAP_MAYMOVE && new_len > old_len);
+        let Some(s) = grow else {
+            return Err(libc::ENOMEM);
+        };
+        let (t, prot, off) = (Arc::clone(&s.tracked), s.handed.prot(), s.handed.offset());
+        drop(all);
+        let off = i64::try_from(off).map_err(|_| libc::ENOMEM)?;
+        let addr = map(&t, new_len, prot, libc::MAP_SHARED, off).ok_or(libc::ENOMEM)?;
+        count(&STATS.served_mmaps, 1);
+        // The old mapping goes as munmap(2) would take it (its lease hold, its stamp).
+        let _ = munmap(old, old_len, unmap);
+        return Ok(addr);
     }
     let r = real();
     let mut gone = Vec::new();

@@ -820,6 +820,7 @@ pub unsafe extern "C" fn mremap(
     new_addr: *mut c_void,
 ) -> *mut c_void {
     let real = || real_mremap(old, old_len, new_len, flags, new_addr) as usize;
+    let unmap = || real_munmap(old, old_len);
     let r = library(|| {
         crate::maps::mremap(
             old as usize,
@@ -828,6 +829,7 @@ pub unsafe extern "C" fn mremap(
             flags,
             new_addr as usize,
             real,
+            unmap,
         )
     });
     match r {
