@@ -217,7 +217,8 @@ fn unmodified_programs_give_the_same_results_and_are_served() {
 /// each, so a test can interleave its own (plain) operations with served calls:
 /// `p OFF LEN` pread, `r LEN` read at the offset, `s OFF` lseek, `w OFF LEN BYTE` pwrite,
 /// `d` replace the fd by a dup of it, `e OFF LEN` pread with errno set to 1234 first (the
-/// reply shows errno after), `c SECS` race mode (see the race test), `q` quit.
+/// reply shows errno after), `c SECS` race mode (see the race test), `x OFF MS` writes
+/// racing chattr (see the chattr test), `q` quit.
 const PROBE_C: &str = r#"
 #define _GNU_SOURCE
 #include <errno.h>
@@ -327,6 +328,19 @@ int main(int argc, char **argv) {
             waitpid(pid, &status, 0);
             long n = read(fd, buf, a);
             printf("parent %ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+        } else if (!strcmp(cmd, "x") && scanf("%lld %lld", &a, &b) == 2) {
+            /* `x OFF MS`: pwrites 64 bytes of value k & 255 (k = 1, 2, ...) at OFF for MS
+               ms or until one fails; prints the last k that returned 64 and the errno of
+               the failure (0: none). */
+            double end = now() + b / 1000.0;
+            long long k = 0;
+            int err = 0;
+            while (now() < end) {
+                memset(buf, (int)((k + 1) & 255), 64);
+                if (pwrite(fd, buf, 64, a) != 64) { err = errno; break; }
+                k++;
+            }
+            printf("last %lld errno %d\n", k, err);
         } else if (!strcmp(cmd, "q")) {
             return 0;
         } else {
@@ -1094,6 +1108,9 @@ fn python_mmap_and_sqlite_give_the_same_results_under_the_library() {
                   for i in range(0, len(m) - 16, 65536):\n\
                   \x20   m[i:i + 16] = b'stored-by-mmap%02d' % (i // 65536 % 100)\n\
                   m.flush()\n\
+                  m.resize(len(m) + 3 * 1048576)\n\
+                  m[-9:] = b'resized!!'\n\
+                  m.flush()\n\
                   p = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)\n\
                   p[0:7] = b'private'\n\
                   p.close()\n\
@@ -1119,8 +1136,9 @@ fn python_mmap_and_sqlite_give_the_same_results_under_the_library() {
         assert!(cat_st.served_reads > 0, "cat was not served: {cat_st:?}");
         if preload {
             let st = stats_of(&stats);
+            // The mapping, its resize (mapped afresh) and the private one.
             assert_eq!(
-                st.served_mmaps, 2,
+                st.served_mmaps, 3,
                 "python3's mappings were not served: {st:?}"
             );
         }
@@ -1132,6 +1150,7 @@ fn python_mmap_and_sqlite_give_the_same_results_under_the_library() {
         "the files differ after python3's stores"
     );
     assert!(results[1].1.starts_with(b"stored-by-mmap00"));
+    assert!(results[1].1.ends_with(b"resized!!"));
 
     // sqlite3 with memory-mapped I/O and a WAL (whose -shm index is a shared mapping): the
     // command-line shell if installed, else python3's sqlite3 module.
@@ -1187,4 +1206,68 @@ fn python_mmap_and_sqlite_give_the_same_results_under_the_library() {
     );
     assert!(outs[1].contains("18182|"), "{}", outs[1]);
     assert!(outs[1].trim_end().ends_with("ok"), "{}", outs[1]);
+}
+
+#[test]
+fn served_writes_racing_chattr_immutable_land_before_it_or_not_at_all() {
+    assert!(can_mount());
+    let img = Image::new("preload-chattr-race", 128 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_probe(tmp.path());
+    let path = m.path("pinned");
+    fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    let stats = tmp.path().join("stats");
+    let mut p = Probe::start(&exe, &path, Some(&stats));
+    let at = 8192u64;
+    let read64 = || {
+        let mut b = [0u8; 64];
+        fs::File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut b, at)
+            .unwrap();
+        b
+    };
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr")
+            .arg(flag)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr {flag}");
+    };
+    for round in 0..20u64 {
+        writeln!(p.stdin, "x {at} 400").unwrap();
+        p.stdin.flush().unwrap();
+        // chattr +i somewhere inside the writer's 400 ms.
+        std::thread::sleep(Duration::from_millis(50 + round * 13 % 300));
+        chattr("+i");
+        let after_chattr = read64();
+        let reply = p
+            .replies
+            .recv_timeout(T)
+            .expect("the writer did not finish");
+        let words: Vec<&str> = reply.split_whitespace().collect();
+        let last: u64 = words[1].parse().unwrap();
+        let errno: i32 = words[3].parse().unwrap();
+        let now = read64();
+        chattr("-i");
+        assert_eq!(errno, libc::EPERM, "round {round}: {reply}");
+        assert_eq!(
+            now, after_chattr,
+            "round {round}: the file changed after chattr +i returned"
+        );
+        assert!(
+            now.iter().all(|&b| b == (last & 255) as u8),
+            "round {round}: the file holds {:?}, the last write that returned wrote {}",
+            &now[..4],
+            last & 255
+        );
+    }
+    p.quit();
+    let st = stats_of(&stats);
+    assert!(
+        st.served_writes > 1000,
+        "the writes were not served: {st:?}"
+    );
 }

@@ -153,6 +153,9 @@ const SLOT_SIZE: usize = 16;
 const SLOT_GENERATION: usize = 24;
 /// 1 when a client may serve overwrites (the inode is neither immutable nor append-only).
 const SLOT_WRITES_ALLOWED: usize = 32;
+/// Served writes under way: clients add 1 before the snapshot that allows a store and take
+/// it off after the store ([`StateTable::writer_enter`]).
+const SLOT_WRITERS: usize = 40;
 
 /// One consistent reading of a slot of the state table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +269,39 @@ impl StateTable {
     pub fn unchanged(&self, slot: u32, seq: u64) -> bool {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         Self::word(slot, SLOT_SEQ).is_some_and(|w| self.map.load_u64_acquire(w) == seq)
+    }
+
+    /// A client is about to snapshot `slot` for a store: counted until
+    /// [`StateTable::writer_leave`]. The SeqCst increment and fence pair with those of
+    /// [`StateTable::begin`] and [`StateTable::writers`]: either the daemon sees the count
+    /// (and, for a change that waits for stores, waits) or the client's snapshot sees the
+    /// odd sequence (and stores nothing).
+    pub fn writer_enter(&self, slot: u32) {
+        if let Some(w) = Self::word(slot, SLOT_WRITERS) {
+            self.map.fetch_add_u64(w, 1);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The store that [`StateTable::writer_enter`] announced is done.
+    pub fn writer_leave(&self, slot: u32) {
+        if let Some(w) = Self::word(slot, SLOT_WRITERS) {
+            self.map.fetch_add_u64(w, u64::MAX); // - 1, wrapping
+        }
+    }
+
+    /// Stores under way in `slot` (the daemon, after [`StateTable::begin`]).
+    pub fn writers(&self, slot: u32) -> u64 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Self::word(slot, SLOT_WRITERS).map_or(0, |w| self.map.load_u64_acquire(w))
+    }
+
+    /// A slot handed to a new inode starts with no writers (a client that died between
+    /// enter and leave left its count behind).
+    pub fn reset_writers(&self, slot: u32) {
+        if let Some(w) = Self::word(slot, SLOT_WRITERS) {
+            self.map.store_u64_release(w, 0);
+        }
     }
 
     /// The daemon starts changing the inode of `slot`: the sequence turns odd.
