@@ -193,6 +193,10 @@ pub struct PublishedState {
 /// - A client reads the sequence (even), the size and generation ([`StateTable::snapshot`]),
 ///   does its work, then checks that the sequence did not move ([`StateTable::unchanged`]);
 ///   if it moved, the work may have raced a change and is redone through the file system.
+/// - A client about to store counts itself in the slot's writers word from before its
+///   snapshot until the store is done ([`StateTable::writer_enter`]); a change that must not
+///   be overtaken by stores (chattr +i/+a) waits, after [`StateTable::begin`], until the
+///   count is 0 ([`StateTable::writers`]).
 #[derive(Debug)]
 pub struct StateTable {
     map: super::SharedFileMapping,
