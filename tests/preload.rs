@@ -762,6 +762,19 @@ static int steps(const char *dir) {
     printf("sparse file %llx\n", fnv(buf, 4 * MIB));
     close(fd);
 
+    /* truncated inside a page: the mapping's bytes past the end of file read as zeros */
+    snprintf(p, sizeof p, "%s/tail", dir);
+    fd = open(p, O_RDWR | O_CREAT, 0644);
+    CHECK(fd >= 0);
+    memset(buf, 'T', 4096);
+    CHECK(pwrite(fd, buf, 4096, 0) == 4096);
+    CHECK(ftruncate(fd, 16) == 0);
+    m = mmap(0, 16, PROT_READ, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("last page after truncate %llx\n", fnv(m, 4096));
+    CHECK(munmap(m, 16) == 0);
+    close(fd);
+
     /* read-only descriptor: no PROT_WRITE on a shared mapping, now or later */
     snprintf(p, sizeof p, "%s/ro", dir);
     fd = open(p, O_RDONLY);
@@ -905,10 +918,11 @@ fn mmap_munmap_msync_fork_and_close_behave_as_without_the_library() {
         outputs[1].0
     );
     let st = stats_of(&stats);
-    // Served: the shared, private, forked, sparse and read-only mappings; the kernel's:
-    // the one past the end of the file and the refused PROT_WRITE of a read-only fd.
+    // Served: the shared, private, forked, sparse, truncated and read-only mappings; the
+    // kernel's: the one past the end of the file and the refused PROT_WRITE of a read-only
+    // fd.
     assert!(
-        st.served_mmaps == 5 && st.real_mmaps == 2,
+        st.served_mmaps == 6 && st.real_mmaps == 2,
         "mappings were not served as expected: {st:?}"
     );
 }
