@@ -740,6 +740,7 @@ static int steps(const char *dir) {
     int status;
     waitpid(pid, &status, 0);
     printf("after fork: %.9s\n", m + 3 * MIB);
+
     CHECK(munmap(m, 4 * MIB) == 0);
     /* past the end of the file: the kernel's mapping either way */
     m = mmap(0, 8 * MIB, PROT_READ, MAP_SHARED, fd, 0);

@@ -332,6 +332,17 @@ pub(crate) fn mprotect_refused(addr: usize, len: usize, prot: i32) -> Option<i32
     None
 }
 
+/// madvise(2): `Some(errno)` when it must be refused: `MADV_REMOVE` on a served mapping
+/// would free the device's pages under pmfs instead of punching the file (EINVAL, the
+/// kernel's answer for a mapping that cannot do it). Every other advice is the kernel's.
+pub(crate) fn madvise_refused(addr: usize, len: usize, advice: i32) -> Option<i32> {
+    if advice != libc::MADV_REMOVE || SERVED_COUNT.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    let all = served()?;
+    overlaps(&all, addr, addr.saturating_add(len)).then_some(libc::EINVAL)
+}
+
 /// One piece of an msync range: served (a mapping and the byte range relative to it) or
 /// not (an address range for the real msync).
 #[derive(Debug, PartialEq, Eq)]

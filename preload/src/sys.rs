@@ -311,6 +311,12 @@ real!(
     -1
 );
 real!(
+    real_madvise,
+    "madvise",
+    fn(a: *mut c_void, n: size_t, advice: c_int) -> c_int,
+    -1
+);
+real!(
     real_msync,
     "msync",
     fn(a: *mut c_void, n: size_t, f: c_int) -> c_int,
@@ -851,6 +857,17 @@ pub unsafe extern "C" fn mprotect(a: *mut c_void, n: size_t, p: c_int) -> c_int 
         return -1;
     }
     real_mprotect(a, n, p)
+}
+
+/// # Safety
+/// As madvise(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn madvise(a: *mut c_void, n: size_t, advice: c_int) -> c_int {
+    if let Some(Some(e)) = library(|| crate::maps::madvise_refused(a as usize, n, advice)) {
+        set_errno(e);
+        return -1;
+    }
+    real_madvise(a, n, advice)
 }
 
 /// # Safety
