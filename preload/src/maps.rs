@@ -156,7 +156,10 @@ fn map(t: &Arc<Tracked>, len: usize, prot: i32, flags: i32, off: i64) -> Option<
         };
     let addr = handed.addr();
     let live = vec![(addr, addr + handed.len())];
-    let mut all = served()?; // dropping `handed` then only ends its hold on the lease
+    let Some(mut all) = served() else {
+        handed.withdraw();
+        return None;
+    };
     all.push(Served {
         handed,
         live,

@@ -1162,6 +1162,12 @@ impl HandedMapping {
         self.mapping.huge_aligned
     }
 
+    /// Unmaps a mapping that was never handed to the program after all (nobody else knows
+    /// its address), ending its hold on the lease.
+    pub fn withdraw(mut self) {
+        self.mapping.handed = false; // its Drop unmaps the range, which is still ours
+    }
+
     /// Makes stores to bytes `at..at + n` (relative to [`HandedMapping::addr`]) durable, as
     /// [`DaxMapping::persist`] does. A private mapping has nothing to persist.
     ///
