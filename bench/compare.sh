@@ -214,7 +214,41 @@ w_par() { # $2 threads, each writing 4 KiB blocks at random into a new file of i
 }
 w_warm() { fio_run "$1/seq.dat" --rw=read --bs=1m --size=$FILE_SIZE --invalidate=0 >/dev/null; }
 w_reread() { fio_run "$1/seq.dat" --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based --invalidate=0 | fio_read_kiops; }
-w_mmap() { fio_run "$1/seq.dat" --ioengine=mmap --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based | fio_read_kiops; }
+# fio's mmap job. Under the preload library (FIO_ENV set) also samples, 70% into the run,
+# the PMD-mapped share of the fio processes' mappings of the pmem image into $WORK/pmd.
+w_mmap() {
+    rm -f "$WORK/pmd"
+    fio_run "$1/seq.dat" --ioengine=mmap --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" \
+        --time_based >"$WORK/mmap.out" &
+    local pid=$!
+    if [ ${#FIO_ENV[@]} -gt 0 ]; then
+        sleep "$(awk -v t="$RUNTIME" 'BEGIN {print t * 0.7}')"
+        pmd_share "$PMEM_IMG" $(descendants "$pid") >"$WORK/pmd"
+    fi
+    wait "$pid" || return 1
+    fio_read_kiops <"$WORK/mmap.out"
+}
+descendants() { # pid: its child processes, recursively
+    local c
+    for c in $(pgrep -P "$1"); do
+        echo "$c"
+        descendants "$c"
+    done
+}
+# pmd_share IMAGE PID...: the share (%) of the resident bytes of the processes' mappings of
+# IMAGE that are mapped by 2 MiB page-table entries (smaps ShmemPmdMapped/FilePmdMapped over
+# Rss, as bench/dax-hugepages.sh reads them). Only touched pages are resident: the library's
+# own whole-file mapping for served read(2) (no Rss while fio loads through its mmap) counts
+# for nothing either way.
+pmd_share() {
+    local img=$1
+    shift
+    for p in "$@"; do cat "/proc/$p/smaps" 2>/dev/null; done | awk -v img="$img" '
+        /^[0-9a-f]+-[0-9a-f]+ / { inside = ($6 == img); next }
+        inside && /^Rss:/ { rss += $2 }
+        inside && (/^ShmemPmdMapped:/ || /^FilePmdMapped:/) { pmd += $2 }
+        END { if (rss > 0) printf "%.1f\n", 100 * pmd / rss }'
+}
 w_append() {
     rm -f "$1/append.dat"
     fio_run "$1/append.dat" --rw=write --bs=4k --fdatasync=1 --size=512m --runtime="$RUNTIME" | fio_write_kiops
@@ -245,7 +279,7 @@ run_round() { # label dir: every workload once
     measure "$fs" seqread w_seqread "$d"
     measure "$fs" randread1 w_randread "$d" 1
     measure "$fs" randread2 w_randread "$d" 2
-    measure "$fs" mmapread w_mmap "$d"
+    measure "$fs" mmapread w_mmap "$d" && [ -s "$WORK/pmd" ] && add "$fs" mmappmd "$(cat "$WORK/pmd")"
     measure "$fs" randwrite w_randwrite "$d"
     measure "$fs" par1write w_par "$d" 1
     measure "$fs" par4write w_par "$d" 4
@@ -335,9 +369,25 @@ setup_pmfs-direct() { setup_pmfs cache=direct; }
 setup_pmfs-page() { setup_pmfs cache=page; }
 setup_pmfs-nospin() { setup_pmfs cache=direct,spin=0; }
 setup_pmfs-writeback() { setup_pmfs cache=writeback; }
-# Only the fio jobs run under the library (the metadata workloads and tar do not).
-setup_pmfs-direct-preload() { setup_pmfs cache=direct && FIO_ENV=("LD_PRELOAD=$PRELOAD_LIB"); }
-teardown_pmfs-direct-preload() { FIO_ENV=(); pmfs_umount; }
+# Only the fio jobs run under the library (the metadata workloads and tar do not). The image
+# lives on a tmpfs mounted huge=always, so that the library's direct mappings of 2 MiB-aligned
+# extents can be PMD-mapped (as on a devdax or fsdax namespace of real pmem); the /dev/shm
+# image of the other columns is removed meanwhile (memory), and made again after.
+HUGE_IMG_DIR=$MNTROOT/pmfs-image-huge # sorts after $MNTROOT/pmfs: unmount_all's order
+setup_pmfs-direct-preload() {
+    rm -f "$PMEM_IMG"
+    mkdir -p "$HUGE_IMG_DIR" &&
+        mount -t tmpfs -o "huge=always,size=$(($(numfmt --from=iec "$PMEM_SIZE") / 1048576 + 64))M" \
+            pmfs-huge "$HUGE_IMG_DIR" &&
+        PMEM_IMG=$HUGE_IMG_DIR/pmem.img && setup_pmfs cache=direct && FIO_ENV=("LD_PRELOAD=$PRELOAD_LIB")
+}
+teardown_pmfs-direct-preload() {
+    FIO_ENV=()
+    pmfs_umount
+    rm -f "$PMEM_IMG"
+    umount "$HUGE_IMG_DIR"
+    PMEM_IMG=$WORK/pmem.img
+}
 teardown_pmfs-direct() { pmfs_umount; }
 teardown_pmfs-page() { pmfs_umount; }
 teardown_pmfs-nospin() { pmfs_umount; }
@@ -467,6 +517,7 @@ declare -a ROWS=(
     "par4write|4 KiB rand write, new files, 4 threads|kIOPS|hi"
     "reread|4 KiB rand re-read (warm)|kIOPS|hi"
     "mmapread|mmap 4 KiB rand read|kIOPS|hi"
+    "mmappmd|mmap: PMD-mapped share of the resident mapping|%|hi"
     "append|4 KiB append+fdatasync|kIOPS|hi"
     "create|create (20k, 1 dir)|ops/s|hi"
     "stat|stat, cold (20k)|ops/s|hi"

@@ -46,6 +46,8 @@ struct Stats {
     tracked: u64,
     served_reads: u64,
     served_writes: u64,
+    served_mmaps: u64,
+    real_mmaps: u64,
 }
 
 fn stats_of(file: &Path) -> Stats {
@@ -64,6 +66,8 @@ fn stats_of(file: &Path) -> Stats {
         s.tracked += get("tracked");
         s.served_reads += get("served_reads");
         s.served_writes += get("served_writes");
+        s.served_mmaps += get("served_mmaps");
+        s.real_mmaps += get("real_mmaps");
     }
     s
 }
@@ -199,8 +203,8 @@ fn unmodified_programs_give_the_same_results_and_are_served() {
         let (plain, pre, st) = both_ways(tmp.path(), "python3", &["-c", &script]);
         assert_eq!(plain, pre, "python3 differs under the library");
         assert!(
-            st.served_reads > 0,
-            "python3's read() was not served: {st:?}"
+            st.served_reads > 0 && st.served_mmaps > 0,
+            "python3's read() and mmap were not served: {st:?}"
         );
         assert!(String::from_utf8_lossy(&pre).contains("hello"), "{pre:?}");
         assert_eq!(fs::read(&f).unwrap(), expected);
@@ -213,7 +217,8 @@ fn unmodified_programs_give_the_same_results_and_are_served() {
 /// each, so a test can interleave its own (plain) operations with served calls:
 /// `p OFF LEN` pread, `r LEN` read at the offset, `s OFF` lseek, `w OFF LEN BYTE` pwrite,
 /// `d` replace the fd by a dup of it, `e OFF LEN` pread with errno set to 1234 first (the
-/// reply shows errno after), `c SECS` race mode (see the race test), `q` quit.
+/// reply shows errno after), `c SECS` race mode (see the race test), `x OFF MS` writes
+/// racing chattr (see the chattr test), `q` quit.
 const PROBE_C: &str = r#"
 #define _GNU_SOURCE
 #include <errno.h>
@@ -323,6 +328,19 @@ int main(int argc, char **argv) {
             waitpid(pid, &status, 0);
             long n = read(fd, buf, a);
             printf("parent %ld %llx\n", n, n > 0 ? fnv(buf, n) : 0ULL);
+        } else if (!strcmp(cmd, "x") && scanf("%lld %lld", &a, &b) == 2) {
+            /* `x OFF MS`: pwrites 64 bytes of value k & 255 (k = 1, 2, ...) at OFF for MS
+               ms or until one fails; prints the last k that returned 64 and the errno of
+               the failure (0: none). */
+            double end = now() + b / 1000.0;
+            long long k = 0;
+            int err = 0;
+            while (now() < end) {
+                memset(buf, (int)((k + 1) & 255), 64);
+                if (pwrite(fd, buf, 64, a) != 64) { err = errno; break; }
+                k++;
+            }
+            printf("last %lld errno %d\n", k, err);
         } else if (!strcmp(cmd, "q")) {
             return 0;
         } else {
@@ -335,13 +353,18 @@ int main(int argc, char **argv) {
 "#;
 
 fn compile_probe(dir: &Path) -> PathBuf {
-    let src = dir.join("probe.c");
-    let exe = dir.join("probe");
-    fs::write(&src, PROBE_C).unwrap();
+    compile_c(dir, "probe", PROBE_C)
+}
+
+/// Compiles C program `src` as `dir/name`.
+fn compile_c(dir: &Path, name: &str, src: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.c"));
+    let exe = dir.join(name);
+    fs::write(&path, src).unwrap();
     let out = Command::new("cc")
         .args(["-O2", "-Wall", "-pthread", "-o"])
         .arg(&exe)
-        .arg(&src)
+        .arg(&path)
         .output()
         .expect("this test needs a C compiler (cc)");
     assert!(out.status.success(), "cc: {out:?}");
@@ -641,4 +664,630 @@ fn threads_dups_and_forks_are_served_correctly() {
     let st = stats_of(&stats);
     // 80,000 preads in the threads; read(2) after the fork goes to the kernel.
     assert!(st.served_reads >= 80_000, "{st:?}");
+}
+
+/// A C program that maps pmfs files (`mapper steps DIR`, `mapper hold FILE`, `mapper
+/// writer FILE`; see each function's comment).
+const MAPPER_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static unsigned long long fnv(const unsigned char *p, long n) {
+    unsigned long long h = 1469598103934665603ULL;
+    for (long i = 0; i < n; i++) { h ^= p[i]; h *= 1099511628211ULL; }
+    return h;
+}
+#define MIB (1L << 20)
+#define CHECK(c) do { if (!(c)) { printf("FAILED %s line %d errno %d\n", #c, __LINE__, errno); return 1; } } while (0)
+
+/* `steps DIR`: files DIR/shared (6 MiB + 100, written), DIR/sparse (a hole), DIR/ro. */
+static int steps(const char *dir) {
+    char p[4096];
+    static unsigned char buf[8 << 20];
+    snprintf(p, sizeof p, "%s/shared", dir);
+    int fd = open(p, O_RDWR);
+    CHECK(fd >= 0);
+    long size = 6 * MIB + 100;
+    unsigned char *m = mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("shared contents %llx\n", fnv(m, size));
+    memcpy(m, "first", 5);
+    memcpy(m + 2 * MIB + 7, "middle", 6);
+    memcpy(m + size - 5, "last!", 5);
+    CHECK(msync(m, size, MS_SYNC) == 0);
+    CHECK(pread(fd, buf, size, 0) == size);
+    printf("pread after msync %llx\n", fnv(buf, size));
+    /* partial munmap: the middle 2 MiB go, both ends stay usable */
+    CHECK(munmap(m + 2 * MIB, 2 * MIB) == 0);
+    memcpy(m + 4096, "stillmapped", 11);
+    CHECK(msync(m, 2 * MIB, MS_SYNC) == 0);
+    memcpy(m + 4 * MIB + 1, "tail", 4);
+    CHECK(msync(m + 4 * MIB, 2 * MIB + 4096, MS_SYNC) == 0);
+    errno = 0;
+    int r = msync(m + 2 * MIB, 4096, MS_SYNC);
+    printf("msync of the hole: %d errno %d\n", r, errno);
+    errno = 0;
+    r = msync(m + 1, 4096, MS_SYNC);
+    printf("unaligned msync: %d errno %d\n", r, errno);
+    CHECK(munmap(m, 2 * MIB) == 0);
+    /* close before unmap: the mapping lives on */
+    close(fd);
+    memcpy(m + 5 * MIB, "afterclose", 10);
+    CHECK(msync(m + 4 * MIB, 4096 + 2 * MIB, MS_SYNC) == 0);
+    CHECK(munmap(m + 4 * MIB, 2 * MIB + 4096) == 0);
+
+    fd = open(p, O_RDWR);
+    CHECK(fd >= 0);
+    /* MAP_PRIVATE: stores stay in this process */
+    unsigned char *q = mmap(0, 3 * MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    CHECK(q != MAP_FAILED);
+    memcpy(q + 10, "PRIVATE", 7);
+    CHECK(pread(fd, buf, 20, 0) == 20);
+    printf("private: mapping %llx file %llx\n", fnv(q, 20), fnv(buf, 20));
+    CHECK(munmap(q, 3 * MIB) == 0);
+    /* fork: the child stores through the inherited shared mapping */
+    m = mmap(0, 4 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    pid_t pid = fork();
+    if (pid == 0) {
+        memcpy(m + 3 * MIB, "fromchild", 9);
+        msync(m + 3 * MIB, 4096, MS_SYNC);
+        _exit(0);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    printf("after fork: %.9s\n", m + 3 * MIB);
+
+    CHECK(munmap(m, 4 * MIB) == 0);
+    /* past the end of the file: the kernel's mapping either way */
+    m = mmap(0, 8 * MIB, PROT_READ, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("long mapping reads %.5s\n", m);
+    CHECK(munmap(m, 8 * MIB) == 0);
+    close(fd);
+
+    /* a sparse file: the shared mapping allocates the hole, reads see zeros first */
+    snprintf(p, sizeof p, "%s/sparse", dir);
+    fd = open(p, O_RDWR);
+    CHECK(fd >= 0);
+    m = mmap(0, 4 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("hole reads %llx\n", fnv(m, 4 * MIB));
+    memcpy(m + 3 * MIB + 3, "inthehole", 9);
+    CHECK(msync(m, 4 * MIB, MS_SYNC) == 0);
+    CHECK(munmap(m, 4 * MIB) == 0);
+    CHECK(pread(fd, buf, 4 * MIB, 0) == 4 * MIB);
+    printf("sparse file %llx\n", fnv(buf, 4 * MIB));
+    close(fd);
+
+    /* truncated inside a page: the mapping's bytes past the end of file read as zeros */
+    snprintf(p, sizeof p, "%s/tail", dir);
+    fd = open(p, O_RDWR | O_CREAT, 0644);
+    CHECK(fd >= 0);
+    memset(buf, 'T', 4096);
+    CHECK(pwrite(fd, buf, 4096, 0) == 4096);
+    CHECK(ftruncate(fd, 16) == 0);
+    m = mmap(0, 16, PROT_READ, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("last page after truncate %llx\n", fnv(m, 4096));
+    CHECK(munmap(m, 16) == 0);
+    close(fd);
+
+    /* read-only descriptor: no PROT_WRITE on a shared mapping, now or later */
+    snprintf(p, sizeof p, "%s/ro", dir);
+    fd = open(p, O_RDONLY);
+    CHECK(fd >= 0);
+    errno = 0;
+    m = mmap(0, 2 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    printf("rw map of a read-only fd: %s errno %d\n", m == MAP_FAILED ? "refused" : "mapped", errno);
+    m = mmap(0, 2 * MIB, PROT_READ, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("ro contents %llx\n", fnv(m, 2 * MIB));
+    errno = 0;
+    r = mprotect(m, 4096, PROT_READ | PROT_WRITE);
+    printf("mprotect write: %d errno %d\n", r, errno);
+    CHECK(munmap(m, 2 * MIB) == 0);
+    close(fd);
+    return 0;
+}
+
+/* `hold FILE`: maps the first 8 MiB shared, says "mapped", and after a line on stdin
+   (another process truncated the file and filled other files with 'Z') counts the bytes of
+   the mapping past 4 KiB that are not 'A', stores past the new end, says so and exits. */
+static int hold(const char *path) {
+    int fd = open(path, O_RDWR);
+    CHECK(fd >= 0);
+    unsigned char *m = mmap(0, 8 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    printf("mapped\n");
+    fflush(stdout);
+    char line[64];
+    CHECK(fgets(line, sizeof line, stdin));
+    long other = 0, zeds = 0;
+    for (long i = 4096; i < 8 * MIB; i++) {
+        other += m[i] != 'A';
+        zeds += m[i] == 'Z';
+    }
+    memset(m + 8192, 'S', 4096);
+    CHECK(msync(m, 8 * MIB, MS_SYNC) == 0);
+    CHECK(munmap(m, 8 * MIB) == 0);
+    printf("not-A %ld Z %ld\n", other, zeds);
+    return 0;
+}
+
+/* `writer FILE`: forever, record k goes to 4 KiB slot k % 1024 of the file (written, at
+   least 4 MiB): alternately stored through a shared mapping and msynced, or pwritten;
+   "ok K" once the call returned. Record: 8 bytes k, then 4088 bytes (k * 7) & 255. */
+static int writer(const char *path) {
+    int fd = open(path, O_RDWR);
+    CHECK(fd >= 0);
+    unsigned char *m = mmap(0, 4 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(m != MAP_FAILED);
+    unsigned char rec[4096];
+    for (unsigned long long k = 1;; k++) {
+        long slot = k % 1024;
+        memcpy(rec, &k, 8);
+        memset(rec + 8, (int)((k * 7) & 255), sizeof rec - 8);
+        if (k % 2) {
+            memcpy(m + slot * 4096, rec, sizeof rec);
+            CHECK(msync(m + slot * 4096, 4096, MS_SYNC) == 0);
+        } else {
+            CHECK(pwrite(fd, rec, sizeof rec, slot * 4096) == sizeof rec);
+        }
+        printf("ok %llu\n", k);
+        fflush(stdout);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "steps")) return steps(argv[2]);
+    if (argc == 3 && !strcmp(argv[1], "hold")) return hold(argv[2]);
+    if (argc == 3 && !strcmp(argv[1], "writer")) return writer(argv[2]);
+    fprintf(stderr, "usage: mapper steps DIR | hold FILE | writer FILE\n");
+    return 2;
+}
+"#;
+
+/// Runs `exe args`, plain or under the library (counters to `stats`), bounded by `T`;
+/// returns its stdout.
+fn run_bounded(exe: &Path, args: &[&Path], stats: Option<&Path>) -> String {
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(stats) = stats {
+        cmd.env("LD_PRELOAD", library())
+            .env("PMFS_DIRECT_STATS", stats);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + T;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{exe:?} {args:?} did not finish within {T:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{exe:?} {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn mmap_munmap_msync_fork_and_close_behave_as_without_the_library() {
+    assert!(can_mount());
+    let img = Image::new("preload-mmap", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_c(tmp.path(), "mapper", MAPPER_C);
+    let stats = tmp.path().join("stats");
+    let shared = pattern(5, (6 * MIB + 100) as usize);
+    let mut outputs = Vec::new();
+    for preload in [false, true] {
+        let dir = m.path(if preload { "preloaded" } else { "plain" });
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("shared"), &shared).unwrap();
+        fs::File::create(dir.join("sparse"))
+            .unwrap()
+            .set_len(4 * MIB)
+            .unwrap();
+        fs::write(dir.join("ro"), &shared[..(2 * MIB) as usize]).unwrap();
+        let out = run_bounded(
+            &exe,
+            &[Path::new("steps"), &dir],
+            preload.then_some(&*stats),
+        );
+        assert!(!out.contains("FAILED"), "preloaded: {preload}: {out}");
+        outputs.push((
+            out,
+            fs::read(dir.join("shared")).unwrap(),
+            fs::read(dir.join("sparse")).unwrap(),
+        ));
+    }
+    assert_eq!(
+        outputs[0].0, outputs[1].0,
+        "the program saw different things"
+    );
+    assert!(outputs[0].1 == outputs[1].1, "the shared file differs");
+    assert!(outputs[0].2 == outputs[1].2, "the sparse file differs");
+    assert!(
+        outputs[1].0.contains("after fork: fromchild"),
+        "{}",
+        outputs[1].0
+    );
+    let st = stats_of(&stats);
+    // Served: the shared, private, forked, sparse, truncated and read-only mappings; the
+    // kernel's: the one past the end of the file and the refused PROT_WRITE of a read-only
+    // fd.
+    assert!(
+        st.served_mmaps == 6 && st.real_mmaps == 2,
+        "mappings were not served as expected: {st:?}"
+    );
+}
+
+#[test]
+fn a_mapping_never_shows_another_files_data_after_a_truncate_by_another_process() {
+    assert!(can_mount());
+    let img = Image::new("preload-mmap-truncate", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_c(tmp.path(), "mapper", MAPPER_C);
+    let stats = tmp.path().join("stats");
+    let path = m.path("held");
+    fs::write(&path, vec![b'A'; (8 * MIB) as usize]).unwrap();
+    let mut child = Command::new(&exe)
+        .arg("hold")
+        .arg(&path)
+        .env("LD_PRELOAD", library())
+        .env("PMFS_DIRECT_STATS", &stats)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, replies) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(replies.recv_timeout(T).unwrap(), "mapped");
+    // Truncate while mapped, then fill the space the file gave up with other files.
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let others: Vec<PathBuf> = (0..3).map(|i| m.path(&format!("other{i}"))).collect();
+    for o in &others {
+        fs::write(o, vec![b'Z'; (48 * MIB) as usize]).unwrap();
+    }
+    writeln!(stdin, "go").unwrap();
+    drop(stdin);
+    let reply = replies.recv_timeout(T).unwrap();
+    assert!(child.wait().unwrap().success());
+    // The mapping kept showing the blocks it mapped (the truncated file's old bytes): never
+    // the other files' data; its stores past the new end reached no file.
+    assert_eq!(reply, "not-A 0 Z 0");
+    assert_eq!(fs::read(&path).unwrap(), vec![b'A'; 4096]);
+    for o in &others {
+        assert!(
+            fs::read(o).unwrap().iter().all(|&b| b == b'Z'),
+            "{o:?} shows a store made through another file's mapping"
+        );
+    }
+    assert_eq!(stats_of(&stats).served_mmaps, 1);
+}
+
+#[test]
+fn killing_a_writer_under_the_library_loses_no_returned_write() {
+    assert!(can_mount());
+    let img = Image::new("preload-kill9", 256 * MIB);
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_c(tmp.path(), "mapper", MAPPER_C);
+    const SLOTS: u64 = 1024;
+    for round in 0..3u64 {
+        let m = Mount::new(&img, "");
+        let name = format!("records{round}");
+        let path = m.path(&name);
+        fs::write(&path, vec![0u8; (SLOTS * 4096) as usize]).unwrap();
+        let mut child = Command::new(&exe)
+            .arg("writer")
+            .arg(&path)
+            .env("LD_PRELOAD", library())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        // The writer's acknowledgements, read as they come; the watchdog: an
+        // acknowledgement at least every 10 s, and the kill after 300 + 700 * round ms.
+        let (tx, acks) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let k: u64 = line.strip_prefix("ok ").unwrap().parse().unwrap();
+                if tx.send(k).is_err() {
+                    break;
+                }
+            }
+        });
+        let kill_at = Instant::now() + Duration::from_millis(300 + 700 * round);
+        let mut acked = 0u64;
+        while Instant::now() < kill_at {
+            match acks.recv_timeout(Duration::from_secs(10)) {
+                Ok(k) => acked = k,
+                Err(e) => panic!("the writer made no progress for 10 s: {e}"),
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Acknowledgements already written before the kill count too.
+        while let Ok(k) = acks.recv_timeout(Duration::from_millis(200)) {
+            acked = k;
+        }
+        assert!(acked > 100, "round {round}: only {acked} writes returned");
+        // The daemon dies too: recovery at the next mount must keep every returned write.
+        let mut m = m;
+        let mut daemon = m.child.take().unwrap();
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        drop(m);
+        let m = Mount::new(&img, "");
+        let data = fs::read(m.path(&name)).unwrap();
+        assert_eq!(data.len() as u64, SLOTS * 4096);
+        // Record acked + 1 may have been under way (stored in part) when the writer died.
+        let in_flight = (acked + 1) % SLOTS;
+        for slot in (0..SLOTS).filter(|&s| s != in_flight) {
+            let rec = &data[(slot * 4096) as usize..((slot + 1) * 4096) as usize];
+            let k = u64::from_le_bytes(rec[..8].try_into().unwrap());
+            // The last returned write of this slot: the largest l <= acked, l % SLOTS ==
+            // slot, l > 0.
+            let l = (acked / SLOTS) * SLOTS + slot;
+            let l = if l > acked {
+                l.checked_sub(SLOTS)
+            } else {
+                Some(l)
+            };
+            let want = l.filter(|&l| l > 0).unwrap_or(0);
+            assert_eq!(k, want, "round {round}: slot {slot} (acked up to {acked})");
+            let fill = if k == 0 { 0 } else { ((k * 7) & 255) as u8 };
+            assert!(
+                rec[8..].iter().all(|&b| b == fill),
+                "round {round}: record {k} is not what was written"
+            );
+        }
+        m.unmount();
+    }
+}
+
+/// Runs `program args` with `input` on stdin, plain or under the library (counters to
+/// `stats`); returns stdout.
+fn run_with_input(program: &str, args: &[&str], input: &str, stats: Option<&Path>) -> String {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(stats) = stats {
+        cmd.env("LD_PRELOAD", library())
+            .env("PMFS_DIRECT_STATS", stats);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{program} {args:?} (preloaded: {}): {out:?}",
+        stats.is_some()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn python_mmap_and_sqlite_give_the_same_results_under_the_library() {
+    assert!(can_mount());
+    let img = Image::new("preload-programs", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let has = |program: &str, arg: &str| {
+        Command::new(program)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        has("python3", "-V"),
+        "this test needs python3 (its mmap and sqlite3 modules)"
+    );
+    // python3: stores through a shared mapping (a 2 MiB-aligned 4 MiB + 10 file, and a
+    // private one that must not reach the file), then cat reads the file back, plain and
+    // preloaded.
+    let script = "import mmap, sys, hashlib\n\
+                  f = open(sys.argv[1], 'r+b')\n\
+                  m = mmap.mmap(f.fileno(), 0)\n\
+                  before = hashlib.sha256(m[:]).hexdigest()\n\
+                  for i in range(0, len(m) - 16, 65536):\n\
+                  \x20   m[i:i + 16] = b'stored-by-mmap%02d' % (i // 65536 % 100)\n\
+                  m.flush()\n\
+                  m.resize(len(m) + 3 * 1048576)\n\
+                  m[-9:] = b'resized!!'\n\
+                  m.flush()\n\
+                  p = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)\n\
+                  p[0:7] = b'private'\n\
+                  p.close()\n\
+                  m.close()\n\
+                  f.close()\n\
+                  print(before)\n";
+    let data = pattern(21, (4 * MIB + 10) as usize);
+    let mut results = Vec::new();
+    for preload in [false, true] {
+        let stats = tmp.path().join(format!("stats-python-{preload}"));
+        let file = m.path(&format!("py-{preload}"));
+        fs::write(&file, &data).unwrap();
+        let f = file.to_str().unwrap();
+        let out = run_with_input(
+            "python3",
+            &["-c", script, f],
+            "",
+            preload.then_some(&*stats),
+        );
+        let cat = Command::new("cat").arg(&file).output().unwrap().stdout;
+        let (_, cat_pre, cat_st) = both_ways(tmp.path(), "cat", &[f]);
+        assert!(cat == cat_pre, "cat reads other bytes under the library");
+        assert!(cat_st.served_reads > 0, "cat was not served: {cat_st:?}");
+        if preload {
+            let st = stats_of(&stats);
+            // The mapping, its resize (mapped afresh) and the private one.
+            assert_eq!(
+                st.served_mmaps, 3,
+                "python3's mappings were not served: {st:?}"
+            );
+        }
+        results.push((out, cat));
+    }
+    assert_eq!(results[0].0, results[1].0);
+    assert!(
+        results[0].1 == results[1].1,
+        "the files differ after python3's stores"
+    );
+    assert!(results[1].1.starts_with(b"stored-by-mmap00"));
+    assert!(results[1].1.ends_with(b"resized!!"));
+
+    // sqlite3 with memory-mapped I/O and a WAL (whose -shm index is a shared mapping): the
+    // command-line shell if installed, else python3's sqlite3 module.
+    let sql = "PRAGMA mmap_size = 268435456;\n\
+               PRAGMA journal_mode = WAL;\n\
+               CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, v REAL);\n\
+               WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000)\n\
+               INSERT INTO t SELECT x, printf('name-%08d', x * 7919 % 20011), x * 0.5 FROM c;\n\
+               CREATE INDEX t_name ON t (name);\n\
+               UPDATE t SET v = v * 3 WHERE id % 7 = 0;\n\
+               DELETE FROM t WHERE id % 11 = 0;\n\
+               PRAGMA wal_checkpoint(TRUNCATE);\n\
+               SELECT count(*), sum(v), min(name), max(name) FROM t;\n\
+               SELECT name FROM t WHERE name LIKE 'name-0000%' ORDER BY name LIMIT 5;\n\
+               PRAGMA integrity_check;\n";
+    let shell = has("sqlite3", "-version");
+    eprintln!(
+        "sqlite: {}",
+        if shell {
+            "the sqlite3 shell"
+        } else {
+            "python3's sqlite3 module"
+        }
+    );
+    let mut outs = Vec::new();
+    for preload in [false, true] {
+        let stats = tmp.path().join(format!("stats-sqlite-{preload}"));
+        let db = m.path(&format!("db-{preload}.sqlite"));
+        let db = db.to_str().unwrap();
+        let out = if shell {
+            run_with_input("sqlite3", &[db], sql, preload.then_some(&*stats))
+        } else {
+            let py = "import sqlite3, sys\n\
+                      c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                      for stmt in sys.stdin.read().split(';\\n'):\n\
+                      \x20   if stmt.strip():\n\
+                      \x20       for row in c.execute(stmt):\n\
+                      \x20           print('|'.join(map(str, row)))\n";
+            run_with_input("python3", &["-c", py, db], sql, preload.then_some(&*stats))
+        };
+        if preload {
+            let st = stats_of(&stats);
+            assert!(
+                st.served_mmaps > 0 && st.served_reads > 0,
+                "sqlite was not served: {st:?}"
+            );
+        }
+        outs.push(out);
+    }
+    assert_eq!(
+        outs[0], outs[1],
+        "sqlite answers differently under the library"
+    );
+    assert!(outs[1].contains("18182|"), "{}", outs[1]);
+    assert!(outs[1].trim_end().ends_with("ok"), "{}", outs[1]);
+}
+
+#[test]
+fn served_writes_racing_chattr_immutable_land_before_it_or_not_at_all() {
+    assert!(can_mount());
+    let img = Image::new("preload-chattr-race", 128 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_probe(tmp.path());
+    let path = m.path("pinned");
+    fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    let stats = tmp.path().join("stats");
+    let mut p = Probe::start(&exe, &path, Some(&stats));
+    let at = 8192u64;
+    let read64 = || {
+        let mut b = [0u8; 64];
+        fs::File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut b, at)
+            .unwrap();
+        b
+    };
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr")
+            .arg(flag)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr {flag}");
+    };
+    for round in 0..20u64 {
+        writeln!(p.stdin, "x {at} 400").unwrap();
+        p.stdin.flush().unwrap();
+        // chattr +i somewhere inside the writer's 400 ms.
+        std::thread::sleep(Duration::from_millis(50 + round * 13 % 300));
+        chattr("+i");
+        let after_chattr = read64();
+        let reply = p
+            .replies
+            .recv_timeout(T)
+            .expect("the writer did not finish");
+        let words: Vec<&str> = reply.split_whitespace().collect();
+        let last: u64 = words[1].parse().unwrap();
+        let errno: i32 = words[3].parse().unwrap();
+        let now = read64();
+        chattr("-i");
+        assert_eq!(errno, libc::EPERM, "round {round}: {reply}");
+        assert_eq!(
+            now, after_chattr,
+            "round {round}: the file changed after chattr +i returned"
+        );
+        assert!(
+            now.iter().all(|&b| b == (last & 255) as u8),
+            "round {round}: the file holds {:?}, the last write that returned wrote {}",
+            &now[..4],
+            last & 255
+        );
+    }
+    p.quit();
+    let st = stats_of(&stats);
+    assert!(
+        st.served_writes > 1000,
+        "the writes were not served: {st:?}"
+    );
 }

@@ -19,7 +19,9 @@
 # the binaries from elsewhere, no build); PMFS_IMAGE_SIZE (default 4G); PMFS_IMAGE_SPARSE=1
 # (sparse images, mkfs.pmfs --sparse: memory is used only as pmfs writes, instead of 2 x 4 GiB
 # up front, and FITRIM is supported: it needs a sparse image);
-# PMFS_LOCAL_CONFIG (default: local.config next to this script).
+# PMFS_LOCAL_CONFIG (default: local.config next to this script); PMFS_PRELOAD=/path/to/
+# libpmfs_direct.so runs the tests (every program check starts) under the preload library,
+# the daemon not (PMFS_DIRECT_STATS is passed on: e.g. =/tmp/stats sums what it served).
 set -u
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -153,6 +155,8 @@ cat >"$helper.tmp.$$" <<EOF
 #   mount.fuse.pmfs DEVICE MOUNTPOINT [-o OPTIONS]
 # The daemon serves everyone: it must not inherit the mounting shell's file-size limit.
 ulimit -f unlimited 2>/dev/null
+# Nor the preload library of a PMFS_PRELOAD run: it is for the programs under test.
+unset LD_PRELOAD
 exec $PMFS "\$@"
 EOF
 chmod 755 "$helper.tmp.$$" && mv -f "$helper.tmp.$$" "$helper" || die "cannot install $helper"
@@ -172,7 +176,13 @@ mkdir -p "$XFSTESTS_DIR/results"
 log=$XFSTESTS_DIR/results/pmfs-run.$(date +%Y%m%d-%H%M%S).log
 echo "run.sh: $("$PMFS" --version 2>/dev/null | head -1) from $origin; ${#tests[@]} tests; log: $log"
 start=$(date +%s)
-(cd "$XFSTESTS_DIR" && HOST_OPTIONS=$config ./check -E "$here/exclude" "${tests[@]}") 2>&1 | tee "$log"
+preload=()
+if [ -n "${PMFS_PRELOAD:-}" ]; then
+	[ -f "$PMFS_PRELOAD" ] || die "PMFS_PRELOAD: $PMFS_PRELOAD: no such file"
+	preload=("LD_PRELOAD=$(cd "$(dirname "$PMFS_PRELOAD")" && pwd)/$(basename "$PMFS_PRELOAD")")
+	echo "run.sh: the tests run under ${preload[0]}"
+fi
+(cd "$XFSTESTS_DIR" && env "${preload[@]}" HOST_OPTIONS="$config" ./check -E "$here/exclude" "${tests[@]}") 2>&1 | tee "$log"
 end=$(date +%s)
 
 # --- 5. the counts, then fsck ------------------------------------------------------------

@@ -1,11 +1,12 @@
 //! `libpmfs_direct.so`: `LD_PRELOAD=libpmfs_direct.so program` serves read(2)/pread(2)/
 //! readv(2) and overwriting write(2)/pwrite(2) of files on pmfs mounts straight from a direct
-//! mapping of the device, with no FUSE round trip. Everything else, and every call it cannot
+//! mapping of the device, with no FUSE round trip, and answers mmap(2) of them with direct
+//! mappings of their extents (`maps.rs`). Everything else, and every call it cannot
 //! prove safe to serve, goes to the real libc function unchanged (README: "Direct access for
 //! unmodified programs").
 //!
 //! Layout of the crate: this file holds the logic (which fds are tracked, what a served call
-//! does) in safe code; `sys.rs` holds every `unsafe` line: the exported interposers, the
+//! does) and `maps.rs` that of mappings, in safe code; `sys.rs` holds every `unsafe` line: the exported interposers, the
 //! `dlsym(RTLD_NEXT)` look-ups of the real functions, raw buffers, errno, the constructor.
 //!
 //! How it decides (per call, in this order):
@@ -28,6 +29,7 @@
 //!   since the open (a forked child shares the offset) and no other thread of this process is
 //!   inside a served read/write of the same open file.
 
+mod maps;
 mod sys;
 
 use pmfs::dax::{DaxMapping, ENTRY_UNWRITTEN, MapEntry, StateSnapshot, StateTable};
@@ -72,6 +74,8 @@ struct Stats {
     real_writes: AtomicU64,
     refreshes: AtomicU64,
     touches: AtomicU64,
+    served_mmaps: AtomicU64,
+    real_mmaps: AtomicU64,
 }
 
 static STATS: Stats = Stats {
@@ -85,6 +89,8 @@ static STATS: Stats = Stats {
     real_writes: AtomicU64::new(0),
     refreshes: AtomicU64::new(0),
     touches: AtomicU64::new(0),
+    served_mmaps: AtomicU64::new(0),
+    real_mmaps: AtomicU64::new(0),
 };
 
 fn count(c: &AtomicU64, n: u64) {
@@ -150,7 +156,7 @@ fn stats_line() -> Option<String> {
     Some(format!(
         "pmfs-direct: pid {} tracked {} untracked {} served_reads {} served_read_bytes {} \
          served_writes {} served_write_bytes {} real_reads {} real_writes {} refreshes {} \
-         touches {}\n",
+         touches {} served_mmaps {} real_mmaps {}\n",
         std::process::id(),
         g(&s.tracked),
         g(&s.untracked),
@@ -162,6 +168,8 @@ fn stats_line() -> Option<String> {
         g(&s.real_writes),
         g(&s.refreshes),
         g(&s.touches),
+        g(&s.served_mmaps),
+        g(&s.real_mmaps),
     ))
 }
 
@@ -207,6 +215,27 @@ impl View {
         let rel = usize::try_from(at - off).ok()?;
         buf[rel..].fill(0);
         Some(())
+    }
+
+    /// Where file bytes `off..end` live on the device, as (device offset, length) pieces;
+    /// `None` unless they all lie in written extents.
+    fn device_pieces(&self, off: u64, end: u64) -> Option<Vec<(u64, u64)>> {
+        if end <= off || !self.covers_written(off, end - off) {
+            return None;
+        }
+        let first = self
+            .entries
+            .partition_point(|e| e.file_offset.saturating_add(e.len) <= off);
+        let mut out = Vec::new();
+        for e in self.entries[first..]
+            .iter()
+            .take_while(|e| e.file_offset < end)
+        {
+            let from = e.file_offset.max(off);
+            let to = e.file_offset.saturating_add(e.len).min(end);
+            out.push((e.device_offset + (from - e.file_offset), to - from));
+        }
+        Some(out)
     }
 
     /// True when file bytes `off..off + n` (n > 0) all lie in written extents.
@@ -345,6 +374,22 @@ impl Tracked {
         None
     }
 
+    /// A snapshot of this file's published state once the change under way (if any) is
+    /// published: the daemon's changes are short, so this waits at most a few
+    /// milliseconds (bounded: `None` after that).
+    fn settled_snapshot(&self) -> Option<StateSnapshot> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(snap) = self.snapshot() {
+                return Some(snap);
+            }
+            if start.elapsed() > Duration::from_millis(100) {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// A snapshot of this file's published state, if it may be served from.
     fn snapshot(&self) -> Option<StateSnapshot> {
         let snap = self.state.snapshot(self.slot)?;
@@ -376,6 +421,49 @@ impl Tracked {
         if !self.writable || self.unserved_status() || data.is_empty() {
             return None;
         }
+        // A store under way from before the snapshot that allows it until it is done: a
+        // chattr +i/+a waits for it ([`StateTable::writer_enter`]).
+        self.state.writer_enter(self.slot);
+        let stored = self.store_at(data, off);
+        self.state.writer_leave(self.slot);
+        let (snap, view) = stored?;
+        if !self.state.unchanged(self.slot, snap.seq) && !self.store_stands(&view, off, data.len())
+        {
+            // The daemon changed the file meanwhile and moved these blocks (or could not
+            // be asked): the real call stores the same bytes wherever they live now.
+            return None;
+        }
+        view.used.store(true, Ordering::Relaxed);
+        count(&STATS.served_writes, 1);
+        count(&STATS.served_write_bytes, data.len() as u64);
+        self.stored();
+        Some(data.len())
+    }
+
+    /// After a store into `stored_in` raced a change of the file: true when the store is in
+    /// the file, i.e. the file's blocks for `off..off + n` (inside its size) are still the
+    /// ones stored into. While this lease lives the file's blocks are never handed to it
+    /// again once it gave them up (frees are deferred), so the same blocks now were the
+    /// file's all along. Whatever the change was, the write came first (a change that
+    /// forbids writes, chattr +i/+a, waited for the store: `StateTable::writer_enter`).
+    fn store_stands(&self, stored_in: &View, off: u64, n: usize) -> bool {
+        let Some(snap) = self.settled_snapshot() else {
+            return false;
+        };
+        let Some((now, view)) = self.current() else {
+            return false;
+        };
+        let end = off.saturating_add(n as u64);
+        now.generation >= snap.generation
+            && end <= now.size
+            && view
+                .device_pieces(off, end)
+                .is_some_and(|p| stored_in.device_pieces(off, end) == Some(p))
+    }
+
+    /// The store of a served write: checks that it may be served and stores; returns the
+    /// snapshot it was decided on (`None`: nothing was stored).
+    fn store_at(&self, data: &[u8], off: u64) -> Option<(StateSnapshot, Arc<View>)> {
         let n = data.len() as u64;
         // Appends are the kernel's: decided from the published size, before any refresh; so
         // are writes to immutable or append-only files (chattr +i/+a), which pmfs refuses.
@@ -398,16 +486,7 @@ impl Tracked {
         }
         let at = usize::try_from(off).ok()?;
         view.mapping.as_ref()?.write_persist(at, data).ok()?;
-        if !self.state.unchanged(self.slot, snap.seq) {
-            // The daemon changed the file meanwhile (it may have moved these blocks): the
-            // real call stores the same bytes wherever they live now.
-            return None;
-        }
-        view.used.store(true, Ordering::Relaxed);
-        count(&STATS.served_writes, 1);
-        count(&STATS.served_write_bytes, n);
-        self.stored();
-        Some(data.len())
+        Some((snap, view))
     }
 
     /// After a served write: the first one after a quiet second is stamped at once, later
@@ -769,5 +848,29 @@ mod tests {
         assert!(v.covers_written(20480, 4096));
         assert!(!v.covers_written(20480, 4097), "past the last extent");
         assert!(!v.covers_written(1 << 40, 1));
+    }
+
+    #[test]
+    fn device_pieces_name_the_blocks_of_a_written_range() {
+        let at = |file_offset, device_offset, len| MapEntry {
+            file_offset,
+            device_offset,
+            len,
+            flags: 0,
+            pad: 0,
+        };
+        let v = View {
+            mapping: None,
+            entries: vec![at(0, 1 << 20, 8192), at(8192, 4 << 20, 4096)],
+            generation: 1,
+            used: AtomicBool::new(false),
+        };
+        assert_eq!(
+            v.device_pieces(100, 8200),
+            Some(vec![((1 << 20) + 100, 8092), (4 << 20, 8)])
+        );
+        assert_eq!(v.device_pieces(8192, 12288), Some(vec![(4 << 20, 4096)]));
+        assert_eq!(v.device_pieces(8192, 12289), None, "past the last extent");
+        assert_eq!(v.device_pieces(5, 5), None, "empty");
     }
 }

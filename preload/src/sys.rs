@@ -293,6 +293,36 @@ real!(
     libc::MAP_FAILED
 );
 real!(
+    real_munmap,
+    "munmap",
+    fn(a: *mut c_void, n: size_t) -> c_int,
+    -1
+);
+real!(
+    real_mremap,
+    "mremap",
+    fn(a: *mut c_void, o: size_t, n: size_t, f: c_int, na: *mut c_void) -> *mut c_void,
+    libc::MAP_FAILED
+);
+real!(
+    real_mprotect,
+    "mprotect",
+    fn(a: *mut c_void, n: size_t, p: c_int) -> c_int,
+    -1
+);
+real!(
+    real_madvise,
+    "madvise",
+    fn(a: *mut c_void, n: size_t, advice: c_int) -> c_int,
+    -1
+);
+real!(
+    real_msync,
+    "msync",
+    fn(a: *mut c_void, n: size_t, f: c_int) -> c_int,
+    -1
+);
+real!(
     real_sendfile,
     "sendfile",
     fn(o: c_int, i: c_int, off: *mut off_t, n: size_t) -> ssize_t,
@@ -723,6 +753,29 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
     real_fdatasync(fd)
 }
 
+fn mmap_common(
+    a: *mut c_void,
+    n: size_t,
+    p: c_int,
+    f: c_int,
+    fd: c_int,
+    o: off_t,
+    real: fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void,
+) -> *mut c_void {
+    let fixed = f & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
+    if f & libc::MAP_ANONYMOUS == 0
+        && let Some(Some(addr)) = library(|| crate::maps::mmap(fixed, n, p, f, fd, o))
+    {
+        return addr as *mut c_void;
+    }
+    let r = real(a, n, p, f, fd, o);
+    if r != libc::MAP_FAILED && fixed {
+        // What was mapped there (perhaps part of a served mapping) is gone.
+        library(|| crate::maps::replaced(r as usize, n));
+    }
+    r
+}
+
 /// # Safety
 /// As mmap(2).
 #[unsafe(no_mangle)]
@@ -734,10 +787,7 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     o: off_t,
 ) -> *mut c_void {
-    if f & libc::MAP_ANONYMOUS == 0 {
-        unserved(fd);
-    }
-    real_mmap(a, n, p, f, fd, o)
+    mmap_common(a, n, p, f, fd, o, real_mmap)
 }
 
 /// # Safety
@@ -751,10 +801,99 @@ pub unsafe extern "C" fn mmap64(
     fd: c_int,
     o: off_t,
 ) -> *mut c_void {
-    if f & libc::MAP_ANONYMOUS == 0 {
-        unserved(fd);
+    mmap_common(a, n, p, f, fd, o, real_mmap64)
+}
+
+/// # Safety
+/// As munmap(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(a: *mut c_void, n: size_t) -> c_int {
+    let real = || real_munmap(a, n);
+    match library(|| crate::maps::munmap(a as usize, n, real)) {
+        Some(r) => r,
+        None => real(),
     }
-    real_mmap64(a, n, p, f, fd, o)
+}
+
+/// # Safety
+/// As mremap(2) (`new_addr` is read only with MREMAP_FIXED, as the kernel does).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let real = || real_mremap(old, old_len, new_len, flags, new_addr) as usize;
+    let unmap = || real_munmap(old, old_len);
+    let r = library(|| {
+        crate::maps::mremap(
+            old as usize,
+            old_len,
+            new_len,
+            flags,
+            new_addr as usize,
+            real,
+            unmap,
+        )
+    });
+    match r {
+        Some(Ok(addr)) => addr as *mut c_void,
+        Some(Err(e)) => {
+            set_errno(e);
+            libc::MAP_FAILED
+        }
+        None => real_mremap(old, old_len, new_len, flags, new_addr),
+    }
+}
+
+/// # Safety
+/// As mprotect(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mprotect(a: *mut c_void, n: size_t, p: c_int) -> c_int {
+    if let Some(Some(e)) = library(|| crate::maps::mprotect_refused(a as usize, n, p)) {
+        set_errno(e);
+        return -1;
+    }
+    real_mprotect(a, n, p)
+}
+
+/// # Safety
+/// As madvise(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn madvise(a: *mut c_void, n: size_t, advice: c_int) -> c_int {
+    if let Some(Some(e)) = library(|| crate::maps::madvise_refused(a as usize, n, advice)) {
+        set_errno(e);
+        return -1;
+    }
+    real_madvise(a, n, advice)
+}
+
+/// # Safety
+/// As msync(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn msync(a: *mut c_void, n: size_t, f: c_int) -> c_int {
+    // SAFETY: `maps::msync` passes only byte ranges of a served mapping that are still
+    // mapped: it updates those ranges under the same lock, held here, as every munmap,
+    // shrinking mremap and fixed mapping the program makes through libc.
+    let persist =
+        |h: &pmfs::dax::HandedMapping, at: usize, len: usize| unsafe { h.persist(at, len) };
+    let real = |start: usize, len: usize| {
+        if real_msync(start as *mut c_void, len, f) == 0 {
+            0
+        } else {
+            errno()
+        }
+    };
+    match library(|| crate::maps::msync(a as usize, n, f, persist, real)).flatten() {
+        Some(Ok(())) => 0,
+        Some(Err(e)) => {
+            set_errno(e);
+            -1
+        }
+        None => real_msync(a, n, f),
+    }
 }
 
 /// # Safety
@@ -897,8 +1036,25 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 
 // ---- constructor, fork and exit ----
 
+thread_local! {
+    /// The served-mappings lock, held by the forking thread across a fork.
+    static FORK_HOLD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Vec<crate::maps::Served>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 extern "C" fn at_fork_prepare() {
     crate::forking();
+    library(|| {
+        let held = crate::maps::fork_prepare();
+        let _ = FORK_HOLD.try_with(|h| *h.borrow_mut() = held);
+    });
+}
+
+/// After a fork, in the parent and in the child: the lock taken by the prepare handler.
+extern "C" fn at_fork_done() {
+    library(|| {
+        let _ = FORK_HOLD.try_with(|h| h.borrow_mut().take());
+    });
 }
 
 extern "C" fn at_exit() {
@@ -911,7 +1067,11 @@ extern "C" fn constructor() {
         // SAFETY: registering plain `extern "C"` functions that live as long as the
         // process (a preloaded library is never unloaded).
         unsafe {
-            libc::pthread_atfork(Some(at_fork_prepare), None, None);
+            libc::pthread_atfork(
+                Some(at_fork_prepare),
+                Some(at_fork_done),
+                Some(at_fork_done),
+            );
             libc::atexit(at_exit);
         }
     });

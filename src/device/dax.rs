@@ -153,6 +153,9 @@ const SLOT_SIZE: usize = 16;
 const SLOT_GENERATION: usize = 24;
 /// 1 when a client may serve overwrites (the inode is neither immutable nor append-only).
 const SLOT_WRITES_ALLOWED: usize = 32;
+/// Served writes under way: clients add 1 before the snapshot that allows a store and take
+/// it off after the store ([`StateTable::writer_enter`]).
+const SLOT_WRITERS: usize = 40;
 
 /// One consistent reading of a slot of the state table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +193,10 @@ pub struct PublishedState {
 /// - A client reads the sequence (even), the size and generation ([`StateTable::snapshot`]),
 ///   does its work, then checks that the sequence did not move ([`StateTable::unchanged`]);
 ///   if it moved, the work may have raced a change and is redone through the file system.
+/// - A client about to store counts itself in the slot's writers word from before its
+///   snapshot until the store is done ([`StateTable::writer_enter`]); a change that must not
+///   be overtaken by stores (chattr +i/+a) waits, after [`StateTable::begin`], until the
+///   count is 0 ([`StateTable::writers`]).
 #[derive(Debug)]
 pub struct StateTable {
     map: super::SharedFileMapping,
@@ -266,6 +273,39 @@ impl StateTable {
     pub fn unchanged(&self, slot: u32, seq: u64) -> bool {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         Self::word(slot, SLOT_SEQ).is_some_and(|w| self.map.load_u64_acquire(w) == seq)
+    }
+
+    /// A client is about to snapshot `slot` for a store: counted until
+    /// [`StateTable::writer_leave`]. The SeqCst increment and fence pair with those of
+    /// [`StateTable::begin`] and [`StateTable::writers`]: either the daemon sees the count
+    /// (and, for a change that waits for stores, waits) or the client's snapshot sees the
+    /// odd sequence (and stores nothing).
+    pub fn writer_enter(&self, slot: u32) {
+        if let Some(w) = Self::word(slot, SLOT_WRITERS) {
+            self.map.fetch_add_u64(w, 1);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The store that [`StateTable::writer_enter`] announced is done.
+    pub fn writer_leave(&self, slot: u32) {
+        if let Some(w) = Self::word(slot, SLOT_WRITERS) {
+            self.map.fetch_add_u64(w, u64::MAX); // - 1, wrapping
+        }
+    }
+
+    /// Stores under way in `slot` (the daemon, after [`StateTable::begin`]).
+    pub fn writers(&self, slot: u32) -> u64 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Self::word(slot, SLOT_WRITERS).map_or(0, |w| self.map.load_u64_acquire(w))
+    }
+
+    /// A slot handed to a new inode starts with no writers (a client that died between
+    /// enter and leave left its count behind).
+    pub fn reset_writers(&self, slot: u32) {
+        if let Some(w) = Self::word(slot, SLOT_WRITERS) {
+            self.map.store_u64_release(w, 0);
+        }
     }
 
     /// The daemon starts changing the inode of `slot`: the sequence turns odd.
@@ -607,6 +647,17 @@ pub struct DaxMapping {
     _file: File,
     _device: File,
     huge_aligned: bool,
+    /// The memory belongs to a program ([`HandedMapping`]): dropping leaves it mapped.
+    handed: bool,
+}
+
+/// How [`DaxMapping::map_for_program`] maps the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// Stores reach the file (MAP_SHARED, MAP_SYNC where the device has it).
+    Shared,
+    /// Copy-on-write (MAP_PRIVATE): stores stay in the process, the file never sees them.
+    Private,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; it may move between
@@ -663,10 +714,12 @@ impl DaxMapping {
             offset,
             len,
             &entries,
+            Sharing::Shared,
         )
     }
 
     /// Maps the entries of a map reply for `offset..offset + len`, once they are validated.
+    /// [`Sharing::Private`] maps the device copy-on-write: stores stay in this process.
     fn from_entries(
         file: File,
         device: File,
@@ -674,6 +727,7 @@ impl DaxMapping {
         offset: u64,
         len: u64,
         entries: &[MapEntry],
+        sharing: Sharing,
     ) -> io::Result<Self> {
         // hugetlbfs maps its pages only at addresses aligned to them (1 GiB pages: a PUD
         // entry each). Elsewhere a range holding a 1 GiB extent at a 1 GiB-aligned place of
@@ -757,13 +811,17 @@ impl DaxMapping {
                     )
                 }
             };
-            // MAP_SYNC is tried until the device refuses it once (it is all or nothing).
+            // MAP_SYNC is tried until the device refuses it once (it is all or nothing);
+            // a private mapping has nothing to make durable.
             let mut got = libc::MAP_FAILED;
-            if map_sync {
+            if sharing == Sharing::Private {
+                map_sync = false;
+                got = fixed(libc::MAP_PRIVATE);
+            } else if map_sync {
                 got = fixed(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
                 map_sync = got != libc::MAP_FAILED;
             }
-            if got == libc::MAP_FAILED {
+            if got == libc::MAP_FAILED && sharing == Sharing::Shared {
                 got = fixed(libc::MAP_SHARED);
             }
             if got == libc::MAP_FAILED {
@@ -791,6 +849,7 @@ impl DaxMapping {
             _file: file,
             _device: device,
             huge_aligned,
+            handed: false,
         })
     }
 
@@ -829,6 +888,7 @@ impl DaxMapping {
                 0,
                 u64::MAX,
                 &entries,
+                Sharing::Shared,
             )?)
         };
         Ok(PublishedMapping {
@@ -836,6 +896,84 @@ impl DaxMapping {
             entries,
             lease,
             generation,
+        })
+    }
+
+    /// A mapping of `offset..offset + len` of `file` for a program's own mmap (the preload
+    /// library): a lease as [`DaxMapping::map`] takes (holes and preallocated parts of the
+    /// range are allocated and zeroed first; the range must lie inside the file's size
+    /// rounded up to 4 KiB), mapped with `sharing` and then protected with `prot`. The
+    /// memory from [`HandedMapping::addr`] for `len` bytes (rounded up to 4 KiB) becomes the
+    /// program's: it unmaps it with munmap(2), and dropping the [`HandedMapping`] only ends
+    /// its hold on the lease. Refused (`InvalidData`) unless the extents cover the whole
+    /// range, so no page of it is left unmapped.
+    pub fn map_for_program(
+        file: &File,
+        device_path: &Path,
+        offset: u64,
+        len: u64,
+        sharing: Sharing,
+        prot: libc::c_int,
+    ) -> io::Result<HandedMapping> {
+        if offset % PAGE != 0 || len == 0 || prot & !(libc::PROT_READ | libc::PROT_WRITE) != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let device = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(device_path)?;
+        let device_size = device_size(&device, device_path)?;
+        let max_entries = usize::try_from(len.div_ceil(PAGE)).unwrap_or(usize::MAX);
+        let (_lease, entries) = query_bounded(file, MAP_FLAG_LEASE, offset, len, max_entries)?;
+        let want = len.next_multiple_of(PAGE);
+        let mut covered = offset;
+        for e in &entries {
+            if e.file_offset != covered {
+                break;
+            }
+            covered = covered.saturating_add(e.len);
+        }
+        if covered < offset.saturating_add(want) {
+            return Err(invalid(format!(
+                "pmfs map reply leaves part of {offset}..{} unmapped",
+                offset.saturating_add(want)
+            )));
+        }
+        let mut mapping = Self::from_entries(
+            file.try_clone()?,
+            device,
+            device_size,
+            offset,
+            len,
+            &entries,
+            sharing,
+        )?;
+        let keep = usize::try_from(want).map_err(|_| invalid("mapping too long"))?;
+        if keep > mapping.len {
+            return Err(invalid("pmfs map reply shorter than the range"));
+        }
+        let base = mapping.base.as_ptr();
+        if prot != libc::PROT_READ | libc::PROT_WRITE {
+            // SAFETY: `base..base + keep` is part of our own live mapping (keep <= len <=
+            // reserved); changing its protection touches nothing else.
+            if unsafe { libc::mprotect(base.cast::<c_void>(), keep, prot) } != 0 {
+                return Err(io::Error::last_os_error()); // dropping `mapping` unmaps it all
+            }
+        }
+        // Our reservation past the program's range is ours to give back now; from here on
+        // the rest is the program's.
+        if mapping.reserved > keep {
+            // SAFETY: `base + keep..base + reserved` is the tail of our own reservation
+            // (device pages past the range and PROT_NONE padding), unused by anyone else.
+            unsafe { libc::munmap(base.add(keep).cast::<c_void>(), mapping.reserved - keep) };
+        }
+        mapping.reserved = keep;
+        mapping.len = keep;
+        mapping.handed = true;
+        Ok(HandedMapping {
+            mapping,
+            sharing,
+            prot,
         })
     }
 
@@ -971,9 +1109,77 @@ impl DaxMapping {
 
 impl Drop for DaxMapping {
     fn drop(&mut self) {
+        if self.handed {
+            return; // the program owns the memory (and unmaps it, or exits)
+        }
         // SAFETY: `base..base + reserved` is exactly our reservation (device mappings and
         // the PROT_NONE rest); nobody else maps into it.
         unsafe { libc::munmap(self.base.as_ptr().cast::<c_void>(), self.reserved) };
+    }
+}
+
+/// A direct mapping whose memory a program owns ([`DaxMapping::map_for_program`]). It
+/// holds the lease (through its duplicate of the file's descriptor) until dropped; it never
+/// unmaps the memory, which the program may have unmapped, in part or whole, already.
+#[derive(Debug)]
+pub struct HandedMapping {
+    mapping: DaxMapping,
+    sharing: Sharing,
+    prot: libc::c_int,
+}
+
+impl HandedMapping {
+    /// The address the program was given: file offset [`HandedMapping::offset`] is there.
+    pub fn addr(&self) -> usize {
+        self.mapping.base.as_ptr() as usize
+    }
+
+    /// Bytes handed over (a multiple of 4 KiB).
+    pub fn len(&self) -> usize {
+        self.mapping.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.len == 0
+    }
+
+    /// File offset of the first byte.
+    pub fn offset(&self) -> u64 {
+        self.mapping.offset
+    }
+
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
+    }
+
+    /// The protection it was mapped with.
+    pub fn prot(&self) -> libc::c_int {
+        self.prot
+    }
+
+    /// True when every whole-2 MiB extent sits at a 2 MiB-aligned address and device offset.
+    pub fn is_huge_aligned(&self) -> bool {
+        self.mapping.huge_aligned
+    }
+
+    /// Unmaps a mapping that was never handed to the program after all (nobody else knows
+    /// its address), ending its hold on the lease.
+    pub fn withdraw(mut self) {
+        self.mapping.handed = false; // its Drop unmaps the range, which is still ours
+    }
+
+    /// Makes stores to bytes `at..at + n` (relative to [`HandedMapping::addr`]) durable, as
+    /// [`DaxMapping::persist`] does. A private mapping has nothing to persist.
+    ///
+    /// # Safety
+    /// `at..at + n` must still be mapped as this value mapped it: the program must not have
+    /// unmapped or replaced any page of it (a cache-line flush of an unmapped address
+    /// faults).
+    pub unsafe fn persist(&self, at: usize, n: usize) -> io::Result<()> {
+        if self.sharing == Sharing::Private {
+            return Ok(());
+        }
+        self.mapping.persist(at, n)
     }
 }
 
@@ -1135,6 +1341,7 @@ mod tests {
             4 * MIB,
             4 * MIB,
             &[entry(0, 6 * MIB, 2 * MIB)],
+            Sharing::Shared,
         )
         .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
@@ -1146,6 +1353,7 @@ mod tests {
             4 * MIB,
             4 * MIB,
             &[entry(4 * MIB + 4096, 6 * MIB, 2 * MIB)],
+            Sharing::Shared,
         )
         .unwrap();
         assert_eq!(map.len() as u64, 2 * MIB + 4096);

@@ -71,6 +71,15 @@ impl SharedFileMapping {
             .store(v, Ordering::Release)
     }
 
+    /// Adds `delta` (wrapping) to the 8-byte word at byte `at` atomically, sequentially
+    /// consistent with every other SeqCst access and fence; returns the old value.
+    pub fn fetch_add_u64(&self, at: usize, delta: u64) -> u64 {
+        self.check(at);
+        // SAFETY: as in `load_u64_acquire`.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(at).cast::<u64>()) }
+            .fetch_add(delta, Ordering::SeqCst)
+    }
+
     /// msync(MS_SYNC) of the whole mapping.
     pub fn flush(&self) -> io::Result<()> {
         self.map.flush()

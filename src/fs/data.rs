@@ -237,8 +237,18 @@ impl Fs {
     /// Zeroes bytes `from..to` of the file that sit in written extents (they may hold stale
     /// bytes past the old end of file).
     fn zero_allocated(&self, ino: u64, i: &Inode, from: u64, to: u64) -> Result<()> {
+        for (dev, len) in self.written_ranges(ino, i, from, to)? {
+            self.media.zero_nt(dev, len)?;
+        }
+        Ok(())
+    }
+
+    /// Where bytes `from..to` of the file that sit in written extents live on the device:
+    /// (device offset, length) pieces.
+    fn written_ranges(&self, ino: u64, i: &Inode, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
         if from >= to {
-            return Ok(());
+            return Ok(out);
         }
         let r = self.reader();
         let fb = from / BLOCK_SIZE;
@@ -260,11 +270,13 @@ impl Fs {
             let s = from.max(blocks_to_bytes(e.file_block));
             let t = to.min(blocks_to_bytes(end(&e)));
             if s < t {
-                let dev = blocks_to_bytes(e.dev_block) + (s - blocks_to_bytes(e.file_block));
-                self.media.zero_nt(dev, t - s)?;
+                out.push((
+                    blocks_to_bytes(e.dev_block) + (s - blocks_to_bytes(e.file_block)),
+                    t - s,
+                ));
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// A file growing past 2 MiB moves its first 2 MiB (written in small blocks while it was
@@ -635,6 +647,22 @@ impl Fs {
             tx.note_data_written();
         } else if size < i.size {
             self.truncate_blocks(tx, ino, i, size)?;
+            // The kept last block's bytes past the new end are zeroed once the truncate is
+            // durable (before, a crash would keep the old size with those bytes gone), not
+            // only at the next extension: a direct mapping of the last page (the preload
+            // library's mmap, pmfs::dax) shows them, and a mapping's partial last page
+            // must read as zeros past the end of file.
+            let tail = self.written_ranges(ino, i, size, size.next_multiple_of(BLOCK_SIZE))?;
+            if !tail.is_empty() {
+                let media = std::sync::Arc::clone(&self.media);
+                tx.on_commit(move || {
+                    for (dev, len) in tail {
+                        if let Err(e) = media.zero_nt(dev, len) {
+                            log::error!("zeroing {len} bytes past the end of file at {dev}: {e}");
+                        }
+                    }
+                });
+            }
         }
         i.size = size;
         Ok(())

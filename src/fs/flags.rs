@@ -141,6 +141,13 @@ impl Fs {
         if old == flags {
             return Ok(Attr::from_inode(ino, &i));
         }
+        if (flags & !old) & PINNED != 0 {
+            // Direct clients (the preload library) store without asking: the stores under
+            // way land before the inode turns immutable or append-only, and the odd slot
+            // keeps new ones from starting (see `Publisher::wait_for_stores`).
+            self.publisher
+                .wait_for_stores(ino, std::time::Duration::from_secs(1));
+        }
         let mut tx = self.begin(&g, LockSet::NONE)?;
         i.flags = (i.flags & !inode_flags::ATTR_FLAGS) | flags;
         i.ctime_ns = now_ns();

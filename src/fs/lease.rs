@@ -127,6 +127,8 @@ impl Fs {
             // leaves the file consistent (zeroed blocks behind new extents).
             let mut tx = self.begin(&g, LockSet::NONE)?;
             let mut b = fb;
+            // Mapping a range that is written already changes nothing (ctime included).
+            let mut changed = false;
             while b < fe {
                 if tx.remaining() < STEP_RESERVE {
                     self.inodes.write(&mut tx, ino, &mut i)?;
@@ -136,13 +138,16 @@ impl Fs {
                 let w = fe.min((b / CHUNK_BLOCKS + 1) * CHUNK_BLOCKS);
                 let pieces = self.map_for_write(&mut tx, ino, &mut i, b, w)?;
                 for p in pieces.iter().filter(|p| p.fresh) {
+                    changed = true;
                     self.media
                         .zero_nt(blocks_to_bytes(p.dev_block), blocks_to_bytes(p.len))?;
                 }
                 tx.note_data_written();
                 b = w;
             }
-            i.ctime_ns = now_ns();
+            if changed {
+                i.ctime_ns = now_ns();
+            }
             self.inodes.write(&mut tx, ino, &mut i)?;
             tx.commit()?;
         }

@@ -104,6 +104,36 @@ impl Publisher {
         }
     }
 
+    /// Waits (at most `limit`) until no client is inside a served store to `ino`, whose
+    /// stripe the caller write-locked through [`Fs::lock_all`] (so its slot is odd already
+    /// and no new store starts). Used before a change that forbids stores (chattr +i/+a): a
+    /// store under way completes before it, none comes after. A client that died inside a
+    /// store leaves a count that only the limit ends (logged).
+    pub(super) fn wait_for_stores(&self, ino: u64, limit: std::time::Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let busy = {
+                let table = self.table.lock();
+                table.as_ref().is_some_and(|t| {
+                    t.by_ino
+                        .get(&ino)
+                        .is_some_and(|&(slot, _)| t.state.writers(slot) > 0)
+                })
+            };
+            if !busy {
+                return;
+            }
+            if start.elapsed() >= limit {
+                log::warn!(
+                    "inode {ino}: a direct client's store did not finish within {limit:?} \
+                     (a client that died inside one?); changing the inode anyway"
+                );
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// A slot for `ino` (in `state`), for a new published lease; returns (slot, generation).
     /// The caller holds `ino`'s stripe (read or write), so no change of it is under way.
     fn acquire(&self, ino: u64, state: PublishedState) -> Result<(u32, u64)> {
@@ -134,6 +164,7 @@ impl Publisher {
             return Ok((*slot, t.state.generation(*slot)));
         }
         let slot = t.free.pop().ok_or(Error::NoSpace)?;
+        t.state.reset_writers(slot);
         let generation = t.state.publish(slot, ino, state);
         t.by_ino.insert(ino, (slot, 1));
         self.active.fetch_add(1, Ordering::Release);
