@@ -30,6 +30,11 @@ pub const BLOCK_SHIFT: u32 = 12;
 pub const CHUNK_SIZE: u64 = 2 << 20;
 /// Blocks per huge chunk.
 pub const CHUNK_BLOCKS: u64 = CHUNK_SIZE / BLOCK_SIZE;
+/// Size of a region: what one PUD entry maps on x86-64, the unit of 1 GiB extents and of
+/// the superblock's `huge_regions` reservation.
+pub const REGION_SIZE: u64 = 1 << 30;
+/// Blocks of a region.
+pub const REGION_BLOCKS: u64 = REGION_SIZE / BLOCK_SIZE;
 
 /// Smallest device pmfs formats: the fixed metadata plus one inode-table chunk and room for
 /// data must fit.
