@@ -645,7 +645,10 @@ impl Fs {
             };
             match self.alloc.allocate(tx, req) {
                 Ok(got) if got.start % CHUNK_BLOCKS == 0 && got.len % CHUNK_BLOCKS == 0 => {
-                    return self.map_new(tx, ino, i, chunk_start, got, flags, prev);
+                    // Merged only when extending in place (elsewhere records stay one per
+                    // allocation, as the aging results were measured with).
+                    let merge_with = prev.filter(|_| goal.is_some());
+                    return self.map_new(tx, ino, i, chunk_start, got, flags, merge_with);
                 }
                 Ok(got) => {
                     // Not aligned after all (the pool ran out): keep what lies in the hole.
