@@ -32,6 +32,38 @@ pub struct MkfsOptions {
     pub now_ns: i64,
     /// Owner and permissions of the root directory.
     pub root: RootDir,
+    /// 1 GiB regions to reserve for 1 GiB extents (the superblock's `huge_regions`).
+    pub huge_regions: HugeRegions,
+}
+
+/// How many of the device's last whole 1 GiB regions to reserve for 1 GiB extents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugeRegions {
+    /// This many regions (0: none).
+    Count(u64),
+    /// This percentage (0..=100) of the device's whole regions, rounded down.
+    Percent(u8),
+}
+
+impl Default for HugeRegions {
+    fn default() -> Self {
+        Self::Count(0)
+    }
+}
+
+impl HugeRegions {
+    /// The number of regions this asks for on `geometry`; an explicit count above what
+    /// the device can reserve (every whole region but region 0) is an error, a percentage
+    /// is capped at it.
+    pub fn resolve(self, geometry: &Geometry) -> Result<u64, MkfsError> {
+        let max = geometry.max_huge_regions();
+        match self {
+            Self::Count(n) if n > max => Err(MkfsError::HugeRegions { asked: n, max }),
+            Self::Count(n) => Ok(n),
+            Self::Percent(p) if p > 100 => Err(MkfsError::HugeRegionsPercent(p)),
+            Self::Percent(p) => Ok((geometry.region_count() * u64::from(p) / 100).min(max)),
+        }
+    }
 }
 
 /// The root directory's owner and permission bits, as mke2fs's `-E root_owner=UID:GID`
@@ -100,6 +132,8 @@ pub struct MkfsSummary {
     pub label: String,
     /// The root directory as written ([`summary_for`] assumes [`RootDir::default`]).
     pub root: RootDir,
+    /// 1 GiB regions reserved for 1 GiB extents ([`summary_for`] assumes none).
+    pub huge_regions: u64,
 }
 
 /// Why a format failed.
@@ -116,6 +150,13 @@ pub enum MkfsError {
     LabelNul,
     #[error("root directory mode {0:#o} has bits outside 07777")]
     RootMode(u16),
+    #[error(
+        "--huge-regions {asked}: the device has room for at most {max} reserved 1 GiB \
+         regions (its whole 1 GiB regions but the first, which holds the metadata)"
+    )]
+    HugeRegions { asked: u64, max: u64 },
+    #[error("--huge-regions {0}%: a percentage is 0..100")]
+    HugeRegionsPercent(u8),
 }
 
 pub use crate::meta::now_ns;
@@ -187,11 +228,18 @@ pub fn summary_for(
         uuid,
         label: label.to_owned(),
         root: RootDir::default(),
+        huge_regions: 0,
     })
 }
 
 /// The superblock mkfs writes (sealed).
-fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64) -> Superblock {
+fn superblock(
+    g: &Geometry,
+    uuid: [u8; 16],
+    label: [u8; LABEL_LEN],
+    now_ns: i64,
+    huge_regions: u64,
+) -> Superblock {
     let mut sb = Superblock::new_zeroed();
     sb.magic = SUPERBLOCK_MAGIC;
     sb.version = FORMAT_VERSION;
@@ -212,6 +260,8 @@ fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64)
     sb.itable_dir_block = g.itable_dir_block;
     sb.meta_end = g.meta_end;
     sb.created_ns = now_ns;
+    // At most the device's region count, which is below 2^22 (block_count <= 2^40).
+    sb.huge_regions = u32::try_from(huge_regions).unwrap_or(u32::MAX);
     sb.seal();
     sb
 }
@@ -282,11 +332,13 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         Some(u) => u,
         None => random_uuid()?,
     };
+    let huge_regions = opts.huge_regions.resolve(&g)?;
     let summary = MkfsSummary {
         root: opts.root,
+        huge_regions,
         ..summary_for(&g, uuid, &opts.label)?
     };
-    let sb = superblock(&g, uuid, label, opts.now_ns);
+    let sb = superblock(&g, uuid, label, opts.now_ns, huge_regions);
     let sb_len = size_of::<Superblock>() as u64;
     // A sparse image: back everything written below before the first store (a store into
     // a hole of a full file system raises SIGBUS).
@@ -392,6 +444,7 @@ mod tests {
             uuid: Some(UUID),
             now_ns: 1_700_000_000_123_456_789,
             root: RootDir::default(),
+            huge_regions: HugeRegions::default(),
         }
     }
 

@@ -103,9 +103,10 @@ fn files_growing_past_1_gib_get_1_gib_aligned_extents() {
         assert!(len >= GIB, "{name}: first extent of {len} bytes");
     }
     // The data survived the move to the region (the first 32 MiB were copied).
-    let mut back = vec![0u8; 4096];
-    let n = fs.read(appended, 4096 * 7, &mut back).unwrap();
-    assert_eq!(&back[..n], &small[..]);
+    let mut back = Vec::new();
+    fs.read(appended, 4096 * 7, 4096, &mut |b| back.extend_from_slice(b))
+        .unwrap();
+    assert_eq!(back, small);
     fs.shutdown().unwrap();
     drop(fs);
     image.assert_clean();
@@ -127,7 +128,10 @@ fn reserved_regions_survive_remount_and_are_used_last_by_small_files() {
     let region = create(&fs, "region");
     fs.fallocate(&C, region, 0, GIB, 0).unwrap();
     let (device, _) = first_extent(&fs, region);
-    assert_eq!(device, reserved_start, "the 1 GiB file takes the first reserved region");
+    assert_eq!(
+        device, reserved_start,
+        "the 1 GiB file takes the first reserved region"
+    );
     fs.shutdown().unwrap();
     drop(fs);
 
@@ -157,8 +161,7 @@ fn reserved_regions_survive_remount_and_are_used_last_by_small_files() {
     // The spill goes on until the device is full.
     let mut written = 0;
     loop {
-        let Ok(a) = fs.mknod(&C, ROOT_INO, format!("g{written}").as_bytes(), 0o100644, 0)
-        else {
+        let Ok(a) = fs.mknod(&C, ROOT_INO, format!("g{written}").as_bytes(), 0o100644, 0) else {
             break;
         };
         if fs.write(&C, a.ino, 0, &data).is_err() {

@@ -60,21 +60,55 @@ pub enum ProblemKind {
     BadInode(u64),
     BadTree(u64),
     Unreachable(u64),
-    LinkCount { ino: u64, stored: u32, counted: u32 },
-    DirSize { ino: u64, stored: u64, counted: u64 },
-    BlockCount { ino: u64, stored: u64, counted: u64 },
-    BadEntry { dir: u64, name: Vec<u8> },
-    DoubleUse { block: u64 },
-    Leaked { first: u64, count: u64 },
-    Unmarked { first: u64, count: u64 },
-    BadParent { ino: u64 },
+    LinkCount {
+        ino: u64,
+        stored: u32,
+        counted: u32,
+    },
+    DirSize {
+        ino: u64,
+        stored: u64,
+        counted: u64,
+    },
+    BlockCount {
+        ino: u64,
+        stored: u64,
+        counted: u64,
+    },
+    BadEntry {
+        dir: u64,
+        name: Vec<u8>,
+    },
+    DoubleUse {
+        block: u64,
+    },
+    Leaked {
+        first: u64,
+        count: u64,
+    },
+    Unmarked {
+        first: u64,
+        count: u64,
+    },
+    BadParent {
+        ino: u64,
+    },
     Orphan(u64),
     MissingFeatures(u64),
+    /// The superblock reserves more 1 GiB regions than the device can (`max`).
+    HugeRegions {
+        stored: u64,
+        max: u64,
+    },
     // Found by `repair::diagnose` before a check can run:
     Superblock,
     StateRecord,
-    JournalDamaged { slot: u32 },
-    InodeTableDir { entry: u64 },
+    JournalDamaged {
+        slot: u32,
+    },
+    InodeTableDir {
+        entry: u64,
+    },
 }
 
 /// One finding, with a one-line description naming the object.
@@ -180,6 +214,16 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             ProblemKind::Backup,
             "backup superblock is damaged or differs from the primary".into(),
         ),
+    }
+    let (stored, max) = (sb.reserved_huge_regions(), geometry.max_huge_regions());
+    if stored > max {
+        c.problem(
+            ProblemKind::HugeRegions { stored, max },
+            format!(
+                "superblock reserves {stored} 1 GiB regions for 1 GiB extents (huge_regions), \
+                 the device has room for {max}"
+            ),
+        );
     }
     if !crate::journal::pending(media, &geometry)?.is_empty() {
         c.problem(

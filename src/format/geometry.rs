@@ -1,6 +1,9 @@
 //! Where the fixed regions sit on a device of a given size.
 
-use super::{BLOCK_SIZE, CHUNK_BLOCKS, FormatError, MIN_DEVICE_SIZE, Superblock, blocks_to_bytes};
+use super::{
+    BLOCK_SIZE, CHUNK_BLOCKS, FormatError, MIN_DEVICE_SIZE, REGION_BLOCKS, Superblock,
+    blocks_to_bytes,
+};
 
 /// First journal block: after the primary (block 0) and backup (block 1) superblocks.
 pub const JOURNAL_START_BLOCK: u64 = 2;
@@ -143,6 +146,17 @@ impl Geometry {
     /// Whole 2 MiB chunks on the device (a trailing partial chunk is not counted).
     pub fn chunk_count(&self) -> u64 {
         self.block_count / CHUNK_BLOCKS
+    }
+
+    /// Whole 1 GiB regions on the device (a trailing partial region is not counted).
+    pub fn region_count(&self) -> u64 {
+        self.block_count / REGION_BLOCKS
+    }
+
+    /// Most regions the superblock's `huge_regions` may reserve: every whole region but
+    /// region 0, which holds the fixed metadata.
+    pub fn max_huge_regions(&self) -> u64 {
+        self.region_count().saturating_sub(1)
     }
 
     /// True when `first..first + len` is a block range the allocator may own.

@@ -90,6 +90,10 @@ bitflags! {
     pub struct CompatFeatures: u64 {
         /// Reserved inode [`DEFERRED_FREE_INO`] holds blocks whose free waits for a lease.
         const DEFERRED_FREE = 1 << 0;
+        /// The superblock's `huge_regions` holds the number of 1 GiB regions the
+        /// allocator reserves for 1 GiB extents (an allocation preference: an older
+        /// implementation that ignores it allocates correctly, only without it).
+        const HUGE_REGIONS = 1 << 1;
     }
 }
 
@@ -111,7 +115,8 @@ pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS
     .union(IncompatFeatures::INODE_ATTR_FLAGS)
     .union(IncompatFeatures::LARGE_FILES);
 pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
-pub const COMPAT_SUPPORTED: CompatFeatures = CompatFeatures::DEFERRED_FREE;
+pub const COMPAT_SUPPORTED: CompatFeatures =
+    CompatFeatures::DEFERRED_FREE.union(CompatFeatures::HUGE_REGIONS);
 
 /// Inode number 0 is never valid.
 pub const NULL_INO: u64 = 0;

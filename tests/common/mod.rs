@@ -72,6 +72,7 @@ impl Image {
                 uuid: None,
                 now_ns: now_ns(),
                 root: RootDir::default(),
+                ..MkfsOptions::default()
             },
         )
         .unwrap();
