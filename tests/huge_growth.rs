@@ -160,10 +160,7 @@ fn reserved_regions_survive_remount_and_are_used_last_by_small_files() {
     );
     // The spill goes on until the device is full.
     let mut written = 0;
-    loop {
-        let Ok(a) = fs.mknod(&C, ROOT_INO, format!("g{written}").as_bytes(), 0o100644, 0) else {
-            break;
-        };
+    while let Ok(a) = fs.mknod(&C, ROOT_INO, format!("g{written}").as_bytes(), 0o100644, 0) {
         if fs.write(&C, a.ino, 0, &data).is_err() {
             break;
         }
