@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Measures direct mapping on emulated pmem whose pages are huge, so that a direct mapping of
 # an aligned file can use huge page-table entries. Prints the PMD- (2 MiB) and PUD-mapped
-# (1 GiB) shares from /proc/self/smaps, the load/store bandwidth through the mapping against
-# memcpy on anonymous memory, and the rate of random loads from distinct 4 KiB pages against
-# anonymous memory on 4 KiB and on 2 MiB pages (examples/dax_demo.rs). Run as root from the
+# (1 GiB) shares from /proc/self/smaps, and the load/store bandwidth and the rate of random
+# loads from distinct 4 KiB pages through the mapping against anonymous memory on 4 KiB and
+# on 2 MiB pages: medians of DAX_DEMO_ROUNDS (default 5) interleaved rounds, with the
+# ratios (examples/dax_demo.rs). In 1 GiB mode it then writes the file with dd (1 MiB
+# writes) and with 4 KiB appends and prints the PUD share of each. Run as root from the
 # repository.
 #
 #   bench/dax-hugepages.sh [MiB]       2 MiB mode: the image on a tmpfs mounted huge=always
@@ -64,9 +66,28 @@ mount_fs
 target/release/mkfs-pmfs -q -f --size ${image_mib}M "$img"
 target/release/pmfs "$img" "$mnt"
 echo "machine: $(nproc) cores; $(uname -r); mode $mode; figures vary with load, compare within one run"
+layout() {
+    target/release/pmfs layout "$1" | awk '{
+        n++
+        if ($1 % 2097152 == 0 && $2 % 2097152 == 0 && $3 % 2097152 == 0) a++
+        if ($1 % 1073741824 == 0 && $2 % 1073741824 == 0 && $3 % 1073741824 == 0) g++
+    } END { printf "  layout: %d extents, %d of them 2 MiB-aligned, %d of them whole 1 GiB regions\n", n, a, g }'
+}
+echo "== a file fallocated to $mib MiB"
 target/release/examples/dax_demo "$mnt/bigfile" "$mib"
-target/release/pmfs layout "$mnt/bigfile" | awk '{
-    n++
-    if ($1 % 2097152 == 0 && $2 % 2097152 == 0 && $3 % 2097152 == 0) a++
-    if ($1 % 1073741824 == 0 && $2 % 1073741824 == 0 && $3 % 1073741824 == 0) g++
-} END { printf "  layout: %d extents, %d of them 2 MiB-aligned, %d of them whole 1 GiB regions\n", n, a, g }'
+layout "$mnt/bigfile"
+rm "$mnt/bigfile"
+if [ "$mode" = 1g ]; then
+    # Files that grow by writes: their extents are what the growth policy gave them (the
+    # demo's fallocate finds nothing left to allocate). One round: the mapping is the point.
+    echo "== a file written sequentially with 1 MiB writes (dd bs=1M)"
+    dd if=/dev/zero of="$mnt/dd" bs=1M count="$mib" status=none
+    DAX_DEMO_ROUNDS=1 target/release/examples/dax_demo "$mnt/dd" "$mib" | grep -E 'huge-page mapping'
+    layout "$mnt/dd"
+    rm "$mnt/dd"
+    echo "== a file grown by 4 KiB appends (dd bs=4k oflag=append)"
+    dd if=/dev/zero of="$mnt/appended" bs=4k count=$((mib * 256)) oflag=append conv=notrunc status=none
+    DAX_DEMO_ROUNDS=1 target/release/examples/dax_demo "$mnt/appended" "$mib" | grep -E 'huge-page mapping'
+    layout "$mnt/appended"
+    rm "$mnt/appended"
+fi

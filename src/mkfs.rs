@@ -42,6 +42,38 @@ pub struct MkfsOptions {
     /// [`ITABLE_FANOUT_MAX`]. Tests use a small one to reach a second indirect block on a
     /// small device with the same code and structures.
     pub itable_fanout: Option<u64>,
+    /// 1 GiB regions to reserve for 1 GiB extents (the superblock's `huge_regions`).
+    pub huge_regions: HugeRegions,
+}
+
+/// How many of the device's last whole 1 GiB regions to reserve for 1 GiB extents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugeRegions {
+    /// This many regions (0: none).
+    Count(u64),
+    /// This percentage (0..=100) of the device's whole regions, rounded down.
+    Percent(u8),
+}
+
+impl Default for HugeRegions {
+    fn default() -> Self {
+        Self::Count(0)
+    }
+}
+
+impl HugeRegions {
+    /// The number of regions this asks for on `geometry`; an explicit count above what
+    /// the device can reserve (every whole region but region 0) is an error, a percentage
+    /// is capped at it.
+    pub fn resolve(self, geometry: &Geometry) -> Result<u64, MkfsError> {
+        let max = geometry.max_huge_regions();
+        match self {
+            Self::Count(n) if n > max => Err(MkfsError::HugeRegions { asked: n, max }),
+            Self::Count(n) => Ok(n),
+            Self::Percent(p) if p > 100 => Err(MkfsError::HugeRegionsPercent(p)),
+            Self::Percent(p) => Ok((geometry.whole_region_count() * u64::from(p) / 100).min(max)),
+        }
+    }
 }
 
 /// The root directory's owner and permission bits, as mke2fs's `-E root_owner=UID:GID`
@@ -110,6 +142,8 @@ pub struct MkfsSummary {
     pub label: String,
     /// The root directory as written ([`summary_for`] assumes [`RootDir::default`]).
     pub root: RootDir,
+    /// 1 GiB regions reserved for 1 GiB extents ([`summary_for`] assumes none).
+    pub huge_regions: u64,
 }
 
 /// Why a format failed.
@@ -126,6 +160,13 @@ pub enum MkfsError {
     LabelNul,
     #[error("root directory mode {0:#o} has bits outside 07777")]
     RootMode(u16),
+    #[error(
+        "--huge-regions {asked}: the device has room for at most {max} reserved 1 GiB \
+         regions (its whole 1 GiB regions but the first, which holds the metadata)"
+    )]
+    HugeRegions { asked: u64, max: u64 },
+    #[error("--huge-regions {0}%: a percentage is 0..100")]
+    HugeRegionsPercent(u8),
 }
 
 pub use crate::meta::now_ns;
@@ -227,11 +268,18 @@ pub fn summary_for(
         uuid,
         label: label.to_owned(),
         root: RootDir::default(),
+        huge_regions: 0,
     })
 }
 
 /// The superblock mkfs writes (sealed).
-fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64) -> Superblock {
+fn superblock(
+    g: &Geometry,
+    uuid: [u8; 16],
+    label: [u8; LABEL_LEN],
+    now_ns: i64,
+    huge_regions: u64,
+) -> Superblock {
     let mut sb = Superblock::new_zeroed();
     sb.magic = SUPERBLOCK_MAGIC;
     sb.version = FORMAT_VERSION;
@@ -255,6 +303,8 @@ fn superblock(g: &Geometry, uuid: [u8; 16], label: [u8; LABEL_LEN], now_ns: i64)
     if let ItableLayout::Tree { fanout } = g.itable {
         sb.itable_fanout = fanout as u32;
     }
+    // At most the device's region count, which is below 2^22 (block_count <= 2^40).
+    sb.huge_regions = u32::try_from(huge_regions).unwrap_or(u32::MAX);
     sb.seal();
     sb
 }
@@ -345,11 +395,13 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         Some(u) => u,
         None => random_uuid()?,
     };
+    let huge_regions = opts.huge_regions.resolve(&g)?;
     let summary = MkfsSummary {
         root: opts.root,
+        huge_regions,
         ..summary_for(&g, uuid, &opts.label)?
     };
-    let mut sb = superblock(&g, uuid, label, opts.now_ns);
+    let mut sb = superblock(&g, uuid, label, opts.now_ns, huge_regions);
     if opts.version_2_layout {
         sb.incompat &=
             !(IncompatFeatures::SPACE_SUMMARY | IncompatFeatures::INODE_TABLE_TREE).bits();
@@ -506,6 +558,7 @@ mod tests {
             root: RootDir::default(),
             version_2_layout: false,
             itable_fanout: None,
+            huge_regions: HugeRegions::default(),
         }
     }
 

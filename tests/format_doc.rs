@@ -73,6 +73,7 @@ fn layouts() -> Vec<Layout> {
             itable_dir_block,
             meta_end,
             created_ns,
+            huge_regions,
             reserved,
             itable_fanout,
             crc,

@@ -5,7 +5,7 @@ use pmfs::device::{DeviceError, Media, create_image, create_sparse_image};
 use pmfs::format::{
     BLOCK_SIZE, LABEL_LEN, MIN_DEVICE_SIZE, SUPERBLOCK_MAGIC, format_uuid, parse_uuid,
 };
-use pmfs::mkfs::{MkfsOptions, MkfsSummary, RootDir, format, now_ns};
+use pmfs::mkfs::{HugeRegions, MkfsOptions, MkfsSummary, RootDir, format, now_ns};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,8 @@ Examples:
   mkfs.pmfs -f -q -s 512M disk.img          reformat (or create) a 512 MiB image, silently
   mkfs.pmfs --sparse -s 1T /srv/pm.img      a 1 TiB image that takes space only as it is
                                             used (writes fail with ENOSPC if /srv fills up)
+  mkfs.pmfs --huge-regions 25% /dev/dax0.0  keep the last quarter of the device for
+                                            files of 1 GiB and more (1 GiB extents)
   mkfs.pmfs -U 0b7c2f6e-5d1a-4f3c-9e8b-2a4d6c8e0f12 /dev/dax0.0
                                             format with a given UUID
   mkfs.pmfs --root-owner 1000:1000 --root-mode 0700 /dev/dax0.0
@@ -122,6 +124,19 @@ struct Args {
     /// --root-owner; root_owner alone means your own user and group.
     #[arg(short = 'E', value_name = "OPTIONS", value_parser = parse_extended_arg)]
     extended: Option<(u32, u32)>,
+
+    /// Reserve the last N whole 1 GiB regions (or PERCENT% of them) for 1 GiB extents
+    ///
+    /// Reserve the device's last N whole 1 GiB regions, or PERCENT% of its whole regions
+    /// (e.g. 4 or 25%), for files of 1 GiB and more, whose 1 GiB-aligned extents a direct
+    /// mapping can map with 1 GiB pages. Whole regions are taken for such files first; small
+    /// files and 2 MiB chunks use a reserved region only when the rest of the device has no
+    /// free space that fits, so a full device spills into them rather than failing with
+    /// ENOSPC. The first region holds the metadata and is never reserved. Stored in the
+    /// superblock; default 0 (without a reservation the allocator still keeps whole regions
+    /// whole as long as other space serves).
+    #[arg(long, value_name = "N|PERCENT%", value_parser = parse_huge_regions_arg)]
+    huge_regions: Option<HugeRegions>,
 }
 
 /// A size argument: its value and the text the user wrote (for messages).
@@ -198,6 +213,17 @@ fn parse_label(s: &str) -> Result<String, String> {
         return Err("label contains a NUL byte".into());
     }
     Ok(s.to_string())
+}
+
+fn parse_huge_regions_arg(s: &str) -> Result<HugeRegions, String> {
+    let bad = || format!("{s:?} is not a number of regions (4) nor a percentage (25%)");
+    match s.strip_suffix('%') {
+        Some(p) => match p.parse::<u8>() {
+            Ok(p) if p <= 100 => Ok(HugeRegions::Percent(p)),
+            _ => Err(format!("{s:?}: a percentage is 0% to 100%")),
+        },
+        None => s.parse::<u64>().map(HugeRegions::Count).map_err(|_| bad()),
+    }
 }
 
 fn parse_uuid_arg(s: &str) -> Result<[u8; 16], String> {
@@ -451,6 +477,7 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
         uuid: args.uuid,
         now_ns: now_ns(),
         root: root_dir(args),
+        huge_regions: args.huge_regions.unwrap_or_default(),
         ..MkfsOptions::default()
     };
     progress.phase("formatting");
@@ -475,6 +502,7 @@ fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
          \x20 uuid            {}\n\
          \x20 label           {}\n\
          \x20 root directory  owner {}:{}, mode {:04o}\n\
+         \x20 1 GiB regions   {}\n\
          \x20 persistence     {}\n",
         path.display(),
         human(s.size_bytes, 2),
@@ -489,8 +517,18 @@ fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
         s.root.uid,
         s.root.gid,
         s.root.mode,
+        regions_line(s),
         persistence,
     )
+}
+
+/// The reservation line of the report.
+fn regions_line(s: &MkfsSummary) -> String {
+    match s.huge_regions {
+        0 => "none reserved (--huge-regions)".to_string(),
+        1 => "1 reserved for 1 GiB extents (the last GiB of the device)".to_string(),
+        n => format!("{n} reserved for 1 GiB extents (the last {n} GiB of the device)"),
+    }
 }
 
 /// What a failed write to stdout makes of the run: a closed pipe (`| head`) ends quietly

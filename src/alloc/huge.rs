@@ -185,7 +185,20 @@ struct Pool {
     broken: BTreeSet<u64>,
     /// Regions entirely in the pool.
     whole: u64,
+    /// Regions from this one on are reserved for 1 GiB extents (mkfs `--huge-regions`):
+    /// requests for less than a region use them only when the rest of the pool cannot serve
+    /// the request. `region_free.len()` when nothing is reserved.
+    reserved_from: u64,
+    /// Regions a sequentially growing file is filling from their start (at most
+    /// [`MAX_STREAMS`], oldest first): other requests leave them alone while other space
+    /// exists, so the file's next chunks stay free right after its end. In memory only: a
+    /// region leaves the list when it is full, entirely free again, or pushed out by newer
+    /// streams.
+    streams: std::collections::VecDeque<u64>,
 }
+
+/// Regions filled by growing files that the pool steers other requests around.
+const MAX_STREAMS: usize = 8;
 
 impl Pool {
     fn new(chunks: u64) -> Self {
@@ -198,7 +211,31 @@ impl Pool {
             region_free: vec![0; chunks.div_ceil(REGION_CHUNKS) as usize],
             broken: BTreeSet::new(),
             whole: 0,
+            reserved_from: chunks.div_ceil(REGION_CHUNKS),
+            streams: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Whole regions of the device (a trailing partial one is not a region).
+    fn region_count(&self) -> u64 {
+        self.chunks / REGION_CHUNKS
+    }
+
+    fn is_stream(&self, g: u64) -> bool {
+        self.streams.contains(&g)
+    }
+
+    fn is_reserved(&self, g: u64) -> bool {
+        g >= self.reserved_from && g < self.region_count()
+    }
+
+    /// Chunk ranges in the order requests for less than a region use them: the unreserved
+    /// regions, the trailing partial region (never a 1 GiB region), then the reserved
+    /// regions (the last of the three).
+    fn classes(&self) -> [(u64, u64); 3] {
+        let regions_end = self.region_count() * REGION_CHUNKS;
+        let split = (self.reserved_from * REGION_CHUNKS).min(regions_end);
+        [(0, split), (regions_end, self.chunks), (split, regions_end)]
     }
 
     fn contains(&self, c: u64) -> bool {
@@ -221,6 +258,7 @@ impl Pool {
         let now = u64::from(*free);
         if now == 0 || now == REGION_CHUNKS {
             self.broken.remove(&g);
+            self.streams.retain(|&s| s != g);
         } else {
             self.broken.insert(g);
         }
@@ -283,16 +321,45 @@ impl Pool {
     }
 
     /// First run of `want` chunks, else the longest run of at least `min`: (first, length
-    /// taken). Removes them. Runs inside broken regions come first (the first of `want`,
-    /// else the longest of at least `min` there), so whole 1 GiB regions stay whole while
-    /// other space can serve the request.
-    fn take_run(&mut self, want: u64, min: u64) -> Option<(u64, u64)> {
+    /// taken). Removes them. The unreserved part of the device comes first, the reserved
+    /// regions only when it has no run of `min`; inside each, runs in broken regions come
+    /// first (the first of `want`, else the longest of at least `min` there), then runs from
+    /// the first whole region on, then any run (one in a growing file's region, or one across
+    /// region boundaries). So whole 1 GiB regions stay whole, and growing files find their
+    /// next chunks free, while other space can serve the request.
+    /// Only with `use_reserved` are the reserved regions used at all.
+    fn take_run(&mut self, want: u64, min: u64, use_reserved: bool) -> Option<(u64, u64)> {
         self.low = bits::next_set(&self.map, self.low, self.chunks).unwrap_or(self.chunks);
+        let classes = self.classes();
+        let classes = if use_reserved {
+            &classes[..]
+        } else {
+            &classes[..2]
+        };
+        let (c, len) = classes
+            .iter()
+            .find_map(|&(from, to)| self.find_run_in(from.max(self.low), to, want, min))?;
+        let len = len.min(want);
+        self.clear_run(c, len);
+        Some((c, len))
+    }
+
+    /// See [`Pool::take_run`]: the run it takes among chunks `from..to`, not removed.
+    fn find_run_in(&self, from: u64, to: u64, want: u64, min: u64) -> Option<(u64, u64)> {
+        if from >= to {
+            return None;
+        }
         let mut best: Option<(u64, u64)> = None;
-        for &g in self.broken.range(self.low / REGION_CHUNKS..) {
-            let from = (g * REGION_CHUNKS).max(self.low);
-            let to = ((g + 1) * REGION_CHUNKS).min(self.chunks);
-            if let Some((c, len)) = bits::find_run(&self.map, from, to, want, min) {
+        for &g in self
+            .broken
+            .range(from / REGION_CHUNKS..to.div_ceil(REGION_CHUNKS))
+        {
+            if self.is_stream(g) {
+                continue;
+            }
+            let r_from = (g * REGION_CHUNKS).max(from);
+            let r_to = ((g + 1) * REGION_CHUNKS).min(to);
+            if let Some((c, len)) = bits::find_run(&self.map, r_from, r_to, want, min) {
                 if best.is_none_or(|(_, l)| len > l) {
                     best = Some((c, len));
                 }
@@ -301,23 +368,32 @@ impl Pool {
                 }
             }
         }
-        let (c, len) = match best {
-            Some(run) => run,
-            None => bits::find_run(&self.map, self.low, self.chunks, want, min)?,
-        };
-        let len = len.min(want);
-        self.clear_run(c, len);
-        Some((c, len))
+        if best.is_some() {
+            return best;
+        }
+        let first_whole = (from.div_ceil(REGION_CHUNKS)..to / REGION_CHUNKS)
+            .find(|&g| self.is_whole_region(g))
+            .and_then(|g| bits::find_run(&self.map, g * REGION_CHUNKS, to, want, min));
+        first_whole.or_else(|| bits::find_run(&self.map, from, to, want, min))
     }
 
-    /// The first run of up to `want` whole 1 GiB regions (lowest address first): (first
-    /// chunk, chunks taken). Removes them.
-    fn take_regions(&mut self, want: u64) -> Option<(u64, u64)> {
-        if self.whole == 0 || want == 0 {
+    /// The first whole region, reserved ones first (they exist for 1 GiB extents).
+    fn first_whole_region(&self) -> Option<u64> {
+        if self.whole == 0 {
             return None;
         }
-        let first = (self.low / REGION_CHUNKS..self.region_free.len() as u64)
-            .find(|&g| self.is_whole_region(g))?;
+        (self.reserved_from..self.region_count())
+            .chain(self.low / REGION_CHUNKS..self.reserved_from.min(self.region_count()))
+            .find(|&g| self.is_whole_region(g))
+    }
+
+    /// The first run of up to `want` whole 1 GiB regions (reserved ones first, then the
+    /// lowest address): (first chunk, chunks taken). Removes them.
+    fn take_regions(&mut self, want: u64) -> Option<(u64, u64)> {
+        if want == 0 {
+            return None;
+        }
+        let first = self.first_whole_region()?;
         let mut n = 1;
         while n < want && self.is_whole_region(first + n) {
             n += 1;
@@ -327,23 +403,73 @@ impl Pool {
         Some((c, len))
     }
 
-    /// A chunk to split for small requests, removed: the highest chunk of a broken region,
-    /// else (only whole regions left) the highest chunk of the pool.
-    fn take_last(&mut self) -> Option<u64> {
-        let in_broken = self.broken.iter().next_back().and_then(|&g| {
-            let end = ((g + 1) * REGION_CHUNKS).min(self.chunks);
-            bits::prev_set(&self.map, end).filter(|&c| c >= g * REGION_CHUNKS)
-        });
-        let c = match in_broken {
-            Some(c) => c,
-            None => {
-                let c = bits::prev_set(&self.map, self.high.min(self.chunks));
-                self.high = c.map_or(0, |c| c + 1);
-                c?
+    /// The first `chunks` chunks (at most a region) of a whole region, chosen as
+    /// [`Pool::take_regions`] does, for a file that grows sequentially: the region becomes
+    /// a stream region, filled from its start as the file grows. Removes them.
+    fn take_stream_start(&mut self, chunks: u64) -> Option<u64> {
+        if chunks == 0 || chunks > REGION_CHUNKS {
+            return None;
+        }
+        let g = self.first_whole_region()?;
+        let c = g * REGION_CHUNKS;
+        self.clear_run(c, chunks);
+        if chunks < REGION_CHUNKS {
+            if self.streams.len() >= MAX_STREAMS {
+                self.streams.pop_front();
             }
+            self.streams.push_back(g);
+        }
+        Some(c)
+    }
+
+    /// A chunk to split for small requests, removed: in the unreserved part of the device,
+    /// the highest chunk of a broken region, else the highest chunk outside growing files'
+    /// regions, else the highest chunk; then the same in the reserved regions, only with
+    /// `use_reserved` (the caller found no other free space).
+    fn take_last(&mut self, use_reserved: bool) -> Option<u64> {
+        let classes = self.classes();
+        let classes = if use_reserved {
+            &classes[..]
+        } else {
+            &classes[..2]
         };
+        let found = classes
+            .iter()
+            .find_map(|&(from, to)| self.last_in(from, to));
+        let c = found?;
         self.remove(c);
         Some(c)
+    }
+
+    /// See [`Pool::take_last`]: its choice among chunks `from..to`, not removed.
+    fn last_in(&self, from: u64, to: u64) -> Option<u64> {
+        let to = to.min(self.high);
+        if from >= to {
+            return None;
+        }
+        let in_range = |c: &u64| *c >= from;
+        let in_broken = self
+            .broken
+            .range(from / REGION_CHUNKS..to.div_ceil(REGION_CHUNKS))
+            .rev()
+            .filter(|&&g| !self.is_stream(g))
+            .find_map(|&g| {
+                let end = ((g + 1) * REGION_CHUNKS).min(to);
+                bits::prev_set(&self.map, end).filter(|&c| c >= (g * REGION_CHUNKS).max(from))
+            });
+        if in_broken.is_some() {
+            return in_broken;
+        }
+        // Skip the growing files' regions (at most MAX_STREAMS of them) from the top.
+        let mut end = to;
+        while let Some(c) = bits::prev_set(&self.map, end).filter(in_range) {
+            let g = c / REGION_CHUNKS;
+            if !self.is_stream(g) {
+                return Some(c);
+            }
+            end = g * REGION_CHUNKS;
+        }
+        bits::prev_set(&self.map, to).filter(in_range)
     }
 }
 
@@ -610,6 +736,28 @@ impl HugeIndex {
         Some(self.claim(pool, c, len))
     }
 
+    /// Takes the first `chunks` chunks (at most a region) of a whole free region for a file
+    /// that grows sequentially (see [`Pool::take_stream_start`]), or `None` when no region
+    /// is whole.
+    pub(super) fn take_stream_start(&self, chunks: u64) -> Option<BlockRange> {
+        let mut pool = self.pool.lock();
+        let c = pool.take_stream_start(chunks)?;
+        Some(self.claim(pool, c, chunks))
+    }
+
+    /// Reserves the last `regions` whole regions of the device for 1 GiB extents (see
+    /// [`Pool::reserved_from`]); more than the device has reserves all of them.
+    pub(super) fn reserve_regions(&self, regions: u64) {
+        let mut pool = self.pool.lock();
+        pool.reserved_from = pool.region_count().saturating_sub(regions);
+    }
+
+    /// Regions reserved for 1 GiB extents.
+    pub(super) fn reserved_regions(&self) -> u64 {
+        let pool = self.pool.lock();
+        pool.region_count().saturating_sub(pool.reserved_from)
+    }
+
     pub(super) fn arena_count(&self) -> usize {
         self.arenas.len()
     }
@@ -692,6 +840,14 @@ impl HugeIndex {
                         if owner.load(Ordering::Acquire) != POOL {
                             continue;
                         }
+                        // Extending in place never enters a whole region (it stays whole
+                        // for 1 GiB extents) nor a reserved one from outside it.
+                        let g = c / REGION_CHUNKS;
+                        if c % REGION_CHUNKS == 0
+                            && (pool.is_whole_region(g) || pool.is_reserved(g))
+                        {
+                            break 0;
+                        }
                         if !pool.remove(c) {
                             log::error!("allocator: chunk {c} marked free but not in the pool");
                             break 0;
@@ -729,16 +885,26 @@ impl HugeIndex {
         pos - start
     }
 
-    /// Requests of 2 MiB and more: whole chunks from the pool, else the largest small runs.
+    /// Requests of 2 MiB and more: whole chunks from the unreserved pool, else the largest
+    /// small runs, else whole chunks of the reserved regions.
     fn take_large(&self, n: u64, min: u64) -> Option<BlockRange> {
+        self.take_large_from_pool(n, min, false)
+            .or_else(|| self.take_best_small(n, min))
+            .or_else(|| self.take_large_from_pool(n, min, true))
+    }
+
+    /// Whole chunks for [`HugeIndex::take_large`] (the reserved regions only with
+    /// `use_reserved`).
+    fn take_large_from_pool(&self, n: u64, min: u64, use_reserved: bool) -> Option<BlockRange> {
         let whole = n / CHUNK_BLOCKS;
         if min <= whole * CHUNK_BLOCKS {
-            if let Some(r) = self.take_pool_run(whole, min.div_ceil(CHUNK_BLOCKS).max(1)) {
-                return Some(r);
-            }
-        } else if let Some(r) =
-            self.take_pool_run(n.div_ceil(CHUNK_BLOCKS), min.div_ceil(CHUNK_BLOCKS))
-        {
+            self.take_pool_run(whole, min.div_ceil(CHUNK_BLOCKS).max(1), use_reserved)
+        } else {
+            let r = self.take_pool_run(
+                n.div_ceil(CHUNK_BLOCKS),
+                min.div_ceil(CHUNK_BLOCKS),
+                use_reserved,
+            )?;
             // The caller needs more than the whole chunks of its request in one piece: give
             // back the tail of the last chunk (it becomes a small chunk).
             let len = r.len.min(n);
@@ -748,17 +914,16 @@ impl HugeIndex {
                     len: r.len - len,
                 });
             }
-            return Some(BlockRange {
+            Some(BlockRange {
                 start: r.start,
                 len,
-            });
+            })
         }
-        self.take_best_small(n, min)
     }
 
-    fn take_pool_run(&self, want: u64, min: u64) -> Option<BlockRange> {
+    fn take_pool_run(&self, want: u64, min: u64, use_reserved: bool) -> Option<BlockRange> {
         let mut pool = self.pool.lock();
-        let (c, len) = pool.take_run(want, min)?;
+        let (c, len) = pool.take_run(want, min, use_reserved)?;
         Some(self.claim(pool, c, len))
     }
 
@@ -819,22 +984,33 @@ impl HugeIndex {
                 self.taken(n);
                 return fit(start);
             }
-            let split = {
-                let mut pool = self.pool.lock();
-                let c = pool.take_last();
-                if let Some(o) = c.and_then(|c| self.owner(c)) {
-                    o.store(k as u32, Ordering::Release);
-                }
-                c
-            };
-            if let Some(c) = split {
-                a.insert(c, SmallChunk::from_map([u64::MAX; CHUNK_WORDS]));
-                a.take_in(c, 0, n);
-                self.taken(n);
-                return fit(c * CHUNK_BLOCKS);
+            if let Some(start) = self.split_for_small(&mut a, k, n, false) {
+                return fit(start);
             }
         }
-        self.take_best_small(n, min)
+        // The reserved regions only when no other free space can serve the request.
+        if let Some(r) = self.take_best_small(n, min) {
+            return Some(r);
+        }
+        let mut a = self.arena(k)?;
+        self.split_for_small(&mut a, k, n, true).and_then(fit)
+    }
+
+    /// Splits a pool chunk (see [`Pool::take_last`]) into arena `k` (`a`, locked) and takes
+    /// its first `n` blocks: their first block.
+    fn split_for_small(&self, a: &mut Arena, k: usize, n: u64, use_reserved: bool) -> Option<u64> {
+        let c = {
+            let mut pool = self.pool.lock();
+            let c = pool.take_last(use_reserved)?;
+            if let Some(o) = self.owner(c) {
+                o.store(k as u32, Ordering::Release);
+            }
+            c
+        };
+        a.insert(c, SmallChunk::from_map([u64::MAX; CHUNK_WORDS]));
+        a.take_in(c, 0, n);
+        self.taken(n);
+        Some(c * CHUNK_BLOCKS)
     }
 
     /// The longest free run of the small chunks, if at least `min` (capped at `n`).

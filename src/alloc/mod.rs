@@ -456,6 +456,51 @@ impl BlockAllocator {
         self.claim(tx, got)
     }
 
+    /// Allocates the first `blocks` blocks (whole 2 MiB chunks, at most a region) of a whole
+    /// free 1 GiB region in `tx`, for a file that grows sequentially: until the region is
+    /// full, other requests leave the blocks after them free while other space exists, so
+    /// the file can extend in place ([`AllocRequest::goal`]) into one 1 GiB-aligned extent.
+    /// [`AllocError::NoSpace`] when no region is entirely free (always under the first-fit
+    /// policy).
+    pub fn allocate_stream_start(
+        &self,
+        tx: &mut Tx<'_>,
+        blocks: u64,
+    ) -> Result<BlockRange, AllocError> {
+        let Index::Huge(h) = self.index.as_ref() else {
+            return Err(AllocError::NoSpace);
+        };
+        if blocks == 0 || blocks % CHUNK_BLOCKS != 0 || blocks > REGION_BLOCKS {
+            return Err(AllocError::Corrupted(format!(
+                "stream start of {blocks} blocks (not whole chunks of one region)"
+            )));
+        }
+        let got = h
+            .take_stream_start(blocks / CHUNK_BLOCKS)
+            .ok_or(AllocError::NoSpace)?;
+        self.claim(tx, got)
+    }
+
+    /// Reserves the last `regions` whole 1 GiB regions of the device for 1 GiB extents (the
+    /// superblock's `huge_regions`): requests for less than a region (small blocks, 2 MiB
+    /// chunks, extending in place) take their blocks only when no other free space can serve
+    /// them; requests for whole regions and growing files' regions take reserved regions
+    /// first. The rule is one of preference, never ENOSPC: a full unreserved part spills
+    /// into the reserved regions. No effect under the first-fit policy.
+    pub fn reserve_regions(&self, regions: u64) {
+        if let Index::Huge(h) = self.index.as_ref() {
+            h.reserve_regions(regions);
+        }
+    }
+
+    /// Regions reserved by [`BlockAllocator::reserve_regions`] (0 for the first-fit policy).
+    pub fn reserved_regions(&self) -> u64 {
+        match self.index.as_ref() {
+            Index::Huge(h) => h.reserved_regions(),
+            Index::FirstFit(_) => 0,
+        }
+    }
+
     /// Makes blocks just taken out of the index `tx`'s: checks the reserve, sets their bits,
     /// and gives them back to the index if `tx` rolls back.
     fn claim(&self, tx: &mut Tx<'_>, got: BlockRange) -> Result<BlockRange, AllocError> {

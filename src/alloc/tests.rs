@@ -994,3 +994,93 @@ fn crash_at_every_fence_of_a_lazy_initialisation() {
     // Every state was reached: flagged, zeroed, allocated, partly freed.
     assert_eq!(seen.len(), 4, "{seen:?} over {images} images");
 }
+
+/// Extends the run ending at block `end` by one chunk in place, as a growing file does.
+fn extend_in_place(index: &huge::HugeIndex, end: u64) -> Option<BlockRange> {
+    index
+        .take(CHUNK_BLOCKS, CHUNK_BLOCKS, true, Some(end - 1))
+        .filter(|r| r.start == end)
+}
+
+#[test]
+fn a_growing_file_fills_its_region_in_place_while_others_allocate() {
+    let index = region_index(3, 1536);
+    let start = index.take_stream_start(16).unwrap();
+    assert_eq!(
+        start,
+        BlockRange {
+            start: REGION_BLOCKS,
+            len: 16 * CHUNK_BLOCKS
+        }
+    );
+    let mut end = start.end();
+    let mut others = Vec::new();
+    // Between two chunks of the growing file, other files take small blocks and 2 MiB
+    // chunks: they go to region 0, not right after the growing file, nor into region 2.
+    while end < 2 * REGION_BLOCKS {
+        let got = extend_in_place(&index, end);
+        assert!(got.is_some(), "chunk at {end} taken by another request");
+        end += CHUNK_BLOCKS;
+        if others.len() < 300 {
+            let n = 1 + others.len() as u64 % 37;
+            others.push(index.take(n, n, false, None).unwrap());
+            others.push(index.take(CHUNK_BLOCKS, CHUNK_BLOCKS, true, None).unwrap());
+        }
+    }
+    assert!(
+        others.iter().all(|r| r.end() <= REGION_BLOCKS),
+        "another request went into the growing file's region or the whole one"
+    );
+    assert_eq!(index.free_regions(), 1);
+    index.snapshot().unwrap();
+}
+
+#[test]
+fn extending_in_place_does_not_enter_a_whole_region() {
+    let index = region_index(3, 1536);
+    // A run ending at region 1's start: its chunks are whole, so the next one is refused
+    // in place (the caller takes a chunk elsewhere).
+    assert_eq!(extend_in_place(&index, REGION_BLOCKS), None);
+    assert_eq!(index.free_regions(), 2);
+    index.snapshot().unwrap();
+}
+
+#[test]
+fn reserved_regions_are_used_last_and_taken_first_for_1_gib_extents() {
+    let index = region_index(4, 1536);
+    index.reserve_regions(2);
+    assert_eq!(index.reserved_regions(), 2);
+    // Requests for whole regions and growing files start in the reserved ones.
+    let r = index.take_regions(1).unwrap();
+    assert_eq!(r.start, 2 * REGION_BLOCKS);
+    let s = index.take_stream_start(1).unwrap();
+    assert_eq!(s.start, 3 * REGION_BLOCKS);
+    index.release(r);
+    index.release(s);
+    assert_eq!(index.free_regions(), 3);
+    // Everything else fills regions 0 and 1 (breaking region 1) before it touches 2 or 3.
+    let reserved_start = 2 * REGION_BLOCKS;
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        let (n, aligned) = if i % 2 == 0 {
+            (1 + i % 37, false)
+        } else {
+            (4 * CHUNK_BLOCKS, true)
+        };
+        let free = index.snapshot().unwrap();
+        let longest_unreserved = bits::longest_run(&free, 0, reserved_start);
+        let r = index
+            .take(n, 1, aligned, None)
+            .expect("a full unreserved part spills into the reserved regions");
+        if r.end() > reserved_start {
+            assert!(
+                longest_unreserved == 0,
+                "took {r:?} in a reserved region while the rest had a free run of \
+                 {longest_unreserved} blocks"
+            );
+            break;
+        }
+    }
+    index.snapshot().unwrap();
+}

@@ -101,6 +101,11 @@ pub enum ProblemKind {
     SpaceSummary {
         region: Option<u64>,
     },
+    /// The superblock reserves more 1 GiB regions than the device can (`max`).
+    HugeRegions {
+        stored: u64,
+        max: u64,
+    },
     // Found by `repair::diagnose` before a check can run:
     Superblock,
     StateRecord,
@@ -236,6 +241,16 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
             ProblemKind::Backup,
             "backup superblock is damaged or differs from the primary".into(),
         ),
+    }
+    let (stored, max) = (sb.reserved_huge_regions(), geometry.max_huge_regions());
+    if stored > max {
+        c.problem(
+            ProblemKind::HugeRegions { stored, max },
+            format!(
+                "superblock reserves {stored} 1 GiB regions for 1 GiB extents (huge_regions), \
+                 the device has room for {max}"
+            ),
+        );
     }
     if !crate::journal::pending(media, &geometry)?.is_empty() {
         c.problem(

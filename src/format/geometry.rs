@@ -3,6 +3,7 @@
 use super::{
     BLOCK_SIZE, CHUNK_BLOCKS, FLAT_ITABLE_CHUNKS, FormatError, ITABLE_DIR_ENTRIES,
     ITABLE_FANOUT_MAX, IncompatFeatures, MIN_DEVICE_SIZE, Superblock, blocks_to_bytes, space,
+    space::REGION_BLOCKS,
 };
 
 /// First journal block: after the primary (block 0) and backup (block 1) superblocks.
@@ -237,6 +238,18 @@ impl Geometry {
     /// Whole 2 MiB chunks on the device (a trailing partial chunk is not counted).
     pub fn chunk_count(&self) -> u64 {
         self.block_count / CHUNK_BLOCKS
+    }
+
+    /// Whole 1 GiB regions on the device (a trailing partial region is not counted; see
+    /// [`Geometry::region_count`]).
+    pub fn whole_region_count(&self) -> u64 {
+        self.block_count / REGION_BLOCKS
+    }
+
+    /// Most regions the superblock's `huge_regions` may reserve: every whole region but
+    /// region 0, which holds the fixed metadata.
+    pub fn max_huge_regions(&self) -> u64 {
+        self.whole_region_count().saturating_sub(1)
     }
 
     /// True when `first..first + len` is a block range the allocator may own.

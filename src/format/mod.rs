@@ -31,6 +31,9 @@ pub const BLOCK_SHIFT: u32 = 12;
 pub const CHUNK_SIZE: u64 = 2 << 20;
 /// Blocks per huge chunk.
 pub const CHUNK_BLOCKS: u64 = CHUNK_SIZE / BLOCK_SIZE;
+/// 1 GiB regions: the unit of 1 GiB extents, of the space summary and of the superblock's
+/// `huge_regions` reservation.
+pub use space::{REGION_BLOCKS, REGION_SIZE};
 
 /// Smallest device pmfs formats: the fixed metadata plus one inode-table chunk and room for
 /// data must fit.
@@ -100,6 +103,10 @@ bitflags! {
     pub struct CompatFeatures: u64 {
         /// Reserved inode [`DEFERRED_FREE_INO`] holds blocks whose free waits for a lease.
         const DEFERRED_FREE = 1 << 0;
+        /// The superblock's `huge_regions` holds the number of 1 GiB regions the
+        /// allocator reserves for 1 GiB extents (an allocation preference: an older
+        /// implementation that ignores it allocates correctly, only without it).
+        const HUGE_REGIONS = 1 << 1;
     }
 }
 
@@ -138,7 +145,8 @@ pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS
     .union(IncompatFeatures::INODE_TABLE_TREE)
     .union(IncompatFeatures::SPACE_SUMMARY);
 pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
-pub const COMPAT_SUPPORTED: CompatFeatures = CompatFeatures::DEFERRED_FREE;
+pub const COMPAT_SUPPORTED: CompatFeatures =
+    CompatFeatures::DEFERRED_FREE.union(CompatFeatures::HUGE_REGIONS);
 
 /// Inode number 0 is never valid.
 pub const NULL_INO: u64 = 0;

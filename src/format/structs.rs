@@ -45,7 +45,11 @@ pub struct Superblock {
     /// First block after the fixed metadata; blocks before it are never allocated.
     pub meta_end: u64,
     pub created_ns: i64,
-    pub reserved: [u8; 56],
+    /// With [`super::CompatFeatures::HUGE_REGIONS`]: how many of the device's last whole
+    /// 1 GiB regions the allocator keeps for 1 GiB extents (mkfs `--huge-regions`); 0
+    /// without the feature.
+    pub huge_regions: u32,
+    pub reserved: [u8; 52],
     /// Chunk pointers per inode-table indirect block (1..=512, mkfs writes 512); meaningful
     /// only with `INODE_TABLE_TREE` (0 before version 3). At the end of the reserved area
     /// so that later fields can grow from its start.
@@ -92,6 +96,17 @@ impl Superblock {
 
     pub fn incompat_features(&self) -> IncompatFeatures {
         IncompatFeatures::from_bits_retain(self.incompat)
+    }
+
+    /// The 1 GiB regions reserved for 1 GiB extents: `huge_regions` when the superblock has
+    /// [`super::CompatFeatures::HUGE_REGIONS`], else 0 (an older mkfs left the bytes zero;
+    /// without the bit they mean nothing).
+    pub fn reserved_huge_regions(&self) -> u64 {
+        if self.compat & super::CompatFeatures::HUGE_REGIONS.bits() != 0 {
+            u64::from(self.huge_regions)
+        } else {
+            0
+        }
     }
 
     /// The label as text (lossy for invalid UTF-8, which mkfs never writes).

@@ -28,6 +28,12 @@ const SEEK_HOLE: i32 = 4;
 /// Journal space a loop keeps for one more step and its caller's final stores: below it,
 /// the loop commits and begins a new transaction.
 pub(super) const STEP_RESERVE: u64 = 96 * 1024;
+/// A file that grows sequentially past this size moves its data so far to the start of a
+/// whole free 1 GiB region and fills that region in place ([`Fs::start_region_stream`]):
+/// large enough that few files pay the copy or claim a region, small enough that the copy
+/// stays short (45-115 ms for the crossing write through FUSE on a 2-core VM, most of it
+/// the first touch of the region's memory).
+const STREAM_START: u64 = 32 << 20;
 /// Writes of at least this many bytes use non-temporal stores.
 const NT_THRESHOLD: usize = 256;
 
@@ -184,6 +190,11 @@ impl Fs {
         if old_size <= CHUNK_SIZE && end_off > CHUNK_SIZE {
             self.relocate_first_chunk(&mut tx, ino, &mut i, old_size)?;
         }
+        // Sequential growth (the write starts at or before the end of file) past
+        // STREAM_START: the file is likely to keep growing; give it a 1 GiB region.
+        if offset <= old_size && old_size <= STREAM_START && end_off > STREAM_START {
+            self.start_region_stream(&mut tx, ino, &mut i, old_size)?;
+        }
         let pieces = self.map_for_write(
             &mut tx,
             ino,
@@ -291,50 +302,129 @@ impl Fs {
         i: &mut Inode,
         old_size: u64,
     ) -> Result<()> {
-        let r = self.reader();
-        let mut exts = Vec::new();
-        extent::scan(&r, ino, i, 0, &mut |e| {
-            if e.file_block >= CHUNK_BLOCKS {
-                return false;
-            }
-            exts.push(e);
-            true
-        })?;
-        let already = matches!(exts.as_slice(), [e] if e.file_block == 0 && u64::from(e.len) == CHUNK_BLOCKS && e.dev_block % CHUNK_BLOCKS == 0);
-        if exts.is_empty()
-            || already
-            || exts
-                .iter()
-                .any(|e| e.flags & extent_flags::UNWRITTEN != 0 || end(e) > CHUNK_BLOCKS)
-        {
-            return Ok(());
-        }
         let req = AllocRequest {
             blocks: CHUNK_BLOCKS,
             min_blocks: CHUNK_BLOCKS,
             aligned: true,
             goal: None,
         };
-        let chunk = match self.alloc.allocate(tx, req) {
-            Ok(c) if c.start % CHUNK_BLOCKS == 0 && c.len == CHUNK_BLOCKS => c,
-            Ok(c) => {
-                self.alloc.free(tx, c)?;
-                return Ok(());
-            }
-            Err(AllocError::NoSpace) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
-        for e in &exts {
-            let at = blocks_to_bytes(e.file_block) as usize;
-            let n = blocks_to_bytes(u64::from(e.len)) as usize;
-            self.media
-                .read(blocks_to_bytes(e.dev_block), &mut buf[at..at + n])?;
+        self.relocate_prefix(
+            tx,
+            ino,
+            i,
+            old_size,
+            CHUNK_BLOCKS,
+            CHUNK_BLOCKS,
+            |fs, tx| match fs.alloc.allocate(tx, req) {
+                Ok(c) if c.start % CHUNK_BLOCKS == 0 && c.len == CHUNK_BLOCKS => Ok(Some(c)),
+                Ok(c) => {
+                    fs.alloc.free(tx, c)?;
+                    Ok(None)
+                }
+                Err(AllocError::NoSpace) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+        )
+    }
+
+    /// A file growing sequentially past [`STREAM_START`] moves its first `STREAM_START`
+    /// bytes (whole 2 MiB chunks placed wherever the pool had them) to the start of a whole
+    /// free 1 GiB region, which it then fills in place as it grows (the allocator keeps the
+    /// chunks after it free while other space exists): at 1 GiB its first GiB is one
+    /// 1 GiB-aligned extent, PUD-mappable, and later GiBs take whole regions. One copy of
+    /// `STREAM_START` bytes per file, in the transaction of the write that crosses it.
+    /// Skipped (not an error) when no region is whole or the prefix holds preallocated space.
+    fn start_region_stream(
+        &self,
+        tx: &mut MetaTx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        old_size: u64,
+    ) -> Result<()> {
+        if self.alloc.free_regions() == 0 {
+            return Ok(());
         }
-        // Bytes past the old end of file may be stale: they become visible now.
-        let keep = (old_size as usize).min(buf.len());
-        buf[keep..].fill(0);
-        self.media.write_nt(blocks_to_bytes(chunk.start), &buf)?;
+        let blocks = STREAM_START / BLOCK_SIZE;
+        self.relocate_prefix(
+            tx,
+            ino,
+            i,
+            old_size,
+            blocks,
+            REGION_BLOCKS,
+            |fs, tx| match fs.alloc.allocate_stream_start(tx, blocks) {
+                Ok(r) => Ok(Some(r)),
+                Err(AllocError::NoSpace) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+        )
+    }
+
+    /// Moves file blocks `0..blocks` (a multiple of [`CHUNK_BLOCKS`]) into the one run
+    /// `target` allocates, as one extent; bytes past `old_size` and holes read as zeros.
+    /// Nothing happens when the prefix is empty, already one extent at a multiple of
+    /// `align` blocks (where `target` would put it), holds an unwritten extent or one that
+    /// reaches past it, or `target` finds no room (`Ok(None)`).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the prefix, its alignment and its target"
+    )]
+    fn relocate_prefix(
+        &self,
+        tx: &mut MetaTx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        old_size: u64,
+        blocks: u64,
+        align: u64,
+        target: impl FnOnce(&Self, &mut MetaTx<'_>) -> Result<Option<BlockRange>>,
+    ) -> Result<()> {
+        let r = self.reader();
+        let mut exts = Vec::new();
+        extent::scan(&r, ino, i, 0, &mut |e| {
+            if e.file_block >= blocks {
+                return false;
+            }
+            exts.push(e);
+            true
+        })?;
+        let already = matches!(exts.as_slice(), [e] if e.file_block == 0 && u64::from(e.len) == blocks && e.dev_block % align == 0);
+        if exts.is_empty()
+            || already
+            || exts
+                .iter()
+                .any(|e| e.flags & extent_flags::UNWRITTEN != 0 || end(e) > blocks)
+        {
+            return Ok(());
+        }
+        let Some(dest) = target(self, tx)? else {
+            return Ok(());
+        };
+        // One 2 MiB piece at a time: the buffer stays small whatever `blocks` is.
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        for piece in 0..blocks / CHUNK_BLOCKS {
+            let (p_start, p_end) = (piece * CHUNK_BLOCKS, (piece + 1) * CHUNK_BLOCKS);
+            buf.fill(0);
+            for e in exts
+                .iter()
+                .filter(|e| e.file_block < p_end && end(e) > p_start)
+            {
+                let from = e.file_block.max(p_start);
+                let to = end(e).min(p_end);
+                let at = blocks_to_bytes(from - p_start) as usize;
+                let n = blocks_to_bytes(to - from) as usize;
+                self.media.read(
+                    blocks_to_bytes(e.dev_block + (from - e.file_block)),
+                    &mut buf[at..at + n],
+                )?;
+            }
+            // Bytes past the old end of file may be stale: they become visible now.
+            let keep = old_size.saturating_sub(blocks_to_bytes(p_start));
+            let keep = (keep.min(CHUNK_SIZE)) as usize;
+            buf[keep..].fill(0);
+            self.media
+                .write_nt(blocks_to_bytes(dest.start + p_start), &buf)?;
+        }
         tx.note_data_written();
         let nodes = self.nodes();
         for e in &exts {
@@ -357,12 +447,12 @@ impl Fs {
             i,
             ExtentRecord {
                 file_block: 0,
-                dev_block: chunk.start,
-                len: CHUNK_BLOCKS as u32,
+                dev_block: dest.start,
+                len: blocks as u32,
                 flags: 0,
             },
         )?;
-        i.blocks += CHUNK_BLOCKS;
+        i.blocks += blocks;
         Ok(())
     }
 
@@ -549,23 +639,29 @@ impl Fs {
             let chunks = (want_end - chunk_start).div_ceil(CHUNK_BLOCKS);
             let max_chunks = (next.min(MAX_FILE_BLOCKS) - chunk_start) / CHUNK_BLOCKS;
             let chunks = chunks.min(max_chunks).max(1);
+            // A file filling a 1 GiB region in place (its device blocks sit at its file
+            // blocks' offsets in a region, see start_region_stream) extends in place when
+            // the chunks after its last one are free, and the extents merge: its region
+            // stays 1 GiB-aligned. Other files take chunks where the pool has them
+            // (extending them in place too fragmented free space under aging).
+            let goal = prev
+                .filter(|p| {
+                    end(p) == chunk_start
+                        && p.dev_block % REGION_BLOCKS == p.file_block % REGION_BLOCKS
+                })
+                .map(|p| p.dev_block + u64::from(p.len) - 1);
             let req = AllocRequest {
                 blocks: chunks * CHUNK_BLOCKS,
                 min_blocks: CHUNK_BLOCKS,
                 aligned: true,
-                goal: None,
+                goal,
             };
             match self.alloc.allocate(tx, req) {
                 Ok(got) if got.start % CHUNK_BLOCKS == 0 && got.len % CHUNK_BLOCKS == 0 => {
-                    return self.map_new(
-                        tx,
-                        ino,
-                        i,
-                        chunk_start,
-                        got,
-                        flags,
-                        prev.filter(|_| false),
-                    );
+                    // Merged only when extending in place (elsewhere records stay one per
+                    // allocation, as the aging results were measured with).
+                    let merge_with = prev.filter(|_| goal.is_some());
+                    return self.map_new(tx, ino, i, chunk_start, got, flags, merge_with);
                 }
                 Ok(got) => {
                     // Not aligned after all (the pool ran out): keep what lies in the hole.

@@ -306,6 +306,12 @@ impl Fs {
         let alloc =
             BlockAllocator::open_with_policy(media.as_ref(), &geometry, options.alloc_policy)?;
         alloc.set_reserve(reserve_blocks(&geometry));
+        // More than the device can have is damage (fsck reports it): reserve what it can.
+        alloc.reserve_regions(
+            superblock
+                .reserved_huge_regions()
+                .min(geometry.max_huge_regions()),
+        );
         if !options.read_only {
             reserve_space_in_use(media.as_ref(), &alloc)?;
         }

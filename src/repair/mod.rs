@@ -123,7 +123,8 @@ pub fn class_of(kind: &ProblemKind) -> Class {
         ProblemKind::Backup
         | ProblemKind::Superblock
         | ProblemKind::StateRecord
-        | ProblemKind::MissingFeatures(_) => Class::Superblock,
+        | ProblemKind::MissingFeatures(_)
+        | ProblemKind::HugeRegions { .. } => Class::Superblock,
         ProblemKind::JournalOpen | ProblemKind::JournalDamaged { .. } => Class::Journal,
         ProblemKind::BadInode(_) | ProblemKind::InodeTableDir { .. } => Class::Inodes,
         ProblemKind::BadTree(_) | ProblemKind::DoubleUse { .. } => Class::Trees,
@@ -243,14 +244,18 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
     // nodes are reserved as they are handed out).
     media.reserve(0, g.meta_end * crate::format::BLOCK_SIZE)?;
     for p in &report.problems {
-        if let ProblemKind::MissingFeatures(bits) = p.kind {
-            if mode.allows(Class::Superblock) {
-                out.actions.push(Action {
-                    class: Class::Superblock,
-                    message: add_features(media.as_ref(), bits)?,
-                });
-            }
+        if !mode.allows(Class::Superblock) {
+            break;
         }
+        let message = match p.kind {
+            ProblemKind::MissingFeatures(bits) => add_features(media.as_ref(), bits)?,
+            ProblemKind::HugeRegions { max, .. } => clamp_huge_regions(media.as_ref(), max)?,
+            _ => continue,
+        };
+        out.actions.push(Action {
+            class: Class::Superblock,
+            message,
+        });
     }
     let low_only = report.problems.iter().all(|p| {
         matches!(
@@ -261,6 +266,7 @@ pub fn repair(media: &Arc<dyn Media>, report: &Report, mode: RepairMode) -> Resu
                 | ProblemKind::JournalOpen
                 | ProblemKind::JournalDamaged { .. }
                 | ProblemKind::MissingFeatures(_)
+                | ProblemKind::HugeRegions { .. }
         )
     });
     if low_only {
@@ -301,6 +307,19 @@ fn add_features(media: &dyn Media, bits: u64) -> Result<String> {
         "superblock: features {} added (format version {})",
         features.names(),
         sb.version
+    ))
+}
+
+/// Lowers the superblock's 1 GiB-region reservation to `max`, what the device can reserve
+/// (the mount already reserved no more); returns the action's message.
+fn clamp_huge_regions(media: &dyn Media, max: u64) -> Result<String> {
+    let (mut sb, _) = read_superblock(media)?;
+    let stored = sb.huge_regions;
+    sb.huge_regions = u32::try_from(max).unwrap_or(u32::MAX);
+    sb.seal();
+    crate::meta::upgrade_superblock(media, &sb)?;
+    Ok(format!(
+        "superblock: huge_regions {stored} lowered to {max}, the 1 GiB regions the device can reserve"
     ))
 }
 
