@@ -735,7 +735,7 @@ mod tests {
         assert!(text.starts_with("pmfs: formatted /dev/shm/t.img\n"));
         assert!(text.contains("1.00 GiB (262144 blocks of 4 KiB, 512 huge chunks of 2 MiB)"));
         assert!(text.contains("8188 now, up to 4167692"));
-        assert!(text.contains("6.0 MiB (0.59%)"), "{text}");
+        assert!(text.contains("6.1 MiB (0.59%)"), "{text}");
         assert!(text.contains("label           (none)"));
         assert!(
             text.contains("root directory  owner 0:0, mode 0755\n"),
