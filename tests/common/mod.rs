@@ -72,8 +72,7 @@ impl Image {
                 uuid: None,
                 now_ns: now_ns(),
                 root: RootDir::default(),
-                version_2_layout: false,
-                itable_fanout: None,
+                ..MkfsOptions::default()
             },
         )
         .unwrap();
