@@ -212,6 +212,9 @@ w_par() { # $2 threads, each writing 4 KiB blocks at random into a new file of i
     rm -f "$1"/par.*
     return "$rc"
 }
+# The cheapest request a file system answers: getxattr of a missing name, which FUSE never
+# caches (one GETXATTR round trip each); the system call alone on an in-kernel file system.
+w_roundtrip() { touch "$1/rt" && "$MB" roundtrip "$1/rt" 20000 2>"$WORK/fio.err" | awk '{print $2}'; rm -f "$1/rt"; }
 w_warm() { fio_run "$1/seq.dat" --rw=read --bs=1m --size=$FILE_SIZE --invalidate=0 >/dev/null; }
 w_reread() { fio_run "$1/seq.dat" --rw=randread --bs=4k --size=$FILE_SIZE --runtime="$RUNTIME" --time_based --invalidate=0 | fio_read_kiops; }
 # fio's mmap job. Under the preload library (FIO_ENV set) also samples, 70% into the run,
@@ -287,6 +290,7 @@ run_round() { # label dir: every workload once
     w_warm "$d"
     measure "$fs" reread w_reread "$d"
     measure "$fs" append w_append "$d"
+    measure "$fs" roundtrip w_roundtrip "$d"
     rm -f "$d/seq.dat"
 
     if out=$("$MB" meta "$d/meta" "$META_FILES" -c 2>"$WORK/fio.err"); then
@@ -519,6 +523,7 @@ declare -a ROWS=(
     "mmapread|mmap 4 KiB rand read|kIOPS|hi"
     "mmappmd|mmap: PMD-mapped share of the resident mapping|%|hi"
     "append|4 KiB append+fdatasync|kIOPS|hi"
+    "roundtrip|getxattr of a missing name (1 FUSE round trip)|µs|lo"
     "create|create (20k, 1 dir)|ops/s|hi"
     "stat|stat, cold (20k)|ops/s|hi"
     "unlink|unlink (20k)|ops/s|hi"

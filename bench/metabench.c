@@ -25,6 +25,13 @@
  *       when CMD itself exited (-1 if it had not when the mount became ready; it is then
  *       waited for). Exit status 1 if the mount did not appear within TIMEOUT_MS.
  *
+ *   metabench roundtrip FILE N
+ *       N getxattr(FILE, "user.metabench.absent") calls, each answered ENODATA. The kernel
+ *       caches no xattr answer of FUSE, so on a FUSE mount each call is exactly one GETXATTR
+ *       request: the cost of the cheapest round trip a file system can answer. On an
+ *       in-kernel file system it is the system call alone. Prints: "roundtrip_us U" (mean
+ *       microseconds per call).
+ *
  * Build: gcc -O2 -pthread -o metabench metabench.c
  */
 #define _GNU_SOURCE
@@ -38,6 +45,7 @@
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -226,8 +234,25 @@ static void usage(void) {
             "usage: metabench meta DIR N [-c]\n"
             "       metabench mkfiles DIR TOTAL PERDIR THREADS\n"
             "       metabench statfiles DIR TOTAL PERDIR\n"
-            "       metabench mounttime MOUNTPOINT TIMEOUT_MS CMD [ARGS...]\n");
+            "       metabench mounttime MOUNTPOINT TIMEOUT_MS CMD [ARGS...]\n"
+            "       metabench roundtrip FILE N\n");
     exit(2);
+}
+
+/* One GETXATTR round trip per call on FUSE (see the header). */
+static int roundtrip(const char *file, long n) {
+    char value[16];
+    /* A first call outside the clock: the inode's lookup and attributes are cached. */
+    if (getxattr(file, "user.metabench.absent", value, sizeof value) >= 0 || errno != ENODATA)
+        die("getxattr (expected ENODATA)", file);
+    double t0 = now();
+    for (long i = 0; i < n; i++) {
+        if (getxattr(file, "user.metabench.absent", value, sizeof value) >= 0 || errno != ENODATA)
+            die("getxattr (expected ENODATA)", file);
+    }
+    double t = now() - t0;
+    printf("roundtrip_us %.2f\n", t / n * 1e6);
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -241,6 +266,7 @@ int main(int argc, char **argv) {
         return statfiles(argv[2], atol(argv[3]), atol(argv[4]));
     if (strcmp(argv[1], "mounttime") == 0 && argc >= 5)
         return mounttime(argv[2], atol(argv[3]), argv + 4);
+    if (strcmp(argv[1], "roundtrip") == 0 && argc == 4) return roundtrip(argv[2], atol(argv[3]));
     usage();
     return 2;
 }
