@@ -179,8 +179,9 @@ struct View {
     mapping: Option<DaxMapping>,
     entries: Vec<MapEntry>,
     generation: u64,
-    /// A call was served from this view (its refresh paid off).
-    used: AtomicBool,
+    /// Calls served from this view: its refresh paid off once they reach
+    /// [`REFRESH_PAYS_OFF`].
+    served: AtomicU64,
 }
 
 impl View {
@@ -293,8 +294,14 @@ struct Tracked {
 
 /// Longest back-off between refreshes that served nothing.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// First back-off after a refresh that served nothing.
+/// First back-off after a refresh that did not pay off.
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// A refresh pays off when the view it made serves this many calls. Random 4 KiB writes
+/// into a new file alternate a write into a hole (the kernel's; it moves the generation)
+/// with an overwrite of a chunk written before (served after a refresh): with a threshold
+/// of one call, every second write paid a refresh of a view of hundreds of extents, and
+/// four such processes on two CPUs fell to 0.1 kIOPS (bench/RESULTS.md, session 6).
+const REFRESH_PAYS_OFF: u64 = 16;
 
 /// Monotonic nanoseconds, from a fixed start (never 0 once running).
 fn now_ns() -> u64 {
@@ -315,15 +322,16 @@ impl Tracked {
         if current.generation == snap.generation {
             return Some(current);
         }
-        // A file that changes through the mount between every two calls (appends, writes
-        // into holes, another process writing) would cost a refresh per call that then
-        // cannot serve: after a refresh that served nothing, back off (doubling up to
-        // MAX_BACKOFF) and leave calls to the kernel meanwhile.
+        // A file that changes through the mount between every few calls (appends, writes
+        // into holes, another process writing) would cost a refresh (an ioctl per 64
+        // extents, an mmap per run, the munmap of the old view) for every call or two it
+        // then serves: after a refresh that served fewer than REFRESH_PAYS_OFF calls, back
+        // off (doubling up to MAX_BACKOFF) and leave calls to the kernel meanwhile.
         let now = now_ns();
         if now < self.refresh_after.load(Ordering::Relaxed) {
             return None;
         }
-        let backoff = if current.used.load(Ordering::Relaxed) {
+        let backoff = if current.served.load(Ordering::Relaxed) >= REFRESH_PAYS_OFF {
             0
         } else {
             (self.backoff.load(Ordering::Relaxed) * 2)
@@ -354,7 +362,7 @@ impl Tracked {
             mapping: p.mapping,
             entries: p.entries,
             generation: p.generation,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         });
         *self.view.try_write().ok()? = Arc::clone(&fresh);
         Some(fresh)
@@ -409,7 +417,7 @@ impl Tracked {
         if !self.state.unchanged(self.slot, snap.seq) {
             return None;
         }
-        view.used.store(true, Ordering::Relaxed);
+        view.served.fetch_add(1, Ordering::Relaxed);
         count(&STATS.served_reads, 1);
         count(&STATS.served_read_bytes, n);
         Some(n as usize)
@@ -433,7 +441,7 @@ impl Tracked {
             // be asked): the real call stores the same bytes wherever they live now.
             return None;
         }
-        view.used.store(true, Ordering::Relaxed);
+        view.served.fetch_add(1, Ordering::Relaxed);
         count(&STATS.served_writes, 1);
         count(&STATS.served_write_bytes, data.len() as u64);
         self.stored();
@@ -632,7 +640,7 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
             entries: p.entries,
             generation: p.generation,
             // The first refresh is never backed off.
-            used: AtomicBool::new(true),
+            served: AtomicU64::new(REFRESH_PAYS_OFF),
         })),
         refreshing: Mutex::new(()),
         offset_busy: AtomicBool::new(false),
@@ -810,7 +818,7 @@ mod tests {
             mapping: None,
             entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         let mut buf = vec![7u8; 20000];
         v.read_into(100, &mut buf).unwrap();
@@ -820,7 +828,7 @@ mod tests {
             mapping: None,
             entries: vec![entry(8192, 4096, 0)],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         assert!(v.read_into(100, &mut buf).is_none());
         assert!(v.read_into(0, &mut buf[..8192]).is_some(), "all hole");
@@ -838,7 +846,7 @@ mod tests {
                 entry(20480, 4096, 0),
             ],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         assert!(v.covers_written(0, 1));
         assert!(v.covers_written(100, 12188), "two adjacent written extents");
@@ -863,7 +871,7 @@ mod tests {
             mapping: None,
             entries: vec![at(0, 1 << 20, 8192), at(8192, 4 << 20, 4096)],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         assert_eq!(
             v.device_pieces(100, 8200),
