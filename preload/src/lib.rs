@@ -296,12 +296,15 @@ struct Tracked {
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// First back-off after a refresh that did not pay off.
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
-/// A refresh pays off when the view it made serves this many calls. Random 4 KiB writes
-/// into a new file alternate a write into a hole (the kernel's; it moves the generation)
-/// with an overwrite of a chunk written before (served after a refresh): with a threshold
-/// of one call, every second write paid a refresh of a view of hundreds of extents, and
-/// four such processes on two CPUs fell to 0.1 kIOPS (bench/RESULTS.md, session 6).
+/// A refresh pays off when the view it made serves this many calls. Processes writing at
+/// random into one new file alternate writes into holes (the kernel's; each moves the
+/// generation) with overwrites of blocks written before (served after a refresh): with a
+/// threshold of one call and no cost bound, four fio processes sharing a file refreshed
+/// views of thousands of extents for nearly every write and fell to 0.1 kIOPS
+/// (bench/RESULTS.md, session 6).
 const REFRESH_PAYS_OFF: u64 = 16;
+/// After a refresh that took T, none for `REFRESH_COST_FACTOR` × T.
+const REFRESH_COST_FACTOR: u64 = 8;
 
 /// Monotonic nanoseconds, from a fixed start (never 0 once running).
 fn now_ns() -> u64 {
@@ -347,7 +350,18 @@ impl Tracked {
         if meta.dev() != self.dev || meta.ino() != self.ino {
             return None;
         }
-        let p = match DaxMapping::map_published(&self.file, &self.device, self.lease) {
+        let started = std::time::Instant::now();
+        let mapped = DaxMapping::map_published(&self.file, &self.device, self.lease);
+        // A refresh costs an ioctl per 64 extents and an mmap per run: a view of thousands
+        // of extents takes milliseconds (more on a busy machine). Whatever the views serve,
+        // the next refresh waits REFRESH_COST_FACTOR times as long as this one took, so
+        // refreshing never takes more than about a ninth of the time.
+        let cost = started.elapsed().as_nanos() as u64;
+        self.refresh_after.fetch_max(
+            now_ns().saturating_add(cost.saturating_mul(REFRESH_COST_FACTOR)),
+            Ordering::Relaxed,
+        );
+        let p = match mapped {
             Ok(p) => p,
             Err(e) => {
                 debug(format_args!(
