@@ -290,6 +290,8 @@ struct Tracked {
     refresh_after: AtomicU64,
     /// The current refresh back-off (ns).
     backoff: AtomicU64,
+    /// Refreshes in a row whose views did not pay off.
+    unpaid_refreshes: AtomicU64,
 }
 
 /// Longest back-off between refreshes that served nothing.
@@ -303,8 +305,13 @@ const MIN_BACKOFF: Duration = Duration::from_millis(1);
 /// views of thousands of extents for nearly every write and fell to 0.1 kIOPS
 /// (bench/RESULTS.md, session 6).
 const REFRESH_PAYS_OFF: u64 = 16;
-/// After a refresh that took T, none for `REFRESH_COST_FACTOR` × T.
-const REFRESH_COST_FACTOR: u64 = 8;
+/// Refreshes in a row that may fail to pay off before the back-off starts: a file that
+/// another process changes now and then is still served at once after each change.
+const UNPAID_REFRESHES_TOLERATED: u64 = 16;
+/// After a refresh, none for this long per extent it listed: about 8 times what listing
+/// and mapping one extent costs (an ioctl per 64, an mmap per run), so refreshing takes at
+/// most about a ninth of the time however often the file changes.
+const REFRESH_WAIT_PER_EXTENT: Duration = Duration::from_micros(16);
 
 /// Monotonic nanoseconds, from a fixed start (never 0 once running).
 fn now_ns() -> u64 {
@@ -334,7 +341,15 @@ impl Tracked {
         if now < self.refresh_after.load(Ordering::Relaxed) {
             return None;
         }
-        let backoff = if current.served.load(Ordering::Relaxed) >= REFRESH_PAYS_OFF {
+        let unpaid = if current.served.load(Ordering::Relaxed) >= REFRESH_PAYS_OFF {
+            0
+        } else {
+            self.unpaid_refreshes
+                .load(Ordering::Relaxed)
+                .saturating_add(1)
+        };
+        self.unpaid_refreshes.store(unpaid, Ordering::Relaxed);
+        let backoff = if unpaid <= UNPAID_REFRESHES_TOLERATED {
             0
         } else {
             (self.backoff.load(Ordering::Relaxed) * 2)
@@ -350,17 +365,17 @@ impl Tracked {
         if meta.dev() != self.dev || meta.ino() != self.ino {
             return None;
         }
-        let started = std::time::Instant::now();
         let mapped = DaxMapping::map_published(&self.file, &self.device, self.lease);
         // A refresh costs an ioctl per 64 extents and an mmap per run: a view of thousands
-        // of extents takes milliseconds (more on a busy machine). Whatever the views serve,
-        // the next refresh waits REFRESH_COST_FACTOR times as long as this one took, so
-        // refreshing never takes more than about a ninth of the time.
-        let cost = started.elapsed().as_nanos() as u64;
-        self.refresh_after.fetch_max(
-            now_ns().saturating_add(cost.saturating_mul(REFRESH_COST_FACTOR)),
-            Ordering::Relaxed,
-        );
+        // of extents takes milliseconds. Whatever the views serve, the next refresh waits
+        // REFRESH_WAIT_PER_EXTENT per extent of this one (a few microseconds for a small
+        // file, so changes by another process are still served at once after each).
+        if let Ok(p) = &mapped {
+            let wait =
+                (p.entries.len() as u64).saturating_mul(REFRESH_WAIT_PER_EXTENT.as_nanos() as u64);
+            self.refresh_after
+                .fetch_max(now_ns().saturating_add(wait), Ordering::Relaxed);
+        }
         let p = match mapped {
             Ok(p) => p,
             Err(e) => {
@@ -662,6 +677,7 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
         last_touch: AtomicU64::new(0),
         refresh_after: AtomicU64::new(0),
         backoff: AtomicU64::new(0),
+        unpaid_refreshes: AtomicU64::new(0),
         file,
     })
 }
