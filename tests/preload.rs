@@ -1308,7 +1308,8 @@ int main(int argc, char **argv) {
 fn a_file_changing_between_every_two_calls_is_not_refreshed_for_every_call() {
     // Each served overwrite follows an append that moved the generation: refreshing for
     // every one (an ioctl per 64 extents, mmap and munmap of the whole view) is what made
-    // fio's "4 KiB rand write, new files, 4 threads" crawl at 0.1 kIOPS in process mode.
+    // compare.sh's "4 KiB rand write, new files, 4 threads" (four fio processes that
+    // shared one file, bench/RESULTS.md session 6) crawl at 0.1 kIOPS.
     assert!(can_mount());
     let img = Image::new("preload-churn", 256 * MIB);
     let m = Mount::new(&img, "");
