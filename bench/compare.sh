@@ -90,6 +90,11 @@ fi
 WORK=$(mktemp -d /dev/shm/pmfs-bench.XXXXXX) || die "mktemp in /dev/shm"
 MNTROOT=$(mktemp -d /tmp/pmfs-bench-mnt.XXXXXX) || die "mktemp in /tmp"
 MB=$WORK/metabench
+# fio names a job's files after the job, ignoring --filename_format, when a path named like
+# the job exists in its working directory: run from the repository root (which has bench/),
+# every process of w_par's `--name=bench` jobs shared one file "$MNT/bench". Run from $WORK.
+PMFS_BIN=$(realpath "$PMFS_BIN") && MKFS_BIN=$(realpath "$MKFS_BIN") && PRELOAD_LIB=$(realpath -m "$PRELOAD_LIB") &&
+    cd "$WORK" || die "cannot enter $WORK"
 LOOPDEV=
 PMFS_PID=
 

@@ -179,8 +179,9 @@ struct View {
     mapping: Option<DaxMapping>,
     entries: Vec<MapEntry>,
     generation: u64,
-    /// A call was served from this view (its refresh paid off).
-    used: AtomicBool,
+    /// Calls served from this view: its refresh paid off once they reach
+    /// [`REFRESH_PAYS_OFF`].
+    served: AtomicU64,
 }
 
 impl View {
@@ -289,12 +290,28 @@ struct Tracked {
     refresh_after: AtomicU64,
     /// The current refresh back-off (ns).
     backoff: AtomicU64,
+    /// Refreshes in a row whose views did not pay off.
+    unpaid_refreshes: AtomicU64,
 }
 
 /// Longest back-off between refreshes that served nothing.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// First back-off after a refresh that served nothing.
+/// First back-off after a refresh that did not pay off.
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// A refresh pays off when the view it made serves this many calls. Processes writing at
+/// random into one new file alternate writes into holes (the kernel's; each moves the
+/// generation) with overwrites of blocks written before (served after a refresh): with a
+/// threshold of one call and no cost bound, four fio processes sharing a file refreshed
+/// views of thousands of extents for nearly every write and fell to 0.1 kIOPS
+/// (bench/RESULTS.md, session 6).
+const REFRESH_PAYS_OFF: u64 = 16;
+/// Refreshes in a row that may fail to pay off before the back-off starts: a file that
+/// another process changes now and then is still served at once after each change.
+const UNPAID_REFRESHES_TOLERATED: u64 = 16;
+/// After a refresh, none for this long per extent it listed: about 8 times what listing
+/// and mapping one extent costs (an ioctl per 64, an mmap per run), so refreshing takes at
+/// most about a ninth of the time however often the file changes.
+const REFRESH_WAIT_PER_EXTENT: Duration = Duration::from_micros(16);
 
 /// Monotonic nanoseconds, from a fixed start (never 0 once running).
 fn now_ns() -> u64 {
@@ -315,15 +332,24 @@ impl Tracked {
         if current.generation == snap.generation {
             return Some(current);
         }
-        // A file that changes through the mount between every two calls (appends, writes
-        // into holes, another process writing) would cost a refresh per call that then
-        // cannot serve: after a refresh that served nothing, back off (doubling up to
-        // MAX_BACKOFF) and leave calls to the kernel meanwhile.
+        // A file that changes through the mount between every few calls (appends, writes
+        // into holes, another process writing) would cost a refresh (an ioctl per 64
+        // extents, an mmap per run, the munmap of the old view) for every call or two it
+        // then serves: after a refresh that served fewer than REFRESH_PAYS_OFF calls, back
+        // off (doubling up to MAX_BACKOFF) and leave calls to the kernel meanwhile.
         let now = now_ns();
         if now < self.refresh_after.load(Ordering::Relaxed) {
             return None;
         }
-        let backoff = if current.used.load(Ordering::Relaxed) {
+        let unpaid = if current.served.load(Ordering::Relaxed) >= REFRESH_PAYS_OFF {
+            0
+        } else {
+            self.unpaid_refreshes
+                .load(Ordering::Relaxed)
+                .saturating_add(1)
+        };
+        self.unpaid_refreshes.store(unpaid, Ordering::Relaxed);
+        let backoff = if unpaid <= UNPAID_REFRESHES_TOLERATED {
             0
         } else {
             (self.backoff.load(Ordering::Relaxed) * 2)
@@ -339,7 +365,18 @@ impl Tracked {
         if meta.dev() != self.dev || meta.ino() != self.ino {
             return None;
         }
-        let p = match DaxMapping::map_published(&self.file, &self.device, self.lease) {
+        let mapped = DaxMapping::map_published(&self.file, &self.device, self.lease);
+        // A refresh costs an ioctl per 64 extents and an mmap per run: a view of thousands
+        // of extents takes milliseconds. Whatever the views serve, the next refresh waits
+        // REFRESH_WAIT_PER_EXTENT per extent of this one (a few microseconds for a small
+        // file, so changes by another process are still served at once after each).
+        if let Ok(p) = &mapped {
+            let wait =
+                (p.entries.len() as u64).saturating_mul(REFRESH_WAIT_PER_EXTENT.as_nanos() as u64);
+            self.refresh_after
+                .fetch_max(now_ns().saturating_add(wait), Ordering::Relaxed);
+        }
+        let p = match mapped {
             Ok(p) => p,
             Err(e) => {
                 debug(format_args!(
@@ -354,7 +391,7 @@ impl Tracked {
             mapping: p.mapping,
             entries: p.entries,
             generation: p.generation,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         });
         *self.view.try_write().ok()? = Arc::clone(&fresh);
         Some(fresh)
@@ -409,7 +446,7 @@ impl Tracked {
         if !self.state.unchanged(self.slot, snap.seq) {
             return None;
         }
-        view.used.store(true, Ordering::Relaxed);
+        view.served.fetch_add(1, Ordering::Relaxed);
         count(&STATS.served_reads, 1);
         count(&STATS.served_read_bytes, n);
         Some(n as usize)
@@ -433,7 +470,7 @@ impl Tracked {
             // be asked): the real call stores the same bytes wherever they live now.
             return None;
         }
-        view.used.store(true, Ordering::Relaxed);
+        view.served.fetch_add(1, Ordering::Relaxed);
         count(&STATS.served_writes, 1);
         count(&STATS.served_write_bytes, data.len() as u64);
         self.stored();
@@ -632,7 +669,7 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
             entries: p.entries,
             generation: p.generation,
             // The first refresh is never backed off.
-            used: AtomicBool::new(true),
+            served: AtomicU64::new(REFRESH_PAYS_OFF),
         })),
         refreshing: Mutex::new(()),
         offset_busy: AtomicBool::new(false),
@@ -640,6 +677,7 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
         last_touch: AtomicU64::new(0),
         refresh_after: AtomicU64::new(0),
         backoff: AtomicU64::new(0),
+        unpaid_refreshes: AtomicU64::new(0),
         file,
     })
 }
@@ -810,7 +848,7 @@ mod tests {
             mapping: None,
             entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         let mut buf = vec![7u8; 20000];
         v.read_into(100, &mut buf).unwrap();
@@ -820,7 +858,7 @@ mod tests {
             mapping: None,
             entries: vec![entry(8192, 4096, 0)],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         assert!(v.read_into(100, &mut buf).is_none());
         assert!(v.read_into(0, &mut buf[..8192]).is_some(), "all hole");
@@ -838,7 +876,7 @@ mod tests {
                 entry(20480, 4096, 0),
             ],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         assert!(v.covers_written(0, 1));
         assert!(v.covers_written(100, 12188), "two adjacent written extents");
@@ -863,7 +901,7 @@ mod tests {
             mapping: None,
             entries: vec![at(0, 1 << 20, 8192), at(8192, 4 << 20, 4096)],
             generation: 1,
-            used: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         };
         assert_eq!(
             v.device_pieces(100, 8200),

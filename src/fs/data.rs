@@ -180,19 +180,30 @@ impl Fs {
         if end_off > V1_MAX_FILE_SIZE {
             self.require_features(IncompatFeatures::LARGE_FILES)?;
         }
-        // Moving the first chunk frees the small blocks it was written in.
-        let mut tx = self.begin(&g, self.free_locks(ino))?;
         let old_size = i.size;
         let new_size = old_size.max(end_off);
+        let first_chunk_moves = old_size <= CHUNK_SIZE && end_off > CHUNK_SIZE;
+        // Sequential growth (the write starts at or before the end of file) past
+        // STREAM_START: the file is likely to keep growing; give it a 1 GiB region.
+        let region_stream_starts =
+            offset <= old_size && old_size <= STREAM_START && end_off > STREAM_START;
+        // Moving the first chunk or the stream's prefix frees the blocks it was written in,
+        // and a leased file's frees need the file-system-wide deferred-free lock: only
+        // those writes declare it (every other write to a leased file would queue on it
+        // behind the writes to every other leased file).
+        let locks = if first_chunk_moves || region_stream_starts {
+            self.free_locks(ino)
+        } else {
+            LockSet::NONE
+        };
+        let mut tx = self.begin(&g, locks)?;
         if offset > old_size {
             self.zero_allocated(ino, &i, old_size, offset)?;
         }
-        if old_size <= CHUNK_SIZE && end_off > CHUNK_SIZE {
+        if first_chunk_moves {
             self.relocate_first_chunk(&mut tx, ino, &mut i, old_size)?;
         }
-        // Sequential growth (the write starts at or before the end of file) past
-        // STREAM_START: the file is likely to keep growing; give it a 1 GiB region.
-        if offset <= old_size && old_size <= STREAM_START && end_off > STREAM_START {
+        if region_stream_starts {
             self.start_region_stream(&mut tx, ino, &mut i, old_size)?;
         }
         let pieces = self.map_for_write(
