@@ -870,3 +870,59 @@ fn file_paths(
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::RecordingDevice;
+    use crate::fs::{Ctx, Fs, MountOptions};
+
+    /// The progress callback sees each phase from 0 to its total, in order, and the totals
+    /// are what the check counted.
+    #[test]
+    fn progress_counts_every_inode_and_directory() {
+        let dev = Arc::new(RecordingDevice::new(32 << 20));
+        crate::mkfs::format(dev.as_ref(), &crate::mkfs::MkfsOptions::default()).unwrap();
+        let media: Arc<dyn Media> = dev;
+        let fs = Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap();
+        for d in 0..3 {
+            let dir = fs
+                .mkdir(&Ctx::ROOT, ROOT_INO, format!("d{d}").as_bytes(), 0o755)
+                .unwrap()
+                .ino;
+            for f in 0..10 {
+                let name = format!("f{f}");
+                fs.mknod(&Ctx::ROOT, dir, name.as_bytes(), 0o100644, 0)
+                    .unwrap();
+            }
+        }
+        fs.shutdown().unwrap();
+        drop(fs);
+        let mut calls: Vec<(String, u64, u64)> = Vec::new();
+        let report = check_with_progress(&media, &mut |phase, done, total| {
+            calls.push((phase.to_string(), done, total));
+        })
+        .unwrap();
+        assert!(report.problems.is_empty(), "{:#?}", report.problems);
+        // The root, 3 directories, 30 files and the reserved deferred-free inode.
+        assert_eq!((report.inodes, report.directories), (35, 4));
+        let phases: Vec<&str> = calls.iter().map(|c| c.0.as_str()).collect();
+        let mut order = phases.clone();
+        order.dedup();
+        assert_eq!(
+            order,
+            ["inodes", "directories", "block bitmap"],
+            "{calls:?}"
+        );
+        for phase in ["inodes", "directories", "block bitmap"] {
+            let seen: Vec<_> = calls.iter().filter(|c| c.0 == phase).collect();
+            assert_eq!(seen[0].1, 0, "{phase} starts at 0: {calls:?}");
+            assert!(seen.windows(2).all(|w| w[0].1 <= w[1].1), "{calls:?}");
+            let last = seen.last().unwrap();
+            assert_eq!(last.1, last.2, "{phase} ends at its total: {calls:?}");
+        }
+        let total = |phase: &str| calls.iter().find(|c| c.0 == phase).unwrap().2;
+        assert_eq!(total("inodes"), report.inodes);
+        assert_eq!(total("directories"), report.directories);
+    }
+}

@@ -521,8 +521,9 @@ pub fn damages() -> Vec<Damage> {
         ),
         d("extent-into-metadata", "also used", extent_into_metadata),
         d("directory-cycle", "reached twice", dir_cycle),
-        d("link-counts", "link count", link_count),
-        d("block-count", "block count", block_count),
+        // The messages name the file by its path (the first entry the walk finds for it).
+        d("link-counts", "/hard (inode", link_count),
+        d("block-count", "(/frag)", block_count),
         d("orphan", "orphan", orphan_not_orphan),
         d("unreachable", "not reachable", unreachable_dir),
         d("dot-entry", "are not stored", dot_entry),
