@@ -3,7 +3,7 @@
 #
 # For sparse images of each size (default 1 TiB and 16 TiB - 4 KiB), prints:
 #   mkfs time and bytes written (du of the image before and after mkfs),
-#   mount time (exec of the daemon to the first `ls` of the mount point that answers),
+#   mount time (exec of the daemon to the first `stat` of the mount point that answers),
 #   the daemon's RssAnon right after mount, and after creating N empty files (-n),
 #   the remount time with those files present and the daemon's RssAnon then, the time of
 #   `find -ls` of them all and RssAnon after it, fsck.pmfs -f -n time and peak RSS
@@ -70,8 +70,9 @@ ms_since() { echo $(( ($(now_ns) - $1) / 1000000 )); }
 du_bytes() { du -B1 "$1" | cut -f1; }
 rss_anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$1/status"; }
 
-# Starts the daemon in the foreground (so its pid is ours) and waits until `ls` of the
-# mount point answers; sets `elapsed_ms` to the milliseconds from exec to then (not
+# Starts the daemon in the foreground (so its pid is ours) and waits until `stat` of the
+# mount point answers (a GETATTR served by the daemon; not `ls`, which with FILES in the
+# root would time the listing of thousands of entries); sets `elapsed_ms` to the milliseconds from exec to then (not
 # printed: a command substitution would run it in a subshell and lose the daemon's pid).
 mount_timed() {
     local img="$1" t0
@@ -79,7 +80,7 @@ mount_timed() {
     "$pmfs_bin" "$img" "$mnt" -f >"$work/daemon.log" 2>&1 &
     daemon=$!
     local tries=0
-    until mountpoint -q "$mnt" && ls "$mnt" >/dev/null 2>&1; do
+    until mountpoint -q "$mnt" && stat "$mnt" >/dev/null 2>&1; do
         if ! kill -0 "$daemon" 2>/dev/null; then
             echo "scale.sh: the daemon exited during mount:" >&2
             cat "$work/daemon.log" >&2

@@ -70,7 +70,8 @@ impl Page {
                     sparse.insert(at, (key, v));
                     return v;
                 }
-                let d: Box<[AtomicU32]> = (0..INODES_PER_CHUNK).map(|_| AtomicU32::new(0)).collect();
+                let d: Box<[AtomicU32]> =
+                    (0..INODES_PER_CHUNK).map(|_| AtomicU32::new(0)).collect();
                 for &(k, c) in sparse.iter() {
                     d[usize::from(k)].store(c, Ordering::Relaxed);
                 }
