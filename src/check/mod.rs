@@ -746,7 +746,7 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
     // The bitmap must equal the referenced blocks. Uninitialised regions read as free (a
     // referenced block in one is "in use but marked free"); with a damaged summary, every
     // region is read as it is.
-    progress("block bitmap", 0, 1);
+    progress("block bitmap", 0, geometry.block_count);
     let summary = match SpaceSummary::read(media, &geometry) {
         Ok(s) => s,
         Err(e) => {
@@ -812,7 +812,7 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
         }
     }
     flush(&mut c, run);
-    progress("block bitmap", 1, 1);
+    progress("block bitmap", geometry.block_count, geometry.block_count);
     c.report.referenced = std::mem::take(&mut c.refs);
     Ok(c.report)
 }
