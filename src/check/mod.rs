@@ -23,8 +23,8 @@ use crate::device::Media;
 use crate::error::Result;
 use crate::format::bitmap;
 use crate::format::{
-    CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, INODES_PER_CHUNK, IncompatFeatures, Inode, NULL_INO,
-    ROOT_INO, TreeKind, V1_MAX_FILE_SIZE, inode_flags,
+    CHUNK_BLOCKS, DEFERRED_FREE_INO, Geometry, IncompatFeatures, Inode, NULL_INO, ROOT_INO,
+    TreeKind, V1_MAX_FILE_SIZE, inode_flags,
 };
 use crate::meta::InodeTable;
 use crate::meta::space::{self, SpaceSummary};
@@ -461,8 +461,18 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
         geometry.block_count,
         words as u64 * 64 - geometry.block_count,
     );
+    // The allocated inodes, counted for the progress display; the per-inode arrays reach
+    // the highest allocated number only (a table of empty chunks costs nothing).
     let chunks = table.chunk_count();
-    let slots = usize::try_from(chunks as u64 * INODES_PER_CHUNK)
+    let (mut total, mut highest) = (0u64, ROOT_INO);
+    let mut in_chunk = Vec::new();
+    for chunk in 0..chunks {
+        in_chunk.clear();
+        table.allocated_in_chunk(chunk, &mut in_chunk)?;
+        total += in_chunk.len() as u64;
+        highest = highest.max(in_chunk.last().copied().unwrap_or(0));
+    }
+    let slots = usize::try_from(highest + 1)
         .map_err(|_| crate::error::Error::corrupted("inode table", 0, "too many chunks"))?;
     let mut facts = vec![0u8; slots];
     // Non-directories: the stored link count less the entries found so far (wrapping), so
@@ -489,13 +499,6 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
     }
 
     // Every allocated inode, a chunk at a time: it decodes, and what it owns is sound.
-    let mut total = 0u64;
-    let mut in_chunk = Vec::new();
-    for chunk in 0..chunks {
-        in_chunk.clear();
-        table.allocated_in_chunk(chunk, &mut in_chunk)?;
-        total += in_chunk.len() as u64;
-    }
     let mut used = IncompatFeatures::empty();
     let mut dirs = DirMap::default();
     let mut done = 0u64;
@@ -514,7 +517,11 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
             };
             c.report.inodes += 1;
             c.check_contents(ino, &i, &mut used);
-            let f = &mut facts[ino as usize];
+            // Past `highest` only if the table changed since it was counted (a device in
+            // use): such an inode is left out.
+            let Some(f) = facts.get_mut(ino as usize) else {
+                continue;
+            };
             let listed = *f & ORPHAN_LISTED != 0;
             *f |= PRESENT | (crate::format::dirent::type_byte(i.mode) & TYPE_MASK);
             if listed && !(i.nlink == 0 && i.flags & inode_flags::ORPHAN != 0) {
@@ -539,7 +546,7 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
                 };
                 dirs.0.push((ino, d));
             } else {
-                links_left[ino as usize] = i.nlink;
+                links_left[ino as usize] = i.nlink; // same bound as `facts`
             }
         }
     }

@@ -521,9 +521,9 @@ pub fn damages() -> Vec<Damage> {
         ),
         d("extent-into-metadata", "also used", extent_into_metadata),
         d("directory-cycle", "reached twice", dir_cycle),
-        // The messages name the file by its path (the first entry the walk finds for it).
+        // The message names the file by its path (the first entry the walk finds for it).
         d("link-counts", "/hard (inode", link_count),
-        d("block-count", "(/frag)", block_count),
+        d("block-count", "block count", block_count),
         d("orphan", "orphan", orphan_not_orphan),
         d("unreachable", "not reachable", unreachable_dir),
         d("dot-entry", "are not stored", dot_entry),
