@@ -236,8 +236,16 @@ fn a_deep_directory_chain_keeps_check_and_repair_memory_bounded() {
     let report = step("check of a 2,500-deep chain", || check(&media)).unwrap();
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert_eq!(report.directories, DEPTH as u64 + 1);
-    let longest = report.paths.values().map(String::len).max().unwrap();
-    assert!(longest <= pmfs::check::MESSAGE_PATH_MAX, "{longest}");
+    let deepest = report.path(parent).unwrap();
+    assert!(
+        deepest.len() <= pmfs::check::MESSAGE_PATH_MAX && deepest.starts_with('…'),
+        "{}",
+        deepest.len()
+    );
+    assert!(
+        deepest.ends_with(&format!("/{}", "d".repeat(250))),
+        "{deepest}"
+    );
     step("diagnose + repair of a 2,500-deep chain", || {
         let report = diagnose(&media).unwrap();
         repair(&media, &report, RepairMode::all()).unwrap()

@@ -158,7 +158,7 @@ fn with_path(p: &pmfs::check::Problem, report: &Report) -> String {
         K::BlockCount { ino, .. } | K::LinkCount { ino, .. } | K::DirSize { ino, .. } => *ino,
         _ => return p.message.clone(),
     };
-    match report.paths.get(&ino) {
+    match report.path(ino) {
         Some(path) if !p.message.contains(path.as_str()) => format!("{} ({path})", p.message),
         _ => p.message.clone(),
     }
@@ -251,7 +251,10 @@ fn run(args: &Args) -> u8 {
     let mut progress = Progress::start(format!("fsck.pmfs: {shown}"));
     progress.phase("checking");
     let t0 = Instant::now();
-    let report = match repair::diagnose(&media) {
+    // On a terminal: the phase and how far it is ("inodes 1200000/10000000").
+    let report = match repair::diagnose_with_progress(&media, &mut |phase, done, total| {
+        progress.phase(&format!("checking {phase} {done}/{total}"));
+    }) {
         Ok(r) => r,
         Err(e) => {
             progress.finish();

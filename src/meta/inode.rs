@@ -747,29 +747,42 @@ impl InodeTable {
         (n + growable) * USABLE_INODES_PER_CHUNK
     }
 
-    /// Every inode number whose bit is set on the media (for the consistency checker and
-    /// the repair, which run on an unmounted device).
+    /// Every inode number whose bit is set on the media (for the repair, which runs on an
+    /// unmounted device).
     pub fn allocated(&self) -> Result<Vec<u64>> {
-        let chunks = self.chunk_blocks();
         let mut out = Vec::new();
-        for (c, block) in chunks.into_iter().enumerate() {
-            let mut raw = vec![0u8; (BITMAP_WORDS * 8) as usize];
-            self.media
-                .read(blocks_to_bytes(block) + INODE_BITMAP_OFFSET, &mut raw)?;
-            for (w, bytes) in raw.chunks_exact(8).enumerate() {
-                let mut bits = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
-                while bits != 0 {
-                    let b = u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    let slot = w as u64 * 64 + b;
-                    let ino = c as u64 * INODES_PER_CHUNK + slot;
-                    if slot < USABLE_INODES_PER_CHUNK && ino >= crate::format::ROOT_INO {
-                        out.push(ino);
-                    }
+        for chunk in 0..self.chunk_count() {
+            self.allocated_in_chunk(chunk, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Chunks in the table.
+    pub fn chunk_count(&self) -> usize {
+        self.pointers.read().chunks.len()
+    }
+
+    /// Appends to `out` the inode numbers of chunk `chunk` whose bit is set on the media, in
+    /// increasing order (the consistency checker walks the table a chunk at a time, so it
+    /// never holds the list of every inode).
+    pub fn allocated_in_chunk(&self, chunk: usize, out: &mut Vec<u64>) -> Result<()> {
+        let block = self.chunk_block(chunk).ok_or(Error::NotFound)?;
+        let mut raw = [0u8; (BITMAP_WORDS * 8) as usize];
+        self.media
+            .read(blocks_to_bytes(block) + INODE_BITMAP_OFFSET, &mut raw)?;
+        for (w, bytes) in raw.chunks_exact(8).enumerate() {
+            let mut bits = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let slot = w as u64 * 64 + b;
+                let ino = chunk as u64 * INODES_PER_CHUNK + slot;
+                if slot < USABLE_INODES_PER_CHUNK && ino >= crate::format::ROOT_INO {
+                    out.push(ino);
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Blocks of each inode-table chunk (for the consistency checker).

@@ -29,7 +29,7 @@ pub(crate) mod tree;
 pub use cow::CowMedia;
 pub use rebuild::LOST_FOUND;
 
-use crate::check::{Problem, ProblemKind, Report, check};
+use crate::check::{Problem, ProblemKind, ProgressFn, Report, check, check_with_progress};
 use crate::device::Media;
 use crate::error::Result;
 use crate::format::{Geometry, STATE_OFFSET};
@@ -214,10 +214,15 @@ struct Finding {
 /// Fails only when the device holds no usable pmfs (bad magic in both superblocks, both
 /// superblocks damaged, a truncated image).
 pub fn diagnose(media: &Arc<dyn Media>) -> Result<Report> {
+    diagnose_with_progress(media, &mut |_, _, _| {})
+}
+
+/// [`diagnose`], telling `progress` how far the check is (see [`check_with_progress`]).
+pub fn diagnose_with_progress(media: &Arc<dyn Media>, progress: ProgressFn<'_>) -> Result<Report> {
     let cow: Arc<dyn Media> = Arc::new(CowMedia::new(Arc::clone(media)));
     let mut findings = Vec::new();
     low::run(cow.as_ref(), &|_| true, &mut findings)?;
-    let mut report = check(&cow)?;
+    let mut report = check_with_progress(&cow, progress)?;
     let mut problems: Vec<Problem> = findings.into_iter().map(|f| f.problem).collect();
     problems.append(&mut report.problems);
     report.problems = problems;

@@ -521,7 +521,8 @@ pub fn damages() -> Vec<Damage> {
         ),
         d("extent-into-metadata", "also used", extent_into_metadata),
         d("directory-cycle", "reached twice", dir_cycle),
-        d("link-counts", "link count", link_count),
+        // The message names the file by its path (the first entry the walk finds for it).
+        d("link-counts", "/hard (inode", link_count),
         d("block-count", "block count", block_count),
         d("orphan", "orphan", orphan_not_orphan),
         d("unreachable", "not reachable", unreachable_dir),
