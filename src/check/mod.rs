@@ -260,6 +260,9 @@ pub fn check(shared: &Arc<dyn Media>) -> Result<Report> {
     }
     // Fixed metadata, inode-table chunks, bits past the end of the device.
     c.mark(0, geometry.meta_end, "fixed metadata");
+    for (first, count) in crate::meta::devices::reserved_blocks(media, &sb)? {
+        c.mark(first, count, "gap between devices and member header");
+    }
     let table = InodeTable::open(Arc::clone(shared), geometry)?;
     for chunk in table.chunk_blocks() {
         c.mark(chunk, CHUNK_BLOCKS, "inode table");

@@ -35,6 +35,8 @@ mod concurrency_tests;
 #[cfg(test)]
 mod itable_tests;
 #[cfg(test)]
+mod multidev_tests;
+#[cfg(test)]
 mod sparse_tests;
 #[cfg(test)]
 mod tests;
@@ -238,6 +240,8 @@ pub struct Fs {
     pending_reaps: Mutex<Vec<u64>>,
     options: MountOptions,
     recovery: RecoveryReport,
+    /// The device table of a file system over several devices (validated at mount).
+    devices: Option<crate::format::devices::DeviceTable>,
 }
 
 /// The block allocator seen as a source of B+tree nodes.
@@ -316,6 +320,7 @@ impl Fs {
             reserve_space_in_use(media.as_ref(), &alloc)?;
         }
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
+        let devices = crate::meta::devices::read_device_table(media.as_ref(), &superblock)?;
         let fs = Self {
             media,
             geometry,
@@ -334,6 +339,7 @@ impl Fs {
             pending_reaps: Mutex::new(Vec::new()),
             options,
             recovery,
+            devices,
         };
         let root = fs.inodes.read(ROOT_INO)?;
         if !root.is_dir() {
@@ -825,8 +831,13 @@ impl Fs {
             self.inodes.capacity(0)
         });
         let capacity = self.inodes.capacity(free);
+        // The gaps between members and their headers are allocated, but hold nothing.
+        let layout_blocks: u64 = self
+            .devices
+            .as_ref()
+            .map_or(0, |t| t.reserved_blocks().iter().map(|r| r.1).sum());
         StatFs {
-            blocks: self.alloc.data_blocks(),
+            blocks: self.alloc.data_blocks().saturating_sub(layout_blocks),
             bfree: free,
             bavail: free.saturating_sub(self.alloc.reserve()),
             files: capacity.max(used_inodes),
