@@ -714,7 +714,10 @@ mod tests {
         assert_eq!(ones(&read(&d, 256, STATE_OFFSET - 256)), 0);
         // A single device has no device table: block 0 is what it was before MULTI_DEVICE.
         assert_eq!(sb.incompat & IncompatFeatures::MULTI_DEVICE.bits(), 0);
-        assert_eq!(ones(&read(&d, STATE_OFFSET + 64, 4096 - STATE_OFFSET - 64)), 0);
+        assert_eq!(
+            ones(&read(&d, STATE_OFFSET + 64, 4096 - STATE_OFFSET - 64)),
+            0
+        );
         assert_eq!(
             ones(&read(&d, BACKUP_SUPERBLOCK_OFFSET + 256, 4096 - 256)),
             0

@@ -109,6 +109,9 @@ pub struct MountOptions {
     pub atime: AtimeMode,
     /// Block allocation policy (`HugeAware` by default; `FirstFit` only for comparisons).
     pub alloc_policy: crate::alloc::AllocPolicy,
+    /// Several devices: the NUMA node of each member, in order (sysfs's word where it has
+    /// one, `pmfs::cli::open_members`); empty for the nodes the device table records.
+    pub member_nodes: Vec<u32>,
 }
 
 /// Who is asking: the caller's credentials.
