@@ -36,6 +36,8 @@ mod concurrency_tests;
 mod itable_tests;
 #[cfg(test)]
 mod multidev_tests;
+mod placement;
+pub use placement::set_thread_node;
 #[cfg(test)]
 mod sparse_tests;
 #[cfg(test)]
@@ -245,6 +247,8 @@ pub struct Fs {
     recovery: RecoveryReport,
     /// The device table of a file system over several devices (validated at mount).
     devices: Option<crate::format::devices::DeviceTable>,
+    /// Which member new data of a thread goes to.
+    placement: placement::Placement,
 }
 
 /// The block allocator seen as a source of B+tree nodes.
@@ -324,6 +328,16 @@ impl Fs {
         }
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
         let devices = crate::meta::devices::read_device_table(media.as_ref(), &superblock)?;
+        let placement = placement::Placement::new(devices.as_ref().map_or(Vec::new(), |t| {
+            t.members()
+                .iter()
+                .enumerate()
+                .map(|(k, e)| {
+                    let node = options.member_nodes.get(k).copied().unwrap_or(e.node);
+                    (node, e.base / BLOCK_SIZE, (e.base + e.size) / BLOCK_SIZE)
+                })
+                .collect()
+        }));
         let fs = Self {
             media,
             geometry,
@@ -343,6 +357,7 @@ impl Fs {
             options,
             recovery,
             devices,
+            placement,
         };
         let root = fs.inodes.read(ROOT_INO)?;
         if !root.is_dir() {

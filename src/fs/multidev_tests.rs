@@ -231,3 +231,74 @@ fn fsck_knows_the_gaps() {
     crate::repair::repair(&media, &report, crate::repair::RepairMode::all()).unwrap();
     check_clean(&media);
 }
+
+/// Threads pinned to "nodes" 0 and 1 (the test hook) write files at the same time: each
+/// file's data is on the member of its writer's node, until that member is full; then the
+/// writes go on elsewhere rather than fail.
+#[test]
+fn new_data_goes_to_the_member_of_the_writing_threads_node() {
+    let (_rec, named) = members(&[64 * MIB, 64 * MIB]);
+    let media = format_members(&named);
+    let fs = Arc::new(Fs::mount(Arc::clone(&media), MountOptions::default()).unwrap());
+    let member_of = |off: u64| (off / REGION_SIZE) as u32;
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers: Vec<_> = [0u32, 1]
+        .into_iter()
+        .map(|node| {
+            let fs = Arc::clone(&fs);
+            let progress = Arc::clone(&progress);
+            std::thread::spawn(move || {
+                set_thread_node(Some(node));
+                let mut inos = Vec::new();
+                for n in 0..6 {
+                    let name = format!("n{node}-{n}");
+                    let f = fs
+                        .mknod(&C, ROOT_INO, name.as_bytes(), 0o100644, 0)
+                        .unwrap();
+                    fs.write(&C, f.ino, 0, &vec![node as u8 + 1; (4 * MIB) as usize])
+                        .unwrap();
+                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    inos.push(f.ino);
+                }
+                inos
+            })
+        })
+        .collect();
+    // Watchdog: a hang is a failure.
+    let start = std::time::Instant::now();
+    while progress.load(std::sync::atomic::Ordering::Relaxed) < 12 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "writers stopped making progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for (node, w) in workers.into_iter().enumerate() {
+        for ino in w.join().unwrap() {
+            for e in fs.layout(ino).unwrap() {
+                assert_eq!(
+                    member_of(e.device_offset),
+                    node as u32,
+                    "inode {ino}: {e:?}"
+                );
+            }
+        }
+    }
+    // Node 1's member full: its writer spills over to member 0.
+    set_thread_node(Some(1));
+    let f = fs.mknod(&C, ROOT_INO, b"spill", 0o100644, 0).unwrap();
+    let mut off = 0;
+    while fs
+        .layout(f.ino)
+        .unwrap()
+        .iter()
+        .all(|e| member_of(e.device_offset) == 1)
+    {
+        fs.write(&C, f.ino, off, &vec![9; (2 * MIB) as usize])
+            .unwrap();
+        off += 2 * MIB;
+        assert!(off < 64 * MIB, "never left member 1");
+    }
+    set_thread_node(None);
+    check_clean(&media);
+}
