@@ -137,21 +137,29 @@ fn media_over(dev: Arc<RecordingDevice>, members: &[u64]) -> Arc<dyn Media> {
     if members.is_empty() {
         return dev;
     }
-    let inner: Arc<dyn Media> = dev;
-    let mut at = 0;
-    let named = members
-        .iter()
+    let named = windows(dev, members)
+        .into_iter()
         .enumerate()
-        .map(|(i, &len)| {
-            let w = Window::new(Arc::clone(&inner), at, len).expect("window");
-            at += len;
-            NamedMedia {
-                name: format!("member{i}").into(),
-                media: Arc::new(w),
-            }
+        .map(|(i, media)| NamedMedia {
+            name: format!("member{i}").into(),
+            media,
         })
         .collect();
     assemble(named).expect("assemble the members").media
+}
+
+/// Consecutive windows of `dev` of `members` bytes each.
+fn windows(dev: Arc<RecordingDevice>, members: &[u64]) -> Vec<Arc<dyn Media>> {
+    let inner: Arc<dyn Media> = dev;
+    let mut at = 0;
+    members
+        .iter()
+        .map(|&len| {
+            let w = Window::new(Arc::clone(&inner), at, len).expect("window");
+            at += len;
+            Arc::new(w) as Arc<dyn Media>
+        })
+        .collect()
 }
 
 impl Scenario {
@@ -164,18 +172,12 @@ impl Scenario {
     /// A file system over devices of `members` bytes (member k on node k).
     fn over_devices(members: &[u64], setup: impl FnOnce(&Fs)) -> Self {
         let dev = Arc::new(RecordingDevice::new(members.iter().sum()));
-        let inner: Arc<dyn Media> = dev.clone();
-        let mut at = 0;
-        let specs: Vec<MemberSpec> = members
-            .iter()
+        let specs: Vec<MemberSpec> = windows(Arc::clone(&dev), members)
+            .into_iter()
             .enumerate()
-            .map(|(i, &len)| {
-                let w = Window::new(Arc::clone(&inner), at, len).expect("window");
-                at += len;
-                MemberSpec {
-                    media: Arc::new(w),
-                    node: i as u32,
-                }
+            .map(|(i, media)| MemberSpec {
+                media,
+                node: i as u32,
             })
             .collect();
         format_devices(&specs, &MkfsOptions::default()).expect("mkfs");

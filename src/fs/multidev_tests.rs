@@ -89,6 +89,15 @@ fn data_spills_over_members_and_never_into_gaps() {
         }
     }
     assert!(files.len() >= 15, "only {} files of 4 MiB fit", files.len());
+    // Direct mapping needs one device file: refused, not mapped at logical offsets.
+    assert!(matches!(
+        fs.map_direct(files[0].0, 0, 4096),
+        Err(Error::NotSupported)
+    ));
+    assert!(matches!(
+        fs.map_published(files[0].0, None),
+        Err(Error::NotSupported)
+    ));
     let mut on_member = [0u64; 3];
     for (ino, _) in &files {
         for e in fs.layout(*ino).unwrap() {
