@@ -166,3 +166,60 @@ impl Drop for Progress {
         self.finish();
     }
 }
+
+/// The NUMA node sysfs gives for a `/dev/daxX.Y` (`/sys/bus/dax/devices/daxX.Y/numa_node`)
+/// or `/dev/pmemN` (`/sys/block/pmemN/device/numa_node`), symlinks resolved; `None` for
+/// anything else, and when sysfs says -1 (no node) or cannot be read.
+pub fn sysfs_node(path: &Path) -> Option<u32> {
+    let real = std::fs::canonicalize(path).ok()?;
+    let name = real.strip_prefix("/dev").ok()?.to_str()?;
+    let file = if name.starts_with("dax") && !name.contains('/') {
+        format!("/sys/bus/dax/devices/{name}/numa_node")
+    } else if name.starts_with("pmem") && !name.contains('/') {
+        format!("/sys/block/{name}/device/numa_node")
+    } else {
+        return None;
+    };
+    std::fs::read_to_string(file)
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()
+}
+
+/// Puts a file system's devices together for `tool`: `first` (already opened, named `path`)
+/// and the `others` named beside it, opened as [`open_device`] does
+/// ([`crate::meta::devices::assemble`]). Each member's node is what sysfs says of its device
+/// when it says anything (see docs/FORMAT.md, "DeviceTable"), else what mkfs recorded.
+/// Errors are one line naming the device.
+pub fn open_members(
+    first: Arc<dyn crate::device::Media>,
+    path: &Path,
+    others: &[std::path::PathBuf],
+    read_only: bool,
+    wait: Duration,
+    tool: &str,
+) -> Result<crate::meta::devices::Assembled, String> {
+    use crate::meta::devices::{NamedMedia, assemble};
+    let mut named = vec![NamedMedia {
+        name: path.to_path_buf(),
+        media: first,
+    }];
+    for p in others {
+        let d = open_device(p, read_only, wait, tool).map_err(|e| match e {
+            DeviceError::Io { source, .. } => format!("{}: {source}", p.display()),
+            e => format!("{}: {e}", p.display()),
+        })?;
+        named.push(NamedMedia {
+            name: p.clone(),
+            media: Arc::new(d),
+        });
+    }
+    let mut assembled = assemble(named).map_err(|e| e.to_string())?;
+    for m in &mut assembled.members {
+        if let Some(node) = sysfs_node(&m.name) {
+            m.node = node;
+        }
+    }
+    Ok(assembled)
+}

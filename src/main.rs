@@ -330,12 +330,22 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
         // that works prints nothing, as mount(8) and scripts that compare output expect.
         log::warn!("{note}");
     }
-    let media: Arc<dyn Media> = Arc::new(device);
+    let assembled = pmfs::cli::open_members(
+        Arc::new(device),
+        &cli.device,
+        &opts.devices,
+        opts.read_only,
+        WAIT_BUSY,
+        "pmfs",
+    )
+    .map_err(Failure)?;
+    let media = assembled.media;
     let fs = Fs::mount(
         Arc::clone(&media),
         MountOptions {
             read_only: opts.read_only,
             atime: opts.atime,
+            member_nodes: assembled.members.iter().map(|m| m.node).collect(),
             ..MountOptions::default()
         },
     )

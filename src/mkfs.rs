@@ -9,8 +9,9 @@
 //! everything else, then the backup superblock, then the primary one. A crash at any point
 //! leaves either no valid superblock at all, or a complete new file system.
 
-use crate::device::{DeviceError, Media};
+use crate::device::{DeviceError, DeviceSet, Media, SetMember};
 use crate::format::bitmap;
+use crate::format::devices::{DEVICE_TABLE_OFFSET, DeviceTable, MAX_MEMBERS};
 use crate::format::space::{REGION_BLOCKS, RegionEntry};
 use crate::format::{
     BACKUP_SUPERBLOCK_OFFSET, BLOCK_SIZE, CHUNK_BLOCKS, COMPAT_SUPPORTED, DEFERRED_FREE_INO,
@@ -167,6 +168,13 @@ pub enum MkfsError {
     HugeRegions { asked: u64, max: u64 },
     #[error("--huge-regions {0}%: a percentage is 0..100")]
     HugeRegionsPercent(u8),
+    #[error(
+        "the first device ({size} bytes) cannot hold the metadata of a file system of \
+         {total} bytes (at least {need} bytes): give a larger first device"
+    )]
+    FirstMemberTooSmall { size: u64, total: u64, need: u64 },
+    #[error("{0} devices: a file system spans at most {MAX_MEMBERS}")]
+    TooManyMembers(usize),
 }
 
 pub use crate::meta::now_ns;
@@ -286,7 +294,9 @@ fn superblock(
     sb.sb_size = size_of::<Superblock>() as u32;
     sb.compat = COMPAT_SUPPORTED.bits();
     sb.ro_compat = RO_COMPAT_SUPPORTED.bits();
-    sb.incompat = INCOMPAT_SUPPORTED.bits();
+    sb.incompat = INCOMPAT_SUPPORTED
+        .difference(IncompatFeatures::MULTI_DEVICE)
+        .bits();
     sb.uuid = uuid;
     sb.label = label;
     sb.block_size = BLOCK_SIZE as u32;
@@ -365,6 +375,65 @@ impl Writer<'_> {
 
 /// Formats `media`: writes a fresh, empty file system over whatever it held.
 pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, MkfsError> {
+    format_layout(media, opts, None)
+}
+
+/// One device of a multi-device format: the media and the NUMA node it is on
+/// ([`crate::format::devices::NODE_UNKNOWN`] when unknown).
+#[derive(Clone, Debug)]
+pub struct MemberSpec {
+    pub media: std::sync::Arc<dyn Media>,
+    pub node: u32,
+}
+
+/// The logical layout of `members` ([`DeviceTable::build`]: each rounded down to 2 MiB, each
+/// after the first at a 1 GiB boundary) and the [`DeviceSet`] that presents it.
+pub fn device_set(members: &[MemberSpec]) -> Result<(DeviceTable, DeviceSet), MkfsError> {
+    if members.len() > MAX_MEMBERS {
+        return Err(MkfsError::TooManyMembers(members.len()));
+    }
+    let sizes: Vec<u64> = members.iter().map(|m| m.media.size()).collect();
+    let nodes: Vec<u32> = members.iter().map(|m| m.node).collect();
+    let table = DeviceTable::build(&sizes, &nodes)?;
+    let set = DeviceSet::new(
+        members
+            .iter()
+            .zip(table.members())
+            .map(|(m, e)| SetMember {
+                media: std::sync::Arc::clone(&m.media),
+                base: e.base,
+                len: e.size,
+            })
+            .collect(),
+    )?;
+    Ok((table, set))
+}
+
+/// Formats one file system over `members` (2 to [`MAX_MEMBERS`] devices, in order): member 0
+/// holds every fixed structure as a single device does, plus the device table; every other
+/// member gets its member header. Returns the summary and the set to mount.
+pub fn format_devices(
+    members: &[MemberSpec],
+    opts: &MkfsOptions,
+) -> Result<(MkfsSummary, DeviceSet), MkfsError> {
+    let (table, set) = device_set(members)?;
+    let summary = format_layout(&set, opts, Some(&table))?;
+    Ok((summary, set))
+}
+
+/// Blocks of region `r` (`start..end`) that lie in one of `reserved`.
+fn reserved_in(reserved: &[(u64, u64)], start: u64, end: u64) -> u64 {
+    reserved
+        .iter()
+        .map(|&(first, count)| (first + count).clamp(start, end) - first.clamp(start, end))
+        .sum()
+}
+
+fn format_layout(
+    media: &dyn Media,
+    opts: &MkfsOptions,
+    table: Option<&DeviceTable>,
+) -> Result<MkfsSummary, MkfsError> {
     let label = encode_label(&opts.label)?;
     if opts.root.mode & !0o7777 != 0 {
         return Err(MkfsError::RootMode(opts.root.mode));
@@ -387,8 +456,26 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         ItableLayout::Tree { .. } => Some(first_itable_indirect(&g)?),
         ItableLayout::Flat => None,
     };
+    // Several devices: everything mkfs writes but the member headers is on member 0.
+    let reserved = table.map(DeviceTable::reserved_blocks).unwrap_or_default();
+    if let Some(t) = table {
+        let written_end = (chunk0 + CHUNK_BLOCKS).max(indirect0.unwrap_or(0) + 1);
+        let size = t.members()[0].size;
+        if blocks_to_bytes(written_end) > size {
+            return Err(MkfsError::FirstMemberTooSmall {
+                size,
+                total: t.end(),
+                need: blocks_to_bytes(written_end),
+            });
+        }
+    }
     let uninit_regions: Vec<bool> = (0..g.region_count())
-        .map(|r| Ok(g.summary_blocks > 0 && region_starts_uninit(&g, r)?))
+        .map(|r| {
+            let (start, end) = (r * REGION_BLOCKS, (r + 1) * REGION_BLOCKS);
+            Ok(g.summary_blocks > 0
+                && region_starts_uninit(&g, r)?
+                && reserved_in(&reserved, start, end) == 0)
+        })
         .collect::<Result<_, FormatError>>()?;
     let uninit = |r: u64| uninit_regions[r as usize];
     let uuid = match opts.uuid {
@@ -396,12 +483,17 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
         None => random_uuid()?,
     };
     let huge_regions = opts.huge_regions.resolve(&g)?;
-    let summary = MkfsSummary {
+    let mut summary = MkfsSummary {
         root: opts.root,
         huge_regions,
         ..summary_for(&g, uuid, &opts.label)?
     };
+    summary.free_blocks -= reserved_in(&reserved, 0, g.block_count);
     let mut sb = superblock(&g, uuid, label, opts.now_ns, huge_regions);
+    if table.is_some() {
+        sb.incompat |= IncompatFeatures::MULTI_DEVICE.bits();
+        sb.seal();
+    }
     if opts.version_2_layout {
         sb.incompat &=
             !(IncompatFeatures::SPACE_SUMMARY | IncompatFeatures::INODE_TABLE_TREE).bits();
@@ -418,6 +510,11 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     media.reserve(blocks_to_bytes(chunk0), blocks_to_bytes(CHUNK_BLOCKS))?;
     if let Some(indirect0) = indirect0 {
         media.reserve(blocks_to_bytes(indirect0), BLOCK_SIZE)?;
+    }
+    // Each member's first two blocks: its header, and zeros where a single-device file
+    // system it held had its backup superblock (which must not be found there again).
+    for e in table.map_or(&[][..], |t| &t.members()[1..]) {
+        media.reserve(e.base, 2 * BLOCK_SIZE)?;
     }
     let mut w = Writer {
         media,
@@ -441,6 +538,17 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     state.seal();
     let at = (STATE_OFFSET - sb_len) as usize;
     block0[at..at + size_of::<FsState>()].copy_from_slice(state.as_bytes());
+    if let Some(t) = table {
+        let at = (DEVICE_TABLE_OFFSET - sb_len) as usize;
+        block0[at..at + size_of::<DeviceTable>()].copy_from_slice(t.as_bytes());
+        for (k, e) in t.members().iter().enumerate().skip(1) {
+            let mut block = vec![0u8; BLOCK_SIZE as usize];
+            let header = t.member_header(uuid, k);
+            block[..size_of_val(&header)].copy_from_slice(header.as_bytes());
+            w.write(e.base, &block)?;
+            w.zero(e.base + BLOCK_SIZE, size_of::<Superblock>() as u64)?;
+        }
+    }
     w.write(SUPERBLOCK_OFFSET + sb_len, &block0)?;
     // Block 1 after the backup superblock: zeros.
     w.zero(BACKUP_SUPERBLOCK_OFFSET + sb_len, BLOCK_SIZE - sb_len)?;
@@ -474,6 +582,9 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
     if let Some(indirect0) = indirect0 {
         w.set_bits(bitmap, indirect0, 1)?;
     }
+    for &(first, count) in &reserved {
+        w.set_bits(bitmap, first, count)?;
+    }
     w.set_bits(bitmap, g.block_count, bitmap_bits - g.block_count)?;
     if g.summary_blocks > 0 {
         let entries: Vec<RegionEntry> = (0..g.region_count())
@@ -485,7 +596,8 @@ pub fn format(media: &dyn Media, opts: &MkfsOptions) -> Result<MkfsSummary, Mkfs
                 let data = space::region_blocks(&g, r)
                     - g.meta_end.clamp(start, end).saturating_sub(start);
                 let itable = (chunk0 + CHUNK_BLOCKS).clamp(start, end) - chunk0.clamp(start, end)
-                    + u64::from(indirect0.is_some_and(|b| (start..end).contains(&b)));
+                    + u64::from(indirect0.is_some_and(|b| (start..end).contains(&b)))
+                    + reserved_in(&reserved, start, end);
                 RegionEntry {
                     uninit: false,
                     free: (data - itable) as u32,
@@ -600,6 +712,12 @@ mod tests {
         assert_eq!((st.clean, st.mount_count, st.orphan_head), (1, 0, 0));
         assert_eq!(st.free_blocks, s.free_blocks);
         assert_eq!(ones(&read(&d, 256, STATE_OFFSET - 256)), 0);
+        // A single device has no device table: block 0 is what it was before MULTI_DEVICE.
+        assert_eq!(sb.incompat & IncompatFeatures::MULTI_DEVICE.bits(), 0);
+        assert_eq!(
+            ones(&read(&d, STATE_OFFSET + 64, 4096 - STATE_OFFSET - 64)),
+            0
+        );
         assert_eq!(
             ones(&read(&d, BACKUP_SUPERBLOCK_OFFSET + 256, 4096 - 256)),
             0

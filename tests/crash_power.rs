@@ -10,10 +10,11 @@
 //!
 //! `PMFS_CRASH_DEEP=1` raises the sample sizes for long runs.
 
-use pmfs::device::{Media, RecordingDevice};
+use pmfs::device::{Media, RecordingDevice, Window};
 use pmfs::format::inode_flags;
 use pmfs::fs::{AtimeMode, Ctx, Fs, MountOptions, RENAME_EXCHANGE, RENAME_WHITEOUT, SetAttr};
-use pmfs::mkfs::{MkfsOptions, format};
+use pmfs::meta::devices::{NamedMedia, assemble};
+use pmfs::mkfs::{MemberSpec, MkfsOptions, format, format_devices};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,23 +122,77 @@ fn deep() -> bool {
 
 struct Scenario {
     dev: Arc<RecordingDevice>,
+    /// Sizes of the members of a file system over several devices, as consecutive windows
+    /// of `dev` (so that each crash image is one state of all of them); empty for one device.
+    members: Vec<u64>,
     fs: Option<Fs>,
     states: Vec<State>,
     /// Fence count when each operation returned.
     done_at: Vec<usize>,
 }
 
+/// The file system on `dev`: the device itself, or its windows of `members` bytes put
+/// together as the members of one file system.
+fn media_over(dev: Arc<RecordingDevice>, members: &[u64]) -> Arc<dyn Media> {
+    if members.is_empty() {
+        return dev;
+    }
+    let named = windows(dev, members)
+        .into_iter()
+        .enumerate()
+        .map(|(i, media)| NamedMedia {
+            name: format!("member{i}").into(),
+            media,
+        })
+        .collect();
+    assemble(named).expect("assemble the members").media
+}
+
+/// Consecutive windows of `dev` of `members` bytes each.
+fn windows(dev: Arc<RecordingDevice>, members: &[u64]) -> Vec<Arc<dyn Media>> {
+    let inner: Arc<dyn Media> = dev;
+    let mut at = 0;
+    members
+        .iter()
+        .map(|&len| {
+            let w = Window::new(Arc::clone(&inner), at, len).expect("window");
+            at += len;
+            Arc::new(w) as Arc<dyn Media>
+        })
+        .collect()
+}
+
 impl Scenario {
     fn new(setup: impl FnOnce(&Fs)) -> Self {
         let dev = Arc::new(RecordingDevice::new(24 << 20));
         format(dev.as_ref(), &MkfsOptions::default()).expect("mkfs");
-        let media: Arc<dyn Media> = dev.clone();
+        Self::start(dev, Vec::new(), setup)
+    }
+
+    /// A file system over devices of `members` bytes (member k on node k).
+    fn over_devices(members: &[u64], setup: impl FnOnce(&Fs)) -> Self {
+        let dev = Arc::new(RecordingDevice::new(members.iter().sum()));
+        let specs: Vec<MemberSpec> = windows(Arc::clone(&dev), members)
+            .into_iter()
+            .enumerate()
+            .map(|(i, media)| MemberSpec {
+                media,
+                node: i as u32,
+            })
+            .collect();
+        format_devices(&specs, &MkfsOptions::default()).expect("mkfs");
+        Self::start(dev, members.to_vec(), setup)
+    }
+
+    fn start(dev: Arc<RecordingDevice>, members: Vec<u64>, setup: impl FnOnce(&Fs)) -> Self {
+        let media = media_over(Arc::clone(&dev), &members);
         let fs = Fs::mount(media, opts()).expect("mount");
         setup(&fs);
         let s0 = observe(&fs);
         dev.start_recording();
         Self {
             dev,
+            members,
             fs: Some(fs),
             states: vec![s0],
             done_at: Vec::new(),
@@ -176,7 +231,7 @@ impl Scenario {
                 .crash_images(f)
                 .enumerate(limit, samples, f as u64 * 7919 + 1)
             {
-                let media: Arc<dyn Media> = Arc::new(RecordingDevice::from_image(image));
+                let media = media_over(Arc::new(RecordingDevice::from_image(image)), &self.members);
                 let fs = Fs::mount(Arc::clone(&media), opts())
                     .unwrap_or_else(|e| panic!("{name}: fence {f}: mount after crash failed: {e}"));
                 let report = pmfs::check::check(&media).expect("check");
@@ -237,6 +292,71 @@ fn create_write_rename() {
             .expect("rename")
     });
     s.verify("create+write+rename");
+}
+
+/// A file system over two devices: a file whose data lands on member 1 while its inode,
+/// extent records and directory entry are on member 0, then truncated, renamed and unlinked
+/// (frees on both). Every crash state mounts, is consistent and is one of the states
+/// before or after an operation: the one journal on member 0 covers stores to both.
+#[test]
+fn an_operation_over_two_devices() {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    let mut s = Scenario::over_devices(&[24 * MIB, 16 * MIB], |fs| {
+        // Fill member 0, so that new data must go to member 1.
+        let filler = file(fs, ROOT, "filler", b"");
+        let mut off = 0;
+        let piece = vec![0x5a; (2 * MIB) as usize];
+        while fs
+            .layout(filler)
+            .expect("layout")
+            .iter()
+            .all(|e| e.device_offset < GIB)
+        {
+            fs.write(&C, filler, off, &piece).expect("fill member 0");
+            off += piece.len() as u64;
+        }
+        fs.setattr(
+            &C,
+            filler,
+            &SetAttr {
+                size: Some(off - 2 * MIB),
+                ..SetAttr::default()
+            },
+        )
+        .expect("truncate the filler back to member 0");
+    });
+    s.op(|fs| {
+        file(fs, ROOT, "a", b"");
+    })
+    .op(|fs| {
+        let a = fs.lookup(ROOT, b"a").expect("a").ino;
+        fs.write(&C, a, 0, &pattern((3 * MIB) as usize, 7))
+            .expect("write");
+        let layout = fs.layout(a).expect("layout");
+        assert!(
+            layout.iter().any(|e| e.device_offset >= GIB),
+            "no data on member 1: {layout:?}"
+        );
+    })
+    .op(|fs| {
+        let a = fs.lookup(ROOT, b"a").expect("a").ino;
+        fs.setattr(
+            &C,
+            a,
+            &SetAttr {
+                size: Some(MIB + 123),
+                ..SetAttr::default()
+            },
+        )
+        .expect("truncate");
+    })
+    .op(|fs| {
+        fs.rename(&Ctx::ROOT, ROOT, b"a", ROOT, b"b", 0)
+            .expect("rename")
+    })
+    .op(|fs| fs.unlink(ROOT, b"b").expect("unlink"));
+    s.verify("two devices: write to member 1, truncate, rename, unlink");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! with no gap and no overlap. The feature-flag and version tables must list what the code
 //! defines. Change a structure without changing the doc (or the reverse) and this fails.
 
+use pmfs::format::devices::{DeviceTable, MemberHeader};
 use pmfs::format::space::SummaryHeader;
 use pmfs::format::{
     CompatFeatures, ExtentRecord, FORMAT_VERSIONS, FsState, IncompatFeatures, Inode, NodeHeader,
@@ -147,6 +148,26 @@ fn layouts() -> Vec<Layout> {
             pad,
             owner,
             reserved,
+        }),
+        layout!(DeviceTable {
+            magic,
+            count,
+            pad,
+            entries,
+            reserved,
+            crc,
+        }),
+        layout!(MemberHeader {
+            magic,
+            uuid,
+            index,
+            count,
+            base,
+            size,
+            node,
+            pad,
+            reserved,
+            crc,
         }),
         layout!(SummaryHeader {
             magic,

@@ -75,6 +75,9 @@ struct Args {
     verbose: bool,
     /// The device or image file holding the file system
     device: PathBuf,
+    /// The other devices of a file system over several devices, in any order
+    #[arg(value_name = "DEVICE")]
+    others: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,7 +228,20 @@ fn run(args: &Args) -> u8 {
                 return EXIT_OPERATIONAL;
             }
         };
-    let media: Arc<dyn Media> = Arc::new(dev);
+    let media = match pmfs::cli::open_members(
+        Arc::new(dev),
+        &args.device,
+        &args.others,
+        read_only,
+        pmfs::cli::TOOL_WAIT,
+        "fsck.pmfs",
+    ) {
+        Ok(a) => a.media,
+        Err(e) => {
+            eprintln!("fsck.pmfs: {e}");
+            return EXIT_OPERATIONAL;
+        }
+    };
     if args.verbose
         && let Ok((sb, g)) = pmfs::meta::read_superblock(media.as_ref())
     {

@@ -2,14 +2,18 @@
 
 use clap::Parser;
 use pmfs::device::{DeviceError, Media, create_image, create_sparse_image};
+use pmfs::format::devices::NODE_UNKNOWN;
 use pmfs::format::{
     BLOCK_SIZE, LABEL_LEN, MIN_DEVICE_SIZE, SUPERBLOCK_MAGIC, format_uuid, parse_uuid,
 };
-use pmfs::mkfs::{HugeRegions, MkfsOptions, MkfsSummary, RootDir, format, now_ns};
+use pmfs::mkfs::{
+    HugeRegions, MemberSpec, MkfsOptions, MkfsSummary, RootDir, format, format_devices, now_ns,
+};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Largest device the format describes (2^40 blocks).
 const MAX_DEVICE_SIZE: u64 = (1 << 40) * BLOCK_SIZE + (BLOCK_SIZE - 1);
@@ -54,8 +58,17 @@ Exit status: 0 formatted, 1 refused or failed, 2 bad usage.";
 )]
 struct Args {
     /// The device or image file to format: /dev/daxN.M, /dev/pmemN, or a regular file
-    #[arg(value_name = "DEVICE")]
-    device: PathBuf,
+    #[arg(value_name = "DEVICE", required = true, num_args = 1..)]
+    device: Vec<PathBuf>,
+
+    /// NUMA node of each device, in the order of the devices (several devices only)
+    ///
+    /// The k-th --node is the node of the k-th DEVICE (give one per device, or none). New
+    /// file data goes to the device on the writing thread's node. Without --node, a
+    /// /dev/daxX.Y or /dev/pmemN takes its node from sysfs and an image has none; at mount,
+    /// sysfs wins over what is recorded here for a device that has it.
+    #[arg(long, value_name = "N")]
+    node: Vec<u32>,
 
     /// Create DEVICE as an image file of SIZE bytes, or grow it to SIZE (e.g. 512M, 4G, 1T)
     ///
@@ -332,6 +345,9 @@ fn existing_signature(read: &mut dyn FnMut(u64, &mut [u8]) -> bool) -> Option<St
             return Some("a pmfs file system".into());
         }
     }
+    if read(0, &mut w) && u64::from_le_bytes(w) == pmfs::format::devices::MEMBER_MAGIC {
+        return Some("a device of a pmfs file system over several devices".into());
+    }
     let mut magic = [0u8; 4];
     if read(0, &mut magic) && &magic == b"XFSB" {
         return Some("an xfs file system".into());
@@ -380,7 +396,79 @@ fn refuse(path: &Path, what: &str) -> String {
 }
 
 fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
-    let path = &args.device;
+    if !args.node.is_empty() && args.node.len() != args.device.len() {
+        return Err(format!(
+            "{} --node for {} devices: give one per device, in their order, or none",
+            args.node.len(),
+            args.device.len()
+        ));
+    }
+    if args.device.len() > pmfs::format::devices::MAX_MEMBERS {
+        return Err(format!(
+            "{} devices: a file system spans at most {}",
+            args.device.len(),
+            pmfs::format::devices::MAX_MEMBERS
+        ));
+    }
+    for (i, a) in args.device.iter().enumerate() {
+        if args.device[..i].iter().any(|b| b == a) {
+            return Err(format!("{}: named twice", a.display()));
+        }
+    }
+    // Allocating a large image and formatting a large device take seconds: say so on a
+    // terminal (nothing is shown elsewhere, nor for runs shorter than a second).
+    let mut progress =
+        pmfs::cli::Progress::start(format!("mkfs.pmfs: {}", args.device[0].display()));
+    let devs = args
+        .device
+        .iter()
+        .map(|path| prepare(args, path, &mut progress).map(Arc::new))
+        .collect::<Result<Vec<_>, String>>()?;
+    let opts = MkfsOptions {
+        label: args.label.clone().unwrap_or_default(),
+        uuid: args.uuid,
+        now_ns: now_ns(),
+        root: root_dir(args),
+        huge_regions: args.huge_regions.unwrap_or_default(),
+        ..MkfsOptions::default()
+    };
+    progress.phase("formatting");
+    let shown = args.device[0].display();
+    let summary = if let [dev] = devs.as_slice() {
+        format(dev.as_ref(), &opts).map_err(|e| format!("{shown}: {e}"))?
+    } else {
+        let members: Vec<MemberSpec> = devs
+            .iter()
+            .zip(&args.device)
+            .enumerate()
+            .map(|(i, (dev, path))| MemberSpec {
+                media: Arc::clone(dev) as Arc<dyn Media>,
+                node: args
+                    .node
+                    .get(i)
+                    .copied()
+                    .or_else(|| pmfs::cli::sysfs_node(path))
+                    .unwrap_or(NODE_UNKNOWN),
+            })
+            .collect();
+        format_devices(&members, &opts)
+            .map_err(|e| format!("{shown}: {e}"))?
+            .0
+    };
+    progress.phase("writing back");
+    for (dev, path) in devs.iter().zip(&args.device) {
+        dev.sync_all().map_err(|e| device_error(path, &e))?;
+    }
+    progress.finish();
+    Ok((summary, devs[0].persistence().to_string()))
+}
+
+/// Checks, creates (--size) and opens one device to format.
+fn prepare(
+    args: &Args,
+    path: &Path,
+    progress: &mut pmfs::cli::Progress,
+) -> Result<pmfs::device::Device, String> {
     let shown = path.display();
     let min = "pmfs needs at least 16 MiB";
     let max = "pmfs handles at most 4 PiB";
@@ -429,9 +517,6 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
             }
         }
     }
-    // Allocating a large image and formatting a large device take seconds: say so on a
-    // terminal (nothing is shown elsewhere, nor for runs shorter than a second).
-    let mut progress = pmfs::cli::Progress::start(format!("mkfs.pmfs: {shown}"));
     if let Some(size) = &args.size {
         if args.sparse {
             create_sparse_image(path, size.bytes).map_err(|e| device_error(path, &e))?;
@@ -472,20 +557,7 @@ fn run(args: &Args) -> Result<(MkfsSummary, String), String> {
             return Err(refuse(path, &what));
         }
     }
-    let opts = MkfsOptions {
-        label: args.label.clone().unwrap_or_default(),
-        uuid: args.uuid,
-        now_ns: now_ns(),
-        root: root_dir(args),
-        huge_regions: args.huge_regions.unwrap_or_default(),
-        ..MkfsOptions::default()
-    };
-    progress.phase("formatting");
-    let summary = format(&dev, &opts).map_err(|e| format!("{shown}: {e}"))?;
-    progress.phase("writing back");
-    dev.sync_all().map_err(|e| device_error(path, &e))?;
-    progress.finish();
-    Ok((summary, dev.persistence().to_string()))
+    Ok(dev)
 }
 
 fn report(path: &Path, s: &MkfsSummary, persistence: &str) -> String {
@@ -563,11 +635,11 @@ fn main() -> ExitCode {
         Ok((summary, persistence)) => {
             if !args.quiet {
                 let mut out = std::io::stdout().lock();
-                let text = report(&args.device, &summary, &persistence);
+                let text = report(&args.device[0], &summary, &persistence);
                 if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
                     let what = format!(
                         "{}: formatted, but writing the report to standard output failed",
-                        args.device.display()
+                        args.device[0].display()
                     );
                     return output_failed(&e, &what);
                 }

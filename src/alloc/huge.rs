@@ -328,7 +328,15 @@ impl Pool {
     /// region boundaries). So whole 1 GiB regions stay whole, and growing files find their
     /// next chunks free, while other space can serve the request.
     /// Only with `use_reserved` are the reserved regions used at all.
-    fn take_run(&mut self, want: u64, min: u64, use_reserved: bool) -> Option<(u64, u64)> {
+    /// With `within`, only chunks `within.0..within.1` are considered (the member of a
+    /// file system over several devices that the request prefers).
+    fn take_run(
+        &mut self,
+        want: u64,
+        min: u64,
+        use_reserved: bool,
+        within: Option<(u64, u64)>,
+    ) -> Option<(u64, u64)> {
         self.low = bits::next_set(&self.map, self.low, self.chunks).unwrap_or(self.chunks);
         let classes = self.classes();
         let classes = if use_reserved {
@@ -336,9 +344,10 @@ impl Pool {
         } else {
             &classes[..2]
         };
-        let (c, len) = classes
-            .iter()
-            .find_map(|&(from, to)| self.find_run_in(from.max(self.low), to, want, min))?;
+        let (lo, hi) = within.unwrap_or((0, self.chunks));
+        let (c, len) = classes.iter().find_map(|&(from, to)| {
+            self.find_run_in(from.max(self.low).max(lo), to.min(hi), want, min)
+        })?;
         let len = len.min(want);
         self.clear_run(c, len);
         Some((c, len))
@@ -779,12 +788,16 @@ impl HugeIndex {
     }
 
     /// Takes free blocks out of the index for a request (`1 <= min <= n <= block_count`).
+    /// `within`: chunks `within.0..within.1` are preferred for requests of 2 MiB and more
+    /// (whole chunks from there first, then anywhere as without it); smaller requests
+    /// ignore it (they are served from the thread's arena wherever its chunks are).
     pub(super) fn take(
         &self,
         n: u64,
         min: u64,
         aligned: bool,
         goal: Option<u64>,
+        within: Option<(u64, u64)>,
     ) -> Option<BlockRange> {
         let large = n >= CHUNK_BLOCKS;
         if let Some(start) = goal.and_then(|g| g.checked_add(1)) {
@@ -806,7 +819,9 @@ impl HugeIndex {
             }
         }
         if large {
-            self.take_large(n, min)
+            within
+                .and_then(|w| self.take_large_from_pool(n, min, false, Some(w)))
+                .or_else(|| self.take_large(n, min))
         } else {
             self.take_small(n, min)
         }
@@ -888,22 +903,34 @@ impl HugeIndex {
     /// Requests of 2 MiB and more: whole chunks from the unreserved pool, else the largest
     /// small runs, else whole chunks of the reserved regions.
     fn take_large(&self, n: u64, min: u64) -> Option<BlockRange> {
-        self.take_large_from_pool(n, min, false)
+        self.take_large_from_pool(n, min, false, None)
             .or_else(|| self.take_best_small(n, min))
-            .or_else(|| self.take_large_from_pool(n, min, true))
+            .or_else(|| self.take_large_from_pool(n, min, true, None))
     }
 
     /// Whole chunks for [`HugeIndex::take_large`] (the reserved regions only with
     /// `use_reserved`).
-    fn take_large_from_pool(&self, n: u64, min: u64, use_reserved: bool) -> Option<BlockRange> {
+    fn take_large_from_pool(
+        &self,
+        n: u64,
+        min: u64,
+        use_reserved: bool,
+        within: Option<(u64, u64)>,
+    ) -> Option<BlockRange> {
         let whole = n / CHUNK_BLOCKS;
         if min <= whole * CHUNK_BLOCKS {
-            self.take_pool_run(whole, min.div_ceil(CHUNK_BLOCKS).max(1), use_reserved)
+            self.take_pool_run(
+                whole,
+                min.div_ceil(CHUNK_BLOCKS).max(1),
+                use_reserved,
+                within,
+            )
         } else {
             let r = self.take_pool_run(
                 n.div_ceil(CHUNK_BLOCKS),
                 min.div_ceil(CHUNK_BLOCKS),
                 use_reserved,
+                within,
             )?;
             // The caller needs more than the whole chunks of its request in one piece: give
             // back the tail of the last chunk (it becomes a small chunk).
@@ -921,9 +948,15 @@ impl HugeIndex {
         }
     }
 
-    fn take_pool_run(&self, want: u64, min: u64, use_reserved: bool) -> Option<BlockRange> {
+    fn take_pool_run(
+        &self,
+        want: u64,
+        min: u64,
+        use_reserved: bool,
+        within: Option<(u64, u64)>,
+    ) -> Option<BlockRange> {
         let mut pool = self.pool.lock();
-        let (c, len) = pool.take_run(want, min, use_reserved)?;
+        let (c, len) = pool.take_run(want, min, use_reserved, within)?;
         Some(self.claim(pool, c, len))
     }
 

@@ -424,6 +424,19 @@ impl BlockAllocator {
     /// once, sets its bits in the bitmap through `tx`, and gives it back to the index if `tx`
     /// rolls back. Returns [`AllocError::NoSpace`] when no run of `min_blocks` is free.
     pub fn allocate(&self, tx: &mut Tx<'_>, req: AllocRequest) -> Result<BlockRange, AllocError> {
+        self.allocate_within(tx, req, None)
+    }
+
+    /// As [`BlockAllocator::allocate`], preferring blocks `within.0..within.1` (the member of
+    /// a file system over several devices on the writing thread's NUMA node) for requests
+    /// of whole 2 MiB chunks and more; anywhere else when that range has no room. Smaller
+    /// requests, and the first-fit policy, ignore the preference.
+    pub fn allocate_within(
+        &self,
+        tx: &mut Tx<'_>,
+        req: AllocRequest,
+        within: Option<(u64, u64)>,
+    ) -> Result<BlockRange, AllocError> {
         if req.blocks == 0 {
             return Err(AllocError::Corrupted("allocation of zero blocks".into()));
         }
@@ -433,7 +446,10 @@ impl BlockAllocator {
             return Err(AllocError::NoSpace);
         }
         let got = match self.index.as_ref() {
-            Index::Huge(h) => h.take(n, min, req.aligned, req.goal),
+            Index::Huge(h) => {
+                let chunks = within.map(|(a, b)| (a.div_ceil(CHUNK_BLOCKS), b / CHUNK_BLOCKS));
+                h.take(n, min, req.aligned, req.goal, chunks)
+            }
             Index::FirstFit(f) => f.take(n, min, req.goal),
         }
         .ok_or(AllocError::NoSpace)?;

@@ -729,10 +729,10 @@ fn small_and_medium_requests_keep_whole_regions_whole() {
     // About 800 MiB of 8 MiB extents and small files: region 0 can hold all of it.
     for i in 0..100u64 {
         let n = 1 + i % 37;
-        taken.push(index.take(n, n, false, None).unwrap());
+        taken.push(index.take(n, n, false, None, None).unwrap());
         taken.push(
             index
-                .take(4 * CHUNK_BLOCKS, CHUNK_BLOCKS, true, None)
+                .take(4 * CHUNK_BLOCKS, CHUNK_BLOCKS, true, None, None)
                 .unwrap(),
         );
     }
@@ -744,13 +744,13 @@ fn small_and_medium_requests_keep_whole_regions_whole() {
     index.snapshot().unwrap();
     // Region 0 full: the next small request breaks the highest whole region, not both.
     let rest = region_index(3, 1536);
-    while let Some(r) = rest.take(CHUNK_BLOCKS, 1, true, None) {
+    while let Some(r) = rest.take(CHUNK_BLOCKS, 1, true, None, None) {
         if r.end() > REGION_BLOCKS {
             rest.release(r);
             break;
         }
     }
-    let r = rest.take(8, 8, false, None).unwrap();
+    let r = rest.take(8, 8, false, None, None).unwrap();
     assert!(r.start >= 2 * REGION_BLOCKS, "{r:?}");
     assert_eq!(rest.free_regions(), 1);
     rest.snapshot().unwrap();
@@ -998,7 +998,7 @@ fn crash_at_every_fence_of_a_lazy_initialisation() {
 /// Extends the run ending at block `end` by one chunk in place, as a growing file does.
 fn extend_in_place(index: &huge::HugeIndex, end: u64) -> Option<BlockRange> {
     index
-        .take(CHUNK_BLOCKS, CHUNK_BLOCKS, true, Some(end - 1))
+        .take(CHUNK_BLOCKS, CHUNK_BLOCKS, true, Some(end - 1), None)
         .filter(|r| r.start == end)
 }
 
@@ -1023,8 +1023,12 @@ fn a_growing_file_fills_its_region_in_place_while_others_allocate() {
         end += CHUNK_BLOCKS;
         if others.len() < 300 {
             let n = 1 + others.len() as u64 % 37;
-            others.push(index.take(n, n, false, None).unwrap());
-            others.push(index.take(CHUNK_BLOCKS, CHUNK_BLOCKS, true, None).unwrap());
+            others.push(index.take(n, n, false, None, None).unwrap());
+            others.push(
+                index
+                    .take(CHUNK_BLOCKS, CHUNK_BLOCKS, true, None, None)
+                    .unwrap(),
+            );
         }
     }
     assert!(
@@ -1071,7 +1075,7 @@ fn reserved_regions_are_used_last_and_taken_first_for_1_gib_extents() {
         let free = index.snapshot().unwrap();
         let longest_unreserved = bits::longest_run(&free, 0, reserved_start);
         let r = index
-            .take(n, 1, aligned, None)
+            .take(n, 1, aligned, None, None)
             .expect("a full unreserved part spills into the reserved regions");
         if r.end() > reserved_start {
             assert!(

@@ -19,6 +19,9 @@
 //!   fence, and rebuilds the images a power failure could leave. Tests and the crash harness
 //!   run the same code on it.
 //!
+//! and two that compose others (`set.rs`): [`DeviceSet`], the members of a multi-device file
+//! system in one logical address space, and [`Window`], a range of a media as a device.
+//!
 //! Persistence ladder (the contract every caller follows): **store** (`write`, `store_u64`,
 //! `fetch_or_u64`, ...) makes bytes visible to other threads and processes at once; **flush**
 //! (`flush`) starts writing the touched cache lines back to the persistence domain; **fence**
@@ -37,6 +40,7 @@ pub mod dax;
 )]
 mod mmap;
 mod recording;
+mod set;
 #[allow(
     unsafe_code,
     reason = "volatile word access to a shared file mapping that others change meanwhile"
@@ -45,6 +49,7 @@ mod shared;
 
 pub use mmap::{Device, DeviceKind, OpenOptions, create_image, create_sparse_image};
 pub use recording::{CrashImages, CrashLines, OverlayDevice, RecordingDevice};
+pub use set::{DeviceSet, SetMember, Window};
 pub use shared::SharedFileMapping;
 
 use std::fmt;

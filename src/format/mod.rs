@@ -6,6 +6,7 @@
 //! read from the device is trusted: every decoder here validates before returning.
 
 pub mod bitmap;
+pub mod devices;
 pub mod dirent;
 pub mod extent;
 mod geometry;
@@ -91,6 +92,9 @@ bitflags! {
         /// is still uninitialised (all free, never written) and its free-block count
         /// ([`space`]).
         const SPACE_SUMMARY = 1 << 4;
+        /// The file system spans several devices: a device table follows the state record
+        /// in block 0 and every other member starts with a member header ([`devices`]).
+        const MULTI_DEVICE = 1 << 5;
     }
     /// Features an implementation must understand to mount read-write.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +118,9 @@ impl IncompatFeatures {
     /// The features of version 2: a file system that has one of them is version 2.
     pub const V2: Self = Self::INODE_ATTR_FLAGS.union(Self::LARGE_FILES);
     /// The features of version 3.
-    pub const V3: Self = Self::INODE_TABLE_TREE.union(Self::SPACE_SUMMARY);
+    pub const V3: Self = Self::INODE_TABLE_TREE
+        .union(Self::SPACE_SUMMARY)
+        .union(Self::MULTI_DEVICE);
 
     /// The oldest format version whose readers understand these features: what a superblock
     /// that has them says (an upgrade to a feature raises the version to this, never
@@ -138,12 +144,14 @@ impl IncompatFeatures {
     }
 }
 
-/// Features this implementation understands, and writes at mkfs.
+/// Features this implementation understands; mkfs writes them all but
+/// [`IncompatFeatures::MULTI_DEVICE`], which only a format over several devices has.
 pub const INCOMPAT_SUPPORTED: IncompatFeatures = IncompatFeatures::HASHED_DIRS
     .union(IncompatFeatures::INODE_ATTR_FLAGS)
     .union(IncompatFeatures::LARGE_FILES)
     .union(IncompatFeatures::INODE_TABLE_TREE)
-    .union(IncompatFeatures::SPACE_SUMMARY);
+    .union(IncompatFeatures::SPACE_SUMMARY)
+    .union(IncompatFeatures::MULTI_DEVICE);
 pub const RO_COMPAT_SUPPORTED: RoCompatFeatures = RoCompatFeatures::HUGE_EXTENTS;
 pub const COMPAT_SUPPORTED: CompatFeatures =
     CompatFeatures::DEFERRED_FREE.union(CompatFeatures::HUGE_REGIONS);
@@ -229,6 +237,11 @@ pub enum FormatError {
     },
     #[error("corrupted {what}: {detail}")]
     Corrupted { what: &'static str, detail: String },
+    #[error(
+        "the file system spans {0} devices and only its first was given: name the others \
+         too (-o device=PATH for each)"
+    )]
+    MissingMembers(u32),
     #[error("device of {size} bytes is too small: pmfs needs at least {min} bytes")]
     TooSmall { size: u64, min: u64 },
 }

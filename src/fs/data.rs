@@ -667,7 +667,9 @@ impl Fs {
                 aligned: true,
                 goal,
             };
-            match self.alloc.allocate(tx, req) {
+            // Several devices: the member of the writing thread's node first.
+            let within = goal.is_none().then(|| self.placement.preferred()).flatten();
+            match self.alloc.allocate_within(tx, req, within) {
                 Ok(got) if got.start % CHUNK_BLOCKS == 0 && got.len % CHUNK_BLOCKS == 0 => {
                     // Merged only when extending in place (elsewhere records stay one per
                     // allocation, as the aging results were measured with).

@@ -35,6 +35,10 @@ mod concurrency_tests;
 #[cfg(test)]
 mod itable_tests;
 #[cfg(test)]
+mod multidev_tests;
+mod placement;
+pub use placement::set_thread_node;
+#[cfg(test)]
 mod sparse_tests;
 #[cfg(test)]
 mod tests;
@@ -107,6 +111,9 @@ pub struct MountOptions {
     pub atime: AtimeMode,
     /// Block allocation policy (`HugeAware` by default; `FirstFit` only for comparisons).
     pub alloc_policy: crate::alloc::AllocPolicy,
+    /// Several devices: the NUMA node of each member, in order (sysfs's word where it has
+    /// one, `pmfs::cli::open_members`); empty for the nodes the device table records.
+    pub member_nodes: Vec<u32>,
 }
 
 /// Who is asking: the caller's credentials.
@@ -238,6 +245,10 @@ pub struct Fs {
     pending_reaps: Mutex<Vec<u64>>,
     options: MountOptions,
     recovery: RecoveryReport,
+    /// The device table of a file system over several devices (validated at mount).
+    devices: Option<crate::format::devices::DeviceTable>,
+    /// Which member new data of a thread goes to.
+    placement: placement::Placement,
 }
 
 /// The block allocator seen as a source of B+tree nodes.
@@ -316,6 +327,17 @@ impl Fs {
             reserve_space_in_use(media.as_ref(), &alloc)?;
         }
         let inodes = InodeTable::open(Arc::clone(&media), geometry)?;
+        let devices = crate::meta::devices::read_device_table(media.as_ref(), &superblock)?;
+        let placement = placement::Placement::new(devices.as_ref().map_or(Vec::new(), |t| {
+            t.members()
+                .iter()
+                .enumerate()
+                .map(|(k, e)| {
+                    let node = options.member_nodes.get(k).copied().unwrap_or(e.node);
+                    (node, e.base / BLOCK_SIZE, (e.base + e.size) / BLOCK_SIZE)
+                })
+                .collect()
+        }));
         let fs = Self {
             media,
             geometry,
@@ -334,6 +356,8 @@ impl Fs {
             pending_reaps: Mutex::new(Vec::new()),
             options,
             recovery,
+            devices,
+            placement,
         };
         let root = fs.inodes.read(ROOT_INO)?;
         if !root.is_dir() {
@@ -825,8 +849,13 @@ impl Fs {
             self.inodes.capacity(0)
         });
         let capacity = self.inodes.capacity(free);
+        // The gaps between members and their headers are allocated, but hold nothing.
+        let layout_blocks: u64 = self
+            .devices
+            .as_ref()
+            .map_or(0, |t| t.reserved_blocks().iter().map(|r| r.1).sum());
         StatFs {
-            blocks: self.alloc.data_blocks(),
+            blocks: self.alloc.data_blocks().saturating_sub(layout_blocks),
             bfree: free,
             bavail: free.saturating_sub(self.alloc.reserve()),
             files: capacity.max(used_inodes),

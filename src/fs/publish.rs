@@ -249,6 +249,7 @@ impl Fs {
     /// lock, so no change is under way and the listing belongs to the generation returned.
     pub fn map_published(&self, ino: u64, refresh: Option<u64>) -> Result<PublishedLease> {
         self.check_writable()?;
+        self.check_single_device()?;
         let _g = self.read_lock(ino);
         let i = self.inodes.read(ino)?;
         if !i.is_reg() {

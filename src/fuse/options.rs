@@ -144,6 +144,9 @@ pub struct Options {
     pub norecovery: bool,
     /// POSIX ACLs (`acl`, the default) or none (`noacl`).
     pub acl: bool,
+    /// `device=PATH` (repeatable, as btrfs): the other devices of a file system over
+    /// several devices, in any order (the mount's device is the first).
+    pub devices: Vec<std::path::PathBuf>,
     /// The options as given, for error messages and logs.
     pub given: Vec<String>,
 }
@@ -165,6 +168,7 @@ impl Default for Options {
             dirsync: false,
             norecovery: false,
             acl: true,
+            devices: Vec::new(),
             given: Vec::new(),
         }
     }
@@ -266,6 +270,17 @@ impl Options {
                 self.subtype = true;
                 return Ok(());
             }
+            "device" => {
+                match value {
+                    Some(path) if !path.is_empty() => self.devices.push(path.into()),
+                    _ => {
+                        return Err(OptionError(format!(
+                            "bad mount option '{opt}': device= names a device (a path)"
+                        )));
+                    }
+                }
+                return Ok(());
+            }
             // Options fstab and mount(8) pass to every helper; nothing to do here.
             "comment" => return Ok(()),
             // FUSE's own superblock options: mount(8) copies them from mountinfo into the
@@ -320,6 +335,20 @@ mod tests {
         assert!(!o.read_only);
         assert_eq!(o.cache, CacheMode::Direct);
         assert!(!o.flag(Flag::Dev, false));
+    }
+
+    #[test]
+    fn other_devices() {
+        let o = Options::parse(&["ro,device=/dev/dax1.0", "device=/srv/b.img"]).unwrap();
+        assert_eq!(
+            o.devices,
+            vec![
+                std::path::PathBuf::from("/dev/dax1.0"),
+                std::path::PathBuf::from("/srv/b.img")
+            ]
+        );
+        assert!(Options::parse(&["device="]).is_err());
+        assert!(Options::parse(&["device"]).is_err());
     }
 
     #[test]

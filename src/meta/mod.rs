@@ -3,6 +3,7 @@
 //! (src/fs), fsck's check and its repair all read and change them through these modules;
 //! check and repair need nothing of the POSIX core.
 
+pub mod devices;
 pub mod dir;
 pub mod extent;
 pub mod inode;
@@ -18,13 +19,19 @@ use crate::format::Inode;
 use crate::device::Media;
 use crate::error::Result;
 use crate::format::{
-    BACKUP_SUPERBLOCK_OFFSET, FsState, Geometry, STATE_OFFSET, SUPERBLOCK_OFFSET, Superblock,
+    BACKUP_SUPERBLOCK_OFFSET, FormatError, FsState, Geometry, STATE_OFFSET, SUPERBLOCK_OFFSET,
+    Superblock,
 };
 
 fn superblock_at(media: &dyn Media, offset: u64) -> Result<(Superblock, Geometry)> {
     let mut buf = vec![0u8; size_of::<Superblock>()];
     media.read(offset, &mut buf)?;
     let sb = Superblock::decode(&buf)?;
+    if let Some(table) = devices::read_device_table(media, &sb)? {
+        if table.end() > media.size() {
+            return Err(FormatError::MissingMembers(table.count).into());
+        }
+    }
     let geometry = Geometry::from_superblock(&sb, media.size())?;
     Ok((sb, geometry))
 }

@@ -167,7 +167,7 @@ impl<'a> Rebuild<'a> {
     }
 
     pub(super) fn run(mut self) -> Result<()> {
-        self.claim_fixed();
+        self.claim_fixed()?;
         self.decode_inodes()?;
         self.reserved_inodes()?;
         self.orphan_list()?;
@@ -181,8 +181,13 @@ impl<'a> Rebuild<'a> {
         self.write()
     }
 
-    fn claim_fixed(&mut self) {
+    fn claim_fixed(&mut self) -> Result<()> {
         self.claimed.set_range(0, self.g.meta_end);
+        // Several devices: the gaps between members and the member headers.
+        let (sb, _) = crate::meta::read_superblock(self.media.as_ref())?;
+        for (first, count) in crate::meta::devices::reserved_blocks(self.media.as_ref(), &sb)? {
+            self.claimed.set_range(first, count);
+        }
         for c in self.table.chunk_blocks() {
             self.claimed.set_range(c, CHUNK_BLOCKS);
         }
@@ -192,6 +197,7 @@ impl<'a> Rebuild<'a> {
         let end = self.claimed.len();
         self.claimed
             .set_range(self.g.block_count, end - self.g.block_count);
+        Ok(())
     }
 
     fn raw_inode(&self, ino: u64) -> Result<[u8; INODE_SIZE as usize]> {
