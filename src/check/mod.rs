@@ -450,7 +450,11 @@ pub fn check_with_progress(shared: &Arc<dyn Media>, progress: ProgressFn<'_>) ->
     // Fixed metadata, inode-table chunks, bits past the end of the device.
     c.mark(0, geometry.meta_end, Owner::Named("fixed metadata"));
     for (first, count) in crate::meta::devices::reserved_blocks(media, &sb)? {
-        c.mark(first, count, Owner::Named("gap between devices and member header"));
+        c.mark(
+            first,
+            count,
+            Owner::Named("gap between devices and member header"),
+        );
     }
     let table = InodeTable::open(Arc::clone(shared), geometry)?;
     for chunk in table.chunk_blocks() {
