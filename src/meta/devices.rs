@@ -116,7 +116,8 @@ pub fn assemble(devices: Vec<NamedMedia>) -> std::result::Result<Assembled, Asse
                 first,
                 format!(
                     "is member {} of {} of file system {}, not its first device: name the \
-                     first device, and the others with -o device=PATH",
+                     first device first, then the others (with -o device=PATH when \
+                     mounting)",
                     h.index,
                     h.count,
                     format_uuid(&h.uuid)
@@ -178,8 +179,8 @@ pub fn assemble(devices: Vec<NamedMedia>) -> std::result::Result<Assembled, Asse
             return Err(refuse(
                 first,
                 format!(
-                    "member {k} of {} ({} bytes{node}) was not named: add -o device=PATH \
-                     for it",
+                    "member {k} of {} ({} bytes{node}) was not named: name it too (with -o \
+                     device=PATH when mounting)",
                     entries.len(),
                     e.size
                 ),
