@@ -13,7 +13,7 @@
 
 use super::{
     BLOCK_SIZE, CHUNK_SIZE, FormatError, IncompatFeatures, MIN_DEVICE_SIZE, REGION_SIZE,
-    Superblock, checksum,
+    Superblock, checksum, verify_checksum,
 };
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
@@ -142,14 +142,7 @@ impl DeviceTable {
         if t.magic != DEVICE_TABLE_MAGIC {
             return Err(corrupted("bad magic".into()));
         }
-        let computed = checksum(&bytes[..Self::CRC_OFFSET]);
-        if computed != t.crc {
-            return Err(FormatError::Checksum {
-                what: "device table",
-                stored: t.crc,
-                computed,
-            });
-        }
+        verify_checksum("device table", &bytes[..Self::CRC_OFFSET], t.crc)?;
         t.validate()?;
         Ok(t)
     }
@@ -263,14 +256,7 @@ impl MemberHeader {
         if h.magic != MEMBER_MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let computed = checksum(&bytes[..Self::CRC_OFFSET]);
-        if computed != h.crc {
-            return Err(FormatError::Checksum {
-                what: "member header",
-                stored: h.crc,
-                computed,
-            });
-        }
+        verify_checksum("member header", &bytes[..Self::CRC_OFFSET], h.crc)?;
         Ok(h)
     }
 

@@ -217,6 +217,20 @@ pub fn checksum(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
+/// Checks a sealed structure: the checksum of `covered` (its bytes before the `crc` field)
+/// must be `stored`; `what` names the structure in the error.
+pub fn verify_checksum(what: &'static str, covered: &[u8], stored: u32) -> Result<(), FormatError> {
+    let computed = checksum(covered);
+    if computed != stored {
+        return Err(FormatError::Checksum {
+            what,
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
 /// Errors found while decoding or validating on-media structures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

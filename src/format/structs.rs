@@ -3,7 +3,7 @@
 
 use super::{
     BLOCK_SIZE, FORMAT_VERSION, FormatError, INCOMPAT_SUPPORTED, IncompatFeatures, NODE_MAGIC,
-    OLDEST_FORMAT_VERSION, STATE_MAGIC, SUPERBLOCK_MAGIC, checksum,
+    OLDEST_FORMAT_VERSION, STATE_MAGIC, SUPERBLOCK_MAGIC, checksum, verify_checksum,
 };
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
@@ -76,14 +76,7 @@ impl Superblock {
         if sb.magic != SUPERBLOCK_MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let computed = checksum(&bytes[..Self::CRC_OFFSET]);
-        if computed != sb.crc {
-            return Err(FormatError::Checksum {
-                what: "superblock",
-                stored: sb.crc,
-                computed,
-            });
-        }
+        verify_checksum("superblock", &bytes[..Self::CRC_OFFSET], sb.crc)?;
         if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&sb.version) {
             return Err(FormatError::UnsupportedVersion(sb.version));
         }
@@ -181,14 +174,7 @@ impl FsState {
         if st.magic != STATE_MAGIC {
             return Err(FormatError::corrupted("state record", "bad magic"));
         }
-        let computed = checksum(&bytes[..Self::CRC_OFFSET]);
-        if computed != st.crc {
-            return Err(FormatError::Checksum {
-                what: "state record",
-                stored: st.crc,
-                computed,
-            });
-        }
+        verify_checksum("state record", &bytes[..Self::CRC_OFFSET], st.crc)?;
         Ok(st)
     }
 }
@@ -383,14 +369,7 @@ impl Inode {
     pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
         let (ino, _) = Self::read_from_prefix(bytes)
             .map_err(|_| FormatError::corrupted("inode", "short read"))?;
-        let computed = checksum(&bytes[..Self::CRC_OFFSET]);
-        if computed != ino.crc {
-            return Err(FormatError::Checksum {
-                what: "inode",
-                stored: ino.crc,
-                computed,
-            });
-        }
+        verify_checksum("inode", &bytes[..Self::CRC_OFFSET], ino.crc)?;
         if ino.mode != 0 && !file_type::is_valid(ino.mode) {
             return Err(FormatError::corrupted(
                 "inode",
