@@ -60,6 +60,9 @@ pub enum Error {
     NotSupported,
     #[error("argument list too long")]
     TooBig,
+    /// A direct client's request names a layout generation the file has left.
+    #[error("the file changed since the caller listed its blocks")]
+    Changed,
     #[error("no more inodes")]
     NoInodes,
     /// SEEK_DATA/SEEK_HOLE past the end, or no data after the offset.
@@ -112,6 +115,7 @@ impl Error {
             Self::NotSupported => libc::EOPNOTSUPP,
             Self::TooBig => libc::E2BIG,
             Self::NoSuchPosition => libc::ENXIO,
+            Self::Changed => libc::ESTALE,
         }
     }
 }

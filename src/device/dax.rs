@@ -70,6 +70,20 @@ pub const DIRECT_OP_STATE: u32 = 1;
 /// and ctime with the current time and drop the kernel's cached pages of the file, so that
 /// readers through the mount see the stores. Replies with a bare [`DirectReply`] header.
 pub const DIRECT_OP_TOUCH: u32 = 2;
+/// [`DirectRequest::op`]: make file bytes `offset..offset + len` written blocks the holder
+/// may store into (holes allocated, preallocated extents converted; what lies inside the
+/// file reads as zeros as before; at most 64 MiB), without changing the size. The layout
+/// changes: the holder refreshes its lease. The daemon gives back what is left past the
+/// end of file when the lease's open file is released. The reply's `path_len` is 0, and the
+/// 8 bytes after its header hold the end of the range allocated (little-endian).
+pub const DIRECT_OP_ALLOCATE: u32 = 3;
+/// [`DirectRequest::op`]: the holder stored file bytes `offset..offset + len` into written
+/// blocks (and persisted them) while the layout was at `generation`: make them part of the
+/// file (size at least `offset + len`, mtime and ctime now, in one transaction). Fails with
+/// ESTALE when the file changed since `generation` (the holder then writes the bytes through
+/// the file system); on success the layout is unchanged and its generation is
+/// `generation + 1`.
+pub const DIRECT_OP_EXTEND: u32 = 4;
 
 const fn ioc_rw(ty: u8, nr: u8, size: u32) -> u32 {
     // Linux _IOC: dir (2 bits: read|write = 3) << 30 | size << 16 | type << 8 | nr.
@@ -125,10 +139,15 @@ pub struct MapReply {
 #[repr(C)]
 pub struct DirectRequest {
     pub magic: u32,
-    /// [`DIRECT_OP_STATE`] or [`DIRECT_OP_TOUCH`].
+    /// One of the `DIRECT_OP_*` values.
     pub op: u32,
     /// A published lease of the open file the ioctl is issued on.
     pub lease: u64,
+    /// [`DIRECT_OP_ALLOCATE`] and [`DIRECT_OP_EXTEND`]: the byte range (0 otherwise).
+    pub offset: u64,
+    pub len: u64,
+    /// [`DIRECT_OP_EXTEND`]: the layout generation the stores were made in.
+    pub generation: u64,
 }
 
 /// The reply to [`DIRECT_OP_STATE`]; the state table's path follows it (`path_len` bytes).
@@ -456,11 +475,64 @@ pub struct PublishedMapping {
 /// Issues [`PMFS_IOC_DIRECT`] `op` for `lease` on `file`; returns the reply header and the
 /// bytes after it.
 pub fn direct_request(file: &File, op: u32, lease: u64) -> io::Result<(DirectReply, Vec<u8>)> {
-    let req = DirectRequest {
-        magic: MAP_MAGIC,
-        op,
-        lease,
-    };
+    direct_range_request(
+        file,
+        DirectRequest {
+            magic: MAP_MAGIC,
+            op,
+            lease,
+            offset: 0,
+            len: 0,
+            generation: 0,
+        },
+    )
+}
+
+/// [`DIRECT_OP_ALLOCATE`] of `offset..offset + len` through `lease`; returns the end of the
+/// range the daemon allocated.
+pub fn direct_allocate(file: &File, lease: u64, offset: u64, len: u64) -> io::Result<u64> {
+    let (reply, rest) = direct_range_request(
+        file,
+        DirectRequest {
+            magic: MAP_MAGIC,
+            op: DIRECT_OP_ALLOCATE,
+            lease,
+            offset,
+            len,
+            generation: 0,
+        },
+    )?;
+    let end = rest
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .filter(|&end| end > offset && reply.path_len == 0)
+        .ok_or_else(|| invalid("malformed pmfs allocate reply"))?;
+    Ok(end)
+}
+
+/// [`DIRECT_OP_EXTEND`] of `offset..offset + len`, stored at layout `generation`.
+pub fn direct_extend(
+    file: &File,
+    lease: u64,
+    offset: u64,
+    len: u64,
+    generation: u64,
+) -> io::Result<()> {
+    direct_range_request(
+        file,
+        DirectRequest {
+            magic: MAP_MAGIC,
+            op: DIRECT_OP_EXTEND,
+            lease,
+            offset,
+            len,
+            generation,
+        },
+    )
+    .map(|_| ())
+}
+
+fn direct_range_request(file: &File, req: DirectRequest) -> io::Result<(DirectReply, Vec<u8>)> {
     let mut buf = vec![0u8; IOCTL_SIZE];
     buf[..size_of::<DirectRequest>()].copy_from_slice(req.as_bytes());
     // SAFETY: PMFS_IOC_DIRECT is an _IOWR ioctl of IOCTL_SIZE bytes, and `buf` is a live,

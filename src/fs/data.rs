@@ -37,6 +37,42 @@ const STREAM_START: u64 = 32 << 20;
 /// Writes of at least this many bytes use non-temporal stores.
 const NT_THRESHOLD: usize = 256;
 
+/// The most one [`Fs::allocate_for_client`] allocates: one transaction's worth of extents
+/// even in fragmented space, and zeroing of at most this much preallocated space.
+pub const CLIENT_ALLOCATE_MAX: u64 = 64 << 20;
+
+/// The moves a write (or a direct client's allocation) makes before mapping its blocks, so
+/// that a growing file stays huge-mappable.
+#[derive(Clone, Copy, Debug)]
+struct GrowthMoves {
+    /// The file grows past its first 2 MiB: move that into one aligned chunk.
+    first_chunk: bool,
+    /// Sequential growth (the range starts at or before the end of file) past
+    /// [`STREAM_START`]: the file is likely to keep growing; give it a 1 GiB region.
+    region_stream: bool,
+}
+
+impl GrowthMoves {
+    fn plan(old_size: u64, offset: u64, end_off: u64) -> Self {
+        Self {
+            first_chunk: old_size <= CHUNK_SIZE && end_off > CHUNK_SIZE,
+            region_stream: offset <= old_size && old_size <= STREAM_START && end_off > STREAM_START,
+        }
+    }
+
+    /// Moving the first chunk or the stream's prefix frees the blocks it was written in,
+    /// and a leased file's frees need the file-system-wide deferred-free lock: only those
+    /// writes declare it (every other write to a leased file would queue on it behind the
+    /// writes to every other leased file).
+    fn locks(self, fs: &Fs, ino: u64) -> LockSet {
+        if self.first_chunk || self.region_stream {
+            fs.free_locks(ino)
+        } else {
+            LockSet::NONE
+        }
+    }
+}
+
 /// A run of file blocks backed by device blocks.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Piece {
@@ -182,30 +218,12 @@ impl Fs {
         }
         let old_size = i.size;
         let new_size = old_size.max(end_off);
-        let first_chunk_moves = old_size <= CHUNK_SIZE && end_off > CHUNK_SIZE;
-        // Sequential growth (the write starts at or before the end of file) past
-        // STREAM_START: the file is likely to keep growing; give it a 1 GiB region.
-        let region_stream_starts =
-            offset <= old_size && old_size <= STREAM_START && end_off > STREAM_START;
-        // Moving the first chunk or the stream's prefix frees the blocks it was written in,
-        // and a leased file's frees need the file-system-wide deferred-free lock: only
-        // those writes declare it (every other write to a leased file would queue on it
-        // behind the writes to every other leased file).
-        let locks = if first_chunk_moves || region_stream_starts {
-            self.free_locks(ino)
-        } else {
-            LockSet::NONE
-        };
-        let mut tx = self.begin(&g, locks)?;
+        let moves = GrowthMoves::plan(old_size, offset, end_off);
+        let mut tx = self.begin(&g, moves.locks(self, ino))?;
         if offset > old_size {
             self.zero_allocated(ino, &i, old_size, offset)?;
         }
-        if first_chunk_moves {
-            self.relocate_first_chunk(&mut tx, ino, &mut i, old_size)?;
-        }
-        if region_stream_starts {
-            self.start_region_stream(&mut tx, ino, &mut i, old_size)?;
-        }
+        self.make_growth_moves(&mut tx, ino, &mut i, old_size, moves)?;
         let pieces = self.map_for_write(
             &mut tx,
             ino,
@@ -244,6 +262,163 @@ impl Fs {
         self.inodes.write(&mut tx, ino, &mut i)?;
         tx.commit()?;
         Ok(data.len() as u32)
+    }
+
+    /// Makes the moves `moves` planned (before the blocks of the write are mapped).
+    fn make_growth_moves(
+        &self,
+        tx: &mut MetaTx<'_>,
+        ino: u64,
+        i: &mut Inode,
+        old_size: u64,
+        moves: GrowthMoves,
+    ) -> Result<()> {
+        if moves.first_chunk {
+            self.relocate_first_chunk(tx, ino, i, old_size)?;
+        }
+        if moves.region_stream {
+            self.start_region_stream(tx, ino, i, old_size)?;
+        }
+        Ok(())
+    }
+
+    /// PMFS_IOC_DIRECT `ALLOCATE` of a direct client (the preload library): makes file bytes
+    /// `offset..offset + len` (at most [`CLIENT_ALLOCATE_MAX`] of them) written blocks, as a
+    /// write of them would (the same placement and growth moves), without storing data or
+    /// changing the size: holes are allocated and unwritten extents converted, the parts
+    /// of both inside the file zeroed (they read as zeros before and after), the parts past
+    /// the end of file left as they are (a later [`Fs::extend_for_client`] or write zeroes
+    /// what it exposes). The client then stores into the blocks through its mapping.
+    /// Returns the end of the range allocated.
+    pub fn allocate_for_client(&self, ino: u64, offset: u64, len: u64) -> Result<u64> {
+        self.check_writable()?;
+        let len = len.min(CLIENT_ALLOCATE_MAX);
+        let end_off = offset.checked_add(len).ok_or(Error::FileTooBig)?;
+        if len == 0 {
+            return Err(Error::Invalid);
+        }
+        if end_off > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let g = self.lock_all(&[ino]);
+        let mut i = self.inodes.read(ino)?;
+        if !i.is_reg() {
+            return Err(Error::Invalid);
+        }
+        flags::may_write(&i, offset)?;
+        if end_off > V1_MAX_FILE_SIZE {
+            self.require_features(IncompatFeatures::LARGE_FILES)?;
+        }
+        let size = i.size;
+        let moves = GrowthMoves::plan(size, offset, end_off);
+        let mut tx = self.begin(&g, moves.locks(self, ino))?;
+        self.make_growth_moves(&mut tx, ino, &mut i, size, moves)?;
+        let pieces = self.map_for_write(
+            &mut tx,
+            ino,
+            &mut i,
+            offset / BLOCK_SIZE,
+            end_off.div_ceil(BLOCK_SIZE),
+        )?;
+        for p in pieces.iter().filter(|p| p.fresh) {
+            let p_start = blocks_to_bytes(p.fblock);
+            let inside = blocks_to_bytes(p.fblock + p.len).min(size);
+            if p_start < inside {
+                self.media
+                    .zero_nt(blocks_to_bytes(p.dev_block), inside - p_start)?;
+            }
+        }
+        tx.note_data_written();
+        self.inodes.write(&mut tx, ino, &mut i)?;
+        tx.commit()?;
+        Ok(end_off)
+    }
+
+    /// PMFS_IOC_DIRECT `EXTEND` of a direct client: it stored file bytes `from..to` into
+    /// written blocks through its mapping (and persisted them) while the file's layout was
+    /// at `generation`; this makes them part of the file: zeroes what the end of file moving
+    /// exposes before `from`, sets the size to at least `to` and stamps mtime and ctime, as
+    /// the write of those bytes would, in one transaction. Refused with [`Error::Changed`]
+    /// when the file changed since `generation` (the client then writes the same bytes
+    /// through the file system), and with [`Error::Invalid`] when `from..to` is not all in
+    /// written blocks.
+    pub fn extend_for_client(
+        &self,
+        ctx: &Ctx,
+        ino: u64,
+        from: u64,
+        to: u64,
+        generation: u64,
+    ) -> Result<()> {
+        self.check_writable()?;
+        if from >= to {
+            return Err(Error::Invalid);
+        }
+        if to > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let g = self.lock_all(&[ino]);
+        if self.published_generation(ino) != Some(generation) {
+            return Err(Error::Changed);
+        }
+        let mut i = self.inodes.read(ino)?;
+        if !i.is_reg() {
+            return Err(Error::Invalid);
+        }
+        flags::may_write(&i, from)?;
+        let written: u64 = self
+            .written_ranges(ino, &i, from, to)?
+            .iter()
+            .map(|&(_, n)| n)
+            .sum();
+        if written != to - from {
+            return Err(Error::Invalid);
+        }
+        let mut tx = self.begin(&g, LockSet::NONE)?;
+        if from > i.size {
+            self.zero_allocated(ino, &i, i.size, from)?;
+            tx.note_data_written();
+        }
+        let now = now_ns();
+        i.size = i.size.max(to);
+        i.mtime_ns = now;
+        i.ctime_ns = now;
+        kill_privs(ctx, &mut i);
+        self.inodes.write(&mut tx, ino, &mut i)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The last handle of a direct client that allocated up to `reserved_end` past the end
+    /// of file ([`Fs::allocate_for_client`]) is gone: gives back the blocks past the end of
+    /// file up to there, except the rest of the last 2 MiB chunk of a file of 2 MiB or more
+    /// (which a write would have taken whole too). Times do not change: nothing the file
+    /// shows did.
+    pub fn trim_client_allocation(&self, ino: u64, reserved_end: u64) -> Result<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        let g = self.lock_all(&[ino]);
+        let i = self.inodes.read(ino)?;
+        if !i.is_reg() || i.nlink == 0 {
+            return Ok(()); // an unlinked file gives everything back when it is deleted
+        }
+        let keep = if i.size >= CHUNK_SIZE {
+            i.size.next_multiple_of(CHUNK_SIZE)
+        } else {
+            i.size.next_multiple_of(BLOCK_SIZE)
+        } / BLOCK_SIZE;
+        let fe = reserved_end.div_ceil(BLOCK_SIZE).min(MAX_FILE_BLOCKS);
+        if keep >= fe {
+            return Ok(());
+        }
+        self.punch_in_steps(&g, ino, keep, fe, false)?;
+        let mut i = self.inodes.read(ino)?;
+        let mut tx = self.begin(&g, self.free_locks(ino).freeing())?;
+        self.punch_blocks(&mut tx, ino, &mut i, keep, fe)?;
+        self.inodes.write(&mut tx, ino, &mut i)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn store_data(&self, dev: u64, src: &[u8]) -> Result<()> {

@@ -172,7 +172,7 @@ impl Fs {
     }
 
     /// True when `id` is a live published lease on `ino`.
-    pub(super) fn lease_is_published(&self, id: u64, ino: u64) -> bool {
+    pub fn lease_is_published(&self, id: u64, ino: u64) -> bool {
         let leases = self.leases.lock();
         leases.published.contains(&id) && leases.owners.get(&id) == Some(&ino)
     }

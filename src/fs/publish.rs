@@ -282,6 +282,16 @@ impl Fs {
         })
     }
 
+    /// The layout generation `ino`'s slot holds now, while it has one. Under `ino`'s stripe
+    /// write lock (its slot odd already) this is the generation clients last saw, and the
+    /// operation's publication will make it one more.
+    pub(super) fn published_generation(&self, ino: u64) -> Option<u64> {
+        let table = self.publisher.table.lock();
+        let t = table.as_ref()?;
+        let &(slot, _) = t.by_ino.get(&ino)?;
+        Some(t.state.generation(slot))
+    }
+
     /// A direct client stored into `ino` through a published lease: stamps mtime and ctime
     /// with the current time, as the write path does.
     pub fn touch_data(&self, ino: u64) -> Result<()> {

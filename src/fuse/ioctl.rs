@@ -7,7 +7,7 @@
 //! file handle that took it and ends when that handle is released.
 
 use crate::device::dax::{
-    DIRECT_OP_STATE, DIRECT_OP_TOUCH, DirectReply, DirectRequest, ENTRIES_PER_PAGE,
+    DIRECT_OP_ALLOCATE, DIRECT_OP_EXTEND, DIRECT_OP_STATE, DIRECT_OP_TOUCH, DirectReply, DirectRequest, ENTRIES_PER_PAGE,
     ENTRY_UNWRITTEN, IOCTL_SIZE, MAP_FLAG_LEASE, MAP_FLAG_PUBLISH, MAP_MAGIC, MapEntry, MapReply,
     MapRequest,
 };
@@ -45,6 +45,9 @@ pub fn fitrim(fs: &Fs, input: &[u8]) -> Result<Vec<u8>, Error> {
 pub struct LeaseTable {
     by_fh: Mutex<HashMap<u64, Vec<u64>>>,
     extents: Mutex<HashMap<u64, (u64, Vec<MapEntry>)>>,
+    /// Published leases whose holder allocated blocks ([`DIRECT_OP_ALLOCATE`]): lease ->
+    /// (inode, end of the furthest range), trimmed back to the end of file at release.
+    allocated: Mutex<HashMap<u64, (u64, u64)>>,
 }
 
 /// What a [`LeaseTable::direct`] request did.
@@ -139,7 +142,14 @@ impl LeaseTable {
     }
 
     /// Serves one PMFS_IOC_DIRECT call on `ino` through handle `fh`.
-    pub fn direct(&self, fs: &Fs, ino: u64, fh: u64, input: &[u8]) -> Result<DirectOutcome, Error> {
+    pub fn direct(
+        &self,
+        fs: &Fs,
+        ctx: &Ctx,
+        ino: u64,
+        fh: u64,
+        input: &[u8],
+    ) -> Result<DirectOutcome, Error> {
         let (req, _) = DirectRequest::read_from_prefix(input).map_err(|_| Error::Invalid)?;
         if req.magic != MAP_MAGIC || !self.owns(fh, req.lease) {
             return Err(Error::Invalid);
@@ -171,6 +181,25 @@ impl LeaseTable {
                 fs.touch_data(ino)?;
                 Ok(DirectOutcome::Touched(header(0, &[])))
             }
+            DIRECT_OP_ALLOCATE => {
+                if !fs.lease_is_published(req.lease, ino) {
+                    return Err(Error::Invalid);
+                }
+                let end = fs.allocate_for_client(ino, req.offset, req.len)?;
+                let mut allocated = self.allocated.lock();
+                let furthest = allocated.entry(req.lease).or_insert((ino, 0));
+                furthest.1 = furthest.1.max(end);
+                drop(allocated);
+                Ok(DirectOutcome::Touched(header(0, &end.to_le_bytes())))
+            }
+            DIRECT_OP_EXTEND => {
+                if !fs.lease_is_published(req.lease, ino) {
+                    return Err(Error::Invalid);
+                }
+                let to = req.offset.checked_add(req.len).ok_or(Error::FileTooBig)?;
+                fs.extend_for_client(ctx, ino, req.offset, to, req.generation)?;
+                Ok(DirectOutcome::Touched(header(0, &[])))
+            }
             _ => Err(Error::Invalid),
         }
     }
@@ -180,6 +209,12 @@ impl LeaseTable {
         let leases = self.by_fh.lock().remove(&fh).unwrap_or_default();
         for lease in leases {
             self.extents.lock().remove(&lease);
+            let allocated = self.allocated.lock().remove(&lease);
+            if let Some((ino, end)) = allocated {
+                if let Err(e) = fs.trim_client_allocation(ino, end) {
+                    log::error!("inode {ino}: giving back blocks past the end of file: {e}");
+                }
+            }
             if let Err(e) = fs.end_lease(lease) {
                 log::error!("ending lease {lease}: {e}");
             }
