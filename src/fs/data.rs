@@ -391,8 +391,8 @@ impl Fs {
 
     /// The last handle of a direct client that allocated up to `reserved_end` past the end
     /// of file ([`Fs::allocate_for_client`]) is gone: gives back the blocks past the end of
-    /// file up to there, except the rest of the last 2 MiB chunk of a file of 2 MiB or more
-    /// (which a write would have taken whole too). Times do not change: nothing the file
+    /// file up to the 2 MiB chunk boundary after it, except the rest of the last chunk of a
+    /// file of 2 MiB or more (which a write would have taken whole too). Times do not change: nothing the file
     /// shows did.
     pub fn trim_client_allocation(&self, ino: u64, reserved_end: u64) -> Result<()> {
         if self.is_read_only() {
@@ -408,7 +408,8 @@ impl Fs {
         } else {
             i.size.next_multiple_of(BLOCK_SIZE)
         } / BLOCK_SIZE;
-        let fe = reserved_end.div_ceil(BLOCK_SIZE).min(MAX_FILE_BLOCKS);
+        // Allocations past 2 MiB take whole chunks: the chunk holding the end goes too.
+        let fe = (reserved_end.div_ceil(CHUNK_SIZE) * CHUNK_BLOCKS).min(MAX_FILE_BLOCKS);
         if keep >= fe {
             return Ok(());
         }

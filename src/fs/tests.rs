@@ -1652,3 +1652,107 @@ fn writes_to_a_leased_file_do_not_wait_for_the_deferred_free_lock() {
     fs.end_lease(lease).unwrap();
     check(&fs);
 }
+
+#[test]
+fn a_direct_client_allocates_ahead_stores_and_extends_the_size() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"appended", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, &vec![1u8; (3 * MIB) as usize])
+        .unwrap();
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs.enable_published_leases(dir.path().join("state"), None);
+    let p = fs.map_published(f.ino, None).unwrap();
+    // Allocate 3..5 MiB past the end of file: the size does not move, the layout does.
+    let blocks = fs.getattr(f.ino).unwrap().blocks;
+    assert_eq!(
+        fs.allocate_for_client(f.ino, 3 * MIB, 2 * MIB).unwrap(),
+        5 * MIB
+    );
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 3 * MIB);
+    assert!(fs.getattr(f.ino).unwrap().blocks > blocks);
+    let r = fs.map_published(f.ino, Some(p.lease)).unwrap();
+    assert!(r.generation > p.generation);
+    // Store 3..4 MiB through the "mapping" (the device at the listed extents).
+    let data: Vec<u8> = (0..MIB).map(|b| (b % 251) as u8).collect();
+    let mut at = 3 * MIB;
+    for e in &r.extents {
+        assert!(!e.unwritten);
+        let (s, t) = (at.max(e.file_offset), (4 * MIB).min(e.file_offset + e.len));
+        if s < t {
+            let src = &data[(s - 3 * MIB) as usize..(t - 3 * MIB) as usize];
+            media
+                .write(e.device_offset + (s - e.file_offset), src)
+                .unwrap();
+            at = t;
+        }
+    }
+    assert_eq!(at, 4 * MIB, "the allocated range is not all listed");
+    // A stale generation is refused; the listed one extends the size.
+    assert!(matches!(
+        fs.extend_for_client(&C, f.ino, 3 * MIB, 4 * MIB, p.generation),
+        Err(Error::Changed)
+    ));
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 3 * MIB);
+    // Every write-locked request moves the generation, refused ones too.
+    let (slot, path) = fs.published_slot(f.ino).unwrap();
+    let table = crate::device::dax::StateTable::open(&path).unwrap();
+    let now = table.snapshot(slot).unwrap().generation;
+    assert!(now > r.generation);
+    // Bytes that are not in written blocks cannot be claimed.
+    assert!(matches!(
+        fs.extend_for_client(&C, f.ino, 6 * MIB, 7 * MIB, now),
+        Err(Error::Invalid)
+    ));
+    let now = table.snapshot(slot).unwrap().generation;
+    fs.extend_for_client(&C, f.ino, 3 * MIB, 4 * MIB, now)
+        .unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 4 * MIB);
+    let s = table.snapshot(slot).unwrap();
+    assert_eq!((s.size, s.generation), (4 * MIB, now + 1));
+    let mut got = Vec::new();
+    fs.read(f.ino, 3 * MIB - 1, (MIB + 1) as u32, &mut |b| {
+        got.extend_from_slice(b)
+    })
+    .unwrap();
+    assert_eq!(got[0], 1);
+    assert!(got[1..] == data[..], "the stored bytes are not the file's");
+    // At release the allocation past the end of file goes back (4 MiB: whole chunks).
+    let before = fs.getattr(f.ino).unwrap().blocks;
+    fs.trim_client_allocation(f.ino, 5 * MIB).unwrap();
+    let after = fs.getattr(f.ino).unwrap().blocks;
+    assert_eq!(
+        before - after,
+        2 * MIB / 512,
+        "the chunk past the end of file stayed"
+    );
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 4 * MIB);
+    fs.end_lease(p.lease).unwrap();
+    check(&fs);
+}
+
+#[test]
+fn a_direct_client_allocation_zeroes_preallocated_space_inside_the_file() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"laid-out", 0o100644, 0).unwrap();
+    // Stale bytes in free space, then preallocate the file over them (mode 0: size set).
+    let junk = fs.mknod(&C, ROOT_INO, b"junk", 0o100644, 0).unwrap();
+    fs.write(&C, junk.ino, 0, &vec![0xeeu8; (8 * MIB) as usize])
+        .unwrap();
+    fs.unlink(ROOT_INO, b"junk").unwrap();
+    fs.fallocate(&C, f.ino, 0, 8 * MIB, 0).unwrap();
+    fs.allocate_for_client(f.ino, 0, 8 * MIB).unwrap();
+    assert!(fs.layout(f.ino).unwrap().iter().all(|e| !e.unwritten));
+    let mut got = Vec::new();
+    fs.read(f.ino, 0, (8 * MIB) as u32, &mut |b| {
+        got.extend_from_slice(b)
+    })
+    .unwrap();
+    assert_eq!(got.len() as u64, 8 * MIB);
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "converted space shows old bytes"
+    );
+    check(&fs);
+}

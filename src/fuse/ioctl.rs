@@ -7,9 +7,9 @@
 //! file handle that took it and ends when that handle is released.
 
 use crate::device::dax::{
-    DIRECT_OP_ALLOCATE, DIRECT_OP_EXTEND, DIRECT_OP_STATE, DIRECT_OP_TOUCH, DirectReply, DirectRequest, ENTRIES_PER_PAGE,
-    ENTRY_UNWRITTEN, IOCTL_SIZE, MAP_FLAG_LEASE, MAP_FLAG_PUBLISH, MAP_MAGIC, MapEntry, MapReply,
-    MapRequest,
+    DIRECT_OP_ALLOCATE, DIRECT_OP_EXTEND, DIRECT_OP_STATE, DIRECT_OP_TOUCH, DirectReply,
+    DirectRequest, ENTRIES_PER_PAGE, ENTRY_UNWRITTEN, IOCTL_SIZE, MAP_FLAG_LEASE, MAP_FLAG_PUBLISH,
+    MAP_MAGIC, MapEntry, MapReply, MapRequest,
 };
 use crate::error::Error;
 use crate::format::inode_flags;

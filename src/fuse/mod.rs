@@ -1112,7 +1112,10 @@ impl Filesystem for PmfsFuse {
             return reply.error(Errno::from_i32(libc::ENOTTY));
         }
         if cmd == crate::device::dax::PMFS_IOC_DIRECT {
-            return match self.leases.direct(&self.fs, &ctx(req), ino.0, fh.0, in_data) {
+            return match self
+                .leases
+                .direct(&self.fs, &ctx(req), ino.0, fh.0, in_data)
+            {
                 Ok(ioctl::DirectOutcome::Reply(data)) => reply.ioctl(0, &data),
                 Ok(ioctl::DirectOutcome::Touched(data)) => {
                     self.data_changed(ino.0);
