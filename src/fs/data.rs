@@ -218,19 +218,10 @@ impl Fs {
         }
         let old_size = i.size;
         let new_size = old_size.max(end_off);
-        let moves = GrowthMoves::plan(old_size, offset, end_off);
-        let mut tx = self.begin(&g, moves.locks(self, ino))?;
         if offset > old_size {
             self.zero_allocated(ino, &i, old_size, offset)?;
         }
-        self.make_growth_moves(&mut tx, ino, &mut i, old_size, moves)?;
-        let pieces = self.map_for_write(
-            &mut tx,
-            ino,
-            &mut i,
-            offset / BLOCK_SIZE,
-            end_off.div_ceil(BLOCK_SIZE),
-        )?;
+        let (mut tx, pieces) = self.begin_growing(&g, ino, &mut i, offset, end_off)?;
         for p in &pieces {
             let p_start = blocks_to_bytes(p.fblock);
             let p_end = blocks_to_bytes(p.fblock + p.len);
@@ -264,22 +255,34 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    /// Makes the moves `moves` planned (before the blocks of the write are mapped).
-    fn make_growth_moves(
-        &self,
-        tx: &mut MetaTx<'_>,
+    /// The transaction of a write (or a direct client's allocation) of `offset..end_off`
+    /// to `ino` (locked by `g`): begins it with the locks its growth moves need, makes them,
+    /// and maps the range's blocks (the pieces that back them).
+    fn begin_growing<'a>(
+        &'a self,
+        g: &'a StripeGuards<'a>,
         ino: u64,
         i: &mut Inode,
-        old_size: u64,
-        moves: GrowthMoves,
-    ) -> Result<()> {
+        offset: u64,
+        end_off: u64,
+    ) -> Result<(MetaTx<'a>, Vec<Piece>)> {
+        let old_size = i.size;
+        let moves = GrowthMoves::plan(old_size, offset, end_off);
+        let mut tx = self.begin(g, moves.locks(self, ino))?;
         if moves.first_chunk {
-            self.relocate_first_chunk(tx, ino, i, old_size)?;
+            self.relocate_first_chunk(&mut tx, ino, i, old_size)?;
         }
         if moves.region_stream {
-            self.start_region_stream(tx, ino, i, old_size)?;
+            self.start_region_stream(&mut tx, ino, i, old_size)?;
         }
-        Ok(())
+        let pieces = self.map_for_write(
+            &mut tx,
+            ino,
+            i,
+            offset / BLOCK_SIZE,
+            end_off.div_ceil(BLOCK_SIZE),
+        )?;
+        Ok((tx, pieces))
     }
 
     /// PMFS_IOC_DIRECT `ALLOCATE` of a direct client (the preload library): makes file bytes
@@ -310,16 +313,7 @@ impl Fs {
             self.require_features(IncompatFeatures::LARGE_FILES)?;
         }
         let size = i.size;
-        let moves = GrowthMoves::plan(size, offset, end_off);
-        let mut tx = self.begin(&g, moves.locks(self, ino))?;
-        self.make_growth_moves(&mut tx, ino, &mut i, size, moves)?;
-        let pieces = self.map_for_write(
-            &mut tx,
-            ino,
-            &mut i,
-            offset / BLOCK_SIZE,
-            end_off.div_ceil(BLOCK_SIZE),
-        )?;
+        let (mut tx, pieces) = self.begin_growing(&g, ino, &mut i, offset, end_off)?;
         for p in pieces.iter().filter(|p| p.fresh) {
             let p_start = blocks_to_bytes(p.fblock);
             let inside = blocks_to_bytes(p.fblock + p.len).min(size);
