@@ -154,7 +154,9 @@ impl LeaseTable {
         if req.magic != MAP_MAGIC || !self.owns(fh, req.lease) {
             return Err(Error::Invalid);
         }
-        let header = |slot: u32, path: &[u8]| {
+        // The reply header, then `path` (`path_len` says how long), then `extra` (as the op
+        // defines it).
+        let header = |slot: u32, path: &[u8], extra: &[u8]| {
             let reply = DirectReply {
                 magic: MAP_MAGIC,
                 slot,
@@ -164,6 +166,7 @@ impl LeaseTable {
             let mut out = Vec::with_capacity(IOCTL_SIZE);
             out.extend_from_slice(reply.as_bytes());
             out.extend_from_slice(path);
+            out.extend_from_slice(extra);
             out.resize(IOCTL_SIZE, 0);
             out
         };
@@ -175,11 +178,11 @@ impl LeaseTable {
                 if path.len() > IOCTL_SIZE - size_of::<DirectReply>() {
                     return Err(Error::NameTooLong);
                 }
-                Ok(DirectOutcome::Reply(header(slot, path)))
+                Ok(DirectOutcome::Reply(header(slot, path, &[])))
             }
             DIRECT_OP_TOUCH => {
                 fs.touch_data(ino)?;
-                Ok(DirectOutcome::Touched(header(0, &[])))
+                Ok(DirectOutcome::Touched(header(0, &[], &[])))
             }
             DIRECT_OP_ALLOCATE => {
                 if !fs.lease_is_published(req.lease, ino) {
@@ -190,7 +193,7 @@ impl LeaseTable {
                 let furthest = allocated.entry(req.lease).or_insert((ino, 0));
                 furthest.1 = furthest.1.max(end);
                 drop(allocated);
-                Ok(DirectOutcome::Touched(header(0, &end.to_le_bytes())))
+                Ok(DirectOutcome::Touched(header(0, &[], &end.to_le_bytes())))
             }
             DIRECT_OP_EXTEND => {
                 if !fs.lease_is_published(req.lease, ino) {
@@ -198,7 +201,7 @@ impl LeaseTable {
                 }
                 let to = req.offset.checked_add(req.len).ok_or(Error::FileTooBig)?;
                 fs.extend_for_client(ctx, ino, req.offset, to, req.generation)?;
-                Ok(DirectOutcome::Touched(header(0, &[])))
+                Ok(DirectOutcome::Touched(header(0, &[], &[])))
             }
             _ => Err(Error::Invalid),
         }
