@@ -49,6 +49,8 @@ struct Stats {
     served_mmaps: u64,
     real_mmaps: u64,
     refreshes: u64,
+    allocations: u64,
+    extensions: u64,
 }
 
 fn stats_of(file: &Path) -> Stats {
@@ -70,6 +72,8 @@ fn stats_of(file: &Path) -> Stats {
         s.served_mmaps += get("served_mmaps");
         s.real_mmaps += get("real_mmaps");
         s.refreshes += get("refreshes");
+        s.allocations += get("allocations");
+        s.extensions += get("extensions");
     }
     s
 }
@@ -1334,4 +1338,335 @@ fn a_file_changing_between_every_two_calls_is_not_refreshed_for_every_call() {
         "{} refreshes for {rounds} overwrites that each followed a change: {st:?}",
         st.refreshes
     );
+}
+
+/// Appenders for the tests of served appends and writes into unallocated space. Byte `o`
+/// of every file they write holds `f(o)`, never 0, so each byte can be checked alone.
+/// `appender FILE MODE ... BS`, writes of BS bytes with write(2) at the file offset:
+/// - `kill BS`: appends for ever, printing `ok END` after each write returns;
+/// - `race SECS MAXBYTES BS`: for SECS seconds or MAXBYTES written, seeks to the end and
+///   writes there; once the file passes 8 MiB truncates it to 2 MiB and a bit (another
+///   process truncates and punches it too); prints `writes N truncates N`;
+/// - `fill SIZE BS`: writes SIZE bytes from offset 0 (over whatever the file holds).
+const APPENDER_C: &str = r#"
+static unsigned char f(long long o) { return (unsigned char)(o % 251 + 1); }
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+static unsigned char buf[4 << 20];
+static int fill(long long off, long bs) {
+    for (long i = 0; i < bs; i++) buf[i] = f(off + i);
+    return 0;
+}
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_WRONLY | O_CREAT, 0644);
+    CHECK(fd >= 0);
+    long bs = atol(argv[argc - 1]);
+    CHECK(bs > 0 && bs <= (long)sizeof buf);
+    if (!strcmp(argv[2], "kill")) {
+        long long end = lseek(fd, 0, SEEK_END);
+        for (;;) {
+            fill(end, bs);
+            CHECK(write(fd, buf, bs) == bs);
+            end += bs;
+            printf("ok %lld\n", end);
+            fflush(stdout);
+        }
+    }
+    if (!strcmp(argv[2], "race")) {
+        double stop = now() + atof(argv[3]);
+        long long max = atoll(argv[4]), written = 0, writes = 0, truncates = 0;
+        unsigned seed = 7;
+        while (now() < stop && written < max) {
+            long long off = lseek(fd, 0, SEEK_END);
+            CHECK(off >= 0);
+            if (off > 8 * MIB) {
+                CHECK(ftruncate(fd, 2 * MIB + rand_r(&seed) % MIB) == 0);
+                truncates++;
+                continue;
+            }
+            CHECK(lseek(fd, off, SEEK_SET) == off);
+            fill(off, bs);
+            CHECK(write(fd, buf, bs) == bs);
+            written += bs;
+            writes++;
+        }
+        printf("writes %lld truncates %lld\n", writes, truncates);
+        return 0;
+    }
+    if (!strcmp(argv[2], "fill")) {
+        long long size = atoll(argv[3]);
+        for (long long off = 0; off < size; off += bs) {
+            long n = size - off < bs ? size - off : bs;
+            fill(off, n);
+            CHECK(write(fd, buf, n) == n);
+        }
+        CHECK(close(fd) == 0);
+        printf("done\n");
+        return 0;
+    }
+    printf("?\n");
+    return 1;
+}
+"#;
+
+/// What an appender writes at file offset `o` (see [`APPENDER_C`]).
+fn appended(o: u64) -> u8 {
+    (o % 251 + 1) as u8
+}
+
+/// The first offset of `data` that holds neither 0 nor what an appender writes there.
+fn first_foreign_byte(data: &[u8]) -> Option<usize> {
+    data.iter()
+        .enumerate()
+        .find(|&(o, &b)| b != 0 && b != appended(o as u64))
+        .map(|(o, _)| o)
+}
+
+#[test]
+fn appends_and_writes_into_holes_and_preallocated_space_are_served() {
+    // A file written from empty by 1 MiB and by 4 KiB + 100 byte writes (appends: the
+    // first 2 MiB through the kernel, then allocated ahead and extended by the daemon), one
+    // laid out with fallocate(2) and one with ftruncate(2) and then written over: the same
+    // bytes as without the library, served, and nothing left allocated past the end.
+    assert!(can_mount());
+    let img = Image::new("preload-append", 512 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_c(tmp.path(), "appender", APPENDER_C);
+    let size = 37 * MIB + 4321;
+    let cases: [(&str, &str, u64); 4] = [
+        ("appended-1m", "", MIB),
+        ("appended-4k", "", 4196),
+        ("preallocated", "fallocate", 256 * 1024),
+        ("truncated", "truncate", 256 * 1024),
+    ];
+    for (name, layout, bs) in cases {
+        let mut contents = Vec::new();
+        for preload in [false, true] {
+            let path = m.path(&format!("{name}-{preload}"));
+            let f = FileOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            match layout {
+                "fallocate" => {
+                    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, size as i64)
+                        .unwrap();
+                }
+                "truncate" => f.set_len(size).unwrap(),
+                _ => {}
+            }
+            drop(f);
+            let stats = tmp.path().join(format!("stats-{name}"));
+            let _ = fs::remove_file(&stats);
+            let args = [
+                path.clone(),
+                PathBuf::from("fill"),
+                PathBuf::from(size.to_string()),
+                PathBuf::from(bs.to_string()),
+            ];
+            let args: Vec<&Path> = args.iter().map(|p| p.as_path()).collect();
+            let out = run_bounded(&exe, &args, preload.then_some(&*stats));
+            assert_eq!(out, "done\n", "{name}, preloaded: {preload}");
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(meta.len(), size, "{name}, preloaded: {preload}");
+            // Blocks past the end are given back at close, up to the chunk after it.
+            use std::os::unix::fs::MetadataExt;
+            assert!(
+                meta.blocks() * 512 <= size.next_multiple_of(2 * MIB),
+                "{name}, preloaded {preload}: {} bytes allocated for {size}",
+                meta.blocks() * 512
+            );
+            if preload {
+                let st = stats_of(&stats);
+                let writes = size.div_ceil(bs);
+                // The kernel writes what the daemon must place first: the first 2 MiB of a
+                // file written from empty.
+                let kernel = if layout.is_empty() {
+                    (2 * MIB).div_ceil(bs) + 1
+                } else {
+                    0
+                };
+                assert!(
+                    st.served_writes + kernel >= writes && st.allocations > 0,
+                    "{name}: {writes} writes, {st:?}"
+                );
+                if layout.is_empty() {
+                    assert!(st.extensions > 0, "{name}: {st:?}");
+                }
+            }
+            contents.push(fs::read(&path).unwrap());
+        }
+        assert!(
+            contents[0] == contents[1],
+            "{name}: the files differ with and without the library"
+        );
+        assert_eq!(first_foreign_byte(&contents[1]), None, "{name}");
+        assert!(contents[1].iter().all(|&b| b != 0), "{name}: a zero byte");
+    }
+    m.unmount();
+}
+
+#[test]
+fn served_appends_racing_truncates_and_punches_show_no_stale_or_foreign_bytes() {
+    // The appender's stores past the end of file become part of it only through the
+    // daemon's EXTEND at the generation they were made in: a truncate or punch by another
+    // process in between makes it refuse (the write then goes through the kernel). Any
+    // byte of the file is the appender's for its offset or zero (a hole, a gap a truncate
+    // left): never stale bytes of another file freed meanwhile (0xEE).
+    assert!(can_mount());
+    let img = Image::new("preload-append-race", GIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_c(tmp.path(), "appender", APPENDER_C);
+    let path = m.path("appended");
+    fs::write(&path, (0..3 * MIB).map(appended).collect::<Vec<u8>>()).unwrap();
+    let stats = tmp.path().join("stats");
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let other = {
+        let (stop, progress, path) = (Arc::clone(&stop), Arc::clone(&progress), path.clone());
+        let other = m.path("other");
+        std::thread::spawn(move || {
+            let f = FileOptions::new().write(true).open(&path).unwrap();
+            let mut seed = 11u64;
+            let mut rnd = |n: u64| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) % n.max(1)
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let size = f.metadata().unwrap().len();
+                match rnd(3) {
+                    0 => f.set_len(size - rnd(size / 2)).unwrap(),
+                    1 => {
+                        let _ = nix::fcntl::fallocate(
+                            &f,
+                            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                            rnd(size) as i64,
+                            (1 + rnd(MIB)) as i64,
+                        );
+                    }
+                    _ => {
+                        fs::write(&other, vec![0xee; 2 * MIB as usize]).unwrap();
+                        fs::remove_file(&other).unwrap();
+                    }
+                }
+                let data = fs::read(&path).unwrap();
+                if let Some(o) = first_foreign_byte(&data) {
+                    panic!("a plain read saw byte {:#x} at {o}", data[o]);
+                }
+                progress.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let args = [
+        path.clone(),
+        PathBuf::from("race"),
+        PathBuf::from("4"),
+        PathBuf::from((160 * MIB).to_string()),
+        PathBuf::from((64 * 1024 + 100).to_string()),
+    ];
+    let args: Vec<&Path> = args.iter().map(|p| p.as_path()).collect();
+    let out = run_bounded(&exe, &args, Some(&stats));
+    stop.store(true, Ordering::Relaxed);
+    other.join().unwrap();
+    let rounds = progress.load(Ordering::Relaxed);
+    let st = stats_of(&stats);
+    eprintln!("append race: {out:?}; other process: {rounds} rounds; {st:?}");
+    assert!(out.starts_with("writes "), "{out}");
+    assert!(rounds >= 10, "the other process made only {rounds} rounds");
+    assert!(
+        st.extensions > 0,
+        "no append was served, nothing raced: {st:?}"
+    );
+    let data = fs::read(&path).unwrap();
+    assert_eq!(first_foreign_byte(&data), None);
+    m.unmount();
+}
+
+#[test]
+fn killing_an_appender_under_the_library_loses_no_returned_append() {
+    // Every append that returned is in the file after the appender and then the daemon
+    // are killed (the daemon's recovery at the next mount), with its bytes; what was under
+    // way is there whole, in part or not at all, and nothing else is.
+    assert!(can_mount());
+    let img = Image::new("preload-append-kill9", 512 * MIB);
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile_c(tmp.path(), "appender", APPENDER_C);
+    let bs = 64 * 1024 + 100;
+    for round in 0..3u64 {
+        let m = Mount::new(&img, "");
+        let name = format!("log{round}");
+        let path = m.path(&name);
+        fs::write(&path, (0..3 * MIB).map(appended).collect::<Vec<u8>>()).unwrap();
+        let mut child = Command::new(&exe)
+            .arg(&path)
+            .arg("kill")
+            .arg(bs.to_string())
+            .env("LD_PRELOAD", library())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, acks) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let end: u64 = line.strip_prefix("ok ").unwrap().parse().unwrap();
+                if tx.send(end).is_err() {
+                    break;
+                }
+            }
+        });
+        // The watchdog: an acknowledgement at least every 10 s.
+        let kill_at = Instant::now() + Duration::from_millis(200 + 300 * round);
+        let mut acked = 0u64;
+        while Instant::now() < kill_at && acked < 200 * MIB {
+            match acks.recv_timeout(Duration::from_secs(10)) {
+                Ok(end) => acked = end,
+                Err(e) => panic!("the appender made no progress for 10 s: {e}"),
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        while let Ok(end) = acks.recv_timeout(Duration::from_millis(200)) {
+            acked = end;
+        }
+        assert!(
+            acked > 3 * MIB + 10 * bs,
+            "round {round}: only up to {acked}"
+        );
+        let mut m = m;
+        let mut daemon = m.child.take().unwrap();
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        drop(m);
+        let m = Mount::new(&img, "");
+        let data = fs::read(m.path(&name)).unwrap();
+        let len = data.len() as u64;
+        assert!(
+            len >= acked && len <= acked + bs,
+            "round {round}: {len} bytes, appends returned up to {acked}"
+        );
+        let bad = data
+            .iter()
+            .enumerate()
+            .find(|&(o, &b)| b != appended(o as u64) && (o as u64) < acked);
+        assert_eq!(
+            bad.map(|(o, _)| o),
+            None,
+            "round {round}: a returned byte lost"
+        );
+        assert_eq!(first_foreign_byte(&data), None, "round {round}");
+        fs::remove_file(m.path(&name)).unwrap();
+        m.unmount();
+    }
 }

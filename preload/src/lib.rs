@@ -22,9 +22,16 @@
 //!   clamps to the published size, copies from written extents only, then checks that the
 //!   sequence did not move. Any doubt: the real call.
 //! - A served write additionally needs an fd opened for writing without O_APPEND, O_DIRECT
-//!   or O_SYNC, a file without set-user/group-ID bits, and a range inside the size on
-//!   written extents. It stores with non-temporal stores and persists before returning; if
-//!   the sequence moved meanwhile it writes the same bytes again through the real call.
+//!   or O_SYNC and a file without set-user/group-ID bits. It stores with non-temporal
+//!   stores and persists before returning; if the sequence moved meanwhile it writes the
+//!   same bytes again through the real call.
+//!   - A range on written extents inside the size is stored into as it is.
+//!   - In a file of 2 MiB or more, a range in holes or preallocated extents, or past the
+//!     end of file, is first made written blocks by the daemon, ahead of the write (ALLOCATE,
+//!     whole chunks, up to 64 MiB; [`View::allocation_window`]), and the view refreshed.
+//!   - An append (a range ending past the size) is stored past the end of file, then made
+//!     part of the file by the daemon (EXTEND) only if the layout generation is still the
+//!     one stored at; else the real call writes it again.
 //! - read(2)/write(2) use the file offset (lseek, serve, lseek): only while no fork happened
 //!   since the open (a forked child shares the offset) and no other thread of this process is
 //!   inside a served read/write of the same open file.
@@ -32,7 +39,10 @@
 mod maps;
 mod sys;
 
-use pmfs::dax::{DaxMapping, ENTRY_UNWRITTEN, MapEntry, StateSnapshot, StateTable};
+use pmfs::dax::{
+    DIRECT_ALLOCATE_MAX, DaxMapping, ENTRY_UNWRITTEN, MapEntry, StateSnapshot, StateTable,
+};
+use pmfs::format::CHUNK_SIZE;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -73,6 +83,8 @@ struct Stats {
     real_reads: AtomicU64,
     real_writes: AtomicU64,
     refreshes: AtomicU64,
+    allocations: AtomicU64,
+    extensions: AtomicU64,
     touches: AtomicU64,
     served_mmaps: AtomicU64,
     real_mmaps: AtomicU64,
@@ -88,6 +100,8 @@ static STATS: Stats = Stats {
     real_reads: AtomicU64::new(0),
     real_writes: AtomicU64::new(0),
     refreshes: AtomicU64::new(0),
+    allocations: AtomicU64::new(0),
+    extensions: AtomicU64::new(0),
     touches: AtomicU64::new(0),
     served_mmaps: AtomicU64::new(0),
     real_mmaps: AtomicU64::new(0),
@@ -156,7 +170,7 @@ fn stats_line() -> Option<String> {
     Some(format!(
         "pmfs-direct: pid {} tracked {} untracked {} served_reads {} served_read_bytes {} \
          served_writes {} served_write_bytes {} real_reads {} real_writes {} refreshes {} \
-         touches {} served_mmaps {} real_mmaps {}\n",
+         allocations {} extensions {} touches {} served_mmaps {} real_mmaps {}\n",
         std::process::id(),
         g(&s.tracked),
         g(&s.untracked),
@@ -167,6 +181,8 @@ fn stats_line() -> Option<String> {
         g(&s.real_reads),
         g(&s.real_writes),
         g(&s.refreshes),
+        g(&s.allocations),
+        g(&s.extensions),
         g(&s.touches),
         g(&s.served_mmaps),
         g(&s.real_mmaps),
@@ -178,13 +194,20 @@ fn stats_line() -> Option<String> {
 struct View {
     mapping: Option<DaxMapping>,
     entries: Vec<MapEntry>,
-    generation: u64,
+    /// The layout generation the extents belong to. Moves only from G to G + 1, in place,
+    /// after this client's own EXTEND at G succeeded: the daemon then guarantees the layout
+    /// is unchanged and the generation is G + 1 ([`pmfs::dax::DIRECT_OP_EXTEND`]).
+    generation: AtomicU64,
     /// Calls served from this view: its refresh paid off once they reach
     /// [`REFRESH_PAYS_OFF`].
     served: AtomicU64,
 }
 
 impl View {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Copies file bytes `off..off + buf.len()` (inside the file's size) into `buf`: written
     /// extents from the mapping, holes and unwritten extents as zeros (what they read as).
     fn read_into(&self, off: u64, buf: &mut [u8]) -> Option<()> {
@@ -237,6 +260,56 @@ impl View {
             out.push((e.device_offset + (from - e.file_offset), to - from));
         }
         Some(out)
+    }
+
+    /// What to allocate ahead of a write of `off..end` that is not all in written blocks,
+    /// in a file of `size` (at least 2 MiB): `from..to` in whole 2 MiB chunks (the daemon
+    /// gives a large file its space in them anyway), at most
+    /// [`pmfs::dax::DIRECT_ALLOCATE_MAX`]:
+    /// - inside the file: the chunks the write touches, and on over the preallocated run it
+    ///   starts in (a file laid out with fallocate(2), then written, as fio and databases
+    ///   do; converting costs no space), never past the chunk holding the end of file;
+    /// - past the end of file (appends): ahead by as much as the file holds (2 to 64 MiB),
+    ///   so a file growing by small writes costs one allocation and refresh per doubling,
+    ///   then one per 64 MiB. The daemon gives back what is left past the end when the
+    ///   file is closed, so not when blocks past the chunk holding the end of file exist
+    ///   already (fallocate(2) with KEEP_SIZE: the program's to keep).
+    ///
+    /// `None`: the write is the kernel's.
+    fn allocation_window(&self, off: u64, end: u64, size: u64) -> Option<(u64, u64)> {
+        let chunk_up = |x: u64| x.checked_next_multiple_of(CHUNK_SIZE);
+        let from = off / CHUNK_SIZE * CHUNK_SIZE;
+        let eof_chunk_end = chunk_up(size)?;
+        let want = if end <= size {
+            end.max(self.preallocated_run_end(off)).min(eof_chunk_end)
+        } else {
+            let mapped_end = self
+                .entries
+                .last()
+                .map_or(0, |e| e.file_offset.saturating_add(e.len));
+            if mapped_end > eof_chunk_end {
+                return None;
+            }
+            end.max(off.saturating_add(size.clamp(CHUNK_SIZE, DIRECT_ALLOCATE_MAX)))
+        };
+        let to = chunk_up(want)?.min(from.saturating_add(DIRECT_ALLOCATE_MAX));
+        (to >= end).then_some((from, to))
+    }
+
+    /// The end of the run of preallocated extents that file offset `off` starts (`off`
+    /// itself when it is not in one).
+    fn preallocated_run_end(&self, off: u64) -> u64 {
+        let first = self
+            .entries
+            .partition_point(|e| e.file_offset.saturating_add(e.len) <= off);
+        let mut at = off;
+        for e in &self.entries[first..] {
+            if e.file_offset > at || e.flags & ENTRY_UNWRITTEN == 0 {
+                break;
+            }
+            at = e.file_offset.saturating_add(e.len);
+        }
+        at
     }
 
     /// True when file bytes `off..off + n` (n > 0) all lie in written extents.
@@ -329,7 +402,7 @@ impl Tracked {
     /// generation may be newer).
     fn view_for(&self, snap: &StateSnapshot) -> Option<Arc<View>> {
         let current = Arc::clone(&*self.view.try_read().ok()?);
-        if current.generation == snap.generation {
+        if current.generation() == snap.generation {
             return Some(current);
         }
         // A file that changes through the mount between every few calls (appends, writes
@@ -358,6 +431,12 @@ impl Tracked {
         self.backoff.store(backoff, Ordering::Relaxed);
         self.refresh_after.store(now + backoff, Ordering::Relaxed);
         drop(current);
+        self.refresh()
+    }
+
+    /// Replaces the view with one of the lease's extents now (one thread at a time: `None`
+    /// while another refreshes, or when the daemon refused).
+    fn refresh(&self) -> Option<Arc<View>> {
         let _one = self.refreshing.try_lock().ok()?;
         // Our descriptor must still be the file we track (the program may have closed or
         // replaced that fd number behind us).
@@ -390,7 +469,7 @@ impl Tracked {
         let fresh = Arc::new(View {
             mapping: p.mapping,
             entries: p.entries,
-            generation: p.generation,
+            generation: AtomicU64::new(p.generation),
             served: AtomicU64::new(0),
         });
         *self.view.try_write().ok()? = Arc::clone(&fresh);
@@ -404,7 +483,7 @@ impl Tracked {
         for _ in 0..3 {
             let snap = self.snapshot()?;
             let view = self.view_for(&snap)?;
-            if view.generation == snap.generation {
+            if view.generation() == snap.generation {
                 return Some((snap, view));
             }
         }
@@ -452,29 +531,97 @@ impl Tracked {
         Some(n as usize)
     }
 
-    /// Serves an overwrite of `data` at `off`; `None`: use the real call (and nothing was
-    /// stored, or what was stored is stored again by it).
+    /// Serves a write of `data` at `off`; `None`: use the real call (and nothing was
+    /// stored, or what was stored is stored again by it, or lies past the end of file where
+    /// nothing shows it).
     fn write_at(&self, data: &[u8], off: u64) -> Option<usize> {
         if !self.writable || self.unserved_status() || data.is_empty() {
             return None;
         }
+        let end = off.checked_add(data.len() as u64)?;
+        self.allocate_for(off, end)?;
         // A store under way from before the snapshot that allows it until it is done: a
-        // chattr +i/+a waits for it ([`StateTable::writer_enter`]).
+        // chattr +i/+a waits for it ([`StateTable::writer_enter`]). The ioctls before and
+        // after stay outside: the daemon waits for stores while it holds the inode's lock.
         self.state.writer_enter(self.slot);
         let stored = self.store_at(data, off);
         self.state.writer_leave(self.slot);
         let (snap, view) = stored?;
-        if !self.state.unchanged(self.slot, snap.seq) && !self.store_stands(&view, off, data.len())
+        if end > snap.size {
+            // An append: what was stored lies past the end of file until the daemon
+            // extends it, which it does only at the generation stored at (so nothing
+            // changed the file's blocks in between); else the real call writes it all.
+            self.extend(&view, off, end)?;
+        } else if !self.state.unchanged(self.slot, snap.seq)
+            && !self.store_stands(&view, off, data.len())
         {
             // The daemon changed the file meanwhile and moved these blocks (or could not
             // be asked): the real call stores the same bytes wherever they live now.
             return None;
+        } else {
+            self.stored();
         }
         view.served.fetch_add(1, Ordering::Relaxed);
         count(&STATS.served_writes, 1);
         count(&STATS.served_write_bytes, data.len() as u64);
-        self.stored();
         Some(data.len())
+    }
+
+    /// Before a write of `off..end`: when the view at hand does not have it all in written
+    /// blocks (holes, preallocated ranges, the space past the end of file), asks the daemon
+    /// to make it written blocks ahead of the write ([`pmfs::dax::DIRECT_OP_ALLOCATE`]; see
+    /// [`View::allocation_window`]) and refreshes the view. `None`: the write is the
+    /// kernel's.
+    fn allocate_for(&self, off: u64, end: u64) -> Option<()> {
+        let at_hand = Arc::clone(&*self.view.try_read().ok()?);
+        if at_hand.covers_written(off, end - off) {
+            return Some(());
+        }
+        // Files under 2 MiB are the kernel's to fill: one write round trip is cheaper than
+        // an allocation, a refresh and an extension, and the daemon places a small file's
+        // blocks (then moves them into one aligned chunk when it passes 2 MiB).
+        let published = self.snapshot()?;
+        if !published.writes_allowed || published.size < CHUNK_SIZE {
+            return None;
+        }
+        let (from, to) = at_hand.allocation_window(off, end, published.size)?;
+        drop(at_hand);
+        match pmfs::dax::direct_allocate(&self.file, self.lease, from, to - from) {
+            Ok(_) => count(&STATS.allocations, 1),
+            Err(e) => {
+                debug(format_args!(
+                    "inode {}: allocating {from}..{to} failed: {e}",
+                    self.ino
+                ));
+                return None;
+            }
+        }
+        self.refresh()?.covers_written(off, end - off).then_some(())
+    }
+
+    /// After an append stored `off..end` into blocks past the end of file: asks the daemon
+    /// to make them part of the file ([`pmfs::dax::DIRECT_OP_EXTEND`] at the view's
+    /// generation; it also stamps mtime and ctime). On success the layout did not change
+    /// and the view moves to the next generation in place, serving on without a refresh.
+    fn extend(&self, view: &View, off: u64, end: u64) -> Option<()> {
+        let generation = view.generation();
+        if let Err(e) = pmfs::dax::direct_extend(&self.file, self.lease, off, end - off, generation)
+        {
+            debug(format_args!(
+                "inode {}: extending to {end} failed: {e}",
+                self.ino
+            ));
+            return None;
+        }
+        // Fails only when another thread's extension moved it already.
+        let _ = view.generation.compare_exchange(
+            generation,
+            generation + 1,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        count(&STATS.extensions, 1);
+        Some(())
     }
 
     /// After a store into `stored_in` raced a change of the file: true when the store is in
@@ -499,26 +646,19 @@ impl Tracked {
     }
 
     /// The store of a served write: checks that it may be served and stores; returns the
-    /// snapshot it was decided on (`None`: nothing was stored).
+    /// snapshot it was decided on (`None`: nothing was stored). Stores past the end of file
+    /// are left for [`Tracked::extend`] to make part of it.
     fn store_at(&self, data: &[u8], off: u64) -> Option<(StateSnapshot, Arc<View>)> {
         let n = data.len() as u64;
-        // Appends are the kernel's: decided from the published size, before any refresh; so
-        // are writes to immutable or append-only files (chattr +i/+a), which pmfs refuses.
+        // Writes to immutable or append-only files (chattr +i/+a) are the kernel's, which
+        // pmfs refuses; so are those the view at hand does not have in written blocks (the
+        // allocation ahead did not happen or did not cover them): no refresh for them.
         let published = self.snapshot()?;
-        if !published.writes_allowed || off.checked_add(n).is_none_or(|end| end > published.size) {
-            return None;
-        }
-        // Writes into holes or preallocated ranges are the kernel's too: when even the view
-        // at hand (perhaps of an older generation) does not have the range written, no
-        // refresh is spent on it (a file being filled that way changes at every write).
-        if !self.view.try_read().ok()?.covers_written(off, n) {
+        if !published.writes_allowed || !self.view.try_read().ok()?.covers_written(off, n) {
             return None;
         }
         let (snap, view) = self.current()?;
-        if !snap.writes_allowed
-            || off.checked_add(n).is_none_or(|end| end > snap.size)
-            || !view.covers_written(off, n)
-        {
+        if !snap.writes_allowed || !view.covers_written(off, n) {
             return None;
         }
         let at = usize::try_from(off).ok()?;
@@ -667,7 +807,7 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
         view: RwLock::new(Arc::new(View {
             mapping: p.mapping,
             entries: p.entries,
-            generation: p.generation,
+            generation: AtomicU64::new(p.generation),
             // The first refresh is never backed off.
             served: AtomicU64::new(REFRESH_PAYS_OFF),
         })),
@@ -847,7 +987,7 @@ mod tests {
         let v = View {
             mapping: None,
             entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
-            generation: 1,
+            generation: AtomicU64::new(1),
             served: AtomicU64::new(0),
         };
         let mut buf = vec![7u8; 20000];
@@ -857,7 +997,7 @@ mod tests {
         let v = View {
             mapping: None,
             entries: vec![entry(8192, 4096, 0)],
-            generation: 1,
+            generation: AtomicU64::new(1),
             served: AtomicU64::new(0),
         };
         assert!(v.read_into(100, &mut buf).is_none());
@@ -875,7 +1015,7 @@ mod tests {
                 entry(16384, 4096, ENTRY_UNWRITTEN),
                 entry(20480, 4096, 0),
             ],
-            generation: 1,
+            generation: AtomicU64::new(1),
             served: AtomicU64::new(0),
         };
         assert!(v.covers_written(0, 1));
@@ -886,6 +1026,61 @@ mod tests {
         assert!(v.covers_written(20480, 4096));
         assert!(!v.covers_written(20480, 4097), "past the last extent");
         assert!(!v.covers_written(1 << 40, 1));
+    }
+
+    #[test]
+    fn allocation_ahead_takes_whole_chunks_and_respects_preallocations() {
+        const M: u64 = 1 << 20;
+        let view = |entries| View {
+            mapping: None,
+            entries,
+            generation: AtomicU64::new(1),
+            served: AtomicU64::new(0),
+        };
+        let laid_out = view(vec![
+            entry(0, 4 * M, 0),
+            entry(4 * M, 96 * M, ENTRY_UNWRITTEN),
+        ]);
+        assert_eq!(
+            laid_out.allocation_window(5 * M, 5 * M + 4096, 100 * M),
+            Some((4 * M, 68 * M)),
+            "on over the preallocated run, at most 64 MiB"
+        );
+        let sparse = view(vec![entry(0, 4 * M, 0)]);
+        assert_eq!(
+            sparse.allocation_window(10 * M + 5, 10 * M + 4096, 100 * M),
+            Some((10 * M, 12 * M)),
+            "a hole: the chunk the write touches"
+        );
+        assert_eq!(
+            laid_out.allocation_window(99 * M, 99 * M + 1, 99 * M + 1),
+            Some((98 * M, 100 * M)),
+            "never past the chunk holding the end of file"
+        );
+        assert_eq!(
+            sparse.allocation_window(M, 71 * M, 100 * M),
+            None,
+            "more than one allocation can make"
+        );
+        assert_eq!(
+            sparse.allocation_window(3 * M + 1, 3 * M + 101, 3 * M + 1),
+            Some((2 * M, 8 * M)),
+            "an append: ahead by the file's size, whole chunks"
+        );
+        assert_eq!(
+            sparse.allocation_window(300 * M, 300 * M + 1, 200 * M),
+            Some((300 * M, 364 * M)),
+            "past a large file: 64 MiB ahead"
+        );
+        let kept = view(vec![
+            entry(0, 4 * M, 0),
+            entry(4 * M, 16 * M, ENTRY_UNWRITTEN),
+        ]);
+        assert_eq!(
+            kept.allocation_window(3 * M, 3 * M + 10, 3 * M),
+            None,
+            "space preallocated past the end (KEEP_SIZE) is the program's: no trimming it"
+        );
     }
 
     #[test]
@@ -900,7 +1095,7 @@ mod tests {
         let v = View {
             mapping: None,
             entries: vec![at(0, 1 << 20, 8192), at(8192, 4 << 20, 4096)],
-            generation: 1,
+            generation: AtomicU64::new(1),
             served: AtomicU64::new(0),
         };
         assert_eq!(

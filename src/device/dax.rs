@@ -77,6 +77,9 @@ pub const DIRECT_OP_TOUCH: u32 = 2;
 /// end of file when the lease's open file is released. The reply's `path_len` is 0, and the
 /// 8 bytes after its header hold the end of the range allocated (little-endian).
 pub const DIRECT_OP_ALLOCATE: u32 = 3;
+/// The most a [`DIRECT_OP_ALLOCATE`] allocates: the daemon allocates `offset..offset + len`
+/// up to this length and replies with the end it reached.
+pub const DIRECT_ALLOCATE_MAX: u64 = 64 << 20;
 /// [`DirectRequest::op`]: the holder stored file bytes `offset..offset + len` into written
 /// blocks (and persisted them) while the layout was at `generation`: make them part of the
 /// file (size at least `offset + len`, mtime and ctime now, in one transaction). Fails with

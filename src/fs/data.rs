@@ -37,9 +37,10 @@ const STREAM_START: u64 = 32 << 20;
 /// Writes of at least this many bytes use non-temporal stores.
 const NT_THRESHOLD: usize = 256;
 
-/// The most one [`Fs::allocate_for_client`] allocates: one transaction's worth of extents
-/// even in fragmented space, and zeroing of at most this much preallocated space.
-pub const CLIENT_ALLOCATE_MAX: u64 = 64 << 20;
+/// The most one [`Fs::allocate_for_client`] allocates (the protocol's limit, which direct
+/// clients plan with): one transaction's worth of extents even in fragmented space, and
+/// zeroing of at most this much preallocated space.
+pub const CLIENT_ALLOCATE_MAX: u64 = crate::dax::DIRECT_ALLOCATE_MAX;
 
 /// The moves a write (or a direct client's allocation) makes before mapping its blocks, so
 /// that a growing file stays huge-mappable.
