@@ -353,6 +353,11 @@ struct Tracked {
     forks: u64,
     view: RwLock<Arc<View>>,
     refreshing: Mutex<()>,
+    /// Held by the append under way ([`Tracked::write_at`]).
+    appends: AppendLock,
+    /// An extension by this process is under way: the daemon may have published the
+    /// generation it makes before the view moved to it ([`Tracked::extend`]).
+    extending: AtomicBool,
     /// A served read(2)/write(2) of this description is moving its offset.
     offset_busy: AtomicBool,
     /// Served writes not yet stamped (mtime/ctime) and not yet shown to the kernel.
@@ -365,6 +370,40 @@ struct Tracked {
     backoff: AtomicU64,
     /// Refreshes in a row whose views did not pay off.
     unpaid_refreshes: AtomicU64,
+}
+
+/// A lock that never blocks for long: [`AppendLock::lock`] spins (yielding) for at most
+/// [`APPEND_WAIT`], then gives up, so a signal handler that appends while the thread it
+/// interrupted holds the lock falls back to the real call instead of deadlocking.
+#[derive(Debug, Default)]
+struct AppendLock(AtomicBool);
+
+/// The longest an append waits for another one of the same open file.
+const APPEND_WAIT: Duration = Duration::from_millis(20);
+
+impl AppendLock {
+    fn lock(&self) -> Option<AppendGuard<'_>> {
+        let start = std::time::Instant::now();
+        while self
+            .0
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            if start.elapsed() >= APPEND_WAIT {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+        Some(AppendGuard(&self.0))
+    }
+}
+
+struct AppendGuard<'a>(&'a AtomicBool);
+
+impl Drop for AppendGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Longest back-off between refreshes that served nothing.
@@ -401,9 +440,23 @@ impl Tracked {
     /// The view for `snap`'s generation: the current one, or a refreshed one (whose
     /// generation may be newer).
     fn view_for(&self, snap: &StateSnapshot) -> Option<Arc<View>> {
-        let current = Arc::clone(&*self.view.try_read().ok()?);
+        let mut current = Arc::clone(&*self.view.try_read().ok()?);
         if current.generation() == snap.generation {
             return Some(current);
+        }
+        // Our own extension, published by the daemon but not yet moved into the view, is
+        // no change of the layout: wait for it (bounded) instead of refreshing.
+        if snap.generation == current.generation() + 1 && self.extending.load(Ordering::Acquire) {
+            let start = std::time::Instant::now();
+            while self.extending.load(Ordering::Acquire)
+                && start.elapsed() < Duration::from_millis(10)
+            {
+                std::thread::yield_now();
+            }
+            current = Arc::clone(&*self.view.try_read().ok()?);
+            if current.generation() == snap.generation {
+                return Some(current);
+            }
         }
         // A file that changes through the mount between every few calls (appends, writes
         // into holes, another process writing) would cost a refresh (an ioctl per 64
@@ -539,6 +592,14 @@ impl Tracked {
             return None;
         }
         let end = off.checked_add(data.len() as u64)?;
+        // Appends of this open file are made one at a time, from the allocation to the
+        // extension: each moves the layout generation, so interleaved ones would make each
+        // other's extensions fail (and go through the kernel, moving it again).
+        let _one_append = if self.snapshot().is_none_or(|s| end > s.size) {
+            Some(self.appends.lock()?)
+        } else {
+            None
+        };
         self.allocate_for(off, end)?;
         // A store under way from before the snapshot that allows it until it is done: a
         // chattr +i/+a waits for it ([`StateTable::writer_enter`]). The ioctls before and
@@ -551,7 +612,7 @@ impl Tracked {
             // An append: what was stored lies past the end of file until the daemon
             // extends it, which it does only at the generation stored at (so nothing
             // changed the file's blocks in between); else the real call writes it all.
-            self.extend(&view, off, end)?;
+            self.extend(&view, snap.generation, off, end)?;
         } else if !self.state.unchanged(self.slot, snap.seq)
             && !self.store_stands(&view, off, data.len())
         {
@@ -599,27 +660,36 @@ impl Tracked {
         self.refresh()?.covers_written(off, end - off).then_some(())
     }
 
-    /// After an append stored `off..end` into blocks past the end of file: asks the daemon
-    /// to make them part of the file ([`pmfs::dax::DIRECT_OP_EXTEND`] at the view's
-    /// generation; it also stamps mtime and ctime). On success the layout did not change
-    /// and the view moves to the next generation in place, serving on without a refresh.
-    fn extend(&self, view: &View, off: u64, end: u64) -> Option<()> {
-        let generation = view.generation();
-        if let Err(e) = pmfs::dax::direct_extend(&self.file, self.lease, off, end - off, generation)
-        {
+    /// After an append stored `off..end` into blocks past the end of file at layout
+    /// `generation` (of `view`): asks the daemon to make them part of the file
+    /// ([`pmfs::dax::DIRECT_OP_EXTEND`]; it also stamps mtime and ctime). On success the
+    /// layout did not change and the view moves to the next generation in place, serving on
+    /// without a refresh.
+    ///
+    /// The generation must be the one the store was decided at, not the view's now: an
+    /// extension zeroes the gap between the old end of file and its range, so another
+    /// thread's append beyond ours, extended first, zeroed our stored bytes; the daemon
+    /// then refuses ours (the generation moved) and the real call writes them again.
+    fn extend(&self, view: &View, generation: u64, off: u64, end: u64) -> Option<()> {
+        self.extending.store(true, Ordering::Release);
+        let extended = pmfs::dax::direct_extend(&self.file, self.lease, off, end - off, generation);
+        if extended.is_ok() {
+            // Only one extension at `generation` succeeds, and only extensions move a view.
+            let _ = view.generation.compare_exchange(
+                generation,
+                generation + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+        self.extending.store(false, Ordering::Release);
+        if let Err(e) = extended {
             debug(format_args!(
                 "inode {}: extending to {end} failed: {e}",
                 self.ino
             ));
             return None;
         }
-        // Fails only when another thread's extension moved it already.
-        let _ = view.generation.compare_exchange(
-            generation,
-            generation + 1,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
         count(&STATS.extensions, 1);
         Some(())
     }
@@ -812,6 +882,8 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
             served: AtomicU64::new(REFRESH_PAYS_OFF),
         })),
         refreshing: Mutex::new(()),
+        appends: AppendLock::default(),
+        extending: AtomicBool::new(false),
         offset_busy: AtomicBool::new(false),
         dirty: AtomicBool::new(false),
         last_touch: AtomicU64::new(0),
