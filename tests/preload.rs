@@ -1456,25 +1456,28 @@ fn first_foreign_byte(data: &[u8]) -> Option<usize> {
 }
 
 #[test]
-fn appends_and_writes_into_holes_and_preallocated_space_are_served() {
+fn appends_are_served_and_writes_into_holes_and_preallocated_space_keep_the_layout() {
     // A file written from empty by 1 MiB and by 4 KiB + 100 byte writes (appends: the
     // first 2 MiB through the kernel, then allocated ahead and extended by the daemon), one
     // laid out with fallocate(2) and one with ftruncate(2) and then written over: the same
-    // bytes as without the library, served, and nothing left allocated past the end.
+    // bytes as without the library, nothing left allocated past the end, and the same
+    // holes and data (SEEK_HOLE/SEEK_DATA) where the writes left some.
     assert!(can_mount());
     let img = Image::new("preload-append", 512 * MIB);
     let m = Mount::new(&img, "");
     let tmp = tempfile::tempdir().unwrap();
     let exe = compile_c(tmp.path(), "appender", APPENDER_C);
     let size = 37 * MIB + 4321;
-    let cases: [(&str, &str, u64); 4] = [
-        ("appended-1m", "", MIB),
-        ("appended-4k", "", 4196),
-        ("preallocated", "fallocate", 256 * 1024),
-        ("truncated", "truncate", 256 * 1024),
+    // (name, layout, bytes the appender writes from offset 0, write size)
+    let cases: [(&str, &str, u64, u64); 4] = [
+        ("appended-1m", "", size, MIB),
+        ("appended-4k", "", size, 4196),
+        ("preallocated", "fallocate", 5 * MIB + 77, 256 * 1024),
+        ("truncated", "truncate", 5 * MIB + 77, 256 * 1024),
     ];
-    for (name, layout, bs) in cases {
+    for (name, layout, written, bs) in cases {
         let mut contents = Vec::new();
+        let mut seeks = Vec::new();
         for preload in [false, true] {
             let path = m.path(&format!("{name}-{preload}"));
             let f = FileOptions::new()
@@ -1497,7 +1500,7 @@ fn appends_and_writes_into_holes_and_preallocated_space_are_served() {
             let args = [
                 path.clone(),
                 PathBuf::from("fill"),
-                PathBuf::from(size.to_string()),
+                PathBuf::from(written.to_string()),
                 PathBuf::from(bs.to_string()),
             ];
             let args: Vec<&Path> = args.iter().map(|p| p.as_path()).collect();
@@ -1514,30 +1517,43 @@ fn appends_and_writes_into_holes_and_preallocated_space_are_served() {
             );
             if preload {
                 let st = stats_of(&stats);
-                let writes = size.div_ceil(bs);
-                // The kernel writes what the daemon must place first: the first 2 MiB of a
-                // file written from empty.
-                let kernel = if layout.is_empty() {
-                    (2 * MIB).div_ceil(bs) + 1
-                } else {
-                    0
-                };
-                assert!(
-                    st.served_writes + kernel >= writes && st.allocations > 0,
-                    "{name}: {writes} writes, {st:?}"
-                );
+                let writes = written.div_ceil(bs);
                 if layout.is_empty() {
-                    assert!(st.extensions > 0, "{name}: {st:?}");
+                    // The kernel writes what the daemon must place first: the first 2 MiB.
+                    let kernel = (2 * MIB).div_ceil(bs) + 1;
+                    assert!(
+                        st.served_writes + kernel >= writes
+                            && st.allocations > 0
+                            && st.extensions > 0,
+                        "{name}: {writes} writes, {st:?}"
+                    );
+                } else {
+                    assert_eq!(
+                        (st.served_writes, st.allocations),
+                        (0, 0),
+                        "{name}: writes into a hole or preallocated space are the kernel's"
+                    );
                 }
             }
+            let f = fs::File::open(&path).unwrap();
+            let seek = |from: u64, whence| {
+                nix::unistd::lseek(&f, from as i64, whence).map_err(|e| e as i32)
+            };
+            seeks.push([
+                seek(0, nix::unistd::Whence::SeekHole),
+                seek(written + 1, nix::unistd::Whence::SeekData),
+                seek(written + 1, nix::unistd::Whence::SeekHole),
+            ]);
             contents.push(fs::read(&path).unwrap());
         }
         assert!(
             contents[0] == contents[1],
             "{name}: the files differ with and without the library"
         );
+        assert_eq!(seeks[0], seeks[1], "{name}: holes and data differ");
+        let data = &contents[1][..written as usize];
         assert_eq!(first_foreign_byte(&contents[1]), None, "{name}");
-        assert!(contents[1].iter().all(|&b| b != 0), "{name}: a zero byte");
+        assert!(data.iter().all(|&b| b != 0), "{name}: a zero byte");
     }
     m.unmount();
 }

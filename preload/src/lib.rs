@@ -26,12 +26,12 @@
 //!   stores and persists before returning; if the sequence moved meanwhile it writes the
 //!   same bytes again through the real call.
 //!   - A range on written extents inside the size is stored into as it is.
-//!   - In a file of 2 MiB or more, a range in holes or preallocated extents, or past the
-//!     end of file, is first made written blocks by the daemon, ahead of the write (ALLOCATE,
-//!     whole chunks, up to 64 MiB; [`View::allocation_window`]), and the view refreshed.
-//!   - An append (a range ending past the size) is stored past the end of file, then made
-//!     part of the file by the daemon (EXTEND) only if the layout generation is still the
-//!     one stored at; else the real call writes it again.
+//!   - An append (a range ending past the size) of a file of 2 MiB or more that is not in
+//!     written blocks is first made written blocks by the daemon, ahead of the write
+//!     (ALLOCATE, up to 64 MiB; [`View::allocation_window`]), and the view refreshed; it is
+//!     stored past the end of file, then made part of the file by the daemon (EXTEND) only
+//!     if the layout generation is still the one stored at; else the real call writes it
+//!     again. Writes into holes or preallocated space inside the file are the kernel's.
 //! - read(2)/write(2) use the file offset (lseek, serve, lseek): only while no fork happened
 //!   since the open (a forked child shares the offset) and no other thread of this process is
 //!   inside a served read/write of the same open file.
@@ -262,54 +262,35 @@ impl View {
         Some(out)
     }
 
-    /// What to allocate ahead of a write of `off..end` that is not all in written blocks,
-    /// in a file of `size` (at least 2 MiB): `from..to` in whole 2 MiB chunks (the daemon
-    /// gives a large file its space in them anyway), at most
-    /// [`pmfs::dax::DIRECT_ALLOCATE_MAX`]:
-    /// - inside the file: the chunks the write touches, and on over the preallocated run it
-    ///   starts in (a file laid out with fallocate(2), then written, as fio and databases
-    ///   do; converting costs no space), never past the chunk holding the end of file;
-    /// - past the end of file (appends): ahead by as much as the file holds (2 to 64 MiB),
-    ///   so a file growing by small writes costs one allocation and refresh per doubling,
-    ///   then one per 64 MiB. The daemon gives back what is left past the end when the
-    ///   file is closed, so not when blocks past the chunk holding the end of file exist
-    ///   already (fallocate(2) with KEEP_SIZE: the program's to keep).
+    /// What to allocate ahead of an append `off..end` (ending past the end of file) that is
+    /// not all in written blocks, in a file of `size` (at least 2 MiB): `from..to`, from
+    /// the write's first byte (so no hole the kernel's write would leave is allocated) on
+    /// past the end by as much as the file holds (2 to 64 MiB, up to a 2 MiB chunk
+    /// boundary, at most [`pmfs::dax::DIRECT_ALLOCATE_MAX`] in all): a file growing by
+    /// small writes costs one allocation and refresh per doubling, then one per 64 MiB.
     ///
-    /// `None`: the write is the kernel's.
+    /// `None`, the write is the kernel's:
+    /// - a write inside the file (into a hole or preallocated space): allocating more than
+    ///   its own blocks would change what SEEK_HOLE/SEEK_DATA and FIEMAP show (xfstests
+    ///   generic/285 and 436 saw it), and its own blocks alone cost an allocation and a
+    ///   refresh per write, more than the kernel's one round trip;
+    /// - a write that leaves a gap past the chunk holding the end of file (a sparse file);
+    /// - a file with blocks past the chunk holding its end of file (fallocate(2) with
+    ///   KEEP_SIZE): the daemon gives back what is left past the end when the file is
+    ///   closed, and those are the program's to keep.
     fn allocation_window(&self, off: u64, end: u64, size: u64) -> Option<(u64, u64)> {
         let chunk_up = |x: u64| x.checked_next_multiple_of(CHUNK_SIZE);
-        let from = off / CHUNK_SIZE * CHUNK_SIZE;
         let eof_chunk_end = chunk_up(size)?;
-        let want = if end <= size {
-            end.max(self.preallocated_run_end(off)).min(eof_chunk_end)
-        } else {
-            let mapped_end = self
-                .entries
-                .last()
-                .map_or(0, |e| e.file_offset.saturating_add(e.len));
-            if mapped_end > eof_chunk_end {
-                return None;
-            }
-            end.max(off.saturating_add(size.clamp(CHUNK_SIZE, DIRECT_ALLOCATE_MAX)))
-        };
-        let to = chunk_up(want)?.min(from.saturating_add(DIRECT_ALLOCATE_MAX));
-        (to >= end).then_some((from, to))
-    }
-
-    /// The end of the run of preallocated extents that file offset `off` starts (`off`
-    /// itself when it is not in one).
-    fn preallocated_run_end(&self, off: u64) -> u64 {
-        let first = self
+        let mapped_end = self
             .entries
-            .partition_point(|e| e.file_offset.saturating_add(e.len) <= off);
-        let mut at = off;
-        for e in &self.entries[first..] {
-            if e.file_offset > at || e.flags & ENTRY_UNWRITTEN == 0 {
-                break;
-            }
-            at = e.file_offset.saturating_add(e.len);
+            .last()
+            .map_or(0, |e| e.file_offset.saturating_add(e.len));
+        if end <= size || off > eof_chunk_end || mapped_end > eof_chunk_end {
+            return None;
         }
-        at
+        let want = end.max(off.saturating_add(size.clamp(CHUNK_SIZE, DIRECT_ALLOCATE_MAX)));
+        let to = chunk_up(want)?.min(off.saturating_add(DIRECT_ALLOCATE_MAX));
+        (to >= end).then_some((off, to))
     }
 
     /// True when file bytes `off..off + n` (n > 0) all lie in written extents.
@@ -629,10 +610,9 @@ impl Tracked {
     }
 
     /// Before a write of `off..end`: when the view at hand does not have it all in written
-    /// blocks (holes, preallocated ranges, the space past the end of file), asks the daemon
-    /// to make it written blocks ahead of the write ([`pmfs::dax::DIRECT_OP_ALLOCATE`]; see
-    /// [`View::allocation_window`]) and refreshes the view. `None`: the write is the
-    /// kernel's.
+    /// blocks and it is an append, asks the daemon to make it written blocks ahead of the
+    /// write ([`pmfs::dax::DIRECT_OP_ALLOCATE`]; see [`View::allocation_window`]) and
+    /// refreshes the view. `None`: the write is the kernel's.
     fn allocate_for(&self, off: u64, end: u64) -> Option<()> {
         let at_hand = Arc::clone(&*self.view.try_read().ok()?);
         if at_hand.covers_written(off, end - off) {
@@ -1101,7 +1081,7 @@ mod tests {
     }
 
     #[test]
-    fn allocation_ahead_takes_whole_chunks_and_respects_preallocations() {
+    fn only_appends_are_allocated_ahead() {
         const M: u64 = 1 << 20;
         let view = |entries| View {
             mapping: None,
@@ -1115,34 +1095,45 @@ mod tests {
         ]);
         assert_eq!(
             laid_out.allocation_window(5 * M, 5 * M + 4096, 100 * M),
-            Some((4 * M, 68 * M)),
-            "on over the preallocated run, at most 64 MiB"
+            None,
+            "preallocated space inside the file: the kernel's"
         );
         let sparse = view(vec![entry(0, 4 * M, 0)]);
         assert_eq!(
             sparse.allocation_window(10 * M + 5, 10 * M + 4096, 100 * M),
-            Some((10 * M, 12 * M)),
-            "a hole: the chunk the write touches"
-        );
-        assert_eq!(
-            laid_out.allocation_window(99 * M, 99 * M + 1, 99 * M + 1),
-            Some((98 * M, 100 * M)),
-            "never past the chunk holding the end of file"
-        );
-        assert_eq!(
-            sparse.allocation_window(M, 71 * M, 100 * M),
             None,
-            "more than one allocation can make"
+            "a hole inside the file: the kernel's"
         );
         assert_eq!(
             sparse.allocation_window(3 * M + 1, 3 * M + 101, 3 * M + 1),
-            Some((2 * M, 8 * M)),
-            "an append: ahead by the file's size, whole chunks"
+            Some((3 * M + 1, 8 * M)),
+            "an append: from its first byte, ahead by the file's size, to a chunk boundary"
         );
         assert_eq!(
-            sparse.allocation_window(300 * M, 300 * M + 1, 200 * M),
-            Some((300 * M, 364 * M)),
-            "past a large file: 64 MiB ahead"
+            sparse.allocation_window(3 * M - 10, 3 * M + 10, 3 * M),
+            Some((3 * M - 10, 6 * M)),
+            "an append that starts inside the file"
+        );
+        assert_eq!(
+            sparse.allocation_window(4 * M - 1, 4 * M, 3 * M),
+            Some((4 * M - 1, 8 * M)),
+            "a gap inside the chunk holding the end of file"
+        );
+        assert_eq!(
+            sparse.allocation_window(4 * M + 1, 4 * M + 2, 3 * M),
+            None,
+            "a gap past it: a sparse file, the kernel's"
+        );
+        let large = view(vec![entry(0, 200 * M, 0)]);
+        assert_eq!(
+            large.allocation_window(200 * M, 200 * M + 1, 200 * M),
+            Some((200 * M, 264 * M)),
+            "a large file: 64 MiB ahead"
+        );
+        assert_eq!(
+            large.allocation_window(200 * M, 270 * M, 200 * M),
+            None,
+            "more than one allocation can make"
         );
         let kept = view(vec![
             entry(0, 4 * M, 0),

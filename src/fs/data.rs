@@ -223,10 +223,23 @@ impl Fs {
             self.zero_allocated(ino, &i, old_size, offset)?;
         }
         let (mut tx, pieces) = self.begin_growing(&g, ino, &mut i, offset, end_off)?;
+        // The end-of-file tail rule ([`Fs::zero_eof_tail`]): a write that moves the end of
+        // file zeroes the rest of the block it ends in, fresh or not (a block past the old
+        // end, kept from an earlier allocation, holds whatever was there).
+        let tail = if new_size > old_size {
+            new_size..new_size.next_multiple_of(BLOCK_SIZE)
+        } else {
+            0..0
+        };
         for p in &pieces {
             let p_start = blocks_to_bytes(p.fblock);
             let p_end = blocks_to_bytes(p.fblock + p.len);
             let dev = blocks_to_bytes(p.dev_block);
+            let (t_start, t_end) = (tail.start.max(p_start), tail.end.min(p_end));
+            if t_start < t_end {
+                self.media
+                    .zero_nt(dev + (t_start - p_start), t_end - t_start)?;
+            }
             let w_start = offset.max(p_start);
             let w_end = end_off.min(p_end);
             if w_start < w_end {
@@ -317,7 +330,8 @@ impl Fs {
         let (mut tx, pieces) = self.begin_growing(&g, ino, &mut i, offset, end_off)?;
         for p in pieces.iter().filter(|p| p.fresh) {
             let p_start = blocks_to_bytes(p.fblock);
-            let inside = blocks_to_bytes(p.fblock + p.len).min(size);
+            // Up to the end of the block holding the end of file: the tail rule.
+            let inside = blocks_to_bytes(p.fblock + p.len).min(size.next_multiple_of(BLOCK_SIZE));
             if p_start < inside {
                 self.media
                     .zero_nt(blocks_to_bytes(p.dev_block), inside - p_start)?;
@@ -375,7 +389,13 @@ impl Fs {
             tx.note_data_written();
         }
         let now = now_ns();
-        i.size = i.size.max(to);
+        if to > i.size {
+            i.size = to;
+            // The client's stores end at `to`; the rest of that block is whatever the
+            // allocation found there.
+            self.zero_eof_tail(ino, &i)?;
+            tx.note_data_written();
+        }
         i.mtime_ns = now;
         i.ctime_ns = now;
         kill_privs(ctx, &mut i);
@@ -423,6 +443,21 @@ impl Fs {
         } else {
             self.media.write(dev, src)?;
             self.media.flush(dev, src.len() as u64)?;
+        }
+        Ok(())
+    }
+
+    /// The end-of-file tail rule: the bytes of the block holding the end of file that lie
+    /// past it are zero. A direct mapping's partial last page shows them (the preload
+    /// library's mmap, `pmfs::dax`), and POSIX has a mapping read zeros past the end of
+    /// file, as the page cache makes it. Every change that moves the end of file keeps the
+    /// rule: writes and extensions zero the rest of the block they end in, truncates the
+    /// rest of the block they cut, and a mapping zeroes it first (images from before the
+    /// rule). Bytes in blocks wholly past the end of file are unconstrained: nothing maps
+    /// or reads them, and whatever exposes them zeroes them first ([`Fs::zero_allocated`]).
+    pub(super) fn zero_eof_tail(&self, ino: u64, i: &Inode) -> Result<()> {
+        if i.size % BLOCK_SIZE != 0 {
+            self.zero_allocated(ino, i, i.size, i.size.next_multiple_of(BLOCK_SIZE))?;
         }
         Ok(())
     }
@@ -923,7 +958,8 @@ impl Fs {
         size: u64,
     ) -> Result<()> {
         if size > i.size {
-            self.zero_allocated(ino, i, i.size, size)?;
+            // Through the end of the new last block: the tail rule.
+            self.zero_allocated(ino, i, i.size, size.next_multiple_of(BLOCK_SIZE))?;
             tx.note_data_written();
         } else if size < i.size {
             self.truncate_blocks(tx, ino, i, size)?;
@@ -1184,7 +1220,8 @@ impl Fs {
                 }
             }
             if mode & FALLOC_FL_KEEP_SIZE == 0 && end_off > i.size {
-                self.zero_allocated(ino, &i, i.size, end_off)?;
+                // Through the end of the new last block: the tail rule.
+                self.zero_allocated(ino, &i, i.size, end_off.next_multiple_of(BLOCK_SIZE))?;
                 tx.note_data_written();
                 i.size = end_off;
             }

@@ -149,6 +149,12 @@ impl Fs {
             if changed {
                 i.ctime_ns = now_ns();
             }
+            if end > i.size {
+                // The mapping shows the last block past the end of file: it must read as
+                // zeros there (kept by every change since, the tail rule; images written
+                // before it may hold old bytes).
+                self.zero_eof_tail(ino, &i)?;
+            }
             self.inodes.write(&mut tx, ino, &mut i)?;
             tx.commit()?;
         }

@@ -1756,3 +1756,84 @@ fn a_direct_client_allocation_zeroes_preallocated_space_inside_the_file() {
     );
     check(&fs);
 }
+
+/// The bytes of `ino`'s block holding its end of file that lie past it, read from the device.
+fn eof_tail_on_device(fs: &Fs, ino: u64) -> Vec<u8> {
+    let size = fs.getattr(ino).unwrap().size;
+    let end = size.next_multiple_of(BLOCK_SIZE);
+    let mut out = Vec::new();
+    for e in fs.layout(ino).unwrap() {
+        let (s, t) = (size.max(e.file_offset), end.min(e.file_offset + e.len));
+        if s < t && !e.unwritten {
+            let mut b = vec![0u8; (t - s) as usize];
+            fs.media()
+                .read(e.device_offset + (s - e.file_offset), &mut b)
+                .unwrap();
+            out.extend_from_slice(&b);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_block_holding_the_end_of_file_is_zero_past_it_after_every_change() {
+    // A direct mapping's partial last page shows these bytes (fsx under the preload library
+    // saw a freed file's bytes there after a copy_file_range extended a file into a fresh
+    // block): writes, extensions, truncates up and down and direct clients' extensions
+    // all leave them zero, over free space full of another file's bytes.
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let junk = fs.mknod(&C, ROOT_INO, b"junk", 0o100644, 0).unwrap();
+    fs.write(&C, junk.ino, 0, &vec![0xeeu8; (24 * MIB) as usize])
+        .unwrap();
+    fs.unlink(ROOT_INO, b"junk").unwrap();
+    let f = fs.mknod(&C, ROOT_INO, b"f", 0o100644, 0).unwrap();
+    let zero_tail = |what: &str| {
+        let tail = eof_tail_on_device(&fs, f.ino);
+        assert!(
+            tail.iter().all(|&b| b == 0),
+            "{what}: {} of {} bytes past the end of file are not zero",
+            tail.iter().filter(|&&b| b != 0).count(),
+            tail.len()
+        );
+    };
+    fs.write(&C, f.ino, 0, &[1u8; 5000]).unwrap();
+    zero_tail("a small write into fresh blocks");
+    fs.write(&C, f.ino, 5000, &vec![2u8; (3 * MIB) as usize])
+        .unwrap();
+    zero_tail("a write that makes the file large");
+    // The rest of the last chunk is the file's past its end: a write beyond a gap lands in
+    // such a block, not a fresh one.
+    let size = fs.getattr(f.ino).unwrap().size;
+    fs.write(&C, f.ino, size + 7, &[3u8; 100]).unwrap();
+    zero_tail("a write past a gap into a kept block");
+    let size = fs.getattr(f.ino).unwrap().size;
+    fs.fallocate(&C, f.ino, size, 5000, 0).unwrap();
+    zero_tail("fallocate growing the file");
+    let size = fs.getattr(f.ino).unwrap().size;
+    let resize = |size: u64| {
+        let sa = SetAttr {
+            size: Some(size),
+            ..Default::default()
+        };
+        fs.setattr(&C, f.ino, &sa).unwrap();
+    };
+    resize(size + 9000);
+    zero_tail("a truncate up");
+    resize(3 * MIB + 10);
+    zero_tail("a truncate down");
+    // A direct client: allocation past the end, stores, extension.
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs.enable_published_leases(dir.path().join("state"), None);
+    let p = fs.map_published(f.ino, None).unwrap();
+    let size = fs.getattr(f.ino).unwrap().size;
+    fs.allocate_for_client(f.ino, size, 2 * MIB).unwrap();
+    let (slot, path) = fs.published_slot(f.ino).unwrap();
+    let table = crate::device::dax::StateTable::open(&path).unwrap();
+    let now = table.snapshot(slot).unwrap().generation;
+    fs.extend_for_client(&C, f.ino, size, size + 333, now)
+        .unwrap();
+    zero_tail("a direct client's extension");
+    fs.end_lease(p.lease).unwrap();
+    check(&fs);
+}
