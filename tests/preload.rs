@@ -987,6 +987,46 @@ fn a_mapping_never_shows_another_files_data_after_a_truncate_by_another_process(
     assert_eq!(stats_of(&stats).served_mmaps, 1);
 }
 
+/// Runs `cmd`, which prints `ok N` after each write that returned, until `kill_at` or until
+/// it acknowledged `enough`, then kills it (SIGKILL); returns the last N it acknowledged,
+/// counting those written before the kill. The watchdog: an acknowledgement at least every
+/// 10 s.
+fn kill_writer(mut cmd: Command, kill_at: Instant, enough: u64) -> u64 {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, acks) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let n: u64 = line.strip_prefix("ok ").unwrap().parse().unwrap();
+            if tx.send(n).is_err() {
+                break;
+            }
+        }
+    });
+    let mut acked = 0u64;
+    while Instant::now() < kill_at && acked < enough {
+        match acks.recv_timeout(Duration::from_secs(10)) {
+            Ok(n) => acked = n,
+            Err(e) => panic!("the writer made no progress for 10 s: {e}"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    while let Ok(n) = acks.recv_timeout(Duration::from_millis(200)) {
+        acked = n;
+    }
+    acked
+}
+
+/// Kills `m`'s daemon (SIGKILL) and lets the mount go: the next mount recovers.
+fn kill_daemon(mut m: Mount) {
+    let mut daemon = m.child.take().unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    drop(m);
+}
+
 #[test]
 fn killing_a_writer_under_the_library_loses_no_returned_write() {
     assert!(can_mount());
@@ -999,47 +1039,13 @@ fn killing_a_writer_under_the_library_loses_no_returned_write() {
         let name = format!("records{round}");
         let path = m.path(&name);
         fs::write(&path, vec![0u8; (SLOTS * 4096) as usize]).unwrap();
-        let mut child = Command::new(&exe)
-            .arg("writer")
-            .arg(&path)
-            .env("LD_PRELOAD", library())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        // The writer's acknowledgements, read as they come; the watchdog: an
-        // acknowledgement at least every 10 s, and the kill after 300 + 700 * round ms.
-        let (tx, acks) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let k: u64 = line.strip_prefix("ok ").unwrap().parse().unwrap();
-                if tx.send(k).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut cmd = Command::new(&exe);
+        cmd.arg("writer").arg(&path).env("LD_PRELOAD", library());
         let kill_at = Instant::now() + Duration::from_millis(300 + 700 * round);
-        let mut acked = 0u64;
-        while Instant::now() < kill_at {
-            match acks.recv_timeout(Duration::from_secs(10)) {
-                Ok(k) => acked = k,
-                Err(e) => panic!("the writer made no progress for 10 s: {e}"),
-            }
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        // Acknowledgements already written before the kill count too.
-        while let Ok(k) = acks.recv_timeout(Duration::from_millis(200)) {
-            acked = k;
-        }
+        let acked = kill_writer(cmd, kill_at, u64::MAX);
         assert!(acked > 100, "round {round}: only {acked} writes returned");
         // The daemon dies too: recovery at the next mount must keep every returned write.
-        let mut m = m;
-        let mut daemon = m.child.take().unwrap();
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
-        drop(m);
+        kill_daemon(m);
         let m = Mount::new(&img, "");
         let data = fs::read(m.path(&name)).unwrap();
         assert_eq!(data.len() as u64, SLOTS * 4096);
@@ -1654,48 +1660,18 @@ fn killing_an_appender_under_the_library_loses_no_returned_append() {
         let name = format!("log{round}");
         let path = m.path(&name);
         fs::write(&path, (0..3 * MIB).map(appended).collect::<Vec<u8>>()).unwrap();
-        let mut child = Command::new(&exe)
-            .arg(&path)
+        let mut cmd = Command::new(&exe);
+        cmd.arg(&path)
             .arg("kill")
             .arg(bs.to_string())
-            .env("LD_PRELOAD", library())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, acks) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let end: u64 = line.strip_prefix("ok ").unwrap().parse().unwrap();
-                if tx.send(end).is_err() {
-                    break;
-                }
-            }
-        });
-        // The watchdog: an acknowledgement at least every 10 s.
+            .env("LD_PRELOAD", library());
         let kill_at = Instant::now() + Duration::from_millis(200 + 300 * round);
-        let mut acked = 0u64;
-        while Instant::now() < kill_at && acked < 200 * MIB {
-            match acks.recv_timeout(Duration::from_secs(10)) {
-                Ok(end) => acked = end,
-                Err(e) => panic!("the appender made no progress for 10 s: {e}"),
-            }
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        while let Ok(end) = acks.recv_timeout(Duration::from_millis(200)) {
-            acked = end;
-        }
+        let acked = kill_writer(cmd, kill_at, 200 * MIB);
         assert!(
             acked > 3 * MIB + 10 * bs,
             "round {round}: only up to {acked}"
         );
-        let mut m = m;
-        let mut daemon = m.child.take().unwrap();
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
-        drop(m);
+        kill_daemon(m);
         let m = Mount::new(&img, "");
         let data = fs::read(m.path(&name)).unwrap();
         let len = data.len() as u64;

@@ -1024,6 +1024,16 @@ fn forking() {
 mod tests {
     use super::*;
 
+    /// A view of `entries` without a mapping (enough for every decision but a copy).
+    fn view(entries: Vec<MapEntry>) -> View {
+        View {
+            mapping: None,
+            entries,
+            generation: AtomicU64::new(1),
+            served: AtomicU64::new(0),
+        }
+    }
+
     fn entry(file_offset: u64, len: u64, flags: u32) -> MapEntry {
         MapEntry {
             file_offset,
@@ -1036,40 +1046,25 @@ mod tests {
 
     #[test]
     fn holes_and_unwritten_extents_read_as_zeros() {
-        let v = View {
-            mapping: None,
-            entries: vec![entry(8192, 4096, ENTRY_UNWRITTEN)],
-            generation: AtomicU64::new(1),
-            served: AtomicU64::new(0),
-        };
+        let v = view(vec![entry(8192, 4096, ENTRY_UNWRITTEN)]);
         let mut buf = vec![7u8; 20000];
         v.read_into(100, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
         // A written extent needs the mapping: without one the read is refused.
-        let v = View {
-            mapping: None,
-            entries: vec![entry(8192, 4096, 0)],
-            generation: AtomicU64::new(1),
-            served: AtomicU64::new(0),
-        };
+        let v = view(vec![entry(8192, 4096, 0)]);
         assert!(v.read_into(100, &mut buf).is_none());
         assert!(v.read_into(0, &mut buf[..8192]).is_some(), "all hole");
     }
 
     #[test]
     fn only_written_extents_are_overwritten() {
-        let v = View {
-            mapping: None,
-            entries: vec![
-                entry(0, 8192, 0),
-                entry(8192, 4096, 0),
-                // a hole at 12288..16384
-                entry(16384, 4096, ENTRY_UNWRITTEN),
-                entry(20480, 4096, 0),
-            ],
-            generation: AtomicU64::new(1),
-            served: AtomicU64::new(0),
-        };
+        let v = view(vec![
+            entry(0, 8192, 0),
+            entry(8192, 4096, 0),
+            // a hole at 12288..16384
+            entry(16384, 4096, ENTRY_UNWRITTEN),
+            entry(20480, 4096, 0),
+        ]);
         assert!(v.covers_written(0, 1));
         assert!(v.covers_written(100, 12188), "two adjacent written extents");
         assert!(!v.covers_written(100, 12189), "runs into the hole");
@@ -1083,12 +1078,6 @@ mod tests {
     #[test]
     fn only_appends_are_allocated_ahead() {
         const M: u64 = 1 << 20;
-        let view = |entries| View {
-            mapping: None,
-            entries,
-            generation: AtomicU64::new(1),
-            served: AtomicU64::new(0),
-        };
         let laid_out = view(vec![
             entry(0, 4 * M, 0),
             entry(4 * M, 96 * M, ENTRY_UNWRITTEN),
@@ -1155,12 +1144,7 @@ mod tests {
             flags: 0,
             pad: 0,
         };
-        let v = View {
-            mapping: None,
-            entries: vec![at(0, 1 << 20, 8192), at(8192, 4 << 20, 4096)],
-            generation: AtomicU64::new(1),
-            served: AtomicU64::new(0),
-        };
+        let v = view(vec![at(0, 1 << 20, 8192), at(8192, 4 << 20, 4096)]);
         assert_eq!(
             v.device_pieces(100, 8200),
             Some(vec![((1 << 20) + 100, 8092), (4 << 20, 8)])
