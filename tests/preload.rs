@@ -1745,3 +1745,58 @@ fn threads_appending_past_each_other_lose_no_byte() {
     );
     m.unmount();
 }
+
+#[test]
+fn served_reads_and_mappings_update_the_access_time_as_the_mount_does() {
+    // relatime (the default): a read makes the access time due when it is not after the
+    // modification time. cat under the library is served and must leave the same access
+    // time behind as without it (xfstests generic/003 saw it unchanged); a second read
+    // without a change asks the daemon nothing more.
+    assert!(can_mount());
+    let img = Image::new("preload-atime", 256 * MIB);
+    let m = Mount::new(&img, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats");
+    use std::os::unix::fs::MetadataExt;
+    for preload in [false, true] {
+        let path = m.path(&format!("read-{preload}"));
+        fs::write(&path, pattern(5, (3 * MIB) as usize)).unwrap();
+        // An access time a minute before the modification time: due at the next read.
+        let mtime = fs::metadata(&path).unwrap().mtime();
+        let old = nix::sys::time::TimeSpec::new(mtime - 60, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            &old,
+            &nix::sys::time::TimeSpec::UTIME_OMIT,
+            nix::sys::stat::UtimensatFlags::FollowSymlink,
+        )
+        .unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().atime(), mtime - 60);
+        let mut cmd = Command::new("cat");
+        cmd.arg(&path).stdout(Stdio::null());
+        if preload {
+            cmd.env("LD_PRELOAD", library())
+                .env("PMFS_DIRECT_STATS", &stats);
+        }
+        assert!(cmd.status().unwrap().success());
+        let atime = fs::metadata(&path).unwrap().atime();
+        assert!(
+            atime >= mtime,
+            "preloaded {preload}: the access time stayed at {atime} (modified at {mtime})"
+        );
+    }
+    let st = fs::read_to_string(&stats).unwrap();
+    let get = |k: &str| -> u64 {
+        let w: Vec<&str> = st.split_whitespace().collect();
+        let i = w.iter().position(|x| *x == k).unwrap();
+        w[i + 1].parse().unwrap()
+    };
+    assert!(get("served_reads") > 1, "cat was not served: {st}");
+    assert_eq!(
+        get("atime_stamps"),
+        1,
+        "one stamp for a file that did not change: {st}"
+    );
+    m.unmount();
+}

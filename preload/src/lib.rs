@@ -56,8 +56,12 @@ const MAX_FDS: usize = 1 << 16;
 /// `statfs.f_type` of FUSE file systems.
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
-/// Served writes stamp mtime/ctime at most this long after the last stamp.
+/// Served writes stamp mtime/ctime at most this long after the last stamp; under
+/// strictatime, served reads stamp atime at most this often.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// relatime updates an access time older than this at the next read, changed file or not.
+const ATIME_DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// The tracked open files, by fd. Readers only ever `try_read` (never block: safe in a
 /// signal handler and after a fork that happened while another thread held a slot).
@@ -86,6 +90,7 @@ struct Stats {
     allocations: AtomicU64,
     extensions: AtomicU64,
     touches: AtomicU64,
+    atime_stamps: AtomicU64,
     served_mmaps: AtomicU64,
     real_mmaps: AtomicU64,
 }
@@ -103,6 +108,7 @@ static STATS: Stats = Stats {
     allocations: AtomicU64::new(0),
     extensions: AtomicU64::new(0),
     touches: AtomicU64::new(0),
+    atime_stamps: AtomicU64::new(0),
     served_mmaps: AtomicU64::new(0),
     real_mmaps: AtomicU64::new(0),
 };
@@ -170,7 +176,8 @@ fn stats_line() -> Option<String> {
     Some(format!(
         "pmfs-direct: pid {} tracked {} untracked {} served_reads {} served_read_bytes {} \
          served_writes {} served_write_bytes {} real_reads {} real_writes {} refreshes {} \
-         allocations {} extensions {} touches {} served_mmaps {} real_mmaps {}\n",
+         allocations {} extensions {} touches {} atime_stamps {} served_mmaps {} \
+         real_mmaps {}\n",
         std::process::id(),
         g(&s.tracked),
         g(&s.untracked),
@@ -184,6 +191,7 @@ fn stats_line() -> Option<String> {
         g(&s.allocations),
         g(&s.extensions),
         g(&s.touches),
+        g(&s.atime_stamps),
         g(&s.served_mmaps),
         g(&s.real_mmaps),
     ))
@@ -345,6 +353,12 @@ struct Tracked {
     dirty: AtomicBool,
     /// When the last stamp was asked for (ns since the library's epoch; 0: never).
     last_touch: AtomicU64,
+    /// When served reads last asked for an access-time update (ns; 0: never), and at which
+    /// generation of the file ([`Tracked::accessed`]).
+    accessed_ns: AtomicU64,
+    accessed_generation: AtomicU64,
+    /// The daemon said every read updates the access time (strictatime).
+    strict_atime: AtomicBool,
     /// No refresh before this time (ns since the library's epoch): see [`Tracked::view_for`].
     refresh_after: AtomicU64,
     /// The current refresh back-off (ns).
@@ -559,6 +573,7 @@ impl Tracked {
         if !self.state.unchanged(self.slot, snap.seq) {
             return None;
         }
+        self.accessed(snap.generation);
         view.served.fetch_add(1, Ordering::Relaxed);
         count(&STATS.served_reads, 1);
         count(&STATS.served_read_bytes, n);
@@ -716,6 +731,46 @@ impl Tracked {
         Some((snap, view))
     }
 
+    /// After a served read of the file at `generation`: asks the daemon to update the
+    /// access time as a read through the mount would ([`pmfs::dax::DIRECT_OP_ACCESSED`]),
+    /// at the first served read of this open file, at the first after the file changed
+    /// (a write makes relatime's update due again), and under strictatime at most once a
+    /// second after that (else once a day, relatime's other rule).
+    fn accessed(&self, generation: u64) {
+        let now = now_ns();
+        let last = self.accessed_ns.load(Ordering::Relaxed);
+        let every = if self.strict_atime.load(Ordering::Relaxed) {
+            TOUCH_INTERVAL
+        } else {
+            ATIME_DAY
+        };
+        if last != 0
+            && self.accessed_generation.load(Ordering::Relaxed) == generation
+            && now.saturating_sub(last) < every.as_nanos() as u64
+        {
+            return;
+        }
+        self.accessed_generation
+            .store(generation, Ordering::Relaxed);
+        self.accessed_ns.store(now, Ordering::Relaxed);
+        count(&STATS.atime_stamps, 1);
+        match pmfs::dax::direct_accessed(&self.file, self.lease) {
+            Ok(strict) => self.strict_atime.store(strict, Ordering::Relaxed),
+            Err(e) => debug(format_args!(
+                "inode {}: updating the access time failed: {e}",
+                self.ino
+            )),
+        }
+    }
+
+    /// After a served mmap: the access time is updated as for a served read (the kernel's
+    /// mmap updates it too).
+    pub(crate) fn mapped_for_reading(&self) {
+        if let Some(snap) = self.snapshot() {
+            self.accessed(snap.generation);
+        }
+    }
+
     /// After a served write: the first one after a quiet second is stamped at once, later
     /// ones at the next served write a second after the last stamp, or at the next
     /// fsync/close/unserved call ([`Tracked::settle`]).
@@ -867,6 +922,9 @@ fn track(fd: i32, flags: i32) -> std::io::Result<Tracked> {
         offset_busy: AtomicBool::new(false),
         dirty: AtomicBool::new(false),
         last_touch: AtomicU64::new(0),
+        accessed_ns: AtomicU64::new(0),
+        accessed_generation: AtomicU64::new(0),
+        strict_atime: AtomicBool::new(false),
         refresh_after: AtomicU64::new(0),
         backoff: AtomicU64::new(0),
         unpaid_refreshes: AtomicU64::new(0),

@@ -92,6 +92,10 @@ pub(crate) fn mmap(
     } else {
         map(&t, len, prot, flags, off)
     };
+    if served.is_some() {
+        // As the kernel's mmap does (file_accessed): a mapping counts as a read.
+        t.mapped_for_reading();
+    }
     count(
         if served.is_some() {
             &STATS.served_mmaps

@@ -87,6 +87,12 @@ pub const DIRECT_ALLOCATE_MAX: u64 = 64 << 20;
 /// the file system); on success the layout is unchanged and its generation is
 /// `generation + 1`.
 pub const DIRECT_OP_EXTEND: u32 = 4;
+/// [`DirectRequest::op`]: the holder read the file through its mapping: update its access
+/// time as a read through the file system would (the mount's relatime, strictatime or
+/// noatime). The 8 bytes after the reply header (little-endian) are 1 when every read
+/// updates it (strictatime), so the holder asks again for later reads, and 0 when only a
+/// change of the file makes it due again (relatime: and a day passing; noatime: never).
+pub const DIRECT_OP_ACCESSED: u32 = 5;
 
 const fn ioc_rw(ty: u8, nr: u8, size: u32) -> u32 {
     // Linux _IOC: dir (2 bits: read|write = 3) << 30 | size << 16 | type << 8 | nr.
@@ -511,6 +517,16 @@ pub fn direct_allocate(file: &File, lease: u64, offset: u64, len: u64) -> io::Re
         .filter(|&end| end > offset && reply.path_len == 0)
         .ok_or_else(|| invalid("malformed pmfs allocate reply"))?;
     Ok(end)
+}
+
+/// [`DIRECT_OP_ACCESSED`] through `lease`; returns true when every read updates the
+/// access time (strictatime).
+pub fn direct_accessed(file: &File, lease: u64) -> io::Result<bool> {
+    let (reply, rest) = direct_request(file, DIRECT_OP_ACCESSED, lease)?;
+    match rest.get(..8).filter(|_| reply.path_len == 0) {
+        Some(b) => Ok(b[0] != 0),
+        None => Err(invalid("malformed pmfs accessed reply")),
+    }
 }
 
 /// [`DIRECT_OP_EXTEND`] of `offset..offset + len`, stored at layout `generation`.

@@ -126,17 +126,45 @@ impl Fs {
             }
             self.atime_due(&i)
         };
-        if atime_due && !self.is_read_only() {
-            let g = self.lock_all(&[ino]);
-            let mut i = self.inodes.read(ino)?;
-            if self.atime_due(&i) {
-                i.atime_ns = now_ns();
-                let mut tx = self.begin(&g, LockSet::NONE)?;
-                self.inodes.write(&mut tx, ino, &mut i)?;
-                tx.commit()?;
-            }
+        if atime_due {
+            self.update_atime(ino)?;
         }
         Ok(())
+    }
+
+    /// Stamps `ino`'s access time now if the mount's rule says a read makes it due.
+    fn update_atime(&self, ino: u64) -> Result<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        let g = self.lock_all_unpublished(&[ino]);
+        let mut i = self.inodes.read(ino)?;
+        if self.atime_due(&i) {
+            i.atime_ns = now_ns();
+            let mut tx = self.begin(&g, LockSet::NONE)?;
+            self.inodes.write(&mut tx, ino, &mut i)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// PMFS_IOC_DIRECT `ACCESSED` of a direct client: it read `ino` through its mapping;
+    /// the access time is updated as [`Fs::read`] would. Returns true when every read
+    /// updates it (strictatime), so the client asks again for its later reads.
+    pub fn accessed_by_client(&self, ino: u64) -> Result<bool> {
+        self.check_alive()?;
+        let due = {
+            let _g = self.read_lock(ino);
+            let i = self.inodes.read(ino)?;
+            if !i.is_reg() {
+                return Err(Error::Invalid);
+            }
+            self.atime_due(&i)
+        };
+        if due {
+            self.update_atime(ino)?;
+        }
+        Ok(self.options.atime == AtimeMode::Strictatime)
     }
 
     fn atime_due(&self, i: &Inode) -> bool {

@@ -501,11 +501,7 @@ impl Fs {
 
     /// Write-locks the stripes of `inos` in ascending order (duplicates once).
     fn lock_all(&self, inos: &[u64]) -> StripeGuards<'_> {
-        let rank = Ranked::acquire(Rank::Stripes);
-        let mut s: Vec<usize> = inos.iter().map(|&i| Self::stripe(i)).collect();
-        s.sort_unstable();
-        s.dedup();
-        let guards = s.into_iter().map(|i| self.stripes[i].write()).collect();
+        let (guards, rank) = self.write_stripes(inos);
         // Under the locks, before the caller changes anything.
         let pending = self.publish_begin(inos);
         StripeGuards::new(
@@ -513,6 +509,25 @@ impl Fs {
             rank,
             (!pending.is_empty()).then_some((self, pending)),
         )
+    }
+
+    /// [`Fs::lock_all`] for a change of nothing direct clients are told of (the access
+    /// time alone): their views of the size and layout stay valid, so the change is not
+    /// published and moves no generation (a served read that stamps the access time would
+    /// otherwise have to refresh its view right after).
+    fn lock_all_unpublished(&self, inos: &[u64]) -> StripeGuards<'_> {
+        let (guards, rank) = self.write_stripes(inos);
+        StripeGuards::new(guards, rank, None)
+    }
+
+    /// The write locks of the stripes of `inos`, taken in stripe order.
+    fn write_stripes(&self, inos: &[u64]) -> (Vec<parking_lot::RwLockWriteGuard<'_, ()>>, Ranked) {
+        let rank = Ranked::acquire(Rank::Stripes);
+        let mut s: Vec<usize> = inos.iter().map(|&i| Self::stripe(i)).collect();
+        s.sort_unstable();
+        s.dedup();
+        let guards = s.into_iter().map(|i| self.stripes[i].write()).collect();
+        (guards, rank)
     }
 
     fn check_writable(&self) -> Result<()> {

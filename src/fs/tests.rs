@@ -1837,3 +1837,33 @@ fn the_block_holding_the_end_of_file_is_zero_past_it_after_every_change() {
     fs.end_lease(p.lease).unwrap();
     check(&fs);
 }
+
+#[test]
+fn a_direct_clients_read_updates_the_access_time_without_moving_the_generation() {
+    let media = new_media(64 * MIB);
+    let fs = mount(&media);
+    let f = fs.mknod(&C, ROOT_INO, b"read", 0o100644, 0).unwrap();
+    fs.write(&C, f.ino, 0, &[7u8; 5000]).unwrap();
+    let sa = SetAttr {
+        atime: Some(SetTime::At(1)),
+        ..Default::default()
+    };
+    fs.setattr(&C, f.ino, &sa).unwrap();
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs.enable_published_leases(dir.path().join("state"), None);
+    let p = fs.map_published(f.ino, None).unwrap();
+    let before = fs.published_generation(f.ino);
+    // relatime: due (the access time is before the modification time), then not again.
+    assert!(!fs.accessed_by_client(f.ino).unwrap(), "relatime is not strict");
+    let atime = fs.getattr(f.ino).unwrap().atime_ns;
+    assert!(atime > 1, "the access time did not move");
+    assert!(!fs.accessed_by_client(f.ino).unwrap());
+    assert_eq!(fs.getattr(f.ino).unwrap().atime_ns, atime, "stamped twice");
+    assert_eq!(
+        fs.published_generation(f.ino),
+        before,
+        "an access-time stamp moved the generation: every served read would refresh"
+    );
+    fs.end_lease(p.lease).unwrap();
+    check(&fs);
+}

@@ -7,9 +7,9 @@
 //! file handle that took it and ends when that handle is released.
 
 use crate::device::dax::{
-    DIRECT_OP_ALLOCATE, DIRECT_OP_EXTEND, DIRECT_OP_STATE, DIRECT_OP_TOUCH, DirectReply,
-    DirectRequest, ENTRIES_PER_PAGE, ENTRY_UNWRITTEN, IOCTL_SIZE, MAP_FLAG_LEASE, MAP_FLAG_PUBLISH,
-    MAP_MAGIC, MapEntry, MapReply, MapRequest,
+    DIRECT_OP_ACCESSED, DIRECT_OP_ALLOCATE, DIRECT_OP_EXTEND, DIRECT_OP_STATE, DIRECT_OP_TOUCH,
+    DirectReply, DirectRequest, ENTRIES_PER_PAGE, ENTRY_UNWRITTEN, IOCTL_SIZE, MAP_FLAG_LEASE,
+    MAP_FLAG_PUBLISH, MAP_MAGIC, MapEntry, MapReply, MapRequest,
 };
 use crate::error::Error;
 use crate::format::inode_flags;
@@ -202,6 +202,18 @@ impl LeaseTable {
                 let to = req.offset.checked_add(req.len).ok_or(Error::FileTooBig)?;
                 fs.extend_for_client(ctx, ino, req.offset, to, req.generation)?;
                 Ok(DirectOutcome::Touched(header(0, &[], &[])))
+            }
+            DIRECT_OP_ACCESSED => {
+                if !fs.lease_is_published(req.lease, ino) {
+                    return Err(Error::Invalid);
+                }
+                let strict = fs.accessed_by_client(ino)?;
+                // Touched: the kernel's cached attributes hold the old access time.
+                Ok(DirectOutcome::Touched(header(
+                    0,
+                    &[],
+                    &u64::from(strict).to_le_bytes(),
+                )))
             }
             _ => Err(Error::Invalid),
         }
