@@ -21,7 +21,8 @@ use super::{Fs, now_ns};
 use crate::alloc::BlockRange;
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_SIZE, CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, Inode, blocks_to_bytes, extent_flags,
+    BLOCK_SIZE, CHUNK_BLOCKS, DEFERRED_FREE_INO, ExtentRecord, Inode, MAX_FILE_BLOCKS,
+    blocks_to_bytes, extent_flags,
 };
 use std::collections::HashMap;
 
@@ -338,6 +339,6 @@ impl Fs {
         if !i.is_reg() {
             return Err(Error::Invalid);
         }
-        self.layout_of(ino, &i, 0, u64::MAX >> 13)
+        self.layout_of(ino, &i, 0, MAX_FILE_BLOCKS)
     }
 }

@@ -22,6 +22,7 @@ use super::Fs;
 use super::txn::StripeGuards;
 use crate::device::dax::{PublishedState, STATE_SLOTS, StateTable};
 use crate::error::{Error, Result};
+use crate::format::MAX_FILE_BLOCKS;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -255,7 +256,7 @@ impl Fs {
         if !i.is_reg() {
             return Err(Error::Invalid);
         }
-        let extents = self.layout_of(ino, &i, 0, u64::MAX >> 13)?;
+        let extents = self.layout_of(ino, &i, 0, MAX_FILE_BLOCKS)?;
         let (lease, generation) = match refresh {
             Some(lease) => {
                 if !self.lease_is_published(lease, ino) {
