@@ -57,6 +57,9 @@ pub enum DirectOutcome {
     Reply(Vec<u8>),
     /// The file's data changed behind the kernel's back: drop its cached pages, then reply.
     Touched(Vec<u8>),
+    /// Only the file's attributes changed (the access time): drop the kernel's cached
+    /// attributes, then reply.
+    AttrsChanged(Vec<u8>),
 }
 
 fn entry(e: &MappedExtent) -> MapEntry {
@@ -208,8 +211,8 @@ impl LeaseTable {
                     return Err(Error::Invalid);
                 }
                 let strict = fs.accessed_by_client(ino)?;
-                // Touched: the kernel's cached attributes hold the old access time.
-                Ok(DirectOutcome::Touched(header(
+                // The kernel's cached attributes hold the old access time.
+                Ok(DirectOutcome::AttrsChanged(header(
                     0,
                     &[],
                     &u64::from(strict).to_le_bytes(),

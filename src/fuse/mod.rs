@@ -121,9 +121,18 @@ pub struct PmfsFuse {
 }
 
 /// A guarded direct write's reply, waiting for the kernel to drop the pages of its range.
-struct Invalidation {
-    write: Guarded,
-    reply: ReplyWrite,
+/// A reply that waits for the kernel to drop cached pages, sent from the invalidation
+/// thread ([`PmfsFuse::reply_after_invalidation`]).
+enum Invalidation {
+    /// A guarded direct write: the pages of its range, then its guard ends.
+    Write { write: Guarded, reply: ReplyWrite },
+    /// A direct client's PMFS_IOC_DIRECT call that changed the file's data behind the
+    /// kernel (stores, allocation, extension): all its pages, then `data` is the reply.
+    Ioctl {
+        ino: u64,
+        data: Vec<u8>,
+        reply: ReplyIoctl,
+    },
 }
 
 fn range_len(r: &std::ops::Range<u64>) -> u32 {
@@ -228,16 +237,6 @@ impl PmfsFuse {
         }
     }
 
-    /// Invalidates the kernel's cached attributes and data pages of `ino`: its data
-    /// changed on pmem without passing through the kernel (stores of a direct client).
-    fn data_changed(&self, ino: u64) {
-        if let Some(n) = self.notifier.get() {
-            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
-                log::debug!("invalidating the cached pages of inode {ino}: {e}");
-            }
-        }
-    }
-
     fn new_fh(&self) -> FileHandle {
         FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
     }
@@ -273,15 +272,16 @@ impl PmfsFuse {
     }
 
     /// Replies to a guarded direct write once the kernel dropped the pages of its range
-    /// (step 3 of [`coherence`]). The invalidation may launder dirty pages, and each
-    /// laundering is a WRITE this daemon must serve while the notification waits, so it
-    /// runs on a thread of its own, never on a session thread (the session may have only
-    /// one).
-    fn reply_after_invalidation(&self, write: Guarded, reply: ReplyWrite) {
+    /// (step 3 of [`coherence`]), or to a direct client's call once the kernel dropped the
+    /// pages of its file. The invalidation locks each cached page: it may launder dirty
+    /// pages, and it waits for pages that reads or faults hold locked while their READ
+    /// waits for this daemon, so it runs on a thread of its own, never on a session thread
+    /// (with every session thread inside one, nothing serves those READs: xfstests
+    /// generic/095 hung so under the preload library).
+    fn reply_after_invalidation(&self, job: Invalidation) {
         let Some(notifier) = self.notifier.get() else {
             // No session (a test driving the adapter directly): no kernel caches pages.
-            self.mapped.finish(&write);
-            reply.written(range_len(&write.range));
+            Self::finish_invalidation(&self.mapped, job);
             return;
         };
         let queue = self.invalidator.get_or_init(|| {
@@ -290,18 +290,20 @@ impl PmfsFuse {
             let spawned = std::thread::Builder::new()
                 .name("pmfs-inval".into())
                 .spawn(move || {
-                    for Invalidation { write, reply } in jobs {
-                        let len = range_len(&write.range);
-                        if let Err(e) = notifier.inval_inode(
-                            INodeNo(write.ino),
-                            write.range.start as i64,
-                            i64::from(len),
-                        ) {
+                    for job in jobs {
+                        let (ino, start, len) = match &job {
+                            Invalidation::Write { write, .. } => (
+                                write.ino,
+                                write.range.start as i64,
+                                i64::from(range_len(&write.range)),
+                            ),
+                            Invalidation::Ioctl { ino, .. } => (*ino, 0, 0),
+                        };
+                        if let Err(e) = notifier.inval_inode(INodeNo(ino), start, len) {
                             // ENOENT: the kernel has forgotten the inode, and its pages.
-                            log::debug!("invalidating pages of inode {}: {e}", write.ino);
+                            log::debug!("invalidating pages of inode {ino}: {e}");
                         }
-                        mapped.finish(&write);
-                        reply.written(len);
+                        Self::finish_invalidation(&mapped, job);
                     }
                 });
             if let Err(e) = spawned {
@@ -309,16 +311,21 @@ impl PmfsFuse {
             }
             queue
         });
-        if let Err(mpsc::SendError(Invalidation { write, reply })) =
-            queue.send(Invalidation { write, reply })
-        {
-            // The thread could not start: the write is applied, its pages may be stale.
-            log::error!(
-                "inode {}: write not followed by a page invalidation",
-                write.ino
-            );
-            self.mapped.finish(&write);
-            reply.written(range_len(&write.range));
+        if let Err(mpsc::SendError(job)) = queue.send(job) {
+            // The thread could not start: the change is made, its pages may be stale.
+            log::error!("a change not followed by a page invalidation");
+            Self::finish_invalidation(&self.mapped, job);
+        }
+    }
+
+    /// The rest of an invalidation's job, once the pages are gone: the reply.
+    fn finish_invalidation(mapped: &coherence::MappedWrites, job: Invalidation) {
+        match job {
+            Invalidation::Write { write, reply } => {
+                mapped.finish(&write);
+                reply.written(range_len(&write.range));
+            }
+            Invalidation::Ioctl { data, reply, .. } => reply.ioctl(0, &data),
         }
     }
 
@@ -788,7 +795,9 @@ impl Filesystem for PmfsFuse {
                     self.attrs_changed(ino);
                 }
                 match guarded {
-                    Some(g) => self.reply_after_invalidation(g, reply),
+                    Some(write) => {
+                        self.reply_after_invalidation(Invalidation::Write { write, reply })
+                    }
                     None => reply.written(n),
                 }
             }
@@ -1118,7 +1127,15 @@ impl Filesystem for PmfsFuse {
             {
                 Ok(ioctl::DirectOutcome::Reply(data)) => reply.ioctl(0, &data),
                 Ok(ioctl::DirectOutcome::Touched(data)) => {
-                    self.data_changed(ino.0);
+                    self.reply_after_invalidation(Invalidation::Ioctl {
+                        ino: ino.0,
+                        data,
+                        reply,
+                    });
+                }
+                Ok(ioctl::DirectOutcome::AttrsChanged(data)) => {
+                    // Attributes only: no page is locked, so no session thread can wait.
+                    self.attrs_changed(ino.0);
                     reply.ioctl(0, &data)
                 }
                 Err(e) => reply.error(errno("ioctl", ino.0, &e)),
