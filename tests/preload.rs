@@ -1453,6 +1453,15 @@ fn appended(o: u64) -> u8 {
     (o % 251 + 1) as u8
 }
 
+/// Runs the appender (see [`APPENDER_C`]) on `file` with `args`, plain or under the
+/// library (counters to `stats`); returns its output.
+fn run_appender(exe: &Path, file: &Path, args: &[String], stats: Option<&Path>) -> String {
+    let mut all = vec![file.to_path_buf()];
+    all.extend(args.iter().map(PathBuf::from));
+    let all: Vec<&Path> = all.iter().map(|p| p.as_path()).collect();
+    run_bounded(exe, &all, stats)
+}
+
 /// The first offset of `data` that holds neither 0 nor what an appender writes there.
 fn first_foreign_byte(data: &[u8]) -> Option<usize> {
     data.iter()
@@ -1503,14 +1512,8 @@ fn appends_are_served_and_writes_into_holes_and_preallocated_space_keep_the_layo
             drop(f);
             let stats = tmp.path().join(format!("stats-{name}"));
             let _ = fs::remove_file(&stats);
-            let args = [
-                path.clone(),
-                PathBuf::from("fill"),
-                PathBuf::from(written.to_string()),
-                PathBuf::from(bs.to_string()),
-            ];
-            let args: Vec<&Path> = args.iter().map(|p| p.as_path()).collect();
-            let out = run_bounded(&exe, &args, preload.then_some(&*stats));
+            let args = ["fill".to_string(), written.to_string(), bs.to_string()];
+            let out = run_appender(&exe, &path, &args, preload.then_some(&*stats));
             assert_eq!(out, "done\n", "{name}, preloaded: {preload}");
             let meta = fs::metadata(&path).unwrap();
             assert_eq!(meta.len(), size, "{name}, preloaded: {preload}");
@@ -1621,14 +1624,12 @@ fn served_appends_racing_truncates_and_punches_show_no_stale_or_foreign_bytes() 
         })
     };
     let args = [
-        path.clone(),
-        PathBuf::from("race"),
-        PathBuf::from("4"),
-        PathBuf::from((160 * MIB).to_string()),
-        PathBuf::from((64 * 1024 + 100).to_string()),
+        "race".to_string(),
+        "4".to_string(),
+        (160 * MIB).to_string(),
+        (64 * 1024 + 100).to_string(),
     ];
-    let args: Vec<&Path> = args.iter().map(|p| p.as_path()).collect();
-    let out = run_bounded(&exe, &args, Some(&stats));
+    let out = run_appender(&exe, &path, &args, Some(&stats));
     stop.store(true, Ordering::Relaxed);
     other.join().unwrap();
     let rounds = progress.load(Ordering::Relaxed);
@@ -1712,14 +1713,12 @@ fn threads_appending_past_each_other_lose_no_byte() {
         let bs = 64 * 1024 + 100;
         let max = 48 * MIB;
         let args = [
-            path.clone(),
-            PathBuf::from("threads"),
-            PathBuf::from("4"),
-            PathBuf::from(max.to_string()),
-            PathBuf::from(bs.to_string()),
+            "threads".to_string(),
+            "4".to_string(),
+            max.to_string(),
+            bs.to_string(),
         ];
-        let args: Vec<&Path> = args.iter().map(|p| p.as_path()).collect();
-        let out = run_bounded(&exe, &args, Some(&stats));
+        let out = run_appender(&exe, &path, &args, Some(&stats));
         let end: u64 = out.trim().strip_prefix("end ").unwrap().parse().unwrap();
         let data = fs::read(&path).unwrap();
         assert_eq!(data.len() as u64, end, "round {round}");

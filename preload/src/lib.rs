@@ -591,12 +591,13 @@ impl Tracked {
         // Appends of this open file are made one at a time, from the allocation to the
         // extension: each moves the layout generation, so interleaved ones would make each
         // other's extensions fail (and go through the kernel, moving it again).
-        let _one_append = if self.snapshot().is_none_or(|s| end > s.size) {
+        let published = self.snapshot()?;
+        let _one_append = if end > published.size {
             Some(self.appends.lock()?)
         } else {
             None
         };
-        self.allocate_for(off, end)?;
+        self.allocate_for(off, end, &published)?;
         // A store under way from before the snapshot that allows it until it is done: a
         // chattr +i/+a waits for it ([`StateTable::writer_enter`]). The ioctls before and
         // after stay outside: the daemon waits for stores while it holds the inode's lock.
@@ -628,7 +629,7 @@ impl Tracked {
     /// blocks and it is an append, asks the daemon to make it written blocks ahead of the
     /// write ([`pmfs::dax::DIRECT_OP_ALLOCATE`]; see [`View::allocation_window`]) and
     /// refreshes the view. `None`: the write is the kernel's.
-    fn allocate_for(&self, off: u64, end: u64) -> Option<()> {
+    fn allocate_for(&self, off: u64, end: u64, published: &StateSnapshot) -> Option<()> {
         let at_hand = Arc::clone(&*self.view.try_read().ok()?);
         if at_hand.covers_written(off, end - off) {
             return Some(());
@@ -636,7 +637,6 @@ impl Tracked {
         // Files under 2 MiB are the kernel's to fill: one write round trip is cheaper than
         // an allocation, a refresh and an extension, and the daemon places a small file's
         // blocks (then moves them into one aligned chunk when it passes 2 MiB).
-        let published = self.snapshot()?;
         if !published.writes_allowed || published.size < CHUNK_SIZE {
             return None;
         }
