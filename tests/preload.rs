@@ -1745,6 +1745,90 @@ fn threads_appending_past_each_other_lose_no_byte() {
     m.unmount();
 }
 
+/// Faults a file's first LEN bytes in through a kernel mapping, over and over for SECS:
+/// each round drops the file's cached pages (`POSIX_FADV_DONTNEED`), maps them and reads a
+/// byte of every page, so the kernel keeps sending READs while it holds those pages locked.
+/// Usage: `faulter PATH SECS LEN`; prints `rounds R pages P`.
+const FAULTER_C: &str = r#"
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(int argc, char **argv) {
+    CHECK(argc == 4);
+    int fd = open(argv[1], O_RDONLY);
+    CHECK(fd >= 0);
+    double stop = now() + atof(argv[2]);
+    long len = atol(argv[3]), rounds = 0, pages = 0;
+    unsigned long long sum = 0;
+    while (now() < stop) {
+        CHECK(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
+        volatile unsigned char *p = mmap(0, len, PROT_READ, MAP_SHARED, fd, 0);
+        CHECK(p != MAP_FAILED);
+        for (long o = 0; o < len; o += 4096) sum += p[o];
+        CHECK(munmap((void *)p, len) == 0);
+        rounds++;
+        pages += len / 4096;
+    }
+    printf("rounds %ld pages %ld (%llu)\n", rounds, pages, sum & 1);
+    return 0;
+}
+"#;
+
+#[test]
+fn served_appends_racing_kernel_mapping_faults_never_hang_the_mount() {
+    // A served append's ALLOCATE and EXTEND change the file behind the kernel, so their
+    // replies wait until the kernel has dropped the file's pages. Dropping a page waits for
+    // its lock, and a fault holds that lock until its READ is answered. With the wait on a
+    // session thread, the only session thread waited for a READ only it could serve:
+    // xfstests generic/095 hung so (two threads, both waiting). One session thread here,
+    // appends under the library and kernel-mapping faults of the same file from another
+    // process: both must finish (the watchdog is run_bounded's deadline).
+    assert!(can_mount());
+    let img = Image::new("preload-append-faults", 512 * MIB);
+    let m = Mount::new(&img, "threads=1");
+    let tmp = tempfile::tempdir().unwrap();
+    let appender = compile_c(tmp.path(), "appender", APPENDER_C);
+    let faulter = compile_c(tmp.path(), "faulter", FAULTER_C);
+    let path = m.path("appended");
+    fs::write(&path, (0..3 * MIB).map(appended).collect::<Vec<u8>>()).unwrap();
+    let stats = tmp.path().join("stats");
+    // The appender truncates the file back to 2-3 MiB whenever it passes 8 MiB, so the
+    // faulter maps only the first 2 MiB: never past the end of file.
+    let faulting = {
+        let (faulter, path) = (faulter.clone(), path.clone());
+        std::thread::spawn(move || {
+            let len = (2 * MIB).to_string();
+            let args = [path.as_path(), Path::new("4"), Path::new(&len)];
+            run_bounded(&faulter, &args, None)
+        })
+    };
+    let args = [
+        "race".to_string(),
+        "3".to_string(),
+        (400 * MIB).to_string(),
+        (16 * 1024 + 100).to_string(),
+    ];
+    let out = run_appender(&appender, &path, &args, Some(&stats));
+    let faulted = faulting.join().unwrap();
+    let st = stats_of(&stats);
+    eprintln!("appends racing faults: appender {out:?}; faulter {faulted:?}; {st:?}");
+    assert!(out.starts_with("writes "), "{out}");
+    let rounds: u64 = faulted
+        .strip_prefix("rounds ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("faulter: {faulted}"));
+    assert!(rounds >= 10, "the faulter made only {rounds} rounds");
+    assert!(
+        st.allocations > 0 && st.extensions > 0,
+        "nothing served: {st:?}"
+    );
+    let data = fs::read(&path).unwrap();
+    assert_eq!(first_foreign_byte(&data), None);
+    m.unmount();
+}
+
 #[test]
 fn served_reads_and_mappings_update_the_access_time_as_the_mount_does() {
     // relatime (the default): a read makes the access time due when it is not after the

@@ -1,7 +1,8 @@
 //! Shared harness of the mount tests: formatted images in /dev/shm and `pmfs -f` mounts
 //! that are always undone by a guard's Drop (fusermount3 -u, then a lazy unmount, then
-//! killing the daemon), so a failing test never leaves a mount behind. Every wait has a
-//! deadline.
+//! killing the daemon, then aborting the FUSE connection if the daemon still cannot exit),
+//! so a failing test never leaves a mount behind, and a hung one fails instead of hanging
+//! the harness. Every wait has a deadline.
 
 #![allow(
     dead_code,
@@ -106,6 +107,8 @@ pub struct Mount {
     pub mountpoint: PathBuf,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// The connection's abort switch in fusectl (`/sys/fs/fuse/connections/N/abort`).
+    abort: PathBuf,
 }
 
 impl Mount {
@@ -134,6 +137,7 @@ impl Mount {
             mountpoint,
             child: Some(child),
             log,
+            abort: PathBuf::new(),
         };
         let deadline = Instant::now() + MOUNT_DEADLINE;
         while !is_mounted(&m.mountpoint) {
@@ -150,6 +154,7 @@ impl Mount {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        m.abort = connection_abort(&m.mountpoint);
         m
     }
 
@@ -213,10 +218,40 @@ impl Drop for Mount {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
+            // A daemon thread stuck in the kernel (a notification waiting for a page lock
+            // that a request to this same daemon holds) keeps the killed process from
+            // exiting, and the callers waiting on the connection stay stuck: aborting the
+            // connection fails every request, which frees them all.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                eprintln!("the killed daemon does not exit: aborting {:?}", self.abort);
+                let _ = fs::write(&self.abort, "1");
+            }
             let _ = child.wait();
         }
         let _ = &self.dir;
     }
+}
+
+/// The fusectl abort switch of the FUSE connection mounted on `mountpoint` (fusectl is
+/// mounted if it is not). fusectl names a connection by its device number, which for FUSE's
+/// anonymous devices is the minor number.
+fn connection_abort(mountpoint: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let control = Path::new("/sys/fs/fuse/connections");
+    if fs::read_dir(control).map_or(true, |mut d| d.next().is_none()) {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(control)
+            .stderr(Stdio::null())
+            .status();
+    }
+    let dev = fs::metadata(mountpoint).unwrap().dev();
+    let name = (libc::major(dev) << 20) | libc::minor(dev);
+    control.join(name.to_string()).join("abort")
 }
 
 pub fn errno(e: &std::io::Error) -> i32 {
