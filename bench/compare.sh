@@ -12,8 +12,10 @@
 #   --only LIST     comma-separated subset of: tmpfs,ext4,bindfs,pmfs-direct,pmfs-page,
 #                   pmfs-writeback (cache=writeback), pmfs-direct-preload (cache=direct,
 #                   the fio jobs run under the preload library libpmfs_direct.so), and
-#                   pmfs-nospin (cache=direct with spin=0: what polling /dev/fuse buys; not
-#                   in the default list)
+#                   pmfs-nospin (cache=direct with spin=0: never poll /dev/fuse) and
+#                   pmfs-spin (cache=direct with spin=1000: always poll), to show what polling
+#                   buys on this host against the default spin=auto (neither is in the
+#                   default list)
 #   --no-build      use the existing target/release binaries as they are
 # Environment: PMFS_BIN, MKFS_BIN override the binaries; BENCH_BUDGET (seconds, default 600)
 # is the time budget the automatic --million decision respects; BENCH_MILLION_FILES (default
@@ -381,6 +383,7 @@ setup_pmfs() { # mode
 setup_pmfs-direct() { setup_pmfs cache=direct; }
 setup_pmfs-page() { setup_pmfs cache=page; }
 setup_pmfs-nospin() { setup_pmfs cache=direct,spin=0; }
+setup_pmfs-spin() { setup_pmfs cache=direct,spin=1000; }
 setup_pmfs-writeback() { setup_pmfs cache=writeback; }
 # Only the fio jobs run under the library (the metadata workloads and tar do not). The image
 # lives on a tmpfs mounted huge=always, so that the library's direct mappings of 2 MiB-aligned
@@ -404,6 +407,7 @@ teardown_pmfs-direct-preload() {
 teardown_pmfs-direct() { pmfs_umount; }
 teardown_pmfs-page() { pmfs_umount; }
 teardown_pmfs-nospin() { pmfs_umount; }
+teardown_pmfs-spin() { pmfs_umount; }
 teardown_pmfs-writeback() { pmfs_umount; }
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "spin=MICROSECONDS",
         "after a request, FUSE threads poll for the next one this long instead of sleeping \
-         (default 1000; 0 = never poll; at most 100000)",
+         (0 = never poll; at most 100000; default auto: poll for 1000 if a ping-pong timed at \
+         mount shows polling answers faster on this host)",
     ),
     (
         "relatime / noatime / strictatime",
@@ -124,8 +125,10 @@ pub struct Options {
     /// `None`: the default (CPUs, at most [`DEFAULT_MAX_THREADS`]).
     pub threads: Option<usize>,
     pub atime: AtimeMode,
-    /// `spin=`: how long session threads poll after a request (microseconds; 0 = never).
-    pub spin_us: u64,
+    /// `spin=`: how long session threads poll after a request (microseconds; 0 = never);
+    /// `None` (absent, or `spin=auto`): poll for the default window if a calibration at
+    /// mount finds that polling pays on this host ([`super::spin::Calibration`]).
+    pub spin_us: Option<u64>,
     /// `Some(true)`: allow_other given; `None`: not mentioned (default depends on the user).
     pub allow_other: Option<bool>,
     pub allow_root: bool,
@@ -158,7 +161,7 @@ impl Default for Options {
             cache: CacheMode::Direct,
             threads: None,
             atime: AtimeMode::Relatime,
-            spin_us: u64::try_from(super::spin::DEFAULT_WINDOW.as_micros()).unwrap_or(0),
+            spin_us: None,
             allow_other: None,
             allow_root: false,
             auto_unmount: false,
@@ -249,15 +252,20 @@ impl Options {
                 self.threads = Some(n);
                 return Ok(());
             }
+            "spin" if value == Some("auto") => {
+                self.spin_us = None;
+                return Ok(());
+            }
             "spin" => {
                 self.spin_us = value
                     .and_then(|v| v.parse::<u64>().ok())
                     .filter(|n| *n <= MAX_SPIN_US)
                     .ok_or_else(|| {
                         OptionError(format!(
-                            "bad mount option '{opt}': spin must be 0..={MAX_SPIN_US} microseconds"
+                            "bad mount option '{opt}': spin must be auto or 0..={MAX_SPIN_US} microseconds"
                         ))
-                    })?;
+                    })
+                    .map(Some)?;
                 return Ok(());
             }
             "subtype" => {
@@ -400,9 +408,13 @@ mod tests {
         assert!(Options::parse(&["threads=0"]).is_err());
         assert!(Options::parse(&["threads=65"]).is_err());
         assert!(Options::parse(&["threads"]).is_err());
-        assert_eq!(Options::parse(&["spin=0"]).unwrap().spin_us, 0);
-        assert_eq!(Options::parse(&["spin=250"]).unwrap().spin_us, 250);
-        assert_eq!(Options::default().spin_us, 1000);
+        assert_eq!(Options::parse(&["spin=0"]).unwrap().spin_us, Some(0));
+        assert_eq!(Options::parse(&["spin=250"]).unwrap().spin_us, Some(250));
+        assert_eq!(
+            Options::parse(&["spin=250,spin=auto"]).unwrap().spin_us,
+            None
+        );
+        assert_eq!(Options::default().spin_us, None);
         assert!(Options::parse(&["spin=100001"]).is_err());
         assert!(Options::parse(&["spin=-1"]).is_err());
         assert!(Options::parse(&["spin"]).is_err());

@@ -23,6 +23,17 @@
 //! mount uses no CPU), and otherwise samples the number of runnable tasks (`/proc/loadavg`):
 //! polling backs off when the tasks besides the session threads fill every CPU, and resumes
 //! when some CPU is idle.
+//!
+//! Whether polling pays at all depends on the host, by a factor of 2-3 either way
+//! (bench/RESULTS.md). Where waking an idle, halted vCPU is dear and the scheduler wakes
+//! the session thread on another CPU, polling saves that wake-up. Where the scheduler runs
+//! the woken session thread on the caller's own CPU (the caller is about to sleep), a
+//! sleeping read costs two cheap context switches, and polling from another CPU only moves
+//! the expensive wake-up to the reply, which must now wake the caller's halted CPU. Measured
+//! with the real workloads, trying both modes while requests flow was too noisy to decide
+//! (pairs of 3 ms arms differed by 2x either way), so without `spin=` the daemon measures
+//! the host once at mount instead: [`Calibration`] times a pipe ping-pong, the same two
+//! wake-ups a request makes, with the answering thread sleeping and then polling.
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -30,7 +41,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Polling window when `spin=` is not given.
 pub const DEFAULT_WINDOW: Duration = Duration::from_micros(1000);
@@ -203,10 +214,152 @@ impl Poller {
     }
 }
 
+/// Round trips of a ping-pong between two threads over pipes, with the answering thread
+/// sleeping in `read` or polling non-blocking reads: a request's two wake-ups without FUSE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Calibration {
+    pub sleeping: Duration,
+    pub polling: Duration,
+}
+
+/// Timed round trips in one measurement (after as many untimed ones), and measurements of
+/// each mode, alternating; each mode keeps its fastest measurement.
+const CALIBRATION_ROUNDS: u32 = 300;
+const CALIBRATION_PASSES: usize = 3;
+/// A calibration on a host so busy that one measurement takes longer decides nothing.
+const CALIBRATION_LIMIT: Duration = Duration::from_millis(100);
+
+impl Calibration {
+    /// Measures both modes (tens of milliseconds on an idle host); `None` if the host is
+    /// too busy to tell or a thread or pipe cannot be made.
+    pub fn measure() -> Option<Self> {
+        let mut best = [Duration::MAX; 2];
+        for _ in 0..CALIBRATION_PASSES {
+            for (mode, best) in best.iter_mut().enumerate() {
+                let t = ping_pong(mode == 1, CALIBRATION_ROUNDS)?;
+                *best = (*best).min(t);
+            }
+        }
+        Some(Self {
+            sleeping: best[0],
+            polling: best[1],
+        })
+    }
+
+    /// Polling pays if its round trip is at least 20% shorter: it keeps CPUs busy, which
+    /// must buy something clear.
+    pub fn polling_pays(&self) -> bool {
+        self.polling.saturating_mul(5) < self.sleeping.saturating_mul(4)
+    }
+}
+
+/// The mean round trip of `rounds` pings (after as many untimed ones), the answering thread
+/// polling or sleeping; `None` past [`CALIBRATION_LIMIT`] or on an error.
+///
+/// A polling session thread keeps its CPU, so the caller runs on another one: the polling
+/// run pins the two threads to two different CPUs, and its reply must wake the caller's CPU.
+/// The sleeping run leaves placement to the scheduler, as it is for session threads.
+fn ping_pong(polling: bool, rounds: u32) -> Option<Duration> {
+    let cpus = if polling {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+        let mut set =
+            (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false));
+        // One CPU: a poller would take it from the caller; polling cannot pay.
+        Some((set.next()?, set.next()?))
+    } else {
+        None
+    };
+    let pin = |cpu: Option<usize>| {
+        if let Some(cpu) = cpu {
+            let mut one = nix::sched::CpuSet::new();
+            if one.set(cpu).is_ok() {
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one);
+            }
+        }
+    };
+    // The caller in a thread of its own too, so that pinning it leaves the daemon's alone.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("pmfs-calibrate".into())
+            .spawn_scoped(scope, || {
+                pin(cpus.map(|c| c.0));
+                ping_pong_from_here(polling, rounds, move || pin(cpus.map(|c| c.1)))
+            })
+            .ok()?
+            .join()
+            .ok()?
+    })
+}
+
+/// [`ping_pong`] with the calling thread as the caller; `on_answerer` runs first in the
+/// answering thread.
+fn ping_pong_from_here(
+    polling: bool,
+    rounds: u32,
+    on_answerer: impl FnOnce() + Send + 'static,
+) -> Option<Duration> {
+    use std::io::{ErrorKind, Read, Write};
+    let pipe = || {
+        nix::unistd::pipe()
+            .ok()
+            .map(|(rx, tx)| (std::fs::File::from(rx), std::fs::File::from(tx)))
+    };
+    let (mut ping_rx, mut ping_tx) = pipe()?;
+    let (mut pong_rx, mut pong_tx) = pipe()?;
+    if polling {
+        let flags = fcntl(ping_rx.as_fd(), FcntlArg::F_GETFL).ok()?;
+        let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+        fcntl(ping_rx.as_fd(), FcntlArg::F_SETFL(flags)).ok()?;
+    }
+    let deadline = Instant::now() + CALIBRATION_LIMIT;
+    // The answering thread: echoes each byte until a 0 (or the deadline, or an error).
+    let answerer = std::thread::Builder::new()
+        .name("pmfs-calibrate".into())
+        .spawn(move || {
+            on_answerer();
+            let mut byte = [0u8; 1];
+            loop {
+                match ping_rx.read(&mut byte) {
+                    Ok(1) if byte[0] != 0 => {
+                        if pong_tx.write_all(&byte).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::hint::spin_loop();
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    _ => return,
+                }
+            }
+        })
+        .ok()?;
+    let mut round = |byte: u8| -> Option<()> {
+        ping_tx.write_all(&[byte]).ok()?;
+        let mut back = [0u8; 1];
+        pong_rx.read_exact(&mut back).ok()?;
+        (back[0] == byte && Instant::now() < deadline).then_some(())
+    };
+    let timed = (|| {
+        for _ in 0..rounds {
+            round(1)?;
+        }
+        let start = Instant::now();
+        for _ in 0..rounds {
+            round(2)?;
+        }
+        Some(start.elapsed() / rounds)
+    })();
+    // A 0 ends the answerer; so does the pipe closing if the write fails.
+    let _ = ping_tx.write_all(&[0]);
+    drop(ping_tx);
+    let _ = answerer.join();
+    timed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     fn nonblocking(fd: BorrowedFd<'_>) -> bool {
         let flags = fcntl(fd, FcntlArg::F_GETFL).expect("F_GETFL");
@@ -254,6 +407,32 @@ mod tests {
         poller.request();
         assert!(nonblocking(read_end.as_fd()));
         assert!(eventually(|| !nonblocking(read_end.as_fd())));
+    }
+
+    #[test]
+    fn calibration_times_both_modes_within_its_limit() {
+        let start = Instant::now();
+        let c = Calibration::measure().expect("an idle test host can be calibrated");
+        assert!(start.elapsed() < CALIBRATION_LIMIT * 2 * CALIBRATION_PASSES as u32);
+        for t in [c.sleeping, c.polling] {
+            assert!(t > Duration::ZERO && t < CALIBRATION_LIMIT, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn polling_must_be_a_fifth_faster_to_pay() {
+        let us = Duration::from_micros;
+        let pays = |sleeping, polling| {
+            Calibration {
+                sleeping: us(sleeping),
+                polling: us(polling),
+            }
+            .polling_pays()
+        };
+        assert!(pays(10, 7));
+        assert!(!pays(10, 8), "20% faster is not enough");
+        assert!(!pays(5, 10));
+        assert!(!pays(0, 0));
     }
 
     #[test]
