@@ -361,7 +361,17 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     let threads = config.n_threads.unwrap_or(1);
     let mut fuse = PmfsFuse::new(fs, opts.cache);
     fuse.set_acls(opts.acl);
-    let poller = polling_window(opts.spin_us).map(|window| fuse.poll_for(window, threads));
+    // spin=N polls for N µs, spin=0 never; without it (spin=auto) a calibration in the
+    // background decides (pmfs::fuse::spin's module comment).
+    let poller = match opts.spin_us {
+        Some(0) => None,
+        Some(us) => Some(fuse.poll_for(Duration::from_micros(us), threads)),
+        None => {
+            let poller = fuse.poll_for(pmfs::fuse::spin::DEFAULT_WINDOW, threads);
+            poller.poll_if_calibration_says_so();
+            Some(poller)
+        }
+    };
     let clean = fuse.clean_flag();
     let notifier = fuse.notifier_slot();
     let (session, unmounter, _auto_unmount) = if root {
@@ -451,34 +461,6 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
 
 /// Why the mount failed, as one line. A damaged primary superblock next to an intact
 /// backup is what `fsck.pmfs -y` repairs: say so, as e2fsck's "try a backup superblock" does.
-/// How long the session threads poll after a request (`None`: never): `spin=N` as given;
-/// without it (or `spin=auto`), the default window if a ping-pong timed now shows that
-/// polling answers clearly faster on this host (pmfs::fuse::spin's module comment).
-fn polling_window(spin_us: Option<u64>) -> Option<Duration> {
-    let window = match spin_us {
-        Some(0) => return None,
-        Some(us) => return Some(Duration::from_micros(us)),
-        None => pmfs::fuse::spin::DEFAULT_WINDOW,
-    };
-    match pmfs::fuse::spin::Calibration::measure() {
-        Some(c) => {
-            let pays = c.polling_pays();
-            log::info!(
-                "spin=auto: a round trip takes {:?} to a sleeping thread, {:?} to a polling \
-                 one: {}",
-                c.sleeping,
-                c.polling,
-                if pays { "polling" } else { "not polling" }
-            );
-            pays.then_some(window)
-        }
-        None => {
-            log::info!("spin=auto: the host is too busy to time a round trip: not polling");
-            None
-        }
-    }
-}
-
 fn mount_error(device: &Path, media: &dyn Media, e: &pmfs::error::Error) -> String {
     let primary = pmfs::fs::read_superblock(media);
     match (primary, pmfs::fs::read_backup_superblock(media)) {

@@ -39,7 +39,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,9 @@ pub struct Poller {
     cpus: usize,
     load: LoadProbe,
     state: AtomicU8,
+    /// False while `spin=auto` has not decided yet, and for good if polling does not pay
+    /// ([`Poller::poll_if_calibration_says_so`]): requests then leave the reads blocking.
+    enabled: AtomicBool,
     /// Requests seen: the controller compares it across a window.
     requests: AtomicU64,
     /// The controller sleeps on this while the state is `SLEEPING`.
@@ -115,6 +118,7 @@ impl Poller {
             cpus,
             load,
             state: AtomicU8::new(SLEEPING),
+            enabled: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             wake: Condvar::new(),
             parked: Mutex::new(()),
@@ -139,6 +143,9 @@ impl Poller {
     /// controller moves it anywhere else, so the two never undo each other.
     #[inline]
     pub fn request(&self) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         if self.state.load(Ordering::Relaxed) == SLEEPING
             && self
@@ -149,6 +156,34 @@ impl Poller {
             self.set_nonblocking(true);
             let _guard = self.parked.lock();
             self.wake.notify_one();
+        }
+    }
+
+    /// `spin=auto`: no polling until a [`Calibration`], run on a thread of its own so that
+    /// it adds nothing to the mount's time, finds that polling pays on this host.
+    pub fn poll_if_calibration_says_so(self: &Arc<Self>) {
+        self.enabled.store(false, Ordering::Relaxed);
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("pmfs-calibrate".into())
+            .spawn(move || match Calibration::measure() {
+                Some(c) => {
+                    let pays = c.polling_pays();
+                    log::info!(
+                        "spin=auto: a round trip takes {:?} to a sleeping thread, {:?} to a \
+                         polling one: {}",
+                        c.sleeping,
+                        c.polling,
+                        if pays { "polling" } else { "not polling" }
+                    );
+                    me.enabled.store(pays, Ordering::Relaxed);
+                }
+                None => {
+                    log::info!("spin=auto: the host is too busy to time a round trip: not polling")
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("spin=auto: cannot start the calibration ({e}): not polling");
         }
     }
 
