@@ -471,6 +471,25 @@ mod tests {
     }
 
     #[test]
+    fn a_poller_that_calibration_has_not_enabled_never_polls() {
+        // spin=auto until the calibration says polling pays: requests leave reads blocking
+        // (and are not even counted, so the controller never starts).
+        let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
+        let poller = Poller::with_probe(Duration::from_millis(200), 2, 2, Box::new(|| Some(0)));
+        poller.attach(read_end.as_fd()).expect("attach");
+        poller.enabled.store(false, Ordering::Relaxed);
+        for _ in 0..10 {
+            poller.request();
+        }
+        assert!(!nonblocking(read_end.as_fd()), "disabled: blocking reads");
+        assert_eq!(poller.requests.load(Ordering::Relaxed), 0);
+        // Once enabled (what a calibration finding polling pays does), requests poll.
+        poller.enabled.store(true, Ordering::Relaxed);
+        poller.request();
+        assert!(nonblocking(read_end.as_fd()), "enabled: polling");
+    }
+
+    #[test]
     fn attaching_twice_is_refused() {
         let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
         let poller = Poller::new(Duration::from_millis(1), 1);
