@@ -189,12 +189,7 @@ impl Poller {
 
     fn set_nonblocking(&self, on: bool) {
         let Some(fd) = self.fd.get() else { return };
-        let result = fcntl(fd.as_fd(), FcntlArg::F_GETFL).and_then(|flags| {
-            let mut flags = OFlag::from_bits_retain(flags);
-            flags.set(OFlag::O_NONBLOCK, on);
-            fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags))
-        });
-        if let Err(e) = result {
+        if let Err(e) = set_nonblocking(fd.as_fd(), on) {
             log::debug!("setting O_NONBLOCK={on} on /dev/fuse: {e}");
         }
     }
@@ -247,6 +242,13 @@ impl Poller {
         self.set_nonblocking(false);
         self.state.store(SLEEPING, Ordering::Release);
     }
+}
+
+/// Sets or clears `O_NONBLOCK` on `fd`'s open file description (shared by its duplicates).
+fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> nix::Result<()> {
+    let mut flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    flags.set(OFlag::O_NONBLOCK, on);
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map(drop)
 }
 
 /// Round trips of a ping-pong between two threads over pipes, with the answering thread
@@ -342,9 +344,7 @@ fn ping_pong_from_here(
     let (mut ping_rx, mut ping_tx) = pipe()?;
     let (mut pong_rx, mut pong_tx) = pipe()?;
     if polling {
-        let flags = fcntl(ping_rx.as_fd(), FcntlArg::F_GETFL).ok()?;
-        let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
-        fcntl(ping_rx.as_fd(), FcntlArg::F_SETFL(flags)).ok()?;
+        set_nonblocking(ping_rx.as_fd(), true).ok()?;
     }
     let deadline = Instant::now() + CALIBRATION_LIMIT;
     // The answering thread: echoes each byte until a 0 (or the deadline, or an error).
