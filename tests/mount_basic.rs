@@ -710,12 +710,14 @@ fn mount_helper_convention_and_remount() {
 
     // What `mount -o remount,ro MP` runs (options as mount(8) and mount.fuse3 pass them).
     let remount = |opts: &str| {
-        let out = Command::new(PMFS)
-            .arg(&img.path)
-            .arg(&mp)
-            .args(["-o", opts])
-            .output()
-            .unwrap();
+        // A remount to read-only is refused while a file is open for writing, which a
+        // parallel test's spawn can make so for a moment: see run_retrying_busy.
+        let out = run_retrying_busy(
+            Command::new(PMFS)
+                .arg(&img.path)
+                .arg(&mp)
+                .args(["-o", opts]),
+        );
         assert!(
             out.status.success(),
             "{}",
@@ -734,8 +736,12 @@ fn mount_helper_convention_and_remount() {
     fs::write(mp.join("g"), b"2").unwrap();
     assert_eq!(fs::read(mp.join("g")).unwrap(), b"2");
 
-    let status = Command::new("umount").arg(&mp).status().unwrap();
-    assert!(status.success());
+    let out = run_retrying_busy(Command::new("umount").arg(&mp));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until("umount", || !is_mounted(&mp));
 }
 

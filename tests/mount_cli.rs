@@ -318,8 +318,8 @@ fn umount_then_at_once_mkfs_fsck_and_mount_work() {
         assert!(out.status.success(), "mount: {}", stderr(&out));
     };
     let umount = || {
-        let st = Command::new("umount").arg(&mp).status().unwrap();
-        assert!(st.success(), "umount");
+        let out = run_retrying_busy(Command::new("umount").arg(&mp));
+        assert!(out.status.success(), "umount: {}", stderr(&out));
     };
     for round in 0..4 {
         mount();
@@ -398,8 +398,8 @@ fn a_held_device_is_waited_for_and_a_mounted_one_refused_at_once() {
             img.path.display()
         )
     );
-    let st = Command::new("umount").arg(&mp).status().unwrap();
-    assert!(st.success());
+    let out = run_retrying_busy(Command::new("umount").arg(&mp));
+    assert!(out.status.success(), "umount: {}", stderr(&out));
     assert!(child.wait().unwrap().success());
 }
 

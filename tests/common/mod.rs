@@ -169,12 +169,9 @@ impl Mount {
     /// Unmounts with fusermount3 and checks that the daemon exits 0 (the file system was
     /// marked clean).
     pub fn unmount(mut self) {
-        let status = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mountpoint)
-            .status()
-            .unwrap();
-        assert!(status.success(), "fusermount3 -u failed");
+        if let Err(e) = unmount_retrying_busy(&self.mountpoint) {
+            panic!("fusermount3 -u failed: {e}");
+        }
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + MOUNT_DEADLINE;
         let status = loop {
@@ -198,19 +195,11 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if is_mounted(&self.mountpoint) {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
+        if is_mounted(&self.mountpoint) && unmount_retrying_busy(&self.mountpoint).is_err() {
+            let _ = Command::new("umount")
+                .arg("-l")
                 .arg(&self.mountpoint)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.mountpoint)
-                    .status();
-            }
+                .status();
         }
         if let Some(mut child) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -252,6 +241,40 @@ fn connection_abort(mountpoint: &Path) -> PathBuf {
     let dev = fs::metadata(mountpoint).unwrap().dev();
     let name = (libc::major(dev) << 20) | libc::minor(dev);
     control.join(name.to_string()).join("abort")
+}
+
+/// Runs `cmd` until it succeeds or fails for a reason other than a busy mount, for at most
+/// MOUNT_DEADLINE, and returns its last output.
+///
+/// Why a busy mount is retried: the tests of one binary run in parallel threads of one
+/// process, and a thread that spawns a process copies the whole descriptor table into the
+/// child, which holds every descriptor another test has open at that instant until its
+/// exec closes them (they are all O_CLOEXEC). A file of this mount open in that window
+/// makes the kernel answer an unmount, or a remount to read-only if the file was open for
+/// writing, with EBUSY, though the test itself closed everything. The window lasts until
+/// the child reaches exec: microseconds, or milliseconds on a loaded machine. A mount that
+/// stays busy for MOUNT_DEADLINE is still a failure.
+pub fn run_retrying_busy(cmd: &mut Command) -> std::process::Output {
+    let deadline = Instant::now() + MOUNT_DEADLINE;
+    loop {
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts `mountpoint` with fusermount3 -u (as a user would), retrying while the mount is
+/// transiently busy (see run_retrying_busy). Returns fusermount3's stderr on failure.
+pub fn unmount_retrying_busy(mountpoint: &Path) -> Result<(), String> {
+    let out = run_retrying_busy(Command::new("fusermount3").arg("-u").arg(mountpoint));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 pub fn errno(e: &std::io::Error) -> i32 {
