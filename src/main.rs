@@ -10,11 +10,13 @@
 //!    any fork-after-threads hazard, with no raw fork call.
 //! 3. Mount: open the device exclusively (waiting up to 10 s for a previous daemon of the same
 //!    device to let go), `Fs::mount`, then mount and complete the INIT handshake in this
-//!    thread, before any worker thread exists: as root `fuser::Session::new` (mount(2));
-//!    as any other user through fusermount3, as libfuse does (`pmfs::fuse::fusermount`),
-//!    then `fuser::Session::from_fd`.
-//! 4. Serve with N worker threads. SIGTERM/SIGINT/SIGHUP unmount (lazily if busy); an
-//!    unmount from outside (`umount`, `fusermount3 -u`) ends the session the same way. Either
+//!    thread, before any worker thread exists: as root with mount(2) (`pmfs::fuse::kernel_mount`,
+//!    not fuser's own mount, which unmounts by path at exit); as any other user, or with
+//!    auto_unmount, through fusermount3, as libfuse does (`pmfs::fuse::fusermount`); either
+//!    way the descriptor goes to `fuser::Session::from_fd`.
+//! 4. Serve with N worker threads. SIGTERM/SIGINT/SIGHUP unmount (lazily if busy) if the
+//!    mount point still holds this daemon's mount; an unmount from outside (`umount`,
+//!    `fusermount3 -u`) ends the session the same way, and the daemon then unmounts nothing. Either
 //!    way `Filesystem::destroy` marks the file system clean, and the exit status says whether
 //!    that worked.
 //!
@@ -34,6 +36,7 @@ use nix::sys::signal::{SigSet, Signal};
 use pmfs::device::Media;
 use pmfs::fs::{Fs, MountOptions};
 use pmfs::fuse::fusermount::{self, FUSE_CONF};
+use pmfs::fuse::kernel_mount;
 use pmfs::fuse::mountinfo::{self, MountInfo};
 use pmfs::fuse::options::{self, DEFAULT_MAX_THREADS, Flag, Options};
 use pmfs::fuse::{CacheMode, PmfsFuse};
@@ -311,12 +314,6 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
         fusermount::binary().map_err(Failure)?;
         fuse_device_for_user()?;
     }
-    // fuser passes fsname to its fusermount3 (auto_unmount as root) unescaped.
-    if root && fsname.contains(',') && opts.auto_unmount {
-        return Err(Failure(
-            "auto_unmount cannot pass a device path containing ','".into(),
-        ));
-    }
     let config = session_config(&fsname, opts, root)?;
     let device = pmfs::cli::open_device(&cli.device, opts.read_only, WAIT_BUSY, "pmfs")
         .map_err(|e| Failure(open_error(&cli.device, opts.read_only, &e)))?;
@@ -374,33 +371,50 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
     };
     let clean = fuse.clean_flag();
     let notifier = fuse.notifier_slot();
-    let (session, unmounter, _auto_unmount) = if root {
-        let mut session = Session::new(fuse, &mountpoint, &config)
-            .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
-        let unmounter = Unmounter::Session(session.unmount_callable());
-        (session, unmounter, None)
-    } else {
-        let options: Vec<String> = fusermount_options(&config);
-        let mounted = fusermount::mount(&mountpoint, &options).map_err(|e| {
-            Failure(format!(
-                "mounting on {} through fusermount3: {e}",
-                mountpoint.display()
-            ))
-        })?;
-        for said in &mounted.warnings {
-            eprintln!("pmfs: {}: fusermount3: {said}", cli.device.display());
-        }
-        let session =
-            Session::from_fd(fuse, mounted.fuse, config.acl, config.clone()).map_err(|e| {
-                // Mounted, but no daemon will serve it: take the mount away again.
-                let _ = fusermount::unmount(&mountpoint, true);
+    // Root mounts with mount(2) itself (kernel_mount's module comment says why not through
+    // fuser), except for auto_unmount, which only fusermount3 provides.
+    let (session, unmounter, _auto_unmount) =
+        if root && kernel_mount::can_mount(&config.mount_options) {
+            let mounted = kernel_mount::mount(&mountpoint, &config.mount_options, config.acl)
+                .map_err(|e| Failure(format!("mounting on {}: {e}", mountpoint.display())))?;
+            let connection = mounted.connection;
+            let session = Session::from_fd(fuse, mounted.fuse, config.acl, config.clone())
+                .map_err(|e| {
+                    // Mounted, but no daemon will serve it: take the mount away again.
+                    let _ = connection.unmount(true);
+                    Failure(format!(
+                        "starting the FUSE session on {}: {e}",
+                        mountpoint.display()
+                    ))
+                })?;
+            (session, Unmounter::Kernel(connection), None)
+        } else {
+            let options: Vec<String> = fusermount_options(&config);
+            let mounted = fusermount::mount(&mountpoint, &options).map_err(|e| {
                 Failure(format!(
-                    "starting the FUSE session on {}: {e}",
+                    "mounting on {} through fusermount3: {e}",
                     mountpoint.display()
                 ))
             })?;
-        (session, Unmounter::Fusermount, mounted.auto_unmount)
-    };
+            for said in &mounted.warnings {
+                eprintln!("pmfs: {}: fusermount3: {said}", cli.device.display());
+            }
+            let session = Session::from_fd(fuse, mounted.fuse, config.acl, config.clone())
+                .map_err(|e| {
+                    // Mounted, but no daemon will serve it: take the mount away again.
+                    let _ = fusermount::unmount(&mountpoint, true);
+                    Failure(format!(
+                        "starting the FUSE session on {}: {e}",
+                        mountpoint.display()
+                    ))
+                })?;
+            let connection = kernel_mount::Connection::on(&mountpoint);
+            (
+                session,
+                Unmounter::Fusermount(connection),
+                mounted.auto_unmount,
+            )
+        };
     // Before the workers start: handlers may need it to invalidate cached attributes.
     let _ = notifier.set(session.notifier());
     if let Some(poller) = &poller {
@@ -409,14 +423,8 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
             log::warn!("polling /dev/fuse is off: {e}");
         }
     }
-    // Mounted, and INIT answered: from here on the kernel queues requests until the workers
-    // start. Find our FUSE connection (for aborting a busy lazy unmount) without touching
-    // the mount itself.
-    let conn = mountinfo::find(&mountpoint)
-        .ok()
-        .flatten()
-        .filter(|m| m.fstype.starts_with("fuse"))
-        .map(|m| m.minor);
+    // Our FUSE connection's number, for aborting a busy lazy unmount and for read-ahead.
+    let conn = unmounter.connection().minor;
     if matches!(opts.cache, CacheMode::Page | CacheMode::Writeback) {
         if let Some(minor) = conn {
             set_read_ahead(minor);
@@ -435,7 +443,7 @@ fn serve(cli: &Cli, opts: &Options) -> Result<(), Failure> {
         let mountpoint = mountpoint.clone();
         std::thread::Builder::new()
             .name("pmfs-signals".into())
-            .spawn(move || signal_loop(&signals, unmounter, &mountpoint, conn))
+            .spawn(move || signal_loop(&signals, &unmounter, &mountpoint, conn))
             .map_err(|e| Failure(format!("starting the signal thread: {e}")))?;
     }
 
@@ -625,9 +633,8 @@ fn session_config(fsname: &str, opts: &Options, root: bool) -> Result<Config, Fa
     // The type `fuse.pmfs`: mount(8) chooses the helper for `mount -o remount DIR` by the
     // type mountinfo shows, and only this one leads it to /sbin/mount.fuse.pmfs (or to
     // mount.fuse3 -t fuse.pmfs, which runs pmfs); for plain `fuse` it runs mount.fuse3, which
-    // would execute the source (the device path) as a program. fuser's direct mount(2)
-    // drops MountOption::Subtype, so it goes as a kernel option, which FUSE parses itself
-    // (and fusermount3 too, for mounts through it). `nosubtype` keeps plain `fuse` for
+    // would execute the source (the device path) as a program. It goes as a kernel option,
+    // which FUSE parses itself, for both kinds of mount (fusermount3 passes it on). `nosubtype` keeps plain `fuse` for
     // xfstests's FUSE mode, which compares df -T's type column with `fuse`.
     if opts.subtype {
         mo.push(MountOption::CUSTOM("subtype=pmfs".into()));
@@ -660,29 +667,29 @@ fn fusermount_options(config: &Config) -> Vec<String> {
     options
 }
 
-/// How the signal thread unmounts: through fuser's session for a mount made with mount(2)
-/// (root), through fusermount3 for a user's.
+/// How the signal thread unmounts: with umount(2) for a mount made with mount(2) (root),
+/// through fusermount3 for one it made. Either way only while the mount point still holds
+/// this daemon's connection: after an unmount from outside it may hold a newer mount.
 #[derive(Debug)]
 enum Unmounter {
-    Session(fuser::SessionUnmounter),
-    Fusermount,
+    Kernel(kernel_mount::Connection),
+    Fusermount(kernel_mount::Connection),
 }
 
 impl Unmounter {
-    /// Unmounts; fails while the mount is busy.
-    fn unmount(&mut self, mountpoint: &Path) -> Result<(), String> {
+    fn connection(&self) -> &kernel_mount::Connection {
         match self {
-            Self::Session(u) => u.unmount().map_err(|e| e.to_string()),
-            Self::Fusermount => fusermount::unmount(mountpoint, false),
+            Self::Kernel(c) | Self::Fusermount(c) => c,
         }
     }
 
-    /// Detaches the mount from the tree now; it lives on until its last open file closes.
-    fn detach(&self, mountpoint: &Path) -> Result<(), String> {
+    /// Unmounts, lazily with `detach` (the mount leaves the tree now and lives on until its
+    /// last open file closes); fails while the mount is busy without `detach`.
+    fn unmount(&self, detach: bool) -> Result<(), String> {
         match self {
-            Self::Session(_) => nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(|e| e.to_string()),
-            Self::Fusermount => fusermount::unmount(mountpoint, true),
+            Self::Kernel(c) => c.unmount(detach).map_err(|e| e.desc().to_string()),
+            Self::Fusermount(c) if c.is_mounted() => fusermount::unmount(&c.mountpoint, detach),
+            Self::Fusermount(_) => Ok(()),
         }
     }
 }
@@ -722,7 +729,7 @@ fn termination_signals() -> SigSet {
 /// Waits for SIGTERM/SIGINT/SIGHUP and unmounts. The session then ends in the main thread
 /// (destroy marks the file system clean). A second signal while a lazy unmount waits for
 /// open files exits at once, leaving the file system to the next mount's recovery.
-fn signal_loop(signals: &SigSet, mut unmounter: Unmounter, mountpoint: &Path, conn: Option<u32>) {
+fn signal_loop(signals: &SigSet, unmounter: &Unmounter, mountpoint: &Path, conn: Option<u32>) {
     let first = AtomicBool::new(true);
     loop {
         let sig = match signals.wait() {
@@ -737,11 +744,11 @@ fn signal_loop(signals: &SigSet, mut unmounter: Unmounter, mountpoint: &Path, co
             std::process::exit(i32::from(EXIT_FAILURE));
         }
         log::info!("{sig:?}: unmounting {}", mountpoint.display());
-        match unmounter.unmount(mountpoint) {
+        match unmounter.unmount(false) {
             Ok(()) => continue,
             Err(e) => log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display()),
         }
-        if let Err(e) = unmounter.detach(mountpoint) {
+        if let Err(e) = unmounter.unmount(true) {
             log::warn!("lazy unmount {}: {e}", mountpoint.display());
         }
         // The lazily detached mount lives until its last open file closes. Abort the FUSE

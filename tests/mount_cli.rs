@@ -538,3 +538,100 @@ fn install_sh_updates_package_lists_and_shows_the_build() {
         .unwrap();
     assert!(status.success(), "install.sh parses");
 }
+
+/// A daemon whose mount was unmounted from outside must not unmount whatever is mounted on
+/// the same directory by the time it exits. fuser 0.18's own mount did: at the session's
+/// end it unmounts by path (its "still mounted?" poll of /dev/fuse reads POLLERR, the sign
+/// of an unmounted connection, as mounted), so `umount DIR; pmfs OTHER DIR` lost the new
+/// mount as soon as the old daemon finished exiting.
+#[test]
+fn an_exiting_daemon_leaves_a_newer_mount_on_its_directory_alone() {
+    assert!(can_mount());
+    let old_img = Image::new("old-mount", 64 * MIB);
+    let new_img = Image::new("new-mount", 64 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("m");
+    fs::create_dir(&mp).unwrap();
+    let mp = mp.canonicalize().unwrap();
+    struct Guard<'a>(&'a Path);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            while is_mounted(self.0) {
+                if !Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status()
+                    .unwrap()
+                    .success()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let _guard = Guard(&mp);
+
+    /// The old daemon, never left stopped or running when the test fails.
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut old = Daemon(
+        Command::new(PMFS)
+            .arg(&old_img.path)
+            .arg(&mp)
+            .arg("-f")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the first mount", || is_mounted(&mp));
+    let old_pid = nix::unistd::Pid::from_raw(old.0.id() as i32);
+    // Held still, the old daemon cannot exit before the new mount is there: the order that
+    // a quick `umount; mount` only makes likely.
+    // umount(2) itself, not umount(8), which stats the mount point and so would wait for
+    // the stopped daemon.
+    nix::sys::signal::kill(old_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    nix::mount::umount2(&mp, nix::mount::MntFlags::empty()).unwrap();
+
+    let out = run_bounded(
+        Command::new(PMFS)
+            .arg(&new_img.path)
+            .arg(&mp)
+            .stderr(Stdio::piped()),
+    );
+    assert!(out.status.success(), "second mount: {}", stderr(&out));
+    fs::write(mp.join("on-the-new-mount"), b"new").unwrap();
+
+    nix::sys::signal::kill(old_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + MOUNT_DEADLINE;
+    let status = loop {
+        if let Some(s) = old.0.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            panic!("the old daemon did not exit after its unmount");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "the old daemon exited with {status}");
+
+    let info = mountinfo::find(&mp)
+        .unwrap()
+        .expect("the new mount is gone");
+    assert_eq!(
+        Path::new(&info.source),
+        new_img.path.as_path(),
+        "{:?}",
+        info
+    );
+    assert_eq!(fs::read(mp.join("on-the-new-mount")).unwrap(), b"new");
+    let out = run_retrying_busy(Command::new("umount").arg(&mp));
+    assert!(out.status.success(), "umount: {}", stderr(&out));
+}

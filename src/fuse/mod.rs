@@ -18,6 +18,7 @@ pub mod attr;
 pub mod coherence;
 pub mod fusermount;
 pub mod ioctl;
+pub mod kernel_mount;
 pub mod mountinfo;
 pub mod options;
 pub mod spin;
